@@ -1,0 +1,2 @@
+//! Pagoda's CPU backend.
+#![deny(missing_docs)]

@@ -1,0 +1,1 @@
+//! Shared helpers for Pagoda's integration tests.
