@@ -20,6 +20,9 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// A malformed or unsupported model file.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     /// Bad user input (prompt, flags, request).
     #[error("{0}")]
     InvalidInput(String),

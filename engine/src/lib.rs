@@ -6,5 +6,6 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod gguf;
 
 pub use error::{EngineError, Result};

@@ -98,14 +98,37 @@ pub struct AttentionDims {
 pub trait TensorOps {
     /// `out[i, :] = table[ids[i], :]` as f32.
     /// table: (vocab, dim) in `table_dtype`; ids: (n) u32; out: (n, dim) f32.
-    fn embedding(&self, table: BufRef, table_dtype: DType, ids: BufRef, out: BufRef, n: usize, dim: usize) -> Result<()>;
+    fn embedding(
+        &self,
+        table: BufRef,
+        table_dtype: DType,
+        ids: BufRef,
+        out: BufRef,
+        n: usize,
+        dim: usize,
+    ) -> Result<()>;
 
     /// `out = x · wᵀ`. x: (n, k) f32; w: (m, k) in `w_dtype` (rows of whole blocks); out: (n, m) f32.
-    fn matmul(&self, x: BufRef, w: BufRef, w_dtype: DType, out: BufRef, dims: MatmulDims) -> Result<()>;
+    fn matmul(
+        &self,
+        x: BufRef,
+        w: BufRef,
+        w_dtype: DType,
+        out: BufRef,
+        dims: MatmulDims,
+    ) -> Result<()>;
 
     /// `out[i] = x[i] / sqrt(mean(x[i]²) + eps) * weight`.
     /// x: (n, dim) f32; weight: (dim) f32; out: (n, dim) f32.
-    fn rms_norm(&self, x: BufRef, weight: BufRef, out: BufRef, n: usize, dim: usize, eps: f32) -> Result<()>;
+    fn rms_norm(
+        &self,
+        x: BufRef,
+        weight: BufRef,
+        out: BufRef,
+        n: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
 
     /// Rotary embedding in place, llama.cpp NORM mode (adjacent pairs `(2i, 2i+1)`,
     /// `θ_i = pos · base^(-2i/rope_dim)`).
@@ -119,7 +142,14 @@ pub trait TensorOps {
     fn add_assign(&self, x: BufRef, y: BufRef, len: usize) -> Result<()>;
 
     /// `out[i, :] = x[indices[i], :]`. x: (n, dim) f32; indices: (m) u32; out: (m, dim) f32.
-    fn gather_rows(&self, x: BufRef, indices: BufRef, out: BufRef, m: usize, dim: usize) -> Result<()>;
+    fn gather_rows(
+        &self,
+        x: BufRef,
+        indices: BufRef,
+        out: BufRef,
+        m: usize,
+        dim: usize,
+    ) -> Result<()>;
 }
 
 /// Writes and moves paged KV data (layout in [`crate::kv_cache`]).
@@ -127,7 +157,14 @@ pub trait KvCacheOps {
     /// Stores the K and V rows of `num_tokens` new tokens at their slots.
     /// k, v: (num_tokens, num_kv_heads, head_dim) f32; slot_mapping: (num_tokens) u32
     /// (`page * page_size + offset`). Converts to the cache dtype.
-    fn write_kv(&self, cache: KvLayerRef, k: BufRef, v: BufRef, slot_mapping: BufRef, num_tokens: usize) -> Result<()>;
+    fn write_kv(
+        &self,
+        cache: KvLayerRef,
+        k: BufRef,
+        v: BufRef,
+        slot_mapping: BufRef,
+        num_tokens: usize,
+    ) -> Result<()>;
 
     /// Copies whole pages within one layer arena: for each `(src, dst)` pair, page
     /// `dst` becomes a copy of page `src` (copy-on-write, defragmentation).

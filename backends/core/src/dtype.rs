@@ -80,7 +80,8 @@ impl DType {
             DType::Q4_1,
             DType::U32,
         ];
-        all.into_iter().find(|d| d.name().eq_ignore_ascii_case(name))
+        all.into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -104,7 +105,14 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for d in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        for d in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+        ] {
             assert_eq!(DType::from_name(d.name()), Some(d));
         }
         assert_eq!(DType::from_name("q5_k"), None);

@@ -9,9 +9,7 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum BackendError {
     /// The device (or the pool's budget) cannot provide `requested_bytes`.
-    #[error(
-        "out of device memory: {tag} request of {requested_bytes} bytes failed ({detail})"
-    )]
+    #[error("out of device memory: {tag} request of {requested_bytes} bytes failed ({detail})")]
     OutOfMemory {
         /// What the allocation was for.
         tag: MemoryTag,

@@ -41,7 +41,10 @@ impl FaultInjector {
     /// not a positive integer).
     pub fn from_env() -> Self {
         let f = Self::new();
-        if let Some(k) = std::env::var(FAULT_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        if let Some(k) = std::env::var(FAULT_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
             f.fail_at(k);
         }
         f
@@ -75,7 +78,10 @@ impl FaultInjector {
         let target = self.inner.target.load(Ordering::SeqCst);
         if target != 0 && site == target {
             self.inner.fired.fetch_add(1, Ordering::SeqCst);
-            return Err(BackendError::FaultInjected { site, what: what.to_string() });
+            return Err(BackendError::FaultInjected {
+                site,
+                what: what.to_string(),
+            });
         }
         Ok(())
     }

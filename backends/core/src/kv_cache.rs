@@ -107,10 +107,20 @@ mod tests {
 
     #[test]
     fn q8_0_pages_are_q8_0_sized() {
-        let l = KvLayout { num_layers: 30, num_pages: 10, page_size: 16, num_kv_heads: 3, head_dim: 64, dtype: DType::Q8_0 };
+        let l = KvLayout {
+            num_layers: 30,
+            num_pages: 10,
+            page_size: 16,
+            num_kv_heads: 3,
+            head_dim: 64,
+            dtype: DType::Q8_0,
+        };
         assert_eq!(l.row_bytes(), 68);
         assert_eq!(l.page_bytes(), 16 * 2 * 3 * 68);
-        let f16 = KvLayout { dtype: DType::F16, ..l };
+        let f16 = KvLayout {
+            dtype: DType::F16,
+            ..l
+        };
         assert_eq!(f16.page_bytes(), 16 * 2 * 3 * 128);
         assert_eq!(l.row_offset(1, 1, 2, 1), ((2 + 1) * 16 + 2) * 3 * 68 + 68);
     }

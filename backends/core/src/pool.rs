@@ -54,8 +54,13 @@ pub enum MemoryTag {
 
 impl MemoryTag {
     /// All tags, in report order.
-    pub const ALL: [MemoryTag; 5] =
-        [MemoryTag::Weights, MemoryTag::Activations, MemoryTag::Kv, MemoryTag::Graph, MemoryTag::Scratch];
+    pub const ALL: [MemoryTag; 5] = [
+        MemoryTag::Weights,
+        MemoryTag::Activations,
+        MemoryTag::Kv,
+        MemoryTag::Graph,
+        MemoryTag::Scratch,
+    ];
 
     /// Index into per-tag arrays.
     pub const fn index(self) -> usize {
@@ -98,7 +103,12 @@ pub struct BufRef {
 
 impl BufRef {
     /// The empty range.
-    pub const EMPTY: BufRef = BufRef { segment: None, offset: 0, addr: 0, bytes: 0 };
+    pub const EMPTY: BufRef = BufRef {
+        segment: None,
+        offset: 0,
+        addr: 0,
+        bytes: 0,
+    };
 
     /// Whether the range is zero bytes long.
     pub fn is_empty(&self) -> bool {
@@ -110,13 +120,21 @@ impl BufRef {
         if offset.checked_add(bytes).is_none_or(|end| end > self.bytes) {
             return Err(BackendError::InvalidArgument {
                 op: "slice",
-                detail: format!("range {offset}+{bytes} outside a buffer of {} bytes", self.bytes),
+                detail: format!(
+                    "range {offset}+{bytes} outside a buffer of {} bytes",
+                    self.bytes
+                ),
             });
         }
         if bytes == 0 {
             return Ok(BufRef::EMPTY);
         }
-        Ok(BufRef { segment: self.segment, offset: self.offset + offset, addr: self.addr + offset, bytes })
+        Ok(BufRef {
+            segment: self.segment,
+            offset: self.offset + offset,
+            addr: self.addr + offset,
+            bytes,
+        })
     }
 }
 
@@ -131,7 +149,10 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { budget_bytes: None, min_segment_bytes: 2 << 20 }
+        PoolConfig {
+            budget_bytes: None,
+            min_segment_bytes: 2 << 20,
+        }
     }
 }
 
@@ -218,7 +239,9 @@ pub struct Pool {
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pool").field("stats", &self.stats()).finish()
+        f.debug_struct("Pool")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -231,7 +254,10 @@ pub struct Block {
 
 impl fmt::Debug for Block {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Block").field("buf", &self.buf).field("tag", &self.tag).finish()
+        f.debug_struct("Block")
+            .field("buf", &self.buf)
+            .field("tag", &self.tag)
+            .finish()
     }
 }
 
@@ -273,7 +299,10 @@ impl Pool {
                 raw,
                 config,
                 faults,
-                state: Mutex::new(State { segments: BTreeMap::new(), stats: PoolStats::default() }),
+                state: Mutex::new(State {
+                    segments: BTreeMap::new(),
+                    stats: PoolStats::default(),
+                }),
             }),
         }
     }
@@ -287,7 +316,11 @@ impl Pool {
     /// Every call with `bytes > 0` is a fault site.
     pub fn alloc(&self, bytes: u64, tag: MemoryTag) -> Result<Block> {
         if bytes == 0 {
-            return Ok(Block { shared: self.shared.clone(), buf: BufRef::EMPTY, tag });
+            return Ok(Block {
+                shared: self.shared.clone(),
+                buf: BufRef::EMPTY,
+                tag,
+            });
         }
         self.shared.faults.check(tag.name())?;
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -296,7 +329,10 @@ impl Pool {
                 return Err(BackendError::OutOfMemory {
                     tag,
                     requested_bytes: bytes,
-                    detail: format!("pool budget {budget} bytes, {} reserved", st.stats.reserved_bytes),
+                    detail: format!(
+                        "pool budget {budget} bytes, {} reserved",
+                        st.stats.reserved_bytes
+                    ),
                 });
             }
         }
@@ -310,14 +346,24 @@ impl Pool {
         st.stats.num_live_blocks += 1;
         Ok(Block {
             shared: self.shared.clone(),
-            buf: BufRef { segment: Some(seg.id), offset: 0, addr: seg.addr, bytes },
+            buf: BufRef {
+                segment: Some(seg.id),
+                offset: 0,
+                addr: seg.addr,
+                bytes,
+            },
             tag,
         })
     }
 
     /// Current totals.
     pub fn stats(&self) -> PoolStats {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats
+            .clone()
     }
 
     /// Segments and blocks.
@@ -330,7 +376,11 @@ impl Pool {
                 .map(|(s, tag)| SegmentInfo {
                     id: s.id,
                     bytes: s.bytes,
-                    blocks: vec![BlockInfo { offset: 0, bytes: s.bytes, tag: *tag }],
+                    blocks: vec![BlockInfo {
+                        offset: 0,
+                        bytes: s.bytes,
+                        tag: *tag,
+                    }],
                     fragmentation: 0.0,
                 })
                 .collect(),

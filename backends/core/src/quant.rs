@@ -31,7 +31,10 @@ fn check_len(op: &'static str, dtype: DType, src_bytes: usize, n: usize) -> Resu
         }),
         None => Err(BackendError::InvalidArgument {
             op,
-            detail: format!("{n} elements is not a multiple of the {dtype} block size {}", dtype.block_size()),
+            detail: format!(
+                "{n} elements is not a multiple of the {dtype} block size {}",
+                dtype.block_size()
+            ),
         }),
     }
 }
@@ -103,7 +106,10 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
             }
         }
         DType::U32 => {
-            return Err(BackendError::Unsupported { op: "dequantize_row", dtype: dtype.to_string() });
+            return Err(BackendError::Unsupported {
+                op: "dequantize_row",
+                dtype: dtype.to_string(),
+            });
         }
     }
     Ok(())
@@ -145,7 +151,12 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
             }
         }
         DType::Q8_0 => quantize_row_q8_0(src, dst)?,
-        _ => return Err(BackendError::Unsupported { op: "quantize_row", dtype: dtype.to_string() }),
+        _ => {
+            return Err(BackendError::Unsupported {
+                op: "quantize_row",
+                dtype: dtype.to_string(),
+            });
+        }
     }
     Ok(())
 }

@@ -1,0 +1,533 @@
+//! GGUF v2/v3 reader: header, every metadata value type, tensor infos,
+//! alignment, and a memory map of the data section.
+//!
+//! Every read is bounds-checked. A truncated, corrupted or non-GGUF file
+//! gives a [`GgufError`] naming the file, the byte offset and what was being
+//! read; nothing here panics on bad input.
+
+mod value;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use pagoda_backend::DType;
+
+pub use value::Value;
+
+/// The magic bytes at offset 0.
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+/// Default alignment of the data section when `general.alignment` is absent.
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A malformed or unsupported GGUF file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The file could not be opened or mapped.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Structural problem at a byte offset.
+    #[error("{path}: invalid GGUF at byte offset {offset}: {what}")]
+    Malformed {
+        /// File.
+        path: PathBuf,
+        /// Offset where reading failed.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// A metadata key is missing or has the wrong type.
+    #[error("{path}: metadata key `{key}`: {what}")]
+    Key {
+        /// File.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// A tensor is missing, has an unsupported type, or the wrong shape.
+    #[error("{path}: tensor `{name}`: {what}")]
+    Tensor {
+        /// File.
+        path: PathBuf,
+        /// Tensor name.
+        name: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Name of a ggml tensor type id, for error messages.
+pub fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        30 => "BF16",
+        _ => "unknown",
+    }
+}
+
+/// Maps a ggml type id to a [`DType`] this engine computes with.
+pub fn dtype_from_ggml(id: u32) -> Option<DType> {
+    Some(match id {
+        0 => DType::F32,
+        1 => DType::F16,
+        2 => DType::Q4_0,
+        3 => DType::Q4_1,
+        8 => DType::Q8_0,
+        30 => DType::BF16,
+        _ => return None,
+    })
+}
+
+/// One tensor's description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Tensor name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, `ne0` (the contiguous one) first.
+    pub shape: Vec<usize>,
+    /// Element type.
+    pub dtype: DType,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    /// Size of the data in bytes.
+    pub bytes: usize,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An open GGUF file: parsed header and a memory map of the whole file.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Metadata, by key.
+    pub metadata: BTreeMap<String, Value>,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Absolute offset of the data section.
+    pub data_offset: u64,
+    /// Alignment of the data section and of every tensor.
+    pub alignment: u64,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("num_metadata", &self.metadata.len())
+            .field("num_tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// A bounds-checked little-endian reader over the mapped bytes.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+const MAX_ARRAY_DEPTH: usize = 8;
+
+impl<'a> Cursor<'a> {
+    fn err(&self, what: impl Into<String>) -> GgufError {
+        GgufError::Malformed {
+            path: self.path.to_path_buf(),
+            offset: self.pos as u64,
+            what: what.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                self.err(format!(
+                    "file truncated: need {n} bytes for {what}, {} left",
+                    self.bytes.len().saturating_sub(self.pos)
+                ))
+            })?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let start = self.pos;
+        let len = self.u64(what)?;
+        if len > self.remaining() as u64 {
+            self.pos = start;
+            return Err(self.err(format!(
+                "{what}: string length {len} exceeds the {} bytes left",
+                self.remaining()
+            )));
+        }
+        let s = self.take(len as usize, what)?;
+        Ok(String::from_utf8_lossy(s).into_owned())
+    }
+
+    fn value(&mut self, type_id: u32, what: &str, depth: usize) -> Result<Value, GgufError> {
+        Ok(match type_id {
+            0 => Value::U8(self.array::<1>(what)?[0]),
+            1 => Value::I8(self.array::<1>(what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            4 => Value::U32(u32::from_le_bytes(self.array(what)?)),
+            5 => Value::I32(i32::from_le_bytes(self.array(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(what)?)),
+            7 => match self.array::<1>(what)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => {
+                    self.pos -= 1;
+                    return Err(self.err(format!("{what}: bool byte {b} is neither 0 nor 1")));
+                }
+            },
+            8 => Value::String(self.string(what)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.err(format!(
+                        "{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
+                }
+                let elem_type = self.u32(what)?;
+                let count_pos = self.pos;
+                let count = self.u64(what)?;
+                let min_size = match elem_type {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    t => return Err(self.err(format!("{what}: unknown array element type {t}"))),
+                };
+                if count.saturating_mul(min_size) > self.remaining() as u64 {
+                    self.pos = count_pos;
+                    return Err(self.err(format!(
+                        "{what}: array of {count} elements cannot fit in the {} bytes left",
+                        self.remaining()
+                    )));
+                }
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(elem_type, what, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(u64::from_le_bytes(self.array(what)?)),
+            11 => Value::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
+            t => {
+                self.pos -= 4;
+                return Err(self.err(format!("{what}: unknown value type {t}")));
+            }
+        })
+    }
+}
+
+impl GgufFile {
+    /// Opens, maps and parses `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io)?;
+        // SAFETY: the file is mapped read-only; Pagoda never writes to model
+        // files, and every access below is bounds-checked against the map's
+        // length. Another process truncating the file while it is mapped is
+        // outside what any mmap-based loader can guard against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, mmap)
+    }
+
+    fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile, GgufError> {
+        let (version, metadata, tensors, data_offset, alignment) = {
+            let mut c = Cursor {
+                bytes: &mmap,
+                pos: 0,
+                path: &path,
+            };
+            let magic = c.array::<4>("magic")?;
+            if &magic != GGUF_MAGIC {
+                c.pos = 0;
+                return Err(c.err(format!(
+                    "not a GGUF file (magic {:02x?}, expected \"GGUF\")",
+                    magic
+                )));
+            }
+            let version = c.u32("version")?;
+            if version != 2 && version != 3 {
+                c.pos = 4;
+                return Err(c.err(format!(
+                    "unsupported GGUF version {version} (supported: 2, 3)"
+                )));
+            }
+            let tensor_count = c.u64("tensor count")?;
+            let kv_count = c.u64("metadata count")?;
+            // Each KV takes at least 8 (key len) + 4 (type) + 1 bytes; each tensor info at least 8+4+4+8.
+            if kv_count.saturating_mul(13) > c.remaining() as u64 {
+                c.pos = 16;
+                return Err(c.err(format!("metadata count {kv_count} cannot fit in the file")));
+            }
+            if tensor_count.saturating_mul(24) > c.remaining() as u64 {
+                c.pos = 8;
+                return Err(c.err(format!(
+                    "tensor count {tensor_count} cannot fit in the file"
+                )));
+            }
+            let mut metadata = BTreeMap::new();
+            for i in 0..kv_count {
+                let key = c.string(&format!("metadata key #{i}"))?;
+                let type_id = c.u32(&format!("type of `{key}`"))?;
+                let value = c.value(type_id, &format!("value of `{key}`"), 0)?;
+                metadata.insert(key, value);
+            }
+            let alignment = match metadata.get("general.alignment") {
+                None => DEFAULT_ALIGNMENT,
+                Some(v) => match v.as_u64() {
+                    Some(a) if a > 0 && a.is_power_of_two() => a,
+                    _ => {
+                        return Err(GgufError::Key {
+                            path: path.clone(),
+                            key: "general.alignment".into(),
+                            what: format!("must be a power of two, got {v}"),
+                        });
+                    }
+                },
+            };
+            let mut raw = Vec::with_capacity(tensor_count as usize);
+            for i in 0..tensor_count {
+                let at = c.pos as u64;
+                let name = c.string(&format!("name of tensor #{i}"))?;
+                let n_dims = c.u32(&format!("dimension count of `{name}`"))?;
+                if n_dims == 0 || n_dims > 4 {
+                    c.pos -= 4;
+                    return Err(c.err(format!(
+                        "tensor `{name}` has {n_dims} dimensions (1 to 4 allowed)"
+                    )));
+                }
+                let mut shape = Vec::with_capacity(n_dims as usize);
+                for d in 0..n_dims {
+                    let ne = c.u64(&format!("dimension {d} of `{name}`"))?;
+                    shape.push(ne);
+                }
+                let type_id = c.u32(&format!("type of `{name}`"))?;
+                let offset = c.u64(&format!("offset of `{name}`"))?;
+                raw.push((at, name, shape, type_id, offset));
+            }
+            let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
+            let file_len = mmap.len() as u64;
+            let mut tensors = Vec::with_capacity(raw.len());
+            for (at, name, shape, type_id, offset) in raw {
+                let terr = |what: String| GgufError::Tensor {
+                    path: path.clone(),
+                    name: name.clone(),
+                    what,
+                };
+                let dtype = dtype_from_ggml(type_id).ok_or_else(|| {
+                    terr(format!(
+                        "unsupported tensor type {type_id} ({}) (tensor info at byte offset {at}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                        ggml_type_name(type_id)
+                    ))
+                })?;
+                let mut n: u64 = 1;
+                for &d in &shape {
+                    n = n
+                        .checked_mul(d)
+                        .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
+                }
+                let row = shape[0] as usize;
+                if dtype.row_bytes(row).is_none() {
+                    return Err(terr(format!(
+                        "first dimension {row} is not a multiple of the {dtype} block size {}",
+                        dtype.block_size()
+                    )));
+                }
+                let bytes = (n / dtype.block_size() as u64)
+                    .checked_mul(dtype.block_bytes() as u64)
+                    .ok_or_else(|| terr("size overflows".into()))?;
+                if offset % alignment != 0 {
+                    return Err(terr(format!(
+                        "data offset {offset} is not aligned to {alignment}"
+                    )));
+                }
+                let abs = data_offset
+                    .checked_add(offset)
+                    .filter(|a| a.checked_add(bytes).is_some_and(|end| end <= file_len))
+                    .ok_or_else(|| {
+                        terr(format!(
+                            "data [{offset}, +{bytes}) past the end of the file (data section at {data_offset}, file is {file_len} bytes): truncated?"
+                        ))
+                    })?;
+                tensors.push(TensorInfo {
+                    name,
+                    shape: shape.iter().map(|&d| d as usize).collect(),
+                    dtype,
+                    offset: abs,
+                    bytes: bytes as usize,
+                });
+            }
+            (version, metadata, tensors, data_offset, alignment)
+        };
+        Ok(GgufFile {
+            path,
+            mmap,
+            version,
+            metadata,
+            tensors,
+            data_offset,
+            alignment,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_bytes(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    fn key_err(&self, key: &str, what: impl Into<String>) -> GgufError {
+        GgufError::Key {
+            path: self.path.clone(),
+            key: key.into(),
+            what: what.into(),
+        }
+    }
+
+    fn require(&self, key: &str) -> Result<&Value, GgufError> {
+        self.get(key).ok_or_else(|| self.key_err(key, "missing"))
+    }
+
+    /// A required unsigned integer value.
+    pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
+        let v = self.require(key)?;
+        v.as_u64().ok_or_else(|| {
+            self.key_err(
+                key,
+                format!("expected an unsigned integer, found {}", v.type_name()),
+            )
+        })
+    }
+
+    /// A required float value (any numeric type).
+    pub fn get_f64(&self, key: &str) -> Result<f64, GgufError> {
+        let v = self.require(key)?;
+        v.as_f64()
+            .ok_or_else(|| self.key_err(key, format!("expected a number, found {}", v.type_name())))
+    }
+
+    /// A required string value.
+    pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
+        let v = self.require(key)?;
+        v.as_str()
+            .ok_or_else(|| self.key_err(key, format!("expected a string, found {}", v.type_name())))
+    }
+
+    /// A required array value.
+    pub fn get_array(&self, key: &str) -> Result<&[Value], GgufError> {
+        let v = self.require(key)?;
+        v.as_array()
+            .ok_or_else(|| self.key_err(key, format!("expected an array, found {}", v.type_name())))
+    }
+
+    /// An optional bool value (wrong type is an error).
+    pub fn get_bool_opt(&self, key: &str) -> Result<Option<bool>, GgufError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                self.key_err(key, format!("expected a bool, found {}", v.type_name()))
+            }),
+        }
+    }
+
+    /// A tensor's info by name.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// A tensor's bytes (a slice of the memory map).
+    pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        // Bounds were checked when the file was parsed.
+        &self.mmap[info.offset as usize..info.offset as usize + info.bytes]
+    }
+
+    /// Total bytes of all tensor data.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.bytes as u64).sum()
+    }
+}
