@@ -1,0 +1,262 @@
+//! The op-family trait implementations of [`CpuBackend`]: argument checking
+//! and threading around the plain loops of the per-op files.
+
+use pagoda_backend::{
+    AttentionDims, AttentionOps, BackendError, BufRef, DType, KvCacheOps, KvLayerRef, MatmulDims,
+    Result, RopeDims, TensorOps,
+};
+
+use crate::paged_attention::{AttentionArgs, attend};
+use crate::par::{SharedMut, for_ranges};
+use crate::{CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope};
+
+fn invalid(op: &'static str, detail: String) -> BackendError {
+    BackendError::InvalidArgument { op, detail }
+}
+
+impl TensorOps for CpuBackend {
+    fn embedding(
+        &self,
+        table: BufRef,
+        table_dtype: DType,
+        ids: BufRef,
+        out: BufRef,
+        n: usize,
+        dim: usize,
+    ) -> Result<()> {
+        disjoint("embedding", out, &[table, ids])?;
+        let _g = self.lock();
+        let table = self.view::<u8>(table, table.bytes as usize, "embedding")?;
+        let ids = self.view::<u32>(ids, n, "embedding")?;
+        let out = self.view_mut::<f32>(out, n * dim, "embedding")?;
+        embedding::embedding(table, table_dtype, ids, out, dim)
+    }
+
+    fn matmul(
+        &self,
+        x: BufRef,
+        w: BufRef,
+        w_dtype: DType,
+        out: BufRef,
+        d: MatmulDims,
+    ) -> Result<()> {
+        let row_bytes = w_dtype
+            .row_bytes(d.k)
+            .filter(|_| d.k % 32 == 0 && w_dtype != DType::U32)
+            .ok_or_else(|| {
+                invalid(
+                    "matmul",
+                    format!("k = {} must be a multiple of 32 for {w_dtype}", d.k),
+                )
+            })?;
+        disjoint("matmul", out, &[x, w])?;
+        let _g = self.lock();
+        let xs = self.view::<f32>(x, d.n * d.k, "matmul")?;
+        let ws = self.view::<u8>(w, d.m * row_bytes, "matmul")?;
+        let os = self.view_mut::<f32>(out, d.n * d.m, "matmul")?;
+        let o = SharedMut::new(os);
+        // Split over weight rows: each thread owns whole output columns.
+        for_ranges(self.pool.as_ref(), d.m, 16, |rows| {
+            matmul::matmul_rows(xs, ws, w_dtype, o, d.n, d.k, d.m, rows)
+        });
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: BufRef,
+        weight: BufRef,
+        out: BufRef,
+        n: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        disjoint("rms_norm", out, &[x, weight])?;
+        let _g = self.lock();
+        let xs = self.view::<f32>(x, n * dim, "rms_norm")?;
+        let ws = self.view::<f32>(weight, dim, "rms_norm")?;
+        let os = self.view_mut::<f32>(out, n * dim, "rms_norm")?;
+        for (xr, or) in xs
+            .chunks_exact(dim.max(1))
+            .zip(os.chunks_exact_mut(dim.max(1)))
+        {
+            rms_norm::rms_norm_row(xr, ws, or, eps);
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: BufRef, positions: BufRef, d: RopeDims) -> Result<()> {
+        if d.rope_dim > d.head_dim || d.rope_dim % 2 != 0 || d.rope_dim / 2 > rope::MAX_PAIRS {
+            return Err(invalid(
+                "rope",
+                format!("rope_dim {} with head_dim {}", d.rope_dim, d.head_dim),
+            ));
+        }
+        disjoint("rope", x, &[positions])?;
+        let _g = self.lock();
+        let pos = self.view::<u32>(positions, d.num_tokens, "rope")?;
+        let width = d.num_heads * d.head_dim;
+        let xs = self.view_mut::<f32>(x, d.num_tokens * width, "rope")?;
+        for (t, row) in xs.chunks_exact_mut(width.max(1)).enumerate() {
+            rope::rope_token(
+                row,
+                pos[t],
+                d.num_heads,
+                d.head_dim,
+                d.rope_dim,
+                d.freq_base,
+            );
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: BufRef, up: BufRef, out: BufRef, len: usize) -> Result<()> {
+        disjoint("silu_mul", out, &[gate, up])?;
+        let _g = self.lock();
+        let g = self.view::<f32>(gate, len, "silu_mul")?;
+        let u = self.view::<f32>(up, len, "silu_mul")?;
+        let o = self.view_mut::<f32>(out, len, "silu_mul")?;
+        elementwise::silu_mul(g, u, o);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: BufRef, y: BufRef, len: usize) -> Result<()> {
+        disjoint("add_assign", x, &[y])?;
+        let _g = self.lock();
+        let ys = self.view::<f32>(y, len, "add_assign")?;
+        let xs = self.view_mut::<f32>(x, len, "add_assign")?;
+        elementwise::add_assign(xs, ys);
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        x: BufRef,
+        indices: BufRef,
+        out: BufRef,
+        m: usize,
+        dim: usize,
+    ) -> Result<()> {
+        disjoint("gather_rows", out, &[x, indices])?;
+        let _g = self.lock();
+        let n = if dim == 0 {
+            0
+        } else {
+            x.bytes as usize / (4 * dim)
+        };
+        let xs = self.view::<f32>(x, n * dim, "gather_rows")?;
+        let idx = self.view::<u32>(indices, m, "gather_rows")?;
+        let os = self.view_mut::<f32>(out, m * dim, "gather_rows")?;
+        for (i, &r) in idx.iter().enumerate() {
+            let r = r as usize;
+            if r >= n {
+                return Err(invalid("gather_rows", format!("row {r} outside {n} rows")));
+            }
+            os[i * dim..(i + 1) * dim].copy_from_slice(&xs[r * dim..(r + 1) * dim]);
+        }
+        Ok(())
+    }
+}
+
+impl KvCacheOps for CpuBackend {
+    fn write_kv(
+        &self,
+        cache: KvLayerRef,
+        k: BufRef,
+        v: BufRef,
+        slot_mapping: BufRef,
+        num_tokens: usize,
+    ) -> Result<()> {
+        let l = cache.layout;
+        disjoint("write_kv", cache.buf, &[k, v, slot_mapping])?;
+        let _g = self.lock();
+        let width = num_tokens * l.num_kv_heads * l.head_dim;
+        let ks = self.view::<f32>(k, width, "write_kv")?;
+        let vs = self.view::<f32>(v, width, "write_kv")?;
+        let slots = self.view::<u32>(slot_mapping, num_tokens, "write_kv")?;
+        let c = self.view_mut::<u8>(cache.buf, l.layer_bytes(), "write_kv")?;
+        kv_cache::write_kv(c, &l, ks, vs, slots)
+    }
+
+    fn copy_pages(&self, cache: KvLayerRef, pairs: &[(u32, u32)]) -> Result<()> {
+        let _g = self.lock();
+        let c = self.view_mut::<u8>(cache.buf, cache.layout.layer_bytes(), "copy_pages")?;
+        kv_cache::copy_pages(c, &cache.layout, pairs)
+    }
+}
+
+impl AttentionOps for CpuBackend {
+    fn paged_attention(
+        &self,
+        q: BufRef,
+        cache: KvLayerRef,
+        positions: BufRef,
+        block_tables: BufRef,
+        context_lens: BufRef,
+        query_start_locs: BufRef,
+        out: BufRef,
+        d: AttentionDims,
+    ) -> Result<()> {
+        let l = cache.layout;
+        disjoint(
+            "paged_attention",
+            out,
+            &[
+                q,
+                cache.buf,
+                positions,
+                block_tables,
+                context_lens,
+                query_start_locs,
+            ],
+        )?;
+        let _g = self.lock();
+        let width = d.num_heads * l.head_dim;
+        let args = AttentionArgs {
+            q: self.view::<f32>(q, d.num_tokens * width, "paged_attention")?,
+            cache: self.view::<u8>(cache.buf, l.layer_bytes(), "paged_attention")?,
+            layout: &l,
+            positions: self.view::<u32>(positions, d.num_tokens, "paged_attention")?,
+            block_tables: self.view::<u32>(
+                block_tables,
+                d.num_seqs * d.max_blocks_per_seq,
+                "paged_attention",
+            )?,
+            context_lens: self.view::<u32>(context_lens, d.num_seqs, "paged_attention")?,
+            query_start_locs: self.view::<u32>(
+                query_start_locs,
+                d.num_seqs + 1,
+                "paged_attention",
+            )?,
+            num_heads: d.num_heads,
+            max_blocks_per_seq: d.max_blocks_per_seq,
+            scale: d.scale,
+        };
+        args.validate()?;
+        if args.query_start_locs[d.num_seqs] as usize != d.num_tokens {
+            return Err(invalid(
+                "paged_attention",
+                "query_start_locs does not end at num_tokens".into(),
+            ));
+        }
+        let os = self.view_mut::<f32>(out, d.num_tokens * width, "paged_attention")?;
+        let o = SharedMut::new(os);
+        let kvh = l.num_kv_heads;
+        let group = d.num_heads / kvh;
+        let span = group * l.head_dim;
+        // One task per (token, kv head); token t's sequence is found from query_start_locs.
+        for_ranges(self.pool.as_ref(), d.num_tokens * kvh, 1, |range| {
+            let mut s = 0;
+            for task in range {
+                let (t, h) = (task / kvh, task % kvh);
+                while args.query_start_locs[s + 1] as usize <= t {
+                    s += 1;
+                }
+                // SAFETY: task (t, h) owns output rows (t, h*group .. (h+1)*group), disjoint across tasks.
+                let out = unsafe { o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span) };
+                attend(&args, s, t, h, out);
+            }
+        });
+        Ok(())
+    }
+}
