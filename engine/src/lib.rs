@@ -7,5 +7,9 @@
 
 pub mod error;
 pub mod gguf;
+pub mod kv_cache;
+pub mod model;
+pub mod model_runner;
+pub mod step_plan;
 
 pub use error::{EngineError, Result};

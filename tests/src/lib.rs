@@ -1,1 +1,63 @@
 //! Shared helpers for Pagoda's integration tests.
+
+use std::path::PathBuf;
+
+use pagoda::step_plan::{SeqId, StepPlan};
+
+/// Path of the default model (fetched on first use).
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("PAGODA_MODEL") {
+        return PathBuf::from(p);
+    }
+    // TODO(merge): use pagoda::fetch::default_model_path()
+    let cache = std::env::var("PAGODA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pagoda")
+        });
+    cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Path of a reference fixture file, copied into the repo.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/reference")
+        .join(name)
+}
+
+/// Reads and parses a reference fixture.
+pub fn load_fixture(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name)).expect("fixture readable");
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+/// A plan that prefills `tokens` of one sequence into `pages` (in order),
+/// asking for logits at the last position, or at every position.
+pub fn single_prefill(
+    tokens: &[u32],
+    pages: &[u32],
+    page_size: usize,
+    all_logits: bool,
+) -> StepPlan {
+    let n = tokens.len();
+    let slot = |p: usize| pages[p / page_size] * page_size as u32 + (p % page_size) as u32;
+    StepPlan {
+        input_ids: tokens.to_vec(),
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n).map(slot).collect(),
+        block_tables: pages.to_vec(),
+        max_blocks_per_seq: pages.len(),
+        context_lens: vec![n as u32],
+        query_start_locs: vec![0, n as u32],
+        seq_ids: vec![SeqId(0)],
+        logits_indices: if all_logits {
+            (0..n as u32).collect()
+        } else {
+            vec![n as u32 - 1]
+        },
+        sample_rows: vec![Some(if all_logits { n as u32 - 1 } else { 0 })],
+        copy_pages: vec![],
+        num_prefill_tokens: n,
+        num_decode_tokens: 0,
+    }
+}
