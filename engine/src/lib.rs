@@ -5,11 +5,13 @@
 //! samples and streams tokens.
 #![deny(missing_docs)]
 
+pub mod chat;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
 pub mod model;
 pub mod model_runner;
+pub mod sampler;
 pub mod step_plan;
 
 pub use error::{EngineError, Result};
