@@ -20,6 +20,9 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// The model file could not be fetched or verified.
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
     /// Bad user input (prompt, flags, request).
     #[error("{0}")]
     InvalidInput(String),

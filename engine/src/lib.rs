@@ -6,5 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod fetch;
 
 pub use error::{EngineError, Result};
+pub use fetch::FetchError;
