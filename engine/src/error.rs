@@ -23,6 +23,9 @@ pub enum EngineError {
     /// A malformed or unsupported model file.
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
+    /// The model file could not be fetched or verified.
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
     /// Bad user input (prompt, flags, request).
     #[error("{0}")]
     InvalidInput(String),

@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod fetch;
 pub mod gguf;
 pub mod kv_cache;
 pub mod model;
@@ -15,3 +16,4 @@ pub mod sampler;
 pub mod step_plan;
 
 pub use error::{EngineError, Result};
+pub use fetch::FetchError;

@@ -9,7 +9,9 @@ pub fn model_path() -> PathBuf {
     if let Ok(p) = std::env::var("PAGODA_MODEL") {
         return PathBuf::from(p);
     }
-    // TODO(merge): use pagoda::fetch::default_model_path()
+    if let Ok(p) = pagoda::fetch::default_model_path() {
+        return p;
+    }
     let cache = std::env::var("PAGODA_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
