@@ -1,15 +1,95 @@
-//! Device memory: raw segments from a backend, carved into tagged blocks by one pool.
+//! Device memory: raw segments from a backend, carved into tagged blocks by one
+//! caching pool.
 //!
-//! PLACEHOLDER IMPLEMENTATION: one segment per block. The caching pool
-//! (best-fit, split/coalesce, size classes) replaces the internals behind the
-//! same API.
+//! # Algorithm
+//!
+//! The pool is the one caching allocator of every backend (the design of
+//! PyTorch's CUDA caching allocator, written once over [`RawAllocator`]):
+//!
+//! - **Alignment.** Every block size and every block offset is a multiple of
+//!   [`Pool::alignment`]: the backend's [`RawAllocator::alignment`], at least
+//!   [`MIN_ALIGNMENT_BYTES`] (256). A request is rounded up to it first.
+//! - **Size classes.** A rounded request of at most [`SMALL_REQUEST_MAX_BYTES`]
+//!   (1 MiB) is *small* and is served only from small segments of
+//!   [`PoolConfig::min_segment_bytes`] (2 MiB by default); a larger one is
+//!   *large* and is served only from large segments, whose size is the request
+//!   rounded up to a multiple of [`LARGE_SEGMENT_GRANULE_BYTES`] (2 MiB, and at
+//!   least `min_segment_bytes`). Keeping small blocks out of large segments
+//!   stops long-lived small tensors from pinning big ranges.
+//! - **Best fit.** Free blocks of each class sit in an ordered index keyed by
+//!   `(size, segment, offset)`; a request takes the smallest free block that
+//!   fits (ties: lowest segment id, then lowest offset).
+//! - **Split.** When the chosen block is larger than the rounded request, the
+//!   remainder becomes a new free block if it can ever be used: any remainder
+//!   in a small segment, a remainder above 1 MiB in a large segment. A smaller
+//!   remainder stays inside the handed-out block.
+//! - **Coalesce.** A dropped [`Block`] becomes free and merges with its free
+//!   neighbours on both sides, so a segment never has two adjacent free blocks.
+//! - **Growth and out-of-memory.** When no free block fits, the pool asks the
+//!   backend for a new segment of the class size (or, if that would exceed
+//!   [`PoolConfig::budget_bytes`] or the backend refuses it, a segment of just
+//!   the rounded request). If that fails, it calls [`Pool::empty_cache`] (gives
+//!   every fully free segment back) and tries once more; then it returns
+//!   [`BackendError::OutOfMemory`] with the request, the class, the segment
+//!   sizes tried, the budget and the pool's totals in `detail`.
+//! - **Caching.** Segments stay reserved when their blocks are dropped, so a
+//!   steady workload stops calling the backend. They go back on
+//!   [`Pool::empty_cache`], under memory pressure (above), and when the last
+//!   [`Pool`] clone and the last [`Block`] are gone.
+//!
+//! Zero-byte requests are valid: they return a block with [`BufRef::EMPTY`],
+//! allocate nothing, are not a fault site, and dropping them does nothing.
+//! Every request of more than zero bytes is a fault site
+//! ([`FaultInjector::check`]) before anything else happens.
+//!
+//! # Invariants (checked after every step by the property test)
+//!
+//! - The blocks of a segment tile it exactly, in address order, with no gap and
+//!   no overlap; so no two live blocks overlap.
+//! - Block sizes and offsets are multiples of the alignment.
+//! - No two free blocks of a segment are adjacent.
+//! - The free index holds exactly the free blocks.
+//! - `reserved = allocated + free`; the totals per tag sum to `allocated`.
+//! - A segment is returned to the backend only when it has no live block.
+//!
+//! # Accounting
+//!
+//! `allocated` counts *block* sizes: the request rounded up to the alignment,
+//! plus a remainder too small to split (large segments only). [`Block::bytes`]
+//! and [`BufRef::bytes`] are the requested size; [`Block::block_bytes`] is the
+//! block size. Fragmentation is `1 - largest_free / total_free`, per segment and
+//! over all segments, 0 when nothing is free.
+//!
+//! # Costs
+//!
+//! With `F` free blocks, `B` blocks in the segment concerned and `S` segments:
+//! an allocation served from the cache is `O(log F + log B)`; one that grows
+//! the pool adds one backend call; a drop is `O(log F + log B)`; [`Pool::stats`]
+//! is `O(log F)`; [`Pool::snapshot`] is `O(S + total blocks)`;
+//! [`Pool::empty_cache`] is `O(S + F log F)` plus one backend call per freed
+//! segment. One mutex guards the state; backend calls are made while holding
+//! it, so a [`RawAllocator`] must not call back into the pool.
 
-use std::collections::BTreeMap;
+mod state;
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{BackendError, Result};
 use crate::fault::FaultInjector;
+
+use self::state::{FreeKey, SizeClass, State};
+
+/// Smallest block alignment in bytes, whatever the backend asks for.
+pub const MIN_ALIGNMENT_BYTES: u64 = 256;
+
+/// Largest request (after rounding to the alignment) served from small segments.
+pub const SMALL_REQUEST_MAX_BYTES: u64 = 1 << 20;
+
+/// Large segments are a multiple of this size (2 MiB).
+pub const LARGE_SEGMENT_GRANULE_BYTES: u64 = 2 << 20;
 
 /// Identifier of a raw segment, unique per [`RawAllocator`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -54,8 +134,13 @@ pub enum MemoryTag {
 
 impl MemoryTag {
     /// All tags, in report order.
-    pub const ALL: [MemoryTag; 5] =
-        [MemoryTag::Weights, MemoryTag::Activations, MemoryTag::Kv, MemoryTag::Graph, MemoryTag::Scratch];
+    pub const ALL: [MemoryTag; 5] = [
+        MemoryTag::Weights,
+        MemoryTag::Activations,
+        MemoryTag::Kv,
+        MemoryTag::Graph,
+        MemoryTag::Scratch,
+    ];
 
     /// Index into per-tag arrays.
     pub const fn index(self) -> usize {
@@ -98,7 +183,12 @@ pub struct BufRef {
 
 impl BufRef {
     /// The empty range.
-    pub const EMPTY: BufRef = BufRef { segment: None, offset: 0, addr: 0, bytes: 0 };
+    pub const EMPTY: BufRef = BufRef {
+        segment: None,
+        offset: 0,
+        addr: 0,
+        bytes: 0,
+    };
 
     /// Whether the range is zero bytes long.
     pub fn is_empty(&self) -> bool {
@@ -110,13 +200,21 @@ impl BufRef {
         if offset.checked_add(bytes).is_none_or(|end| end > self.bytes) {
             return Err(BackendError::InvalidArgument {
                 op: "slice",
-                detail: format!("range {offset}+{bytes} outside a buffer of {} bytes", self.bytes),
+                detail: format!(
+                    "range {offset}+{bytes} outside a buffer of {} bytes",
+                    self.bytes
+                ),
             });
         }
         if bytes == 0 {
             return Ok(BufRef::EMPTY);
         }
-        Ok(BufRef { segment: self.segment, offset: self.offset + offset, addr: self.addr + offset, bytes })
+        Ok(BufRef {
+            segment: self.segment,
+            offset: self.offset + offset,
+            addr: self.addr + offset,
+            bytes,
+        })
     }
 }
 
@@ -125,13 +223,18 @@ impl BufRef {
 pub struct PoolConfig {
     /// Upper bound on reserved bytes; `None` = whatever the backend gives.
     pub budget_bytes: Option<u64>,
-    /// Smallest segment requested from the backend.
+    /// Size of small segments, and the smallest large segment. A smaller
+    /// segment (just the rounded request) is only asked for when this size
+    /// would exceed the budget or the backend refuses it.
     pub min_segment_bytes: u64,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { budget_bytes: None, min_segment_bytes: 2 << 20 }
+        PoolConfig {
+            budget_bytes: None,
+            min_segment_bytes: 2 << 20,
+        }
     }
 }
 
@@ -140,7 +243,9 @@ impl Default for PoolConfig {
 pub struct PoolStats {
     /// Bytes held from the backend in segments.
     pub reserved_bytes: u64,
-    /// Bytes in live blocks.
+    /// Bytes in live blocks, counting block sizes: each request rounded up to
+    /// the alignment (plus any remainder too small to split off), see
+    /// [`Block::block_bytes`].
     pub allocated_bytes: u64,
     /// Bytes in free blocks (`reserved - allocated`).
     pub free_bytes: u64,
@@ -154,7 +259,7 @@ pub struct PoolStats {
     pub num_segments: usize,
     /// Number of live blocks.
     pub num_live_blocks: usize,
-    /// Allocated bytes per tag, indexed by [`MemoryTag::index`].
+    /// Allocated bytes (block sizes) per tag, indexed by [`MemoryTag::index`].
     pub allocated_by_tag: [u64; 5],
 }
 
@@ -198,16 +303,164 @@ pub struct PoolSnapshot {
     pub stats: PoolStats,
 }
 
-struct State {
-    segments: BTreeMap<SegmentId, (RawSegment, Option<MemoryTag>)>,
-    stats: PoolStats,
-}
-
 struct Shared {
     raw: Arc<dyn RawAllocator>,
     config: PoolConfig,
     faults: FaultInjector,
+    /// Block alignment: a power of two, at least [`MIN_ALIGNMENT_BYTES`].
+    align: u64,
     state: Mutex<State>,
+}
+
+/// `x` rounded up to a multiple of the power of two `align`; `None` on overflow.
+fn round_up(x: u64, align: u64) -> Option<u64> {
+    Some(x.checked_add(align - 1)? & !(align - 1))
+}
+
+impl Shared {
+    /// The state, also after a panic elsewhere poisoned the mutex: every state
+    /// change is complete before any call that could panic, so it is consistent.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Size of a new segment for a rounded request of `class`.
+    fn segment_bytes(&self, rounded: u64, class: SizeClass) -> Option<u64> {
+        let want = rounded.max(self.config.min_segment_bytes);
+        match class {
+            SizeClass::Small => round_up(want, self.align),
+            SizeClass::Large => round_up(want, LARGE_SEGMENT_GRANULE_BYTES.max(self.align)),
+        }
+    }
+
+    /// Gives every fully free segment back to the backend; returns the bytes released.
+    fn release_free_segments(&self, st: &mut State) -> u64 {
+        let mut released = 0u64;
+        for seg in st.take_free_segments() {
+            released = released.saturating_add(seg.bytes);
+            self.raw.free_segment(seg);
+        }
+        released
+    }
+
+    /// The out-of-memory error for a request, with the pool's numbers.
+    fn oom(&self, st: &State, tag: MemoryTag, requested: u64, why: String) -> BackendError {
+        let s = st.stats();
+        let budget = match self.config.budget_bytes {
+            Some(b) => format!("{b} B"),
+            None => "none".to_string(),
+        };
+        BackendError::OutOfMemory {
+            tag,
+            requested_bytes: requested,
+            detail: format!(
+                "{why}; pool: reserved {} B in {} segments, allocated {} B, free {} B \
+                 (largest free block {} B), budget {budget}",
+                s.reserved_bytes,
+                s.num_segments,
+                s.allocated_bytes,
+                s.free_bytes,
+                s.largest_free_bytes,
+            ),
+        }
+    }
+
+    /// Adds a new segment able to hold a block of `rounded` bytes of `class`
+    /// and returns its free block. Tries the class size, then the rounded size
+    /// alone; with `retry`, empties the cache and tries once more.
+    fn grow(
+        &self,
+        st: &mut State,
+        requested: u64,
+        rounded: u64,
+        class: SizeClass,
+        tag: MemoryTag,
+        retry: bool,
+    ) -> Result<FreeKey> {
+        let Some(preferred) = self.segment_bytes(rounded, class) else {
+            let why = format!("request of {requested} B cannot be rounded to a segment size");
+            return Err(self.oom(st, tag, requested, why));
+        };
+        let sizes: &[u64] = if preferred > rounded {
+            &[preferred, rounded]
+        } else {
+            &[preferred]
+        };
+        let mut failures: Vec<String> = Vec::new();
+        let mut released = None;
+        for attempt in 0..2 {
+            for &size in sizes {
+                if let Some(budget) = self.config.budget_bytes
+                    && st.reserved().saturating_add(size) > budget
+                {
+                    failures.push(format!("a {size} B segment would exceed the budget"));
+                    continue;
+                }
+                match self.raw.alloc_segment(size) {
+                    Ok(seg) => return self.adopt(st, seg, size, class),
+                    Err(BackendError::OutOfMemory { detail, .. }) => {
+                        failures.push(format!("backend refused a {size} B segment ({detail})"))
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            if attempt == 0 {
+                if !retry {
+                    break;
+                }
+                released = Some(self.release_free_segments(st));
+            }
+        }
+        let retried = match released {
+            Some(bytes) => format!("; retried after empty_cache released {bytes} B"),
+            None => String::new(),
+        };
+        let why = format!(
+            "{} block of {rounded} B: {}{retried}",
+            class.name(),
+            failures.join(", then ")
+        );
+        Err(self.oom(st, tag, requested, why))
+    }
+
+    /// Takes a segment the backend just returned into the state.
+    fn adopt(
+        &self,
+        st: &mut State,
+        seg: RawSegment,
+        bytes: u64,
+        class: SizeClass,
+    ) -> Result<FreeKey> {
+        let problem = if seg.bytes < bytes {
+            Some(format!(
+                "returned {} B for a request of {bytes} B",
+                seg.bytes
+            ))
+        } else if st.has_segment(seg.id) {
+            Some(format!("returned id {:?}, which is still in use", seg.id))
+        } else {
+            None
+        };
+        if let Some(detail) = problem {
+            self.raw.free_segment(seg);
+            return Err(BackendError::InvalidArgument {
+                op: "alloc_segment",
+                detail,
+            });
+        }
+        Ok(st.add_segment(seg, bytes, class))
+    }
+}
+
+impl Drop for Shared {
+    /// The last [`Pool`] clone and the last [`Block`] are gone (blocks hold the
+    /// shared state), so no block is live: every segment goes back.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for seg in st.take_free_segments() {
+            self.raw.free_segment(seg);
+        }
+    }
 }
 
 /// The caching allocator over a backend's raw segments. Cheap to clone (shared).
@@ -218,7 +471,9 @@ pub struct Pool {
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pool").field("stats", &self.stats()).finish()
+        f.debug_struct("Pool")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -226,12 +481,18 @@ impl fmt::Debug for Pool {
 pub struct Block {
     shared: Arc<Shared>,
     buf: BufRef,
+    /// Size of the block in the pool (0 for a zero-byte block).
+    block_bytes: u64,
     tag: MemoryTag,
 }
 
 impl fmt::Debug for Block {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Block").field("buf", &self.buf).field("tag", &self.tag).finish()
+        f.debug_struct("Block")
+            .field("buf", &self.buf)
+            .field("block_bytes", &self.block_bytes)
+            .field("tag", &self.tag)
+            .finish()
     }
 }
 
@@ -244,6 +505,12 @@ impl Block {
     pub fn bytes(&self) -> u64 {
         self.buf.bytes
     }
+    /// Size the block occupies in its segment: the request rounded up to the
+    /// alignment, plus any remainder too small to split off. What
+    /// [`PoolStats::allocated_bytes`] counts. 0 for a zero-byte block.
+    pub fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
     /// What the block holds.
     pub fn tag(&self) -> MemoryTag {
         self.tag
@@ -251,29 +518,29 @@ impl Block {
 }
 
 impl Drop for Block {
+    /// Frees the block and merges it with free neighbours. Never panics, also
+    /// with a poisoned mutex; the segment stays cached.
     fn drop(&mut self) {
         let Some(id) = self.buf.segment else { return };
-        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((seg, _)) = st.segments.remove(&id) {
-            st.stats.reserved_bytes -= seg.bytes;
-            st.stats.allocated_bytes -= seg.bytes;
-            st.stats.allocated_by_tag[self.tag.index()] -= seg.bytes;
-            st.stats.num_segments -= 1;
-            st.stats.num_live_blocks -= 1;
-            self.shared.raw.free_segment(seg);
-        }
+        self.shared.lock().release(id, self.buf.offset);
     }
 }
 
 impl Pool {
     /// A pool over `raw`, counting fault sites on `faults`.
     pub fn new(raw: Arc<dyn RawAllocator>, config: PoolConfig, faults: FaultInjector) -> Pool {
+        let align = raw
+            .alignment()
+            .max(MIN_ALIGNMENT_BYTES)
+            .checked_next_power_of_two()
+            .unwrap_or(MIN_ALIGNMENT_BYTES);
         Pool {
             shared: Arc::new(Shared {
                 raw,
                 config,
                 faults,
-                state: Mutex::new(State { segments: BTreeMap::new(), stats: PoolStats::default() }),
+                align,
+                state: Mutex::new(State::new(align)),
             }),
         }
     }
@@ -283,61 +550,107 @@ impl Pool {
         &self.shared.faults
     }
 
+    /// Alignment of every block's size and offset: the backend's alignment,
+    /// at least [`MIN_ALIGNMENT_BYTES`]. A block's address is aligned to
+    /// `min(this, RawAllocator::alignment())`, since segment bases are aligned
+    /// to the backend's alignment only.
+    pub fn alignment(&self) -> u64 {
+        self.shared.align
+    }
+
+    /// The settings the pool was made with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.config
+    }
+
     /// Allocates `bytes` for `tag`. Zero bytes is valid and allocates nothing.
-    /// Every call with `bytes > 0` is a fault site.
+    /// Every call with `bytes > 0` is a fault site, checked first.
+    ///
+    /// Fails with [`BackendError::OutOfMemory`] when neither the cache, a new
+    /// segment, nor a new segment after [`Pool::empty_cache`] can serve it
+    /// (see the module documentation).
     pub fn alloc(&self, bytes: u64, tag: MemoryTag) -> Result<Block> {
         if bytes == 0 {
-            return Ok(Block { shared: self.shared.clone(), buf: BufRef::EMPTY, tag });
+            return Ok(Block {
+                shared: self.shared.clone(),
+                buf: BufRef::EMPTY,
+                block_bytes: 0,
+                tag,
+            });
         }
         self.shared.faults.check(tag.name())?;
-        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(budget) = self.shared.config.budget_bytes {
-            if st.stats.reserved_bytes + bytes > budget {
-                return Err(BackendError::OutOfMemory {
-                    tag,
-                    requested_bytes: bytes,
-                    detail: format!("pool budget {budget} bytes, {} reserved", st.stats.reserved_bytes),
-                });
-            }
-        }
-        let seg = self.shared.raw.alloc_segment(bytes)?;
-        st.segments.insert(seg.id, (seg, Some(tag)));
-        st.stats.reserved_bytes += seg.bytes;
-        st.stats.allocated_bytes += seg.bytes;
-        st.stats.allocated_by_tag[tag.index()] += seg.bytes;
-        st.stats.peak_allocated_bytes = st.stats.peak_allocated_bytes.max(st.stats.allocated_bytes);
-        st.stats.num_segments += 1;
-        st.stats.num_live_blocks += 1;
+        let shared = &*self.shared;
+        let mut st = shared.lock();
+        let Some(rounded) = round_up(bytes, shared.align) else {
+            let why = format!("request of {bytes} B cannot be aligned");
+            return Err(shared.oom(&st, tag, bytes, why));
+        };
+        let class = SizeClass::of(rounded);
+        let key = match st.best_fit(class, rounded) {
+            Some(key) => key,
+            None => shared.grow(&mut st, bytes, rounded, class, tag, true)?,
+        };
+        let Some(carved) = st.carve(key, rounded, tag) else {
+            let why = format!("internal error: free block {key:?} cannot hold {rounded} B");
+            return Err(shared.oom(&st, tag, bytes, why));
+        };
+        drop(st);
         Ok(Block {
             shared: self.shared.clone(),
-            buf: BufRef { segment: Some(seg.id), offset: 0, addr: seg.addr, bytes },
+            buf: BufRef {
+                segment: Some(carved.segment),
+                offset: carved.offset,
+                addr: carved.addr,
+                bytes,
+            },
+            block_bytes: carved.bytes,
             tag,
         })
     }
 
-    /// Current totals.
-    pub fn stats(&self) -> PoolStats {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
+    /// Reserves a new segment sized for a request of `bytes` (same size class
+    /// and rounding as [`Pool::alloc`]) and keeps it cached and free, so later
+    /// allocations up to that size are served without calling the backend.
+    /// Returns the segment's size; 0 for `bytes == 0`. `tag` only names the
+    /// purpose in errors.
+    ///
+    /// Not a fault site. Never empties the cache (that could give back an
+    /// earlier reservation); fails with [`BackendError::OutOfMemory`] when the
+    /// budget or the backend refuses. Like every free segment, a reserved one
+    /// is given back by [`Pool::empty_cache`].
+    pub fn reserve(&self, bytes: u64, tag: MemoryTag) -> Result<u64> {
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let shared = &*self.shared;
+        let mut st = shared.lock();
+        let Some(rounded) = round_up(bytes, shared.align) else {
+            let why = format!("request of {bytes} B cannot be aligned");
+            return Err(shared.oom(&st, tag, bytes, why));
+        };
+        let (size, _, _) =
+            shared.grow(&mut st, bytes, rounded, SizeClass::of(rounded), tag, false)?;
+        Ok(size)
     }
 
-    /// Segments and blocks.
+    /// Current totals.
+    pub fn stats(&self) -> PoolStats {
+        self.shared.lock().stats()
+    }
+
+    /// Segments and blocks, with the totals taken at the same moment.
     pub fn snapshot(&self) -> PoolSnapshot {
-        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.shared.lock();
         PoolSnapshot {
-            segments: st
-                .segments
-                .values()
-                .map(|(s, tag)| SegmentInfo {
-                    id: s.id,
-                    bytes: s.bytes,
-                    blocks: vec![BlockInfo { offset: 0, bytes: s.bytes, tag: *tag }],
-                    fragmentation: 0.0,
-                })
-                .collect(),
-            stats: st.stats.clone(),
+            segments: st.segment_infos(),
+            stats: st.stats(),
         }
     }
 
     /// Returns every segment with no live block to the backend.
-    pub fn empty_cache(&self) {}
+    pub fn empty_cache(&self) {
+        let shared = &*self.shared;
+        let mut st = shared.lock();
+        shared.release_free_segments(&mut st);
+    }
 }
