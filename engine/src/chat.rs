@@ -16,7 +16,10 @@ pub struct Message {
 impl Message {
     /// A message with `role` and `content`.
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -32,7 +35,11 @@ impl ChatTemplate {
     /// A template from its Jinja source (`tokenizer.chat_template`) and the
     /// BOS/EOS token texts the template may reference.
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
-        let t = ChatTemplate { source: source.into(), bos: bos.into(), eos: eos.into() };
+        let t = ChatTemplate {
+            source: source.into(),
+            bos: bos.into(),
+            eos: eos.into(),
+        };
         // Compile once to report syntax errors early.
         t.env()?;
         Ok(t)
@@ -42,18 +49,27 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.source)
-            .map_err(|e| EngineError::InvalidInput(format!("chat template does not compile: {e}")))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.source).map_err(|e| {
+            EngineError::InvalidInput(format!("chat template does not compile: {e}"))
+        })?;
         Ok(env)
     }
 
     /// Renders `messages`, ending with the assistant prefix when `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let env = self.env()?;
-        let tmpl = env.get_template("chat").map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -74,21 +90,47 @@ mod tests {
     fn chatml_multi_turn_with_default_system() {
         let t = ChatTemplate::new(SMOL, "<|im_start|>", "<|im_end|>").unwrap();
         let out = t
-            .render(&[Message::new("user", "Hi"), Message::new("assistant", "Hello!"), Message::new("user", "2+2?")], true)
+            .render(
+                &[
+                    Message::new("user", "Hi"),
+                    Message::new("assistant", "Hello!"),
+                    Message::new("user", "2+2?"),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
         );
-        let sys = t.render(&[Message::new("system", "Be brief."), Message::new("user", "Hi")], false).unwrap();
-        assert_eq!(sys, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        let sys = t
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", "Hi"),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            sys,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]
     fn python_string_methods_and_raise_exception_work() {
         let t = ChatTemplate::new("{{ messages[0]['content'].strip() }}{% if messages|length > 1 %}{{ raise_exception('only one') }}{% endif %}", "", "").unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  x  ")], false).unwrap(), "x");
-        let err = t.render(&[Message::new("user", "a"), Message::new("user", "b")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[Message::new("user", "  x  ")], false).unwrap(),
+            "x"
+        );
+        let err = t
+            .render(
+                &[Message::new("user", "a"), Message::new("user", "b")],
+                false,
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("only one"));
     }
 }

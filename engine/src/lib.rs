@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod model;
 pub mod model_runner;
+pub mod plan;
 pub mod sampler;
 pub mod step_plan;
 

@@ -33,14 +33,25 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     /// temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no repetition penalty.
     fn default() -> Self {
-        SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 
     /// Whether this is greedy decoding.
@@ -52,7 +63,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::InvalidInput(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top-p must be in (0, 1], got {}", self.top_p));
@@ -61,7 +75,10 @@ impl SamplingParams {
             return bad(format!("min-p must be in [0, 1], got {}", self.min_p));
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
-            return bad(format!("repeat penalty must be > 0, got {}", self.repeat_penalty));
+            return bad(format!(
+                "repeat penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -92,7 +109,11 @@ impl Sampler {
     pub fn new(params: SamplingParams, vocab: usize) -> Self {
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
         let cap = if params.is_greedy() { 0 } else { vocab };
-        Sampler { params, rng, cand: Vec::with_capacity(cap) }
+        Sampler {
+            params,
+            rng,
+            cand: Vec::with_capacity(cap),
+        }
     }
 
     /// The parameters.
@@ -108,14 +129,19 @@ impl Sampler {
             return argmax(logits);
         }
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         if penalize {
             let start = history.len().saturating_sub(p.repeat_last_n);
             for &t in &history[start..] {
                 if let Some(c) = self.cand.get_mut(t as usize) {
                     // Only once per distinct token: mark by checking against the original.
                     if c.1 == logits[t as usize] {
-                        c.1 = if c.1 > 0.0 { c.1 / p.repeat_penalty } else { c.1 * p.repeat_penalty };
+                        c.1 = if c.1 > 0.0 {
+                            c.1 / p.repeat_penalty
+                        } else {
+                            c.1 * p.repeat_penalty
+                        };
                     }
                 }
             }
@@ -131,7 +157,11 @@ impl Sampler {
         }
         // Sort descending by logit, ties by lower id.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let k = if p.top_k == 0 { self.cand.len() } else { p.top_k.min(self.cand.len()) };
+        let k = if p.top_k == 0 {
+            self.cand.len()
+        } else {
+            p.top_k.min(self.cand.len())
+        };
         if k < self.cand.len() {
             self.cand.select_nth_unstable_by(k - 1, by_logit);
             self.cand.truncate(k);
@@ -195,7 +225,14 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, seed: 5, ..Default::default() }, 5);
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: 1,
+                seed: 5,
+                ..Default::default()
+            },
+            5,
+        );
         for _ in 0..20 {
             assert_eq!(s.sample(&[0.0, 1.0, 5.0, 4.9, -1.0], &[]), 2);
         }
@@ -204,15 +241,35 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_and_min_p_filters() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 42, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 42,
+            ..Default::default()
+        };
         let mut a = Sampler::new(params.clone(), 100);
         let mut b = Sampler::new(params, 100);
         let ta: Vec<u32> = (0..50).map(|_| a.sample(&logits, &[])).collect();
         let tb: Vec<u32> = (0..50).map(|_| b.sample(&logits, &[])).collect();
         assert_eq!(ta, tb);
-        assert!(ta.iter().collect::<std::collections::HashSet<_>>().len() > 5, "sampling is not degenerate");
+        assert!(
+            ta.iter().collect::<std::collections::HashSet<_>>().len() > 5,
+            "sampling is not degenerate"
+        );
         // min-p 0.5 keeps only tokens with prob >= half the top one.
-        let mut c = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.5, seed: 1, ..Default::default() }, 3);
+        let mut c = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.5,
+                seed: 1,
+                ..Default::default()
+            },
+            3,
+        );
         for _ in 0..50 {
             assert_ne!(c.sample(&[10.0, 9.9, 0.0], &[]), 2);
         }
@@ -221,7 +278,17 @@ mod tests {
     #[test]
     fn top_p_keeps_the_nucleus() {
         // probs ≈ [0.88, 0.12, ~0]: top-p 0.5 keeps only the first.
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, seed: 3, ..Default::default() }, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.5,
+                min_p: 0.0,
+                seed: 3,
+                ..Default::default()
+            },
+            3,
+        );
         for _ in 0..50 {
             assert_eq!(s.sample(&[2.0, 0.0, -10.0], &[]), 0);
         }
@@ -229,7 +296,11 @@ mod tests {
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let p = SamplingParams { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.0,
+            repeat_penalty: 2.0,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p, 3);
         assert_eq!(s.sample(&[3.0, 2.0, 0.0], &[0]), 1);
         assert_eq!(s.sample(&[3.0, 2.0, 0.0], &[1]), 0);
@@ -237,8 +308,22 @@ mod tests {
 
     #[test]
     fn bad_params_are_rejected() {
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

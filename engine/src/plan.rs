@@ -1,0 +1,496 @@
+//! The memory plan: what a model run will take, computed before any weight
+//! is loaded, against a budget, with a clear refusal when it does not fit.
+//!
+//! total = weights + activation workspace (largest step) + KV pages + graph
+//! memory (0 on backends without graphs) + headroom. Headroom is 5% of the
+//! budget (at least 64 MiB): pool rounding (256-byte blocks, 2 MiB segments),
+//! host-side buffers and allocator slack. Nothing is ever offloaded silently:
+//! when the weights do not fit, the plan refuses.
+
+use std::fmt::Write as _;
+
+use pagoda_backend::{BackendInfo, DType, DeviceMemory, KvLayout};
+
+use crate::model::{LlamaConfig, Workspace, WorkspaceDims};
+
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Smallest headroom kept free.
+pub const MIN_HEADROOM_BYTES: u64 = 64 << 20;
+/// Headroom as a fraction of the budget.
+pub const HEADROOM_FRACTION: f64 = 0.05;
+
+/// How much device memory the engine may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// A fraction of total device memory (vLLM's `gpu_memory_utilization`).
+    Utilization(f64),
+    /// An absolute number of bytes.
+    Bytes(u64),
+}
+
+/// What to plan for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanRequest {
+    /// Context length per sequence; `None` = the model's (and derive pages from the budget).
+    pub ctx: Option<usize>,
+    /// Concurrent sequences; `None` = derive from the budget (at `ctx`).
+    pub max_seqs: Option<usize>,
+    /// KV element type.
+    pub kv_dtype: DType,
+    /// Tokens per KV page.
+    pub page_size: usize,
+    /// Per-step token budget (sizes the workspace).
+    pub max_num_batched_tokens: usize,
+    /// Logits rows per step (sizes the workspace).
+    pub max_logits_rows: usize,
+    /// The budget.
+    pub budget: Budget,
+}
+
+/// A computed plan. Byte counts are exact for weights, workspace and KV.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Backend name.
+    pub backend: String,
+    /// Device total bytes.
+    pub device_total_bytes: u64,
+    /// Device free bytes at planning time.
+    pub device_free_bytes: u64,
+    /// The budget in bytes.
+    pub budget_bytes: u64,
+    /// How the budget was derived.
+    pub budget_source: String,
+    /// Weights.
+    pub weights_bytes: u64,
+    /// Activation workspace for the largest step.
+    pub workspace_bytes: u64,
+    /// KV cache (all pages, all layers).
+    pub kv_bytes: u64,
+    /// Graph memory (0 where graphs are not captured).
+    pub graph_bytes: u64,
+    /// Headroom kept free.
+    pub headroom_bytes: u64,
+    /// Sum of the above.
+    pub total_bytes: u64,
+    /// KV pages.
+    pub num_pages: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Bytes of one page over all layers.
+    pub page_bytes: u64,
+    /// KV dtype name.
+    pub kv_dtype: String,
+    /// Context length per sequence.
+    pub ctx: usize,
+    /// Concurrent sequences.
+    pub max_seqs: usize,
+    /// Tokens the KV cache holds in total.
+    pub kv_tokens: usize,
+    /// Workspace sizing.
+    pub max_num_batched_tokens: usize,
+}
+
+/// The plan does not fit: numbers and advice in the message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct PlanError {
+    /// Human-readable refusal with the table and advice.
+    pub message: String,
+    /// The plan that did not fit (for `--json`).
+    pub plan: Box<MemoryPlan>,
+}
+
+/// Formats bytes as GiB/MiB.
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= GIB {
+        format!("{:.2} GiB", b / GIB)
+    } else {
+        format!("{:.1} MiB", b / MIB)
+    }
+}
+
+/// Parses `8GiB`, `512MiB`, `1.5GB`, `1000000` (bytes).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.trim().parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => MIB,
+        "g" | "gb" => 1e9,
+        "gib" => GIB,
+        "t" | "tb" => 1e12,
+        "tib" => GIB * 1024.0,
+        _ => return None,
+    };
+    (v.is_finite() && v >= 0.0).then(|| (v * mult) as u64)
+}
+
+fn kv_layout(cfg: &LlamaConfig, dtype: DType, page_size: usize, num_pages: usize) -> KvLayout {
+    KvLayout {
+        num_layers: cfg.num_layers,
+        num_pages,
+        page_size,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        dtype,
+    }
+}
+
+/// The workspace dimensions a plan implies.
+pub fn workspace_dims(req: &PlanRequest, max_seqs: usize, ctx: usize) -> WorkspaceDims {
+    WorkspaceDims {
+        max_tokens: req.max_num_batched_tokens.max(max_seqs),
+        max_seqs,
+        max_blocks_per_seq: ctx.div_ceil(req.page_size),
+        max_logits_rows: req.max_logits_rows.max(max_seqs),
+    }
+}
+
+/// Computes the plan; refuses with numbers and advice when it does not fit.
+pub fn plan(
+    cfg: &LlamaConfig,
+    weights_bytes: u64,
+    req: &PlanRequest,
+    device: DeviceMemory,
+    info: &BackendInfo,
+) -> Result<MemoryPlan, PlanError> {
+    let (budget_bytes, budget_source) = match req.budget {
+        Budget::Bytes(b) => (b, format!("--memory-budget {}", human(b))),
+        Budget::Utilization(u) => {
+            let b = (device.total_bytes as f64 * u) as u64;
+            let what = if info.host_memory {
+                "host RAM"
+            } else {
+                "device memory"
+            };
+            if info.host_memory && b > device.free_bytes {
+                (
+                    device.free_bytes,
+                    format!(
+                        "{what} available ({} of {u:.2} × {})",
+                        human(device.free_bytes),
+                        human(device.total_bytes)
+                    ),
+                )
+            } else {
+                (b, format!("{u:.2} × {} {what}", human(device.total_bytes)))
+            }
+        }
+    };
+    let ctx = req.ctx.unwrap_or(cfg.context_len);
+    let headroom = ((budget_bytes as f64 * HEADROOM_FRACTION) as u64).max(MIN_HEADROOM_BYTES);
+    let graph_bytes = 0; // Graph capture is not part of this backend set yet; counted here when it is.
+    let page_bytes = kv_layout(cfg, req.kv_dtype, req.page_size, 1).page_bytes_all_layers() as u64;
+    let pages_per_seq = ctx.div_ceil(req.page_size);
+    let seqs_for_ws = req.max_seqs.unwrap_or(1).max(1);
+    let mut p = MemoryPlan {
+        backend: info.name.clone(),
+        device_total_bytes: device.total_bytes,
+        device_free_bytes: device.free_bytes,
+        budget_bytes,
+        budget_source,
+        weights_bytes,
+        workspace_bytes: Workspace::planned_bytes(cfg, &workspace_dims(req, seqs_for_ws, ctx)),
+        kv_bytes: 0,
+        graph_bytes,
+        headroom_bytes: headroom,
+        total_bytes: 0,
+        num_pages: 0,
+        page_size: req.page_size,
+        page_bytes,
+        kv_dtype: req.kv_dtype.name().into(),
+        ctx,
+        max_seqs: seqs_for_ws,
+        kv_tokens: 0,
+        max_num_batched_tokens: req.max_num_batched_tokens,
+    };
+    let fixed = p.weights_bytes + p.workspace_bytes + p.graph_bytes + p.headroom_bytes;
+    match req.max_seqs {
+        Some(seqs) => {
+            p.num_pages = seqs * pages_per_seq;
+        }
+        None => {
+            // Derive: every byte left after the fixed parts becomes KV pages.
+            let left = budget_bytes.saturating_sub(fixed);
+            p.num_pages = (left / page_bytes.max(1)) as usize;
+            p.max_seqs = (p.num_pages / pages_per_seq.max(1)).max(1);
+        }
+    }
+    p.kv_bytes = p.num_pages as u64 * page_bytes;
+    p.kv_tokens = p.num_pages * req.page_size;
+    p.total_bytes = fixed + p.kv_bytes;
+
+    let mut problems = Vec::new();
+    if p.weights_bytes + p.headroom_bytes > budget_bytes {
+        problems.push(format!(
+            "the weights alone need {} (+ {} headroom) but the budget is {}",
+            human(p.weights_bytes),
+            human(p.headroom_bytes),
+            human(budget_bytes)
+        ));
+    } else if p.total_bytes > budget_bytes {
+        problems.push(format!(
+            "the plan needs {} but the budget is {}",
+            human(p.total_bytes),
+            human(budget_bytes)
+        ));
+    } else if p.num_pages < pages_per_seq {
+        problems.push(format!(
+            "after weights and workspace, {} is left for KV: {} tokens, less than one sequence of {ctx} tokens",
+            human(budget_bytes.saturating_sub(fixed)),
+            p.kv_tokens
+        ));
+    }
+    if problems.is_empty() {
+        return Ok(p);
+    }
+    let mut msg = format!(
+        "memory plan refused: {}.\n\n{}\nTry:\n",
+        problems.join("; "),
+        table(&p)
+    );
+    let avail_kv = budget_bytes.saturating_sub(fixed);
+    let tokens_fit = (avail_kv / page_bytes.max(1)) as usize * req.page_size;
+    if p.weights_bytes + p.headroom_bytes > budget_bytes {
+        let _ = writeln!(
+            msg,
+            "  - a smaller quantization of the model (the weights take {})",
+            human(p.weights_bytes)
+        );
+        let _ = writeln!(
+            msg,
+            "  - a larger budget (--memory-budget / --gpu-memory-utilization)"
+        );
+    } else {
+        let seqs = p.max_seqs.max(1);
+        let _ = writeln!(
+            msg,
+            "  - at most {tokens_fit} KV tokens fit in {}:",
+            human(avail_kv)
+        );
+        if tokens_fit / seqs >= req.page_size {
+            let _ = writeln!(
+                msg,
+                "  - a shorter context: --ctx {} with --max-seqs {seqs}",
+                (tokens_fit / seqs) / req.page_size * req.page_size
+            );
+        }
+        if tokens_fit / ctx >= 1 {
+            let _ = writeln!(
+                msg,
+                "  - fewer sequences: --max-seqs {} with --ctx {ctx}",
+                tokens_fit / ctx
+            );
+        }
+        if req.kv_dtype != DType::Q8_0 && info.supports_kv(DType::Q8_0) {
+            let q8 = kv_layout(cfg, DType::Q8_0, req.page_size, 1).page_bytes_all_layers() as u64;
+            let need = fixed + p.num_pages as u64 * q8;
+            let verdict = if need <= budget_bytes {
+                "fits"
+            } else {
+                "still does not fit"
+            };
+            let _ = writeln!(
+                msg,
+                "  - a quantized KV cache: --kv-dtype q8_0 needs {} in total ({verdict})",
+                human(need)
+            );
+        }
+        let _ = writeln!(
+            msg,
+            "  - a smaller quantization of the model (the weights take {})",
+            human(p.weights_bytes)
+        );
+    }
+    msg.push_str("Nothing was loaded; Pagoda never offloads layers silently.");
+    Err(PlanError {
+        message: msg,
+        plan: Box::new(p),
+    })
+}
+
+/// The plan as a table.
+pub fn table(p: &MemoryPlan) -> String {
+    let mut s = String::new();
+    let row = |s: &mut String, name: &str, what: String, bytes: u64| {
+        let _ = writeln!(s, "  {name:<12} {what:<48} {:>12}", human(bytes));
+    };
+    let _ = writeln!(s, "  {:<12} {:<48} {:>12}", "component", "detail", "bytes");
+    row(&mut s, "weights", "model tensors".into(), p.weights_bytes);
+    row(
+        &mut s,
+        "activations",
+        format!(
+            "workspace for {} tokens / {} seqs per step",
+            p.max_num_batched_tokens, p.max_seqs
+        ),
+        p.workspace_bytes,
+    );
+    row(
+        &mut s,
+        "kv cache",
+        format!(
+            "{} pages × {} tokens × {} per page ({})",
+            p.num_pages,
+            p.page_size,
+            human(p.page_bytes),
+            p.kv_dtype
+        ),
+        p.kv_bytes,
+    );
+    row(
+        &mut s,
+        "graphs",
+        if p.graph_bytes == 0 {
+            "none on this backend".into()
+        } else {
+            "captured decode graphs".into()
+        },
+        p.graph_bytes,
+    );
+    row(
+        &mut s,
+        "headroom",
+        format!(
+            "{:.0}% of budget, at least {}",
+            HEADROOM_FRACTION * 100.0,
+            human(MIN_HEADROOM_BYTES)
+        ),
+        p.headroom_bytes,
+    );
+    row(&mut s, "total", String::new(), p.total_bytes);
+    row(&mut s, "budget", p.budget_source.clone(), p.budget_bytes);
+    let _ = writeln!(
+        s,
+        "  KV holds {} tokens: {} sequences × {} context",
+        p.kv_tokens, p.max_seqs, p.ctx
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LlamaConfig {
+        LlamaConfig {
+            architecture: "llama".into(),
+            num_layers: 30,
+            hidden_dim: 576,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            ffn_dim: 1536,
+            rms_eps: 1e-5,
+            rope_freq_base: 1e5,
+            rope_dim: 64,
+            context_len: 8192,
+            vocab_size: 49152,
+        }
+    }
+
+    fn info() -> BackendInfo {
+        BackendInfo {
+            name: "cpu".into(),
+            device: "test".into(),
+            weight_dtypes: vec![],
+            kv_dtypes: vec![DType::F32, DType::F16, DType::Q8_0],
+            alignment: 64,
+            can_grow_kv: false,
+            supports_graphs: false,
+            host_memory: true,
+        }
+    }
+
+    fn req(ctx: Option<usize>, seqs: Option<usize>, kv: DType, budget: u64) -> PlanRequest {
+        PlanRequest {
+            ctx,
+            max_seqs: seqs,
+            kv_dtype: kv,
+            page_size: 16,
+            max_num_batched_tokens: 512,
+            max_logits_rows: 16,
+            budget: Budget::Bytes(budget),
+        }
+    }
+
+    const DEV: DeviceMemory = DeviceMemory {
+        total_bytes: 32 << 30,
+        free_bytes: 30 << 30,
+    };
+
+    #[test]
+    fn plan_refuses_oom_before_loading_with_advice() {
+        // f16 KV for 64 × 8192 tokens is 12 GB: does not fit 8 GiB.
+        let err = plan(
+            &cfg(),
+            98 << 20,
+            &req(Some(8192), Some(64), DType::F16, 8 << 30),
+            DEV,
+            &info(),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("refused"), "{}", err.message);
+        assert!(err.message.contains("--kv-dtype q8_0"), "{}", err.message);
+        assert!(err.message.contains("--max-seqs"), "{}", err.message);
+        assert_eq!(err.plan.page_bytes, 16 * 30 * 2 * 3 * 64 * 2);
+        // Q8_0 pages are 68/128 the size and fit.
+        let ok = plan(
+            &cfg(),
+            98 << 20,
+            &req(Some(8192), Some(64), DType::Q8_0, 8 << 30),
+            DEV,
+            &info(),
+        )
+        .unwrap();
+        assert_eq!(ok.page_bytes, 16 * 30 * 2 * 3 * 68);
+        assert!(ok.total_bytes <= ok.budget_bytes);
+    }
+
+    #[test]
+    fn plan_refuses_when_weights_do_not_fit() {
+        let err = plan(
+            &cfg(),
+            9 << 30,
+            &req(Some(512), Some(1), DType::F16, 8 << 30),
+            DEV,
+            &info(),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("weights alone"), "{}", err.message);
+        assert!(err.message.contains("smaller quantization"));
+    }
+
+    #[test]
+    fn budget_only_derives_page_count() {
+        let p = plan(
+            &cfg(),
+            98 << 20,
+            &req(Some(8192), None, DType::F16, 2 << 30),
+            DEV,
+            &info(),
+        )
+        .unwrap();
+        let fixed = p.weights_bytes + p.workspace_bytes + p.headroom_bytes;
+        assert_eq!(p.num_pages as u64, (p.budget_bytes - fixed) / p.page_bytes);
+        assert!(p.total_bytes <= p.budget_bytes);
+        assert!(p.budget_bytes - p.total_bytes < p.page_bytes);
+        assert_eq!(p.kv_tokens, p.num_pages * 16);
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("8GiB"), Some(8 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Some(512 << 20));
+        assert_eq!(parse_bytes("1000"), Some(1000));
+        assert_eq!(parse_bytes("lots"), None);
+    }
+}
