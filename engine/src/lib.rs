@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod chat;
+pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
@@ -15,6 +16,10 @@ pub mod model_runner;
 pub mod plan;
 pub mod sampler;
 pub mod step_plan;
+pub mod telemetry;
 
+pub use engine::{
+    Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, RequestOutput,
+};
 pub use error::{EngineError, Result};
 pub use fetch::FetchError;

@@ -1,0 +1,630 @@
+//! The engine: many requests at once over one model, one backend and one
+//! paged KV cache.
+//!
+//! One [`Engine::step`] = `scheduler.schedule()` → `runner.execute(plan)` →
+//! sample → `scheduler.postprocess()` → stop strings → telemetry. Requests
+//! join and leave at every step (continuous batching).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use pagoda_backend::{Backend, DType, FaultInjector, KvLayout, Pool, PoolConfig};
+
+use crate::chat::{ChatTemplate, Message};
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::model::{LlamaConfig, LlamaWeights};
+use crate::model_runner::ModelRunner;
+use crate::plan::{Budget, MemoryPlan, PlanRequest, plan, workspace_dims};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::sequence::{FinishReason, SeqId, SeqParams};
+use crate::telemetry::{StepStats, Telemetry};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Engine settings. `Default` is a small interactive setup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Context length per sequence (prompt + generated). `None` = min(model, 4096).
+    pub ctx: Option<usize>,
+    /// Concurrent sequences. `None` with a byte budget = derive from the budget.
+    pub max_seqs: Option<usize>,
+    /// Per-step token budget (chunked prefill).
+    pub max_num_batched_tokens: usize,
+    /// Logits rows per step (raise for perplexity / all-position logits).
+    pub max_logits_rows: usize,
+    /// Tokens per KV page.
+    pub page_size: usize,
+    /// KV element type.
+    pub kv_dtype: DType,
+    /// Share full prompt pages between requests.
+    pub enable_prefix_caching: bool,
+    /// Memory budget.
+    pub budget: Budget,
+    /// Fault injection shared by the pool and the block manager.
+    pub faults: FaultInjector,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            ctx: None,
+            max_seqs: Some(8),
+            max_num_batched_tokens: 512,
+            max_logits_rows: 8,
+            page_size: 16,
+            kv_dtype: DType::F32,
+            enable_prefix_caching: true,
+            budget: Budget::Utilization(0.9),
+            faults: FaultInjector::from_env(),
+        }
+    }
+}
+
+/// Default context cap when none is given (the model's may be huge).
+pub const DEFAULT_MAX_CTX: usize = 4096;
+
+/// Builds an [`Engine`].
+#[derive(Debug, Default)]
+pub struct EngineBuilder<B: Backend> {
+    model: Option<PathBuf>,
+    backend: Option<Arc<B>>,
+    config: EngineConfig,
+}
+
+impl<B: Backend> EngineBuilder<B> {
+    /// The GGUF file to load.
+    pub fn model(mut self, path: impl AsRef<Path>) -> Self {
+        self.model = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// The backend to run on.
+    pub fn backend(mut self, backend: Arc<B>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Engine settings.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Plans memory (refusing before any weight is loaded when it does not
+    /// fit), loads the model and allocates the workspace and KV cache.
+    pub fn build(self) -> Result<Engine<B>> {
+        let path = self
+            .model
+            .ok_or_else(|| EngineError::InvalidInput("no model given".into()))?;
+        let backend = self
+            .backend
+            .ok_or_else(|| EngineError::InvalidInput("no backend given".into()))?;
+        let cfg = self.config;
+        let gguf = GgufFile::open(&path)?;
+        let model_cfg = LlamaConfig::from_gguf(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let chat = match gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            Some(src) => {
+                let text =
+                    |id: u32| String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned();
+                Some(ChatTemplate::new(
+                    src,
+                    &text(tokenizer.bos_id()),
+                    &text(tokenizer.eos_id()),
+                )?)
+            }
+            None => None,
+        };
+        let info = backend.info().clone();
+        if !info.supports_kv(cfg.kv_dtype) {
+            return Err(EngineError::InvalidInput(format!(
+                "the {} backend cannot store KV as {}",
+                info.name, cfg.kv_dtype
+            )));
+        }
+        let ctx = cfg
+            .ctx
+            .unwrap_or(model_cfg.context_len.min(DEFAULT_MAX_CTX));
+        if ctx > model_cfg.context_len {
+            return Err(EngineError::InvalidInput(format!(
+                "context {ctx} is longer than the model's training context {}",
+                model_cfg.context_len
+            )));
+        }
+        if ctx < 2 {
+            return Err(EngineError::InvalidInput(format!(
+                "context {ctx} is too short"
+            )));
+        }
+        let req = PlanRequest {
+            ctx: Some(ctx),
+            max_seqs: cfg.max_seqs,
+            kv_dtype: cfg.kv_dtype,
+            page_size: cfg.page_size,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            max_logits_rows: cfg.max_logits_rows,
+            budget: cfg.budget,
+        };
+        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg)?;
+        let mem_plan = plan(&model_cfg, weights_bytes, &req, backend.memory()?, &info)?;
+
+        let pool_cfg = PoolConfig {
+            budget_bytes: Some(mem_plan.budget_bytes),
+            ..PoolConfig::default()
+        };
+        let pool = Pool::new(backend.raw_allocator(), pool_cfg, cfg.faults.clone());
+        let dims = workspace_dims(&req, mem_plan.max_seqs, ctx);
+        let layout = KvLayout {
+            num_layers: model_cfg.num_layers,
+            num_pages: mem_plan.num_pages,
+            page_size: cfg.page_size,
+            num_kv_heads: model_cfg.num_kv_heads,
+            head_dim: model_cfg.head_dim,
+            dtype: cfg.kv_dtype,
+        };
+        let runner = ModelRunner::new(backend, pool, &gguf, model_cfg.clone(), dims, layout)?;
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                page_size: cfg.page_size,
+                num_pages: mem_plan.num_pages,
+                max_num_seqs: mem_plan.max_seqs,
+                max_num_batched_tokens: dims.max_tokens,
+                max_model_len: ctx,
+                enable_prefix_caching: cfg.enable_prefix_caching,
+            },
+            cfg.faults.clone(),
+        )?;
+        Ok(Engine {
+            runner,
+            scheduler,
+            tokenizer,
+            chat,
+            requests: HashMap::new(),
+            plan: mem_plan,
+            ctx,
+            model_path: path,
+            telemetry: Telemetry::new(),
+            sampled: Vec::new(),
+        })
+    }
+}
+
+/// How one request generates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    /// Tokens to generate at most (clamped to the context).
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends when the text contains one (it is cut off).
+    pub stop: Vec<String>,
+    /// Keep going after end-of-generation tokens.
+    pub ignore_eog: bool,
+    /// Return logits for every prompt position (perplexity).
+    pub want_all_logits: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eog: false,
+            want_all_logits: false,
+        }
+    }
+}
+
+/// What happened to one request in one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestOutput {
+    /// The request.
+    pub id: SeqId,
+    /// The token generated this step, if any.
+    pub token: Option<u32>,
+    /// Newly complete text (may be empty while a UTF-8 character is split).
+    pub text: String,
+    /// Set when the request finished this step.
+    pub finished: Option<FinishReason>,
+}
+
+/// A finished request's full result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The request.
+    pub id: SeqId,
+    /// Prompt token ids.
+    pub prompt_tokens: Vec<u32>,
+    /// Generated token ids (including the EOG token that ended it).
+    pub generated_tokens: Vec<u32>,
+    /// Generated text (cut at a stop string).
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// (num_prompt_tokens, vocab) logits when `want_all_logits` was set.
+    pub prompt_logits: Option<Vec<f32>>,
+}
+
+struct RequestState {
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: Vec<String>,
+    prompt_tokens: Vec<u32>,
+    generated: Vec<u32>,
+    text: String,
+    /// Bytes of `text` already reported.
+    reported: usize,
+    prompt_logits: Option<Vec<f32>>,
+    finished: Option<FinishReason>,
+}
+
+/// The engine. Generic over the backend; the edges pick one.
+pub struct Engine<B: Backend> {
+    runner: ModelRunner<B>,
+    scheduler: Scheduler,
+    tokenizer: Tokenizer,
+    chat: Option<ChatTemplate>,
+    requests: HashMap<SeqId, RequestState>,
+    plan: MemoryPlan,
+    ctx: usize,
+    model_path: PathBuf,
+    telemetry: Telemetry,
+    /// (num_seqs) tokens sampled this step, reused.
+    sampled: Vec<Option<u32>>,
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model_path)
+            .field("ctx", &self.ctx)
+            .finish()
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// A builder.
+    pub fn builder() -> EngineBuilder<B> {
+        EngineBuilder {
+            model: None,
+            backend: None,
+            config: EngineConfig::default(),
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The model's hyper-parameters.
+    pub fn model_config(&self) -> &LlamaConfig {
+        &self.runner.config
+    }
+
+    /// The memory plan the engine was built with.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// Context length per sequence.
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    /// The scheduler (read-only: counters, page map, balance checks).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// The model runner (pool, backend).
+    pub fn runner(&self) -> &ModelRunner<B> {
+        &self.runner
+    }
+
+    /// Telemetry publisher (subscribe for `StepStats` / `MemorySnapshot`).
+    pub fn telemetry(&mut self) -> &mut Telemetry {
+        &mut self.telemetry
+    }
+
+    /// Tokenizes prompt text: special tokens parsed, BOS only when the model asks.
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if self.tokenizer.add_bos() {
+            ids.push(self.tokenizer.bos_id());
+        }
+        ids.extend(self.tokenizer.encode(text, true));
+        ids
+    }
+
+    /// Renders chat messages with the model's template.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        let t = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidInput("the model has no chat template".into()))?;
+        t.render(messages, true)
+    }
+
+    /// Queues a request; returns its id.
+    pub fn add_request(
+        &mut self,
+        prompt_tokens: Vec<u32>,
+        params: GenerationParams,
+    ) -> Result<SeqId> {
+        params.sampling.validate()?;
+        if prompt_tokens.is_empty() {
+            return Err(EngineError::InvalidInput("the prompt is empty".into()));
+        }
+        if params.max_tokens == 0 {
+            return Err(EngineError::InvalidInput(
+                "max tokens must be at least 1".into(),
+            ));
+        }
+        let vocab = self.runner.config.vocab_size;
+        if let Some(&bad) = prompt_tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidInput(format!(
+                "token id {bad} outside the vocabulary of {vocab}"
+            )));
+        }
+        if prompt_tokens.len() >= self.ctx {
+            return Err(EngineError::InvalidInput(format!(
+                "the prompt has {} tokens; the context holds {} (prompt + at least one generated token)",
+                prompt_tokens.len(),
+                self.ctx
+            )));
+        }
+        let dims = self.runner.workspace_dims();
+        if params.want_all_logits && dims.max_logits_rows < dims.max_tokens {
+            return Err(EngineError::InvalidInput(format!(
+                "all-position logits need max_logits_rows ({}) >= the step token budget ({})",
+                dims.max_logits_rows, dims.max_tokens
+            )));
+        }
+        let max_tokens = params.max_tokens.min(self.ctx - prompt_tokens.len());
+        let seq_params = SeqParams {
+            max_tokens,
+            eog_ids: self.tokenizer.eog_ids().to_vec(),
+            ignore_eog: params.ignore_eog,
+            want_all_logits: params.want_all_logits,
+        };
+        let id = self.scheduler.add(prompt_tokens.clone(), seq_params)?;
+        let n = prompt_tokens.len();
+        self.requests.insert(
+            id,
+            RequestState {
+                sampler: Sampler::new(params.sampling, vocab),
+                decoder: StreamDecoder::new(),
+                stop: params.stop,
+                prompt_tokens,
+                generated: Vec::with_capacity(max_tokens),
+                text: String::new(),
+                reported: 0,
+                prompt_logits: params
+                    .want_all_logits
+                    .then(|| Vec::with_capacity(n * vocab)),
+                finished: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Cancels a request; its pages are freed at once.
+    pub fn abort(&mut self, id: SeqId) -> Result<()> {
+        self.scheduler.abort(id)?;
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.finished = Some(FinishReason::Aborted);
+        }
+        Ok(())
+    }
+
+    /// Whether any request is unfinished.
+    pub fn has_unfinished(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    /// Runs one step; returns what happened to each request in it.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let t0 = Instant::now();
+        let out = self.scheduler.schedule();
+        let mut events = Vec::new();
+        for f in &out.failed {
+            let reason = FinishReason::Error(f.error.to_string());
+            if let Some(r) = self.requests.get_mut(&f.seq_id) {
+                r.finished = Some(reason.clone());
+            }
+            events.push(RequestOutput {
+                id: f.seq_id,
+                token: None,
+                text: String::new(),
+                finished: Some(reason),
+            });
+        }
+        let Some(plan) = out.plan else {
+            return Ok(events);
+        };
+        let t_sched = t0.elapsed();
+        let vocab = self.runner.config.vocab_size;
+        let logits = match self.runner.execute(&plan) {
+            Ok(l) => l,
+            Err(e) => {
+                // The whole step failed: end the requests in it, keep the engine serving.
+                let msg = e.to_string();
+                for &id in &plan.seq_ids {
+                    let _ = self.scheduler.finish(id, FinishReason::Error(msg.clone()));
+                    if let Some(r) = self.requests.get_mut(&id) {
+                        r.finished = Some(FinishReason::Error(msg.clone()));
+                    }
+                    events.push(RequestOutput {
+                        id,
+                        token: None,
+                        text: String::new(),
+                        finished: Some(FinishReason::Error(msg.clone())),
+                    });
+                }
+                return Ok(events);
+            }
+        };
+        let t_fwd = t0.elapsed();
+        self.sampled.clear();
+        for (i, &id) in plan.seq_ids.iter().enumerate() {
+            let Some(r) = self.requests.get_mut(&id) else {
+                self.sampled.push(None);
+                continue;
+            };
+            if let Some(all) = r.prompt_logits.as_mut() {
+                let (a, b) = (plan.query_start_locs[i], plan.query_start_locs[i + 1]);
+                for (row, &tok) in plan.logits_indices.iter().enumerate() {
+                    if tok >= a && tok < b && all.len() < r.prompt_tokens.len() * vocab {
+                        all.extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
+                    }
+                }
+            }
+            let tok = plan.sample_rows[i].map(|row| {
+                let row = row as usize;
+                let history = self
+                    .scheduler
+                    .get(id)
+                    .map(|s| s.tokens.as_slice())
+                    .unwrap_or(&[]);
+                r.sampler
+                    .sample(&logits[row * vocab..(row + 1) * vocab], history)
+            });
+            self.sampled.push(tok);
+        }
+        let updates = self.scheduler.postprocess(&plan, &self.sampled);
+        for u in updates {
+            let Some(r) = self.requests.get_mut(&u.seq_id) else {
+                continue;
+            };
+            let mut finished = u.finished.clone();
+            if let Some(tok) = u.new_token {
+                r.generated.push(tok);
+                let piece = r.decoder.push(&self.tokenizer, tok);
+                r.text.push_str(&piece);
+                if finished.is_some() {
+                    r.text.push_str(&r.decoder.finish());
+                }
+                if finished.is_none() || finished == Some(FinishReason::Length) {
+                    if let Some(cut) = find_stop(&r.text, &r.stop, r.reported) {
+                        r.text.truncate(cut);
+                        if finished.is_none() {
+                            let _ = self.scheduler.finish(u.seq_id, FinishReason::Stop);
+                        }
+                        finished = Some(FinishReason::Stop);
+                    }
+                }
+            }
+            // Hold back text that could be the start of a stop string.
+            let safe = if finished.is_some() {
+                r.text.len()
+            } else {
+                stop_safe_len(&r.text, &r.stop, r.reported)
+            };
+            let text = r.text[r.reported..safe].to_string();
+            r.reported = safe;
+            if finished.is_some() {
+                r.finished = finished.clone();
+            }
+            events.push(RequestOutput {
+                id: u.seq_id,
+                token: u.new_token,
+                text,
+                finished,
+            });
+        }
+        self.telemetry.publish_step(
+            StepStats::from_plan(&plan, &self.scheduler, t_sched, t_fwd, t0.elapsed()),
+            || crate::telemetry::MemorySnapshot::capture(&self.runner, &self.scheduler),
+        );
+        Ok(events)
+    }
+
+    /// Removes a finished request and returns its result.
+    pub fn take_completion(&mut self, id: SeqId) -> Option<Completion> {
+        let finished = self.requests.get(&id)?.finished.clone()?;
+        let r = self.requests.remove(&id)?;
+        let _ = self.scheduler.remove(id);
+        Some(Completion {
+            id,
+            prompt_tokens: r.prompt_tokens,
+            generated_tokens: r.generated,
+            text: r.text,
+            finish_reason: finished,
+            prompt_logits: r.prompt_logits,
+        })
+    }
+
+    /// Runs every request given to completion, returning results in order.
+    pub fn generate(
+        &mut self,
+        prompts: Vec<Vec<u32>>,
+        params: GenerationParams,
+    ) -> Result<Vec<Completion>> {
+        let ids = prompts
+            .into_iter()
+            .map(|p| self.add_request(p, params.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        while ids
+            .iter()
+            .any(|id| self.requests.get(id).is_some_and(|r| r.finished.is_none()))
+        {
+            self.step()?;
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|&id| self.take_completion(id))
+            .collect())
+    }
+}
+
+/// Byte index where the first stop string found at or after `from` begins.
+fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            let start = from.saturating_sub(s.len());
+            let start = (start..=from)
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(from);
+            text[start..].find(s.as_str()).map(|i| start + i)
+        })
+        .min()
+}
+
+/// Length of `text` that can be reported: everything except a tail that is
+/// a proper prefix of some stop string.
+fn stop_safe_len(text: &str, stops: &[String], reported: usize) -> usize {
+    let mut safe = text.len();
+    for s in stops.iter().filter(|s| !s.is_empty()) {
+        for k in (1..s.len()).rev() {
+            if text.len() >= k
+                && text.is_char_boundary(text.len() - k)
+                && s.as_bytes().starts_with(&text.as_bytes()[text.len() - k..])
+            {
+                safe = safe.min(text.len() - k);
+                break;
+            }
+        }
+    }
+    safe.max(reported)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_found_across_pieces_and_held_back() {
+        let stops = vec!["</end>".to_string()];
+        assert_eq!(find_stop("abc</en", &stops, 0), None);
+        assert_eq!(stop_safe_len("abc</en", &stops, 0), 3);
+        assert_eq!(find_stop("abc</end>xyz", &stops, 5), Some(3));
+        assert_eq!(stop_safe_len("abcdef", &stops, 2), 6);
+    }
+}
