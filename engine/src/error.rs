@@ -26,6 +26,9 @@ pub enum EngineError {
     /// The model file could not be fetched or verified.
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
+    /// The memory plan does not fit the budget (numbers and advice inside).
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
     /// Bad user input (prompt, flags, request).
     #[error("{0}")]
     InvalidInput(String),
