@@ -25,7 +25,7 @@ use crate::telemetry::{StepStats, Telemetry};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Engine settings. `Default` is a small interactive setup.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Context length per sequence (prompt + generated). `None` = min(model, 4096).
     pub ctx: Option<usize>,
