@@ -71,7 +71,7 @@ fn assert_useful(msg: &str, file: &str, case: &str) {
 // ------------------------------------------------------------------ metadata
 
 #[test]
-fn real_file_metadata() {
+fn gguf_real_file_metadata() {
     let Some(p) = model() else { return };
     let f = open(&p);
     assert_eq!(f.version, 3);
@@ -229,7 +229,7 @@ fn check_row(lib: &[f32], mine: &[f32], what: &str) {
 }
 
 #[test]
-fn real_file_q8_0_embedding_row_matches_hand_decoding() {
+fn gguf_real_file_q8_0_embedding_row_matches_hand_decoding() {
     let Some(p) = model() else { return };
     let f = open(&p);
     for row in [0usize, 1, 49151] {
@@ -249,7 +249,7 @@ fn real_file_q8_0_embedding_row_matches_hand_decoding() {
 }
 
 #[test]
-fn real_file_q4_1_attn_q_row_matches_hand_decoding() {
+fn gguf_real_file_q4_1_attn_q_row_matches_hand_decoding() {
     let Some(p) = model() else { return };
     let f = open(&p);
     for row in [0usize, 300, 575] {
@@ -268,7 +268,7 @@ fn real_file_q4_1_attn_q_row_matches_hand_decoding() {
 }
 
 #[test]
-fn real_file_f32_norm_is_finite() {
+fn gguf_real_file_f32_norm_is_finite() {
     let Some(p) = model() else { return };
     let f = open(&p);
     let (dtype, raw, n) = row_of(&f, "blk.0.attn_norm.weight", 0);
@@ -285,7 +285,7 @@ fn real_file_f32_norm_is_finite() {
 // ------------------------------------------------------------- truncation
 
 #[test]
-fn real_file_truncated_anywhere_is_refused() {
+fn gguf_real_file_truncated_anywhere_is_refused() {
     let Some(p) = model() else { return };
     let bytes = std::fs::read(&p).expect("read model");
     let f = open(&p);
@@ -383,7 +383,7 @@ fn parse_no_panic(name: &str, bytes: Arc<[u8]>, case: &str) -> bool {
 }
 
 #[test]
-fn real_file_flipped_header_bytes_never_panic() {
+fn gguf_real_file_flipped_header_bytes_never_panic() {
     let Some(p) = model() else { return };
     let name = p.display().to_string();
     let mut bytes: Arc<[u8]> = std::fs::read(&p).expect("read model").into();
@@ -426,7 +426,7 @@ fn real_file_flipped_header_bytes_never_panic() {
 /// A synthetic model shaped like the real one (a few tensors of each type,
 /// tokenizer arrays), every header byte flipped with a few values.
 #[test]
-fn synthetic_model_every_header_byte_flipped_never_panics() {
+fn gguf_synthetic_model_every_header_byte_flipped_never_panics() {
     let mut w = GgufWriter::new();
     let tokens: Vec<String> = (0..40).map(|i| format!("tok{i}")).collect();
     w.metadata("general.architecture", "llama")
