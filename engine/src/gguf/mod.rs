@@ -4,17 +4,26 @@
 //! Every read is bounds-checked. A truncated, corrupted or non-GGUF file
 //! gives a [`GgufError`] naming the file, the byte offset and what was being
 //! read; nothing here panics on bad input.
+//!
+//! A [`GgufFile`] is usually a memory map of a file on disk
+//! ([`GgufFile::open`]); [`GgufFile::from_bytes`] parses bytes already in
+//! memory (synthetic models, tests). [`writer::GgufWriter`] writes GGUF v3.
 
+#[cfg(test)]
+mod tests;
 mod value;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use pagoda_backend::DType;
 
 pub use value::Value;
+pub use writer::GgufWriter;
 
 /// The magic bytes at offset 0.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -114,6 +123,20 @@ pub fn dtype_from_ggml(id: u32) -> Option<DType> {
     })
 }
 
+/// The ggml type id of a [`DType`] (the inverse of [`dtype_from_ggml`]);
+/// `None` for [`DType::U32`], which GGUF has no type for.
+pub fn ggml_type_id(dtype: DType) -> Option<u32> {
+    Some(match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Q4_0 => 2,
+        DType::Q4_1 => 3,
+        DType::Q8_0 => 8,
+        DType::BF16 => 30,
+        DType::U32 => return None,
+    })
+}
+
 /// One tensor's description.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
@@ -136,10 +159,30 @@ impl TensorInfo {
     }
 }
 
-/// An open GGUF file: parsed header and a memory map of the whole file.
+/// Where a [`GgufFile`]'s bytes live: a read-only memory map of the file
+/// ([`GgufFile::open`]) or a shared buffer in memory
+/// ([`GgufFile::from_bytes`]). Both hold the whole file, header included.
+enum Storage {
+    Mmap(Mmap),
+    Owned(Arc<[u8]>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mmap(m) => m,
+            Storage::Owned(b) => b,
+        }
+    }
+}
+
+/// An open GGUF file: parsed header and the bytes of the whole file (a
+/// memory map, or a buffer for [`GgufFile::from_bytes`]).
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    data: Storage,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata, by key.
@@ -171,6 +214,9 @@ struct Cursor<'a> {
 }
 
 const MAX_ARRAY_DEPTH: usize = 8;
+/// Most elements reserved up front for an array or the tensor infos; larger
+/// counts grow as they parse, so a corrupted count cannot reserve gigabytes.
+const MAX_PREALLOC: u64 = 1 << 16;
 
 impl<'a> Cursor<'a> {
     fn err(&self, what: impl Into<String>) -> GgufError {
@@ -254,6 +300,7 @@ impl<'a> Cursor<'a> {
                         "{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
                     )));
                 }
+                let type_pos = self.pos;
                 let elem_type = self.u32(what)?;
                 let count_pos = self.pos;
                 let count = self.u64(what)?;
@@ -263,7 +310,10 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     8 | 10..=12 => 8,
                     9 => 12,
-                    t => return Err(self.err(format!("{what}: unknown array element type {t}"))),
+                    t => {
+                        self.pos = type_pos;
+                        return Err(self.err(format!("{what}: unknown array element type {t}")));
+                    }
                 };
                 if count.saturating_mul(min_size) > self.remaining() as u64 {
                     self.pos = count_pos;
@@ -272,7 +322,7 @@ impl<'a> Cursor<'a> {
                         self.remaining()
                     )));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                let mut items = Vec::with_capacity(count.min(MAX_PREALLOC) as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_type, what, depth + 1)?);
                 }
@@ -303,13 +353,23 @@ impl GgufFile {
         // length. Another process truncating the file while it is mapped is
         // outside what any mmap-based loader can guard against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Self::parse(path, mmap)
+        Self::parse(path, Storage::Mmap(mmap))
     }
 
-    fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile, GgufError> {
+    /// Parses a whole GGUF file already in memory. `path` is only used to
+    /// name the file in errors and by [`GgufFile::path`]. Passing an
+    /// `Arc<[u8]>` shares the buffer without copying it.
+    pub fn from_bytes(
+        path: impl Into<PathBuf>,
+        bytes: impl Into<Arc<[u8]>>,
+    ) -> Result<GgufFile, GgufError> {
+        Self::parse(path.into(), Storage::Owned(bytes.into()))
+    }
+
+    fn parse(path: PathBuf, data: Storage) -> Result<GgufFile, GgufError> {
         let (version, metadata, tensors, data_offset, alignment) = {
             let mut c = Cursor {
-                bytes: &mmap,
+                bytes: &data,
                 pos: 0,
                 path: &path,
             };
@@ -324,8 +384,13 @@ impl GgufFile {
             let version = c.u32("version")?;
             if version != 2 && version != 3 {
                 c.pos = 4;
+                let hint = if (1..=3).contains(&version.swap_bytes()) {
+                    " (a big-endian GGUF file?)"
+                } else {
+                    ""
+                };
                 return Err(c.err(format!(
-                    "unsupported GGUF version {version} (supported: 2, 3)"
+                    "unsupported GGUF version {version}{hint} (supported: 2, 3)"
                 )));
             }
             let tensor_count = c.u64("tensor count")?;
@@ -343,7 +408,12 @@ impl GgufFile {
             }
             let mut metadata = BTreeMap::new();
             for i in 0..kv_count {
+                let key_at = c.pos;
                 let key = c.string(&format!("metadata key #{i}"))?;
+                if metadata.contains_key(&key) {
+                    c.pos = key_at;
+                    return Err(c.err(format!("duplicate metadata key `{key}`")));
+                }
                 let type_id = c.u32(&format!("type of `{key}`"))?;
                 let value = c.value(type_id, &format!("value of `{key}`"), 0)?;
                 metadata.insert(key, value);
@@ -361,10 +431,17 @@ impl GgufFile {
                     }
                 },
             };
-            let mut raw = Vec::with_capacity(tensor_count as usize);
+            // The count was checked against the bytes left, but a corrupted
+            // count can still be millions: let the vector grow as infos parse.
+            let mut raw = Vec::with_capacity(tensor_count.min(MAX_PREALLOC) as usize);
+            let mut names = std::collections::HashSet::new();
             for i in 0..tensor_count {
                 let at = c.pos as u64;
                 let name = c.string(&format!("name of tensor #{i}"))?;
+                if !names.insert(name.clone()) {
+                    c.pos = at as usize;
+                    return Err(c.err(format!("duplicate tensor name `{name}`")));
+                }
                 let n_dims = c.u32(&format!("dimension count of `{name}`"))?;
                 if n_dims == 0 || n_dims > 4 {
                     c.pos -= 4;
@@ -382,7 +459,7 @@ impl GgufFile {
                 raw.push((at, name, shape, type_id, offset));
             }
             let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
-            let file_len = mmap.len() as u64;
+            let file_len = data.len() as u64;
             let mut tensors = Vec::with_capacity(raw.len());
             for (at, name, shape, type_id, offset) in raw {
                 let terr = |what: String| GgufError::Tensor {
@@ -402,8 +479,10 @@ impl GgufFile {
                         .checked_mul(d)
                         .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
                 }
-                let row = shape[0] as usize;
-                if dtype.row_bytes(row).is_none() {
+                // Not `dtype.row_bytes(row)`: its byte count can overflow
+                // for a corrupted (huge) first dimension.
+                let row = shape[0];
+                if row % dtype.block_size() as u64 != 0 {
                     return Err(terr(format!(
                         "first dimension {row} is not a multiple of the {dtype} block size {}",
                         dtype.block_size()
@@ -437,7 +516,7 @@ impl GgufFile {
         };
         Ok(GgufFile {
             path,
-            mmap,
+            data,
             version,
             metadata,
             tensors,
@@ -453,7 +532,7 @@ impl GgufFile {
 
     /// Size of the file in bytes.
     pub fn file_bytes(&self) -> u64 {
-        self.mmap.len() as u64
+        self.data.len() as u64
     }
 
     /// A metadata value.
@@ -521,9 +600,16 @@ impl GgufFile {
     }
 
     /// A tensor's bytes (a slice of the memory map).
+    ///
+    /// `info` should come from this file; for an info from elsewhere whose
+    /// range is outside the file, the slice is empty.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        // Bounds were checked when the file was parsed.
-        &self.mmap[info.offset as usize..info.offset as usize + info.bytes]
+        // Bounds of this file's infos were checked when it was parsed.
+        let start = info.offset as usize;
+        start
+            .checked_add(info.bytes)
+            .and_then(|end| self.data.get(start..end))
+            .unwrap_or(&[])
     }
 
     /// Total bytes of all tensor data.

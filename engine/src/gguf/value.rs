@@ -129,3 +129,33 @@ impl fmt::Display for Value {
         }
     }
 }
+
+macro_rules! value_from {
+    ($($t:ty => $v:ident),* $(,)?) => {
+        $(
+            impl From<$t> for Value {
+                fn from(x: $t) -> Value {
+                    Value::$v(x)
+                }
+            }
+        )*
+    };
+}
+
+value_from! {
+    u8 => U8, i8 => I8, u16 => U16, i16 => I16, u32 => U32, i32 => I32,
+    f32 => F32, bool => Bool, String => String, u64 => U64, i64 => I64, f64 => F64,
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Value {
+        Value::String(s.to_owned())
+    }
+}
+
+/// An array; GGUF arrays hold one element type, which the writer checks.
+impl<T: Into<Value>> From<Vec<T>> for Value {
+    fn from(items: Vec<T>) -> Value {
+        Value::Array(items.into_iter().map(Into::into).collect())
+    }
+}
