@@ -2,9 +2,7 @@
 //! checked against an independent decoding, and robustness against
 //! truncated and corrupted copies.
 //!
-//! The model is `$PAGODA_MODEL`, else
-//! `${PAGODA_CACHE:-~/.cache/pagoda}/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
-//! When it is missing these tests say so on stderr and pass.
+//! The model is `$PAGODA_MODEL`, else the default model (fetched on first use).
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -17,31 +15,12 @@ use pagoda_backend::quant::dequantize_row;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-// TODO(merge): use pagoda::fetch::default_model_path()
-fn default_model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("PAGODA_MODEL") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("PAGODA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| dirs::home_dir().map(|h| h.join(".cache").join("pagoda")))
-        .unwrap_or_else(|| PathBuf::from(".cache/pagoda"));
-    cache.join("models").join(MODEL_FILE)
-}
-
-/// The model's path, or `None` (with a note on stderr) when it is not there.
-fn model() -> Option<PathBuf> {
-    let p = default_model_path();
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIPPED: model not found at {} (set PAGODA_MODEL or PAGODA_CACHE)",
-            p.display()
-        );
-        None
+/// The default model, fetched on first use (a missing model is a failure, not a skip).
+fn model() -> PathBuf {
+    match std::env::var_os("PAGODA_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => pagoda::fetch::default_model_path().unwrap_or_else(|e| panic!("default model unavailable: {e}")),
     }
 }
 
@@ -72,7 +51,7 @@ fn assert_useful(msg: &str, file: &str, case: &str) {
 
 #[test]
 fn gguf_real_file_metadata() {
-    let Some(p) = model() else { return };
+    let p = model();
     let f = open(&p);
     assert_eq!(f.version, 3);
     assert_eq!(f.tensors.len(), 272);
@@ -230,7 +209,7 @@ fn check_row(lib: &[f32], mine: &[f32], what: &str) {
 
 #[test]
 fn gguf_real_file_q8_0_embedding_row_matches_hand_decoding() {
-    let Some(p) = model() else { return };
+    let p = model();
     let f = open(&p);
     for row in [0usize, 1, 49151] {
         let (dtype, raw, n) = row_of(&f, "token_embd.weight", row);
@@ -250,7 +229,7 @@ fn gguf_real_file_q8_0_embedding_row_matches_hand_decoding() {
 
 #[test]
 fn gguf_real_file_q4_1_attn_q_row_matches_hand_decoding() {
-    let Some(p) = model() else { return };
+    let p = model();
     let f = open(&p);
     for row in [0usize, 300, 575] {
         let (dtype, raw, n) = row_of(&f, "blk.0.attn_q.weight", row);
@@ -269,7 +248,7 @@ fn gguf_real_file_q4_1_attn_q_row_matches_hand_decoding() {
 
 #[test]
 fn gguf_real_file_f32_norm_is_finite() {
-    let Some(p) = model() else { return };
+    let p = model();
     let f = open(&p);
     let (dtype, raw, n) = row_of(&f, "blk.0.attn_norm.weight", 0);
     assert_eq!((dtype, n), (DType::F32, 576));
@@ -286,7 +265,7 @@ fn gguf_real_file_f32_norm_is_finite() {
 
 #[test]
 fn gguf_real_file_truncated_anywhere_is_refused() {
-    let Some(p) = model() else { return };
+    let p = model();
     let bytes = std::fs::read(&p).expect("read model");
     let f = open(&p);
     let header = f.data_offset as usize;
@@ -384,7 +363,7 @@ fn parse_no_panic(name: &str, bytes: Arc<[u8]>, case: &str) -> bool {
 
 #[test]
 fn gguf_real_file_flipped_header_bytes_never_panic() {
-    let Some(p) = model() else { return };
+    let p = model();
     let name = p.display().to_string();
     let mut bytes: Arc<[u8]> = std::fs::read(&p).expect("read model").into();
     let (header, infos_start) = {
