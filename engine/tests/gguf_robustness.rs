@@ -318,7 +318,7 @@ fn gguf_real_file_truncated_anywhere_is_refused() {
     );
 
     let dir = scratch_dir("truncate");
-    let cut = dir.join(MODEL_FILE);
+    let cut = dir.join("truncated.gguf");
     let cut_name = cut.display().to_string();
     let mut refused = 0;
     for &n in &lens {
