@@ -5,6 +5,9 @@
 //! samples and streams tokens.
 #![deny(missing_docs)]
 
+pub mod block_manager;
 pub mod error;
+pub mod sequence;
 
 pub use error::{EngineError, Result};
+pub use sequence::{FinishReason, PageId, SeqId, SeqParams, SeqStatus, Sequence, TokenId};
