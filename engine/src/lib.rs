@@ -8,6 +8,8 @@
 pub mod block_manager;
 pub mod error;
 pub mod sequence;
+pub mod step_plan;
 
 pub use error::{EngineError, Result};
 pub use sequence::{FinishReason, PageId, SeqId, SeqParams, SeqStatus, Sequence, TokenId};
+pub use step_plan::StepPlan;
