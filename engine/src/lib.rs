@@ -7,9 +7,11 @@
 
 pub mod block_manager;
 pub mod error;
+pub mod scheduler;
 pub mod sequence;
 pub mod step_plan;
 
 pub use error::{EngineError, Result};
+pub use scheduler::{Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, PageId, SeqId, SeqParams, SeqStatus, Sequence, TokenId};
 pub use step_plan::StepPlan;
