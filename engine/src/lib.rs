@@ -5,6 +5,7 @@
 //! samples and streams tokens.
 #![deny(missing_docs)]
 
+pub mod block_manager;
 pub mod chat;
 pub mod engine;
 pub mod error;
@@ -15,11 +16,14 @@ pub mod model;
 pub mod model_runner;
 pub mod plan;
 pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
 pub mod step_plan;
 pub mod telemetry;
 
-pub use engine::{
-    Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, RequestOutput,
-};
+pub use engine::{Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, RequestOutput};
 pub use error::{EngineError, Result};
 pub use fetch::FetchError;
+pub use scheduler::{Scheduler, SchedulerConfig};
+pub use sequence::{FinishReason, PageId, SeqId, SeqParams, SeqStatus, Sequence, TokenId};
+pub use step_plan::StepPlan;

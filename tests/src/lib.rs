@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use pagoda::step_plan::{SeqId, StepPlan};
+use pagoda::{SeqId, StepPlan};
 
 /// Path of the default model (fetched on first use).
 pub fn model_path() -> PathBuf {

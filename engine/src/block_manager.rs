@@ -1,0 +1,824 @@
+//! Paged KV-cache bookkeeping: which page holds what, who holds each page.
+//!
+//! The [`BlockManager`] hands out [`PageId`]s of `page_size` token positions,
+//! counts references to each page, and keeps the prefix cache: every *full*
+//! page whose K/V is written can be registered under
+//! `hash_page(parent_hash, page_tokens)`, so a later sequence with the same
+//! prefix reuses the page instead of recomputing it.
+//!
+//! ## Invariants
+//! - A page is in the free list if and only if its refcount is 0.
+//! - A page has cached content (hash, parent hash, tokens) if and only if the
+//!   hash map points to it. Freed pages *keep* their content, so a later
+//!   request can revive them; the content is dropped only when the page is
+//!   handed out again as a fresh page (eviction).
+//! - A page registered in the prefix cache is immutable: it is never written.
+//!   [`BlockManager::allocate_slots`] copies it first (copy-on-write). Only
+//!   registered pages are ever shared, so no page with refcount > 1 is
+//!   written either.
+//!
+//! ## Free list and LRU
+//! One free list, ordered by the time pages were freed: pages freed go to the
+//! back, fresh pages are taken from the front, so cached content is evicted in
+//! least-recently-freed order (never-used pages start at the front, in page
+//! order). A sequence frees its pages last page first, so the tail of a prompt
+//! is evicted before the shared head. A prefix-cache hit on a free page unlinks
+//! it from the middle of the list. The list is intrusive (prev/next indices per
+//! page), so push, pop and unlink are O(1) and memory is O(num_pages).
+//!
+//! ## Prefix cache
+//! Hash: [`hash_page`], a hand-rolled 64-bit mix (splitmix64 finaliser per
+//! token), stable across runs and platforms. A lookup walks a sequence's
+//! full-page hashes in order and stops at the first miss; each hit is verified
+//! against the stored tokens and parent hash, so a false hit needs a 64-bit
+//! collision between two different prefixes' parent chains.
+//!
+//! **Cap.** The cache may cover the whole sequence; the scheduler then
+//! recomputes only the last token, so there are logits to sample. That token's
+//! K/V lands in the last cached page, which is immutable, so the sequence gets
+//! a private copy first (copy-on-write: one `(src, dst)` pair in the step plan,
+//! the cached original keeps its other holders or goes back to the free list,
+//! still revivable). This costs one page copy instead of recomputing up to
+//! `page_size` tokens. Writing in place, even the same token at the same
+//! position, is not safe: another sequence admitted in the same step may
+//! claim the page and read it while it is written.
+//!
+//! ## Costs
+//! Allocation, free and revival: O(1) per page. Lookup: O(page_size) per hit
+//! page (token verification). Registration: O(page_size) per newly full page.
+//! Every fresh page allocation is a fault site (`faults.check("kv page")`).
+
+use std::collections::HashMap;
+
+use pagoda_backend::FaultInjector;
+
+use crate::error::{EngineError, Result};
+use crate::sequence::{PageId, Sequence, TokenId};
+
+/// Stable 64-bit hash of one full page under its parent page's hash.
+///
+/// `parent` is `None` for the first page of a sequence. The same
+/// `(parent, tokens)` always gives the same value, in any process.
+pub fn hash_page(parent: Option<u64>, tokens: &[TokenId]) -> u64 {
+    /// splitmix64's finaliser: a bijective, well-mixing 64-bit permutation.
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = match parent {
+        None => mix(GOLDEN),
+        Some(p) => mix(p ^ 0x5851_f42d_4c95_7f2d),
+    };
+    for &t in tokens {
+        h = mix(h.wrapping_add(GOLDEN) ^ u64::from(t));
+    }
+    mix(h ^ (tokens.len() as u64))
+}
+
+/// What a page holds in the prefix cache.
+#[derive(Debug, Clone)]
+struct CachedContent {
+    hash: u64,
+    parent: Option<u64>,
+    /// (page_size)
+    tokens: Box<[TokenId]>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Page {
+    refcount: u32,
+    cached: Option<CachedContent>,
+}
+
+/// Intrusive doubly-linked list of free pages: O(1) push-back, pop-front and
+/// unlink by page id.
+#[derive(Debug, Clone)]
+struct FreeList {
+    /// (num_pages)
+    prev: Vec<Option<u32>>,
+    /// (num_pages)
+    next: Vec<Option<u32>>,
+    /// (num_pages)
+    linked: Vec<bool>,
+    head: Option<u32>,
+    tail: Option<u32>,
+    len: usize,
+}
+
+impl FreeList {
+    /// All pages free, in page order.
+    fn full(num_pages: u32) -> Self {
+        let n = num_pages as usize;
+        let mut l = Self {
+            prev: vec![None; n],
+            next: vec![None; n],
+            linked: vec![false; n],
+            head: None,
+            tail: None,
+            len: 0,
+        };
+        for p in 0..num_pages {
+            l.push_back(p);
+        }
+        l
+    }
+
+    fn push_back(&mut self, p: u32) {
+        let i = p as usize;
+        debug_assert!(!self.linked[i], "page {p} pushed to the free list twice");
+        self.prev[i] = self.tail;
+        self.next[i] = None;
+        match self.tail {
+            Some(t) => self.next[t as usize] = Some(p),
+            None => self.head = Some(p),
+        }
+        self.tail = Some(p);
+        self.linked[i] = true;
+        self.len += 1;
+    }
+
+    fn unlink(&mut self, p: u32) {
+        let i = p as usize;
+        debug_assert!(self.linked[i], "page {p} unlinked but not free");
+        let (prev, next) = (self.prev[i], self.next[i]);
+        match prev {
+            Some(q) => self.next[q as usize] = next,
+            None => self.head = next,
+        }
+        match next {
+            Some(q) => self.prev[q as usize] = prev,
+            None => self.tail = prev,
+        }
+        self.prev[i] = None;
+        self.next[i] = None;
+        self.linked[i] = false;
+        self.len -= 1;
+    }
+
+    fn pop_front(&mut self) -> Option<u32> {
+        let p = self.head?;
+        self.unlink(p);
+        Some(p)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::successors(self.head, |&p| self.next[p as usize])
+    }
+}
+
+/// The cached pages a waiting sequence can reuse, from
+/// [`BlockManager::lookup_prefix`]. Valid until the block manager is next
+/// changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixHit {
+    /// Cached pages covering the sequence's first tokens, in order.
+    pub pages: Vec<PageId>,
+    /// Tokens whose K/V the sequence need not compute:
+    /// `min(pages.len() * page_size, len - 1)`.
+    pub num_cached_tokens: usize,
+    /// How many of `pages` are free now (refcount 0): claiming them takes
+    /// them off the free list.
+    pub num_revived: usize,
+}
+
+/// One page as the block manager sees it (telemetry, checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageState {
+    /// The page.
+    pub page: PageId,
+    /// Sequences holding it.
+    pub refcount: u32,
+    /// Prefix-cache hash when the page is registered (revivable when free).
+    pub hash: Option<u64>,
+}
+
+impl PageState {
+    /// Whether it is in the free list.
+    pub fn is_free(&self) -> bool {
+        self.refcount == 0
+    }
+}
+
+/// Allocator and prefix cache of KV pages. See the module docs.
+#[derive(Debug, Clone)]
+pub struct BlockManager {
+    page_size: usize,
+    enable_prefix_caching: bool,
+    faults: FaultInjector,
+    /// (num_pages)
+    pages: Vec<Page>,
+    free: FreeList,
+    /// hash -> page holding that content.
+    cache: HashMap<u64, PageId>,
+}
+
+impl BlockManager {
+    /// `num_pages` pages of `page_size` token positions, all free.
+    /// Fails when `page_size` is 0, `num_pages` is 0, or a slot
+    /// (`page * page_size + offset`) would not fit in `u32`.
+    pub fn new(
+        num_pages: usize,
+        page_size: usize,
+        enable_prefix_caching: bool,
+        faults: FaultInjector,
+    ) -> Result<Self> {
+        if page_size == 0 || num_pages == 0 {
+            return Err(EngineError::InvalidConfig(format!(
+                "KV cache needs at least one page of at least one token (num_pages={num_pages}, page_size={page_size})"
+            )));
+        }
+        let num_slots = num_pages.saturating_mul(page_size);
+        let num_pages_u32 = match u32::try_from(num_pages) {
+            Ok(n) if u32::try_from(num_slots).is_ok() => n,
+            _ => {
+                return Err(EngineError::InvalidConfig(format!(
+                    "KV cache of {num_pages} pages x {page_size} tokens has more slots than fit in u32"
+                )));
+            }
+        };
+        Ok(Self {
+            page_size,
+            enable_prefix_caching,
+            faults,
+            pages: vec![Page::default(); num_pages],
+            free: FreeList::full(num_pages_u32),
+            cache: HashMap::new(),
+        })
+    }
+
+    /// Token positions per page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Total pages.
+    pub fn num_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Pages with refcount 0 (cached or not).
+    pub fn num_free_pages(&self) -> usize {
+        self.free.len
+    }
+
+    /// Free pages that still hold revivable cached content.
+    pub fn num_cached_free_pages(&self) -> usize {
+        self.free
+            .iter()
+            .filter(|&p| self.pages[p as usize].cached.is_some())
+            .count()
+    }
+
+    /// Whether prefix caching is on.
+    pub fn prefix_caching_enabled(&self) -> bool {
+        self.enable_prefix_caching
+    }
+
+    /// Whether `num_pages` fresh pages are available.
+    pub fn can_allocate(&self, num_pages: usize) -> bool {
+        num_pages <= self.free.len
+    }
+
+    /// Sequences holding `page`.
+    pub fn refcount(&self, page: PageId) -> u32 {
+        self.pages.get(page.index()).map_or(0, |p| p.refcount)
+    }
+
+    /// Every page's refcount and cache hash, in page order. O(num_pages).
+    pub fn page_states(&self) -> Vec<PageState> {
+        self.pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PageState {
+                page: PageId(i as u32),
+                refcount: p.refcount,
+                hash: p.cached.as_ref().map(|c| c.hash),
+            })
+            .collect()
+    }
+
+    /// Free pages in eviction order (front = next to be handed out). O(num_pages).
+    pub fn free_pages_in_lru_order(&self) -> Vec<PageId> {
+        self.free.iter().map(PageId).collect()
+    }
+
+    /// The cached pages that cover the first full pages of `seq.tokens`
+    /// (read-only). Empty when prefix caching is off.
+    pub fn lookup_prefix(&self, seq: &Sequence) -> PrefixHit {
+        let mut hit = PrefixHit::default();
+        if !self.enable_prefix_caching {
+            return hit;
+        }
+        let ps = self.page_size;
+        let mut parent = None;
+        for (i, &h) in seq.page_hashes.iter().enumerate() {
+            let Some(&page) = self.cache.get(&h) else {
+                break;
+            };
+            let Some(content) = self.pages[page.index()].cached.as_ref() else {
+                debug_assert!(false, "cache map points to {page} without content");
+                break;
+            };
+            let Some(tokens) = seq.tokens.get(i * ps..(i + 1) * ps) else {
+                break;
+            };
+            if content.parent != parent || *content.tokens != *tokens {
+                break; // hash collision
+            }
+            if self.pages[page.index()].refcount == 0 {
+                hit.num_revived += 1;
+            }
+            hit.pages.push(page);
+            parent = Some(h);
+        }
+        hit.num_cached_tokens = (hit.pages.len() * ps).min(seq.len().saturating_sub(1));
+        hit
+    }
+
+    /// Fresh pages [`BlockManager::allocate_slots`] would take for
+    /// `num_new_tokens` more tokens of `seq`, copy-on-write page included.
+    pub fn num_pages_to_allocate(&self, seq: &Sequence, num_new_tokens: usize) -> usize {
+        let ps = self.page_size;
+        let needed = (seq.num_computed_tokens + num_new_tokens).div_ceil(ps);
+        let fresh = needed.saturating_sub(seq.block_table.len());
+        fresh + usize::from(num_new_tokens > 0 && self.needs_copy_on_write(seq))
+    }
+
+    /// Pages admitting `seq` with `hit` and `num_new_tokens` tokens to compute
+    /// would take off the free list: revived cached pages, fresh pages and a
+    /// copy-on-write page.
+    pub fn num_pages_to_admit(
+        &self,
+        seq: &Sequence,
+        hit: &PrefixHit,
+        num_new_tokens: usize,
+    ) -> usize {
+        let ps = self.page_size;
+        let needed = (hit.num_cached_tokens + num_new_tokens).div_ceil(ps);
+        let fresh = needed.saturating_sub(hit.pages.len());
+        // The last cached page is written (so copied) when the cache covers
+        // the whole sequence. Counted at its peak: a revived page is taken
+        // before its copy, and only then released.
+        let writes_cached = hit.num_cached_tokens < hit.pages.len() * ps;
+        debug_assert!(
+            seq.block_table.is_empty(),
+            "{} admitted while holding pages",
+            seq.id
+        );
+        hit.num_revived + fresh + usize::from(num_new_tokens > 0 && writes_cached)
+    }
+
+    /// Most tokens `seq` can add now without preempting anyone.
+    pub fn max_new_tokens(&self, seq: &Sequence) -> usize {
+        let ps = self.page_size;
+        let cow = usize::from(self.needs_copy_on_write(seq));
+        if self.free.len < cow {
+            return 0;
+        }
+        let room = (seq.block_table.len() * ps).saturating_sub(seq.num_computed_tokens);
+        room + (self.free.len - cow) * ps
+    }
+
+    /// Whether the next token of `seq` would be written into a cached
+    /// (immutable, possibly shared) page.
+    fn needs_copy_on_write(&self, seq: &Sequence) -> bool {
+        let idx = seq.num_computed_tokens / self.page_size;
+        seq.block_table.get(idx).is_some_and(|p| {
+            let page = &self.pages[p.index()];
+            page.refcount > 1 || page.cached.is_some()
+        })
+    }
+
+    /// Claims the cached pages of `hit` for a waiting `seq` (refcount + 1,
+    /// revived pages leave the free list) and marks their tokens computed.
+    /// Takes no fresh page, so it is not a fault site.
+    pub fn admit(&mut self, seq: &mut Sequence, hit: PrefixHit) {
+        debug_assert!(
+            seq.block_table.is_empty(),
+            "{} admitted while holding pages",
+            seq.id
+        );
+        for &page in &hit.pages {
+            let p = &mut self.pages[page.index()];
+            debug_assert!(
+                p.cached.is_some(),
+                "{page} claimed from the cache without content"
+            );
+            if p.refcount == 0 {
+                self.free.unlink(page.0);
+            }
+            p.refcount += 1;
+        }
+        seq.num_registered_pages = hit.pages.len();
+        seq.block_table = hit.pages;
+        seq.num_computed_tokens = hit.num_cached_tokens;
+        seq.num_cached_tokens = hit.num_cached_tokens;
+    }
+
+    /// Makes room for tokens `num_computed_tokens .. num_computed_tokens +
+    /// num_new_tokens` of `seq`: copies the page the first of them lands in
+    /// when it is a cached (immutable) page, and appends fresh pages. Returns the copy as
+    /// `(src, dst)` page indices when one was made.
+    ///
+    /// On error (`FaultInjected`, `OutOfKvPages`) the pages taken so far stay
+    /// in `seq.block_table`; the caller frees the sequence.
+    pub fn allocate_slots(
+        &mut self,
+        seq: &mut Sequence,
+        num_new_tokens: usize,
+    ) -> Result<Option<(u32, u32)>> {
+        let ps = self.page_size;
+        let mut copy = None;
+        if num_new_tokens > 0 && self.needs_copy_on_write(seq) {
+            let idx = seq.num_computed_tokens / ps;
+            let src = seq.block_table[idx];
+            let dst = self.allocate_page()?;
+            self.release(src);
+            seq.block_table[idx] = dst;
+            // The copy is private and unregistered: the original stays the
+            // cache's page (back on the free list if we were its only holder).
+            seq.num_registered_pages = seq.num_registered_pages.min(idx);
+            copy = Some((src.0, dst.0));
+        }
+        let needed = (seq.num_computed_tokens + num_new_tokens).div_ceil(ps);
+        while seq.block_table.len() < needed {
+            let page = self.allocate_page()?;
+            seq.block_table.push(page);
+        }
+        Ok(copy)
+    }
+
+    /// Registers the pages of `seq` that became full of computed tokens in the
+    /// prefix cache (no-op when caching is off). A page whose content is
+    /// already cached elsewhere stays unregistered.
+    pub fn register_full_pages(&mut self, seq: &mut Sequence) {
+        if !self.enable_prefix_caching {
+            return;
+        }
+        let ps = self.page_size;
+        let num_full = (seq.num_computed_tokens / ps)
+            .min(seq.page_hashes.len())
+            .min(seq.block_table.len());
+        for i in seq.num_registered_pages..num_full {
+            let page = seq.block_table[i];
+            let hash = seq.page_hashes[i];
+            if self.pages[page.index()].cached.is_some() || self.cache.contains_key(&hash) {
+                continue;
+            }
+            self.pages[page.index()].cached = Some(CachedContent {
+                hash,
+                parent: i.checked_sub(1).map(|j| seq.page_hashes[j]),
+                tokens: seq.tokens[i * ps..(i + 1) * ps].into(),
+            });
+            self.cache.insert(hash, page);
+        }
+        seq.num_registered_pages = seq.num_registered_pages.max(num_full);
+    }
+
+    /// Releases every page of `seq`, last page first (so a prompt's tail is
+    /// evicted before its head), and empties its block table. Pages reaching
+    /// refcount 0 join the back of the free list, keeping cached content.
+    pub fn free(&mut self, seq: &mut Sequence) {
+        for &page in seq.block_table.iter().rev() {
+            self.release(page);
+        }
+        seq.block_table.clear();
+        seq.num_registered_pages = 0;
+    }
+
+    /// Takes a fresh page from the front of the free list, evicting its
+    /// cached content. A fault site.
+    fn allocate_page(&mut self) -> Result<PageId> {
+        self.faults.check("kv page")?;
+        let Some(p) = self.free.pop_front() else {
+            return Err(EngineError::OutOfKvPages {
+                requested: 1,
+                free: 0,
+            });
+        };
+        let page = &mut self.pages[p as usize];
+        debug_assert_eq!(
+            page.refcount, 0,
+            "free page {p} had refcount {}",
+            page.refcount
+        );
+        if let Some(content) = page.cached.take()
+            && self.cache.get(&content.hash) == Some(&PageId(p))
+        {
+            self.cache.remove(&content.hash);
+        }
+        page.refcount = 1;
+        Ok(PageId(p))
+    }
+
+    fn release(&mut self, page: PageId) {
+        let p = &mut self.pages[page.index()];
+        debug_assert!(p.refcount > 0, "{page} released with refcount 0");
+        p.refcount = p.refcount.saturating_sub(1);
+        if p.refcount == 0 {
+            self.free.push_back(page.0);
+        }
+    }
+
+    /// Checks the module invariants; returns the first violation. O(num_pages).
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let mut free_count = 0;
+        for p in self.free.iter() {
+            free_count += 1;
+            if self.pages[p as usize].refcount != 0 {
+                return Err(format!(
+                    "page {p} is free with refcount {}",
+                    self.pages[p as usize].refcount
+                ));
+            }
+        }
+        if free_count != self.free.len {
+            return Err(format!(
+                "free list walks {free_count} pages but counts {}",
+                self.free.len
+            ));
+        }
+        for (i, page) in self.pages.iter().enumerate() {
+            if (page.refcount == 0) != self.free.linked[i] {
+                return Err(format!(
+                    "page {i}: refcount {} but linked={}",
+                    page.refcount, self.free.linked[i]
+                ));
+            }
+            if let Some(c) = &page.cached
+                && self.cache.get(&c.hash) != Some(&PageId(i as u32))
+            {
+                return Err(format!(
+                    "page {i} has cached content the map does not point to"
+                ));
+            }
+        }
+        for (h, p) in &self.cache {
+            if self.pages[p.index()].cached.as_ref().map(|c| c.hash) != Some(*h) {
+                return Err(format!(
+                    "map entry {h:#x} points to {p} holding other content"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sequence::{SeqId, SeqParams};
+
+    fn seq(id: u64, tokens: &[u32], ps: usize) -> Sequence {
+        Sequence::new(
+            SeqId(id),
+            tokens.to_vec(),
+            SeqParams::with_max_tokens(4),
+            id,
+            ps,
+        )
+    }
+
+    fn bm(num_pages: usize, ps: usize, caching: bool) -> BlockManager {
+        BlockManager::new(num_pages, ps, caching, FaultInjector::new()).unwrap()
+    }
+
+    /// Prefills the whole sequence as one chunk and registers its full pages.
+    fn prefill(m: &mut BlockManager, s: &mut Sequence) {
+        let hit = m.lookup_prefix(s);
+        m.admit(s, hit);
+        let n = s.len() - s.num_computed_tokens;
+        m.allocate_slots(s, n).unwrap();
+        s.num_computed_tokens = s.len();
+        m.register_full_pages(s);
+    }
+
+    #[test]
+    fn hash_is_stable_across_runs() {
+        assert_eq!(hash_page(None, &[1, 2, 3]), hash_page(None, &[1, 2, 3]));
+        assert_ne!(hash_page(None, &[1, 2, 3]), hash_page(None, &[3, 2, 1]));
+        assert_ne!(hash_page(None, &[0]), hash_page(Some(0), &[0]));
+        assert_ne!(hash_page(None, &[0]), hash_page(None, &[0, 0]));
+        // Pinned: the value must not depend on the process, platform or std version.
+        assert_eq!(hash_page(None, &[1, 2, 3]), 0xcb74_73a6_ff38_dac9);
+    }
+
+    #[test]
+    fn fresh_pages_come_in_page_order_and_allocation_fails_when_exhausted() {
+        let mut m = bm(3, 4, false);
+        let mut s = seq(0, &[1; 12], 4);
+        assert_eq!(m.num_pages_to_allocate(&s, 12), 3);
+        m.allocate_slots(&mut s, 12).unwrap();
+        assert_eq!(s.block_table, vec![PageId(0), PageId(1), PageId(2)]);
+        assert_eq!(m.num_free_pages(), 0);
+        assert!(!m.can_allocate(1));
+        let mut t = seq(1, &[1], 4);
+        let err = m.allocate_slots(&mut t, 1).unwrap_err();
+        assert!(matches!(err, EngineError::OutOfKvPages { .. }), "{err}");
+        m.free(&mut s);
+        m.free(&mut t);
+        assert_eq!(m.num_free_pages(), 3);
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn freed_pages_are_reused_in_lru_order_tail_first() {
+        let mut m = bm(6, 2, false);
+        let mut a = seq(0, &[1, 2, 3, 4], 2);
+        let mut b = seq(1, &[5, 6, 7, 8], 2);
+        m.allocate_slots(&mut a, 4).unwrap(); // pages 0, 1
+        m.allocate_slots(&mut b, 4).unwrap(); // pages 2, 3
+        m.free(&mut b); // 3 then 2 to the back
+        m.free(&mut a); // 1 then 0 to the back
+        assert_eq!(
+            m.free_pages_in_lru_order(),
+            [4, 5, 3, 2, 1, 0].map(PageId).to_vec()
+        );
+        let mut c = seq(2, &[9; 10], 2);
+        m.allocate_slots(&mut c, 10).unwrap();
+        assert_eq!(c.block_table, [4, 5, 3, 2, 1].map(PageId).to_vec());
+    }
+
+    #[test]
+    fn full_pages_are_shared_with_a_later_identical_prefix() {
+        let mut m = bm(8, 2, true);
+        let mut a = seq(0, &[1, 2, 3, 4, 5], 2);
+        prefill(&mut m, &mut a);
+        assert_eq!(a.block_table, [0, 1, 2].map(PageId).to_vec());
+        let b = seq(1, &[1, 2, 3, 4, 9, 9], 2);
+        let hit = m.lookup_prefix(&b);
+        assert_eq!(hit.pages, vec![PageId(0), PageId(1)]);
+        assert_eq!(hit.num_cached_tokens, 4);
+        assert_eq!(hit.num_revived, 0);
+        let mut b = b;
+        m.admit(&mut b, hit);
+        assert_eq!(m.refcount(PageId(0)), 2);
+        assert_eq!(m.refcount(PageId(1)), 2);
+        assert_eq!(m.refcount(PageId(2)), 1);
+        assert_eq!(b.num_computed_tokens, 4);
+        // The partially filled page 2 of `a` is not shared.
+        assert_eq!(m.num_pages_to_allocate(&b, 2), 1);
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_hash_collision_is_not_a_hit() {
+        let mut m = bm(8, 2, true);
+        let mut a = seq(0, &[1, 2, 3, 4, 0], 2);
+        prefill(&mut m, &mut a);
+        // Forge colliding hashes: same hash chain, different tokens.
+        let mut b = seq(1, &[1, 2, 9, 9, 0], 2);
+        b.page_hashes = a.page_hashes.clone();
+        assert_eq!(
+            m.lookup_prefix(&b).pages,
+            vec![PageId(0)],
+            "first page really matches"
+        );
+        // Same page tokens, same hash, but a different parent chain.
+        let mut c = seq(2, &[5, 5, 3, 4, 0], 2);
+        c.page_hashes = vec![a.page_hashes[1]];
+        assert!(m.lookup_prefix(&c).pages.is_empty());
+    }
+
+    #[test]
+    fn a_different_parent_is_a_miss_even_with_equal_page_tokens() {
+        let mut m = bm(8, 2, true);
+        let mut a = seq(0, &[1, 2, 3, 4, 0], 2);
+        prefill(&mut m, &mut a);
+        let b = seq(1, &[7, 7, 3, 4, 0], 2);
+        assert!(m.lookup_prefix(&b).pages.is_empty());
+    }
+
+    #[test]
+    fn freed_cached_pages_are_revived_and_evicted_only_when_reused() {
+        let mut m = bm(4, 2, true);
+        let mut a = seq(0, &[1, 2, 3, 4, 5], 2);
+        prefill(&mut m, &mut a); // pages 0, 1 registered, 2 partial
+        m.free(&mut a);
+        assert_eq!(m.num_free_pages(), 4);
+        assert_eq!(m.num_cached_free_pages(), 2);
+        assert_eq!(
+            m.free_pages_in_lru_order(),
+            [3, 2, 1, 0].map(PageId).to_vec()
+        );
+
+        // Revived: both pages come back with refcount 1 and leave the free list.
+        let mut b = seq(1, &[1, 2, 3, 4, 6], 2);
+        let hit = m.lookup_prefix(&b);
+        assert_eq!(hit.num_revived, 2);
+        assert_eq!(m.num_pages_to_admit(&b, &hit, 1), 3);
+        m.admit(&mut b, hit);
+        assert_eq!(m.free_pages_in_lru_order(), [3, 2].map(PageId).to_vec());
+        m.free(&mut b);
+        assert_eq!(
+            m.free_pages_in_lru_order(),
+            [3, 2, 1, 0].map(PageId).to_vec()
+        );
+
+        // Fresh pages evict in LRU order: 3, 2 (uncached), then 1 (cached tail).
+        let mut c = seq(2, &[8; 6], 2);
+        m.allocate_slots(&mut c, 6).unwrap();
+        assert_eq!(c.block_table, [3, 2, 1].map(PageId).to_vec());
+        let d = seq(3, &[1, 2, 3, 4, 6], 2);
+        let hit = m.lookup_prefix(&d);
+        assert_eq!(
+            hit.pages,
+            vec![PageId(0)],
+            "page 1 was evicted, page 0 still cached"
+        );
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn writing_a_shared_page_copies_it_first() {
+        let mut m = bm(8, 2, true);
+        let mut a = seq(0, &[1, 2, 3, 4], 2);
+        prefill(&mut m, &mut a);
+        let mut b = seq(1, &[1, 2, 3, 4], 2);
+        let hit = m.lookup_prefix(&b);
+        assert_eq!(
+            hit.num_cached_tokens, 3,
+            "the last token is always recomputed"
+        );
+        assert_eq!(m.num_pages_to_admit(&b, &hit, 1), 1);
+        m.admit(&mut b, hit);
+        assert_eq!(m.max_new_tokens(&b), 1 + 5 * 2);
+        let copy = m.allocate_slots(&mut b, 1).unwrap();
+        assert_eq!(copy, Some((1, 2)));
+        assert_eq!(b.block_table, vec![PageId(0), PageId(2)]);
+        assert_eq!(m.refcount(PageId(1)), 1);
+        assert_eq!(m.refcount(PageId(0)), 2);
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_revived_cached_page_is_copied_before_it_is_written() {
+        let mut m = bm(4, 2, true);
+        let mut a = seq(0, &[1, 2, 3, 4], 2);
+        prefill(&mut m, &mut a);
+        m.free(&mut a);
+        assert_eq!(
+            m.free_pages_in_lru_order(),
+            [2, 3, 1, 0].map(PageId).to_vec()
+        );
+        let mut b = seq(1, &[1, 2, 3, 4], 2);
+        let hit = m.lookup_prefix(&b);
+        assert_eq!(
+            m.num_pages_to_admit(&b, &hit, 1),
+            3,
+            "two revived plus the copy, at peak"
+        );
+        m.admit(&mut b, hit);
+        assert_eq!(m.allocate_slots(&mut b, 1).unwrap(), Some((1, 2)));
+        assert_eq!(b.block_table, vec![PageId(0), PageId(2)]);
+        // The original goes back to the free list, still revivable.
+        assert_eq!(m.free_pages_in_lru_order(), [3, 1].map(PageId).to_vec());
+        assert_eq!(
+            m.lookup_prefix(&seq(2, &[1, 2, 3, 4, 5], 2)).pages,
+            vec![PageId(0), PageId(1)]
+        );
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn every_fresh_page_is_a_fault_site() {
+        let f = FaultInjector::new();
+        f.fail_at(2);
+        let mut m = BlockManager::new(4, 2, false, f.clone()).unwrap();
+        let mut s = seq(0, &[1; 6], 2);
+        let err = m.allocate_slots(&mut s, 6).unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::Backend(pagoda_backend::BackendError::FaultInjected { site: 2, .. })
+        ));
+        assert_eq!(
+            s.block_table.len(),
+            1,
+            "the page taken before the fault stays with the sequence"
+        );
+        m.free(&mut s);
+        assert_eq!(m.num_free_pages(), 4);
+        assert_eq!(f.sites_reached(), 2);
+    }
+
+    #[test]
+    fn caching_off_never_hits() {
+        let mut m = bm(8, 2, false);
+        let mut a = seq(0, &[1, 2, 3, 4, 5], 2);
+        prefill(&mut m, &mut a);
+        assert_eq!(
+            m.lookup_prefix(&seq(1, &[1, 2, 3, 4, 5], 2)),
+            PrefixHit::default()
+        );
+        assert!(m.page_states().iter().all(|p| p.hash.is_none()));
+    }
+
+    #[test]
+    fn bad_geometry_is_refused() {
+        assert!(BlockManager::new(0, 16, false, FaultInjector::new()).is_err());
+        assert!(BlockManager::new(16, 0, false, FaultInjector::new()).is_err());
+        assert!(BlockManager::new(1 << 30, 16, false, FaultInjector::new()).is_err());
+    }
+}
