@@ -23,6 +23,9 @@ pub enum EngineError {
     /// A malformed or unsupported model file.
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
+    /// Bad or unsupported tokenizer metadata (the message names the key).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// Bad user input (prompt, flags, request).
     #[error("{0}")]
     InvalidInput(String),

@@ -7,5 +7,6 @@
 
 pub mod error;
 pub mod gguf;
+pub mod tokenizer;
 
 pub use error::{EngineError, Result};
