@@ -108,8 +108,10 @@ impl<B: Backend> EngineBuilder<B> {
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let chat = match gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
             Some(src) => {
-                let text =
-                    |id: u32| String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned();
+                let text = |id: Option<u32>| {
+                    id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
+                        .unwrap_or_default()
+                };
                 Some(ChatTemplate::new(
                     src,
                     &text(tokenizer.bos_id()),
@@ -334,8 +336,8 @@ impl<B: Backend> Engine<B> {
     /// Tokenizes prompt text: special tokens parsed, BOS only when the model asks.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::new();
-        if self.tokenizer.add_bos() {
-            ids.push(self.tokenizer.bos_id());
+        if let (true, Some(bos)) = (self.tokenizer.add_bos(), self.tokenizer.bos_id()) {
+            ids.push(bos);
         }
         ids.extend(self.tokenizer.encode(text, true));
         ids

@@ -31,6 +31,9 @@ pub enum EngineError {
     /// The memory plan does not fit the budget (numbers and advice inside).
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
+    /// Bad or unsupported tokenizer metadata (the message names the key).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// Bad user input (prompt, flags, request).
     #[error("{0}")]
     InvalidInput(String),

@@ -20,8 +20,11 @@ pub mod scheduler;
 pub mod sequence;
 pub mod step_plan;
 pub mod telemetry;
+pub mod tokenizer;
 
-pub use engine::{Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, RequestOutput};
+pub use engine::{
+    Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, RequestOutput,
+};
 pub use error::{EngineError, Result};
 pub use fetch::FetchError;
 pub use scheduler::{Scheduler, SchedulerConfig};

@@ -15,12 +15,12 @@ use pagoda_backend::quant::dequantize_row;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-
 /// The default model, fetched on first use (a missing model is a failure, not a skip).
 fn model() -> PathBuf {
     match std::env::var_os("PAGODA_MODEL") {
         Some(p) => PathBuf::from(p),
-        None => pagoda::fetch::default_model_path().unwrap_or_else(|e| panic!("default model unavailable: {e}")),
+        None => pagoda::fetch::default_model_path()
+            .unwrap_or_else(|e| panic!("default model unavailable: {e}")),
     }
 }
 

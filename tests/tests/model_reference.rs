@@ -84,11 +84,17 @@ fn last_logits_match_exact_f64_within_1e3() {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b })
+    row.iter()
+        .enumerate()
+        .fold(0, |b, (i, &v)| if v > row[b] { i } else { b })
 }
 
 #[test]
@@ -98,7 +104,10 @@ fn argmax_at_every_position_matches_references() {
     let vocab = 49152;
     for case in fx["cases"].as_array().unwrap() {
         let toks = ids(&case["prompt_tokens"]);
-        let logits = r.execute(&single_prefill(&toks, &[3, 1, 6, 0], 16, true)).unwrap().to_vec();
+        let logits = r
+            .execute(&single_prefill(&toks, &[3, 1, 6, 0], 16, true))
+            .unwrap()
+            .to_vec();
         let ex = &case["exact_f64"];
         let ll = &case["llama_cpp"];
         for i in 0..toks.len() {
@@ -107,12 +116,24 @@ fn argmax_at_every_position_matches_references() {
             // f32 activations: equal to the exact reference's argmax where its margin is clear,
             // and its top-1 logit within 1e-3.
             if ex["top1_minus_top2"][i].as_f64().unwrap() > 1e-3 {
-                assert_eq!(a as u64, ex["argmax"][i].as_u64().unwrap(), "position {i} vs exact_f64");
+                assert_eq!(
+                    a as u64,
+                    ex["argmax"][i].as_u64().unwrap(),
+                    "position {i} vs exact_f64"
+                );
             }
             let top1 = ex["top1_logit"][i].as_f64().unwrap();
-            assert!((row[a] as f64 - top1).abs() < 1e-3, "position {i}: top1 {} vs {top1}", row[a]);
+            assert!(
+                (row[a] as f64 - top1).abs() < 1e-3,
+                "position {i}: top1 {} vs {top1}",
+                row[a]
+            );
             if ll["top1_minus_top2"][i].as_f64().unwrap() >= 0.3 {
-                assert_eq!(a as u64, ll["argmax"][i].as_u64().unwrap(), "position {i} vs llama.cpp");
+                assert_eq!(
+                    a as u64,
+                    ll["argmax"][i].as_u64().unwrap(),
+                    "position {i} vs llama.cpp"
+                );
             }
         }
     }
@@ -128,10 +149,16 @@ fn shuffled_interleaved_pages_give_bit_identical_logits() {
     let b = longest[1].clone();
     let mut r = runner(DType::F32, 512, 64);
     let vocab = 49152;
-    let straight = r.execute(&single_prefill(&a, &(0..13).collect::<Vec<_>>(), 16, false)).unwrap().to_vec();
+    let straight = r
+        .execute(&single_prefill(&a, &(0..13).collect::<Vec<_>>(), 16, false))
+        .unwrap()
+        .to_vec();
     // The same sequence on shuffled page ids.
     let shuffled: Vec<u32> = vec![40, 3, 17, 9, 61, 22, 5, 33, 48, 12, 27, 58, 1];
-    let again = r.execute(&single_prefill(&a, &shuffled, 16, false)).unwrap().to_vec();
+    let again = r
+        .execute(&single_prefill(&a, &shuffled, 16, false))
+        .unwrap()
+        .to_vec();
     assert_eq!(straight, again, "page ids must not change the logits");
     // Two sequences in one step whose pages interleave.
     let pa: Vec<u32> = (0..13).map(|i| 2 * i + 1).collect();
@@ -157,7 +184,19 @@ fn shuffled_interleaved_pages_give_bit_identical_logits() {
     plan.sample_rows = vec![Some(0), Some(1)];
     plan.num_prefill_tokens += b.len();
     let both = r.execute(&plan).unwrap().to_vec();
-    assert_eq!(&both[..vocab], &straight[..], "batched with another sequence on interleaved pages");
-    let alone_b = r.execute(&single_prefill(&b, &(0..pb.len() as u32).collect::<Vec<_>>(), 16, false)).unwrap().to_vec();
+    assert_eq!(
+        &both[..vocab],
+        &straight[..],
+        "batched with another sequence on interleaved pages"
+    );
+    let alone_b = r
+        .execute(&single_prefill(
+            &b,
+            &(0..pb.len() as u32).collect::<Vec<_>>(),
+            16,
+            false,
+        ))
+        .unwrap()
+        .to_vec();
     assert_eq!(&both[vocab..], &alone_b[..]);
 }

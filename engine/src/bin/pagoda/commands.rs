@@ -13,31 +13,75 @@ use pagoda::model::{LlamaConfig, LlamaWeights};
 use pagoda::plan::{Budget, PlanRequest, parse_bytes, plan, table};
 use pagoda::sampler::SamplingParams;
 use pagoda::sequence::FinishReason;
-use pagoda::telemetry::TelemetryEvent;
 use pagoda::tokenizer::Tokenizer;
 use pagoda_backend::{Backend, DType};
 use pagoda_cpu::CpuBackend;
 use serde_json::json;
 
-use crate::cli::{BackendKind, Cli, Command, Common, GenPrompt, MemoryArgs, PromptArgs, SamplingArgs};
+use crate::cli::{
+    BackendKind, Cli, Command, Common, GenPrompt, MemoryArgs, PromptArgs, SamplingArgs,
+};
 
 type Cpu = CpuBackend;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Generate { common, prompt, max_tokens, sampling, stop, parallel, trace, memory, json } => {
-            generate(&common, &prompt, max_tokens, &sampling, stop, parallel, trace, &memory, json)
-        }
-        Command::Chat { common, message, system, max_tokens, sampling, memory, json } => {
-            chat(&common, message, system, max_tokens, &sampling, &memory, json)
-        }
-        Command::Tokenize { common, prompt, no_parse_special } => tokenize(&common, &prompt, no_parse_special),
-        Command::Logits { common, prompt, memory, json: _ } => logits(&common, &prompt, &memory),
-        Command::Perplexity { common, file, ctx, kv_dtype, json } => perplexity(&common, &file, ctx, &kv_dtype, json),
-        Command::Bench { common, prompt_len, gen_len, reps, kv_dtype, json } => {
-            bench(&common, prompt_len, gen_len, reps, &kv_dtype, json)
-        }
-        Command::Plan { common, memory, max_batched_tokens, json } => plan_cmd(&common, &memory, max_batched_tokens, json),
+        Command::Generate {
+            common,
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            parallel,
+            trace,
+            memory,
+            json,
+        } => generate(
+            &common, &prompt, max_tokens, &sampling, stop, parallel, trace, &memory, json,
+        ),
+        Command::Chat {
+            common,
+            message,
+            system,
+            max_tokens,
+            sampling,
+            memory,
+            json,
+        } => chat(
+            &common, message, system, max_tokens, &sampling, &memory, json,
+        ),
+        Command::Tokenize {
+            common,
+            prompt,
+            no_parse_special,
+        } => tokenize(&common, &prompt, no_parse_special),
+        Command::Logits {
+            common,
+            prompt,
+            memory,
+            json: _,
+        } => logits(&common, &prompt, &memory),
+        Command::Perplexity {
+            common,
+            file,
+            ctx,
+            kv_dtype,
+            json,
+        } => perplexity(&common, &file, ctx, &kv_dtype, json),
+        Command::Bench {
+            common,
+            prompt_len,
+            gen_len,
+            reps,
+            kv_dtype,
+            json,
+        } => bench(&common, prompt_len, gen_len, reps, &kv_dtype, json),
+        Command::Plan {
+            common,
+            memory,
+            max_batched_tokens,
+            json,
+        } => plan_cmd(&common, &memory, max_batched_tokens, json),
     }
 }
 
@@ -68,7 +112,8 @@ fn kv_dtype(name: &str) -> Result<DType> {
 
 fn budget(m: &MemoryArgs) -> Result<Budget> {
     if let Some(b) = &m.memory_budget {
-        let bytes = parse_bytes(b).ok_or_else(|| anyhow!("cannot parse memory budget `{b}` (try 8GiB or 512MiB)"))?;
+        let bytes = parse_bytes(b)
+            .ok_or_else(|| anyhow!("cannot parse memory budget `{b}` (try 8GiB or 512MiB)"))?;
         return Ok(Budget::Bytes(bytes));
     }
     let u = m.gpu_memory_utilization.unwrap_or(0.9);
@@ -83,7 +128,11 @@ fn engine_config(m: &MemoryArgs) -> Result<EngineConfig> {
     let derive = matches!(budget, Budget::Bytes(_)) && m.max_seqs.is_none();
     Ok(EngineConfig {
         ctx: m.ctx,
-        max_seqs: if derive { None } else { Some(m.max_seqs.unwrap_or(8)) },
+        max_seqs: if derive {
+            None
+        } else {
+            Some(m.max_seqs.unwrap_or(8))
+        },
         kv_dtype: kv_dtype(&m.kv_dtype)?,
         budget,
         ..EngineConfig::default()
@@ -93,7 +142,11 @@ fn engine_config(m: &MemoryArgs) -> Result<EngineConfig> {
 fn build(common: &Common, cfg: EngineConfig) -> Result<Engine<Cpu>> {
     let path = model_path(common)?;
     let t = Instant::now();
-    let engine = Engine::builder().model(&path).backend(backend(common)?).config(cfg).build()?;
+    let engine = Engine::builder()
+        .model(&path)
+        .backend(backend(common)?)
+        .config(cfg)
+        .build()?;
     eprintln!(
         "pagoda: loaded {} in {:.2}s ({} backend: {})",
         path.display(),
@@ -112,8 +165,10 @@ fn read_prompt_parts(prompt: Option<&str>, file: Option<&Path>) -> Result<String
     match (prompt, file) {
         (Some(t), _) => Ok(t.to_string()),
         (None, Some(f)) => {
-            let bytes = std::fs::read(f).with_context(|| format!("cannot read prompt file {}", f.display()))?;
-            String::from_utf8(bytes).map_err(|e| anyhow!("prompt file {} is not UTF-8: {e}", f.display()))
+            let bytes = std::fs::read(f)
+                .with_context(|| format!("cannot read prompt file {}", f.display()))?;
+            String::from_utf8(bytes)
+                .map_err(|e| anyhow!("prompt file {} is not UTF-8: {e}", f.display()))
         }
         (None, None) => bail!("give --prompt or --file"),
     }
@@ -121,7 +176,11 @@ fn read_prompt_parts(prompt: Option<&str>, file: Option<&Path>) -> Result<String
 
 fn sampling(s: &SamplingArgs) -> SamplingParams {
     if s.greedy {
-        return SamplingParams { seed: s.seed, repeat_penalty: s.repeat_penalty.unwrap_or(1.0), ..SamplingParams::greedy() };
+        return SamplingParams {
+            seed: s.seed,
+            repeat_penalty: s.repeat_penalty.unwrap_or(1.0),
+            ..SamplingParams::greedy()
+        };
     }
     let d = SamplingParams::default();
     SamplingParams {
@@ -165,8 +224,13 @@ fn generate(
     }
     let prompts: Vec<String> = match &prompt.prompts {
         Some(f) => {
-            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read prompts file {}", f.display()))?;
-            let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read prompts file {}", f.display()))?;
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string)
+                .collect();
             if lines.is_empty() {
                 bail!("prompts file {} has no prompts", f.display());
             }
@@ -186,14 +250,22 @@ fn generate(
     }
     cfg.max_logits_rows = cfg.max_seqs.unwrap_or(prompts.len()).max(prompts.len());
     let mut engine = build(common, cfg)?;
-    let mut trace_rx = trace.as_ref().map(|_| engine.telemetry().subscribe(1 << 16, true));
+    let mut trace_rx = trace
+        .as_ref()
+        .map(|_| engine.telemetry().subscribe(1 << 16, true));
     let mut trace_file = match &trace {
         Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create trace file {}", p.display()))?,
+            std::fs::File::create(p)
+                .with_context(|| format!("cannot create trace file {}", p.display()))?,
         )),
         None => None,
     };
-    let params = GenerationParams { max_tokens, sampling: sampling(s), stop, ..GenerationParams::default() };
+    let params = GenerationParams {
+        max_tokens,
+        sampling: sampling(s),
+        stop,
+        ..GenerationParams::default()
+    };
     let mut ids = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let toks = engine.tokenize(p);
@@ -229,7 +301,11 @@ fn generate(
     }
     let mut completions = Vec::new();
     for id in ids {
-        completions.push(engine.take_completion(id).ok_or_else(|| anyhow!("request {id:?} did not finish"))?);
+        completions.push(
+            engine
+                .take_completion(id)
+                .ok_or_else(|| anyhow!("request {id:?} did not finish"))?,
+        );
     }
     for c in &completions {
         if let FinishReason::Error(e) = &c.finish_reason {
@@ -252,12 +328,17 @@ fn generate(
             "tokens_per_s": tps,
         });
         if completions.len() > 1 {
-            doc["requests"] = json!(completions.iter().map(|c| json!({
-                "prompt_tokens": c.prompt_tokens,
-                "generated_tokens": c.generated_tokens,
-                "text": c.text,
-                "stop_reason": reason_str(&c.finish_reason),
-            })).collect::<Vec<_>>());
+            doc["requests"] = json!(
+                completions
+                    .iter()
+                    .map(|c| json!({
+                        "prompt_tokens": c.prompt_tokens,
+                        "generated_tokens": c.generated_tokens,
+                        "text": c.text,
+                        "stop_reason": reason_str(&c.finish_reason),
+                    }))
+                    .collect::<Vec<_>>()
+            );
             doc["num_requests"] = json!(completions.len());
             doc["aggregate_tokens_per_s"] = json!(tps);
             doc["aggregate_decode_tokens_per_s"] = json!(decode_tokens as f64 / decode_time);
@@ -268,7 +349,11 @@ fn generate(
     } else {
         if !stream {
             for (i, c) in completions.iter().enumerate() {
-                println!("--- request {i} ({}) ---\n{}", reason_str(&c.finish_reason), c.text);
+                println!(
+                    "--- request {i} ({}) ---\n{}",
+                    reason_str(&c.finish_reason),
+                    c.text
+                );
             }
         } else {
             println!();
@@ -298,8 +383,16 @@ fn chat(
     if let Some(sys) = system {
         history.push(Message::new("system", &sys));
     }
-    let params = GenerationParams { max_tokens, sampling: sampling(s), ..GenerationParams::default() };
-    let mut turn = |engine: &mut Engine<Cpu>, history: &mut Vec<Message>, text: String, print: bool| -> Result<String> {
+    let params = GenerationParams {
+        max_tokens,
+        sampling: sampling(s),
+        ..GenerationParams::default()
+    };
+    let turn = |engine: &mut Engine<Cpu>,
+                history: &mut Vec<Message>,
+                text: String,
+                print: bool|
+     -> Result<String> {
         history.push(Message::new("user", &text));
         let prompt = engine.render_chat(history)?;
         let id = engine.add_request(engine.tokenize(&prompt), params.clone())?;
@@ -314,11 +407,18 @@ fn chat(
                 }
             }
         }
-        let c = engine.take_completion(id).ok_or_else(|| anyhow!("chat turn did not finish"))?;
+        let c = engine
+            .take_completion(id)
+            .ok_or_else(|| anyhow!("chat turn did not finish"))?;
         if let FinishReason::Error(e) = &c.finish_reason {
             bail!("chat turn failed: {e}");
         }
-        let eog: Vec<String> = engine.tokenizer().eog_ids().iter().map(|&t| String::from_utf8_lossy(engine.tokenizer().token_bytes(t)).into_owned()).collect();
+        let eog: Vec<String> = engine
+            .tokenizer()
+            .eog_ids()
+            .iter()
+            .map(|&t| String::from_utf8_lossy(engine.tokenizer().token_bytes(t)).into_owned())
+            .collect();
         let mut answer = c.text;
         for e in eog {
             if let Some(stripped) = answer.strip_suffix(e.as_str()) {
@@ -348,7 +448,12 @@ fn chat(
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
-        turn(&mut engine, &mut history, line.trim_end_matches(['\n', '\r']).to_string(), true)?;
+        turn(
+            &mut engine,
+            &mut history,
+            line.trim_end_matches(['\n', '\r']).to_string(),
+            true,
+        )?;
         println!();
     }
     Ok(())
@@ -368,7 +473,12 @@ fn summary(logits: &[f32]) -> serde_json::Value {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     let max = logits[idx[0]] as f64;
-    let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    let lse = max
+        + logits
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
     json!({
         "argmax": idx[0],
         "top20": idx.iter().take(20).map(|&i| json!([i, logits[i]])).collect::<Vec<_>>(),
@@ -388,12 +498,22 @@ fn logits(common: &Common, p: &PromptArgs, memory: &MemoryArgs) -> Result<()> {
     let mut engine = build(common, cfg)?;
     let toks = engine.tokenize(&text);
     let n = toks.len();
-    let params = GenerationParams { max_tokens: 1, sampling: SamplingParams::greedy(), want_all_logits: true, ..Default::default() };
-    let c = engine.generate(vec![toks], params)?.pop().ok_or_else(|| anyhow!("no result"))?;
+    let params = GenerationParams {
+        max_tokens: 1,
+        sampling: SamplingParams::greedy(),
+        want_all_logits: true,
+        ..Default::default()
+    };
+    let c = engine
+        .generate(vec![toks], params)?
+        .pop()
+        .ok_or_else(|| anyhow!("no result"))?;
     if let FinishReason::Error(e) = &c.finish_reason {
         bail!("{e}");
     }
-    let all = c.prompt_logits.ok_or_else(|| anyhow!("no logits returned"))?;
+    let all = c
+        .prompt_logits
+        .ok_or_else(|| anyhow!("no logits returned"))?;
     let vocab = engine.model_config().vocab_size;
     let last = &all[(n - 1) * vocab..n * vocab];
     println!("{}", serde_json::to_string(&summary(last))?);
@@ -405,7 +525,8 @@ fn perplexity(common: &Common, file: &Path, ctx: usize, kv: &str, json_out: bool
         bail!("--ctx must be at least 4");
     }
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| anyhow!("{} is not UTF-8: {e}", file.display()))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| anyhow!("{} is not UTF-8: {e}", file.display()))?;
     let cfg = EngineConfig {
         ctx: Some(ctx + 1),
         max_seqs: Some(4),
@@ -419,11 +540,22 @@ fn perplexity(common: &Common, file: &Path, ctx: usize, kv: &str, json_out: bool
     let toks = engine.tokenize(&text);
     let n_chunks = toks.len() / ctx;
     if n_chunks == 0 {
-        bail!("{} has {} tokens, fewer than one chunk of {ctx}", file.display(), toks.len());
+        bail!(
+            "{} has {} tokens, fewer than one chunk of {ctx}",
+            file.display(),
+            toks.len()
+        );
     }
     let vocab = engine.model_config().vocab_size;
-    let params = GenerationParams { max_tokens: 1, sampling: SamplingParams::greedy(), want_all_logits: true, ..Default::default() };
-    let chunks: Vec<Vec<u32>> = (0..n_chunks).map(|c| toks[c * ctx..(c + 1) * ctx].to_vec()).collect();
+    let params = GenerationParams {
+        max_tokens: 1,
+        sampling: SamplingParams::greedy(),
+        want_all_logits: true,
+        ..Default::default()
+    };
+    let chunks: Vec<Vec<u32>> = (0..n_chunks)
+        .map(|c| toks[c * ctx..(c + 1) * ctx].to_vec())
+        .collect();
     let first = ctx / 2;
     let mut chunk_ppl = Vec::new();
     let mut total_nll = 0f64;
@@ -431,32 +563,56 @@ fn perplexity(common: &Common, file: &Path, ctx: usize, kv: &str, json_out: bool
     for (ci, group) in chunks.chunks(4).enumerate() {
         let results = engine.generate(group.to_vec(), params.clone())?;
         for (gi, c) in results.iter().enumerate() {
-            let logits = c.prompt_logits.as_ref().ok_or_else(|| anyhow!("no logits returned"))?;
+            let logits = c
+                .prompt_logits
+                .as_ref()
+                .ok_or_else(|| anyhow!("no logits returned"))?;
             let chunk = &group[gi];
             let mut nll = 0f64;
             for pos in first..ctx - 1 {
                 let row = &logits[pos * vocab..(pos + 1) * vocab];
                 let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
                 nll += lse - row[chunk[pos + 1] as usize] as f64;
             }
             let n = ctx - 1 - first;
             chunk_ppl.push((nll / n as f64).exp());
             total_nll += nll;
             total_n += n;
-            eprintln!("pagoda: chunk {} of {n_chunks}: ppl {:.4}", ci * 4 + gi + 1, chunk_ppl.last().copied().unwrap_or(0.0));
+            eprintln!(
+                "pagoda: chunk {} of {n_chunks}: ppl {:.4}",
+                ci * 4 + gi + 1,
+                chunk_ppl.last().copied().unwrap_or(0.0)
+            );
         }
     }
     let ppl = (total_nll / total_n as f64).exp();
     if json_out {
-        println!("{}", serde_json::to_string(&json!({ "ppl": ppl, "n_chunks": n_chunks, "chunk_ppl": chunk_ppl }))?);
+        println!(
+            "{}",
+            serde_json::to_string(
+                &json!({ "ppl": ppl, "n_chunks": n_chunks, "chunk_ppl": chunk_ppl })
+            )?
+        );
     } else {
         println!("perplexity over {n_chunks} chunks of {ctx} tokens: {ppl:.4}");
     }
     Ok(())
 }
 
-fn bench(common: &Common, prompt_len: usize, gen_len: usize, reps: usize, kv: &str, json_out: bool) -> Result<()> {
+fn bench(
+    common: &Common,
+    prompt_len: usize,
+    gen_len: usize,
+    reps: usize,
+    kv: &str,
+    json_out: bool,
+) -> Result<()> {
     if prompt_len == 0 || gen_len == 0 || reps == 0 {
         bail!("--prompt-len, --gen-len and --reps must be at least 1");
     }
@@ -472,8 +628,15 @@ fn bench(common: &Common, prompt_len: usize, gen_len: usize, reps: usize, kv: &s
     let mut engine = build(common, cfg)?;
     let vocab = engine.model_config().vocab_size as u32;
     // A fixed pseudo-random prompt of ordinary tokens (ids >= 17 skip control tokens).
-    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| 17 + (i.wrapping_mul(2654435761) % (vocab - 17))).collect();
-    let params = GenerationParams { max_tokens: gen_len, sampling: SamplingParams::greedy(), ignore_eog: true, ..Default::default() };
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| 17 + (i.wrapping_mul(2654435761) % (vocab - 17)))
+        .collect();
+    let params = GenerationParams {
+        max_tokens: gen_len,
+        sampling: SamplingParams::greedy(),
+        ignore_eog: true,
+        ..Default::default()
+    };
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
     let bar = indicatif::ProgressBar::new(reps as u64 + 1);
     for rep in 0..=reps {
@@ -486,7 +649,9 @@ fn bench(common: &Common, prompt_len: usize, gen_len: usize, reps: usize, kv: &s
             engine.step()?;
         }
         let t_decode = t1.elapsed().as_secs_f64();
-        let c = engine.take_completion(id).ok_or_else(|| anyhow!("bench request did not finish"))?;
+        let c = engine
+            .take_completion(id)
+            .ok_or_else(|| anyhow!("bench request did not finish"))?;
         if rep > 0 {
             pp.push(prompt_len as f64 / t_prefill);
             tg.push((c.generated_tokens.len() - 1) as f64 / t_decode.max(1e-9));
@@ -516,12 +681,20 @@ fn bench(common: &Common, prompt_len: usize, gen_len: usize, reps: usize, kv: &s
     if json_out {
         println!("{}", serde_json::to_string(&doc)?);
     } else {
-        println!("pp{prompt_len}: {pps:.1} tokens/s   tg{gen_len}: {tgs:.1} tokens/s   ({}, median of {reps})", info.device);
+        println!(
+            "pp{prompt_len}: {pps:.1} tokens/s   tg{gen_len}: {tgs:.1} tokens/s   ({}, median of {reps})",
+            info.device
+        );
     }
     Ok(())
 }
 
-fn plan_cmd(common: &Common, m: &MemoryArgs, max_batched_tokens: usize, json_out: bool) -> Result<()> {
+fn plan_cmd(
+    common: &Common,
+    m: &MemoryArgs,
+    max_batched_tokens: usize,
+    json_out: bool,
+) -> Result<()> {
     let path = model_path(common)?;
     let f = GgufFile::open(&path)?;
     let cfg = LlamaConfig::from_gguf(&f)?;
@@ -542,7 +715,10 @@ fn plan_cmd(common: &Common, m: &MemoryArgs, max_batched_tokens: usize, json_out
     };
     if let Some(c) = m.ctx {
         if c > cfg.context_len {
-            bail!("--ctx {c} is longer than the model's training context {}", cfg.context_len);
+            bail!(
+                "--ctx {c} is longer than the model's training context {}",
+                cfg.context_len
+            );
         }
     }
     match plan(&cfg, weights, &req, backend.memory()?, backend.info()) {
@@ -552,7 +728,13 @@ fn plan_cmd(common: &Common, m: &MemoryArgs, max_batched_tokens: usize, json_out
                 doc["fits"] = json!(true);
                 println!("{}", serde_json::to_string(&doc)?);
             } else {
-                println!("memory plan for {} on {} ({}):\n{}", path.display(), p.backend, backend.info().device, table(&p));
+                println!(
+                    "memory plan for {} on {} ({}):\n{}",
+                    path.display(),
+                    p.backend,
+                    backend.info().device,
+                    table(&p)
+                );
             }
             Ok(())
         }
