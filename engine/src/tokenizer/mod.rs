@@ -353,8 +353,14 @@ impl Tokenizer {
     /// Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported.
     /// An unknown `tokenizer.ggml.pre` is an error, as in llama.cpp; a
     /// missing one means `"default"` (with a warning on stderr).
+    /// Errors name the file as well as the key.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
-        Tokenizer::new(TokenizerParts::from_gguf(gguf)?)
+        let path = gguf.path().display().to_string();
+        let with_path = |e: EngineError| match e {
+            EngineError::Tokenizer(m) => EngineError::Tokenizer(format!("{path}: {m}")),
+            other => other,
+        };
+        Tokenizer::new(TokenizerParts::from_gguf(gguf).map_err(with_path)?).map_err(with_path)
     }
 
     /// Builds the tokenizer from plain parts (what [`Tokenizer::from_gguf`]
