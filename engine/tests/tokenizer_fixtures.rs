@@ -216,3 +216,31 @@ fn tokenizer_perplexity_text_is_2052_tokens() {
     assert_eq!(got.len() as u64, f["n_tokens"].as_u64().expect("n_tokens"));
     assert_eq!(t.decode(&got), text.as_bytes());
 }
+
+/// Edge cases beyond the reference set (whitespace-only and trailing
+/// space, exotic whitespace, non-ASCII digits, scripts, marks, emoji, code,
+/// more control tokens). Expected ids came from HF `tokenizers` built from
+/// the same GGUF vocabulary, which agrees with llama.cpp on every reference
+/// case; see `tests/data/tokenizer_extra_cases.json`.
+#[test]
+fn tokenizer_extra_cases_match() {
+    let Some(t) = tokenizer() else { return };
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer_extra_cases.json");
+    let f: Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("extra cases")).expect("json");
+    let mut failures = Vec::new();
+    for c in f["cases"].as_array().expect("cases") {
+        let text = c["text"].as_str().expect("text");
+        for (parse_special, key) in [(true, "ids_parse_special"), (false, "ids_no_parse_special")] {
+            let got = t.encode(text, parse_special);
+            if got != ids(&c[key]) {
+                failures.push(format!(
+                    "{key}: {text:?}\n  want {:?}\n  got  {got:?}",
+                    ids(&c[key])
+                ));
+            }
+            assert_eq!(t.decode(&got), text.as_bytes(), "{text:?}: round trip");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

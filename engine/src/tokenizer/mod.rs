@@ -188,6 +188,94 @@ pub struct TokenizerParts {
     pub add_eos: bool,
 }
 
+impl TokenizerParts {
+    /// Reads the parts from a GGUF file's `tokenizer.ggml.*` metadata
+    /// (checked further by [`Tokenizer::new`]).
+    ///
+    /// Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<TokenizerParts> {
+        let model = gguf.get_str(keys::MODEL)?;
+        if model != "gpt2" {
+            return Err(err(format!(
+                "metadata key `{}`: tokenizer model {model:?} is not supported \
+                 (only \"gpt2\", byte-level BPE)",
+                keys::MODEL
+            )));
+        }
+
+        let strings = |key: &str, arr: &[Value]| -> Result<Vec<String>> {
+            arr.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_str().map(str::to_owned).ok_or_else(|| {
+                        err(format!(
+                            "metadata key `{key}`: element {i} is a {}, expected a string",
+                            v.type_name()
+                        ))
+                    })
+                })
+                .collect()
+        };
+        let tokens = strings(keys::TOKENS, gguf.get_array(keys::TOKENS)?)?;
+        let merges = strings(keys::MERGES, gguf.get_array(keys::MERGES)?)?;
+
+        let token_types = match gguf.get(keys::TOKEN_TYPE) {
+            None => Vec::new(),
+            Some(v) => {
+                let arr = v.as_array().ok_or_else(|| {
+                    err(format!(
+                        "metadata key `{}`: expected an array, found {}",
+                        keys::TOKEN_TYPE,
+                        v.type_name()
+                    ))
+                })?;
+                arr.iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        v.as_i64().map(TokenType::from_gguf).ok_or_else(|| {
+                            err(format!(
+                                "metadata key `{}`: element {i} is a {}, expected an integer",
+                                keys::TOKEN_TYPE,
+                                v.type_name()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+
+        let pre = match gguf.get(keys::PRE) {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| {
+                        err(format!(
+                            "metadata key `{}`: expected a string, found {}",
+                            keys::PRE,
+                            v.type_name()
+                        ))
+                    })?
+                    .to_owned(),
+            ),
+        };
+
+        Ok(TokenizerParts {
+            tokens,
+            token_types,
+            merges,
+            pre,
+            bos_id: opt_id(gguf, keys::BOS_ID)?,
+            eos_id: opt_id(gguf, keys::EOS_ID)?,
+            eot_id: opt_id(gguf, keys::EOT_ID)?,
+            eom_id: opt_id(gguf, keys::EOM_ID)?,
+            unknown_id: opt_id(gguf, keys::UNKNOWN_ID)?,
+            padding_id: opt_id(gguf, keys::PADDING_ID)?,
+            add_bos: gguf.get_bool_opt(keys::ADD_BOS)?,
+            add_eos: gguf.get_bool_opt(keys::ADD_EOS)?.unwrap_or(false),
+        })
+    }
+}
+
 /// One piece of the special-token partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fragment {
@@ -265,86 +353,14 @@ impl Tokenizer {
     /// Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported.
     /// An unknown `tokenizer.ggml.pre` is an error, as in llama.cpp; a
     /// missing one means `"default"` (with a warning on stderr).
+    /// Errors name the file as well as the key.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
-        let model = gguf.get_str(keys::MODEL)?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "metadata key `{}`: tokenizer model {model:?} is not supported \
-                 (only \"gpt2\", byte-level BPE)",
-                keys::MODEL
-            )));
-        }
-
-        let strings = |key: &str, arr: &[Value]| -> Result<Vec<String>> {
-            arr.iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_str().map(str::to_owned).ok_or_else(|| {
-                        err(format!(
-                            "metadata key `{key}`: element {i} is a {}, expected a string",
-                            v.type_name()
-                        ))
-                    })
-                })
-                .collect()
+        let path = gguf.path().display().to_string();
+        let with_path = |e: EngineError| match e {
+            EngineError::Tokenizer(m) => EngineError::Tokenizer(format!("{path}: {m}")),
+            other => other,
         };
-        let tokens = strings(keys::TOKENS, gguf.get_array(keys::TOKENS)?)?;
-        let merges = strings(keys::MERGES, gguf.get_array(keys::MERGES)?)?;
-
-        let token_types = match gguf.get(keys::TOKEN_TYPE) {
-            None => Vec::new(),
-            Some(v) => {
-                let arr = v.as_array().ok_or_else(|| {
-                    err(format!(
-                        "metadata key `{}`: expected an array, found {}",
-                        keys::TOKEN_TYPE,
-                        v.type_name()
-                    ))
-                })?;
-                arr.iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        v.as_i64().map(TokenType::from_gguf).ok_or_else(|| {
-                            err(format!(
-                                "metadata key `{}`: element {i} is a {}, expected an integer",
-                                keys::TOKEN_TYPE,
-                                v.type_name()
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-        };
-
-        let pre = match gguf.get(keys::PRE) {
-            None => None,
-            Some(v) => Some(
-                v.as_str()
-                    .ok_or_else(|| {
-                        err(format!(
-                            "metadata key `{}`: expected a string, found {}",
-                            keys::PRE,
-                            v.type_name()
-                        ))
-                    })?
-                    .to_owned(),
-            ),
-        };
-
-        Tokenizer::new(TokenizerParts {
-            tokens,
-            token_types,
-            merges,
-            pre,
-            bos_id: opt_id(gguf, keys::BOS_ID)?,
-            eos_id: opt_id(gguf, keys::EOS_ID)?,
-            eot_id: opt_id(gguf, keys::EOT_ID)?,
-            eom_id: opt_id(gguf, keys::EOM_ID)?,
-            unknown_id: opt_id(gguf, keys::UNKNOWN_ID)?,
-            padding_id: opt_id(gguf, keys::PADDING_ID)?,
-            add_bos: gguf.get_bool_opt(keys::ADD_BOS)?,
-            add_eos: gguf.get_bool_opt(keys::ADD_EOS)?.unwrap_or(false),
-        })
+        Tokenizer::new(TokenizerParts::from_gguf(gguf).map_err(with_path)?).map_err(with_path)
     }
 
     /// Builds the tokenizer from plain parts (what [`Tokenizer::from_gguf`]

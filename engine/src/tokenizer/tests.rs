@@ -393,6 +393,7 @@ fn from_gguf_errors_name_the_key() {
         m.contains("tokenizer.ggml.model") && m.contains("\"llama\""),
         "{m}"
     );
+    assert!(m.contains("pagoda-tok-test-"), "names the file: {m}");
     let m = msg(&[
         ("tokenizer.ggml.model", Kv::Str("gpt2")),
         ("tokenizer.ggml.tokens", Kv::Strs(&["a"])),
@@ -408,6 +409,7 @@ fn from_gguf_errors_name_the_key() {
         m.contains("tokenizer.ggml.pre") && m.contains("nonesuch"),
         "{m}"
     );
+    assert!(m.contains("pagoda-tok-test-"), "names the file: {m}");
     let m = msg(&[
         ("tokenizer.ggml.model", Kv::Str("gpt2")),
         ("tokenizer.ggml.pre", Kv::Str("gpt-2")),
