@@ -1,8 +1,8 @@
 //! The tokenizer against the llama.cpp reference fixtures
 //! (`tests/fixtures/reference/`), on the real SmolLM2-135M-Instruct model.
 //!
-//! Set `PAGODA_MODEL` to the GGUF file to use another location; set
-//! `PAGODA_SKIP_MODEL_TESTS=1` to skip these tests where the model is absent.
+//! Set `PAGODA_MODEL` to use another GGUF file; by default the model is
+//! fetched on first use.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -11,21 +11,13 @@ use pagoda::gguf::GgufFile;
 use pagoda::tokenizer::Tokenizer;
 use serde_json::Value;
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-// TODO(merge): use pagoda::fetch::default_model_path()
+/// The default model (fetched on first use), or `$PAGODA_MODEL`.
 fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("PAGODA_MODEL") {
-        return PathBuf::from(p);
+    match std::env::var_os("PAGODA_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => pagoda::fetch::default_model_path()
+            .unwrap_or_else(|e| panic!("default model unavailable: {e}")),
     }
-    let cache = match std::env::var_os("PAGODA_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => dirs::home_dir()
-            .unwrap_or_else(|| PathBuf::from("."))
-            .join(".cache")
-            .join("pagoda"),
-    };
-    cache.join("models").join(MODEL_FILE)
 }
 
 fn fixture(name: &str) -> Value {
@@ -36,22 +28,13 @@ fn fixture(name: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// The model's tokenizer, or `None` when the model is absent and
-/// `PAGODA_SKIP_MODEL_TESTS` is set.
-fn tokenizer() -> Option<&'static Tokenizer> {
-    static TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
+/// The model's tokenizer.
+fn tokenizer() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
-        let path = model_path();
-        if !path.exists() && std::env::var_os("PAGODA_SKIP_MODEL_TESTS").is_some() {
-            eprintln!("skipping: model not found at {}", path.display());
-            return None;
-        }
-        let gguf = GgufFile::open(&path).unwrap_or_else(|e| {
-            panic!("{e}\n(set PAGODA_MODEL to the GGUF file, or PAGODA_SKIP_MODEL_TESTS=1 to skip)")
-        });
-        Some(Tokenizer::from_gguf(&gguf).unwrap_or_else(|e| panic!("{e}")))
+        let gguf = GgufFile::open(model_path()).unwrap_or_else(|e| panic!("{e}"));
+        Tokenizer::from_gguf(&gguf).unwrap_or_else(|e| panic!("{e}"))
     })
-    .as_ref()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -71,7 +54,7 @@ fn hex(s: &str) -> Vec<u8> {
 
 #[test]
 fn tokenizer_header_ids_match() {
-    let Some(t) = tokenizer() else { return };
+    let t = tokenizer();
     let f = fixture("tokenization.json");
     assert_eq!(t.vocab_size(), 49152);
     assert_eq!(t.bos_id(), Some(f["bos_id"].as_u64().expect("bos") as u32));
@@ -84,7 +67,7 @@ fn tokenizer_header_ids_match() {
 
 #[test]
 fn tokenizer_tokenization_cases_match_llama_cpp() {
-    let Some(t) = tokenizer() else { return };
+    let t = tokenizer();
     let f = fixture("tokenization.json");
     let cases = f["cases"].as_array().expect("cases");
     let mut failures = Vec::new();
@@ -140,7 +123,7 @@ fn tokenizer_tokenization_cases_match_llama_cpp() {
 
 #[test]
 fn tokenizer_prompt_tokens_of_other_fixtures_match() {
-    let Some(t) = tokenizer() else { return };
+    let t = tokenizer();
     for file in ["greedy.json", "logits_last.json"] {
         for c in fixture(file)["cases"].as_array().expect("cases") {
             let text = c["prompt_text"].as_str().expect("prompt_text");
@@ -166,7 +149,7 @@ fn tokenizer_prompt_tokens_of_other_fixtures_match() {
 
 #[test]
 fn tokenizer_generated_pieces_decode_like_llama_cpp() {
-    let Some(t) = tokenizer() else { return };
+    let t = tokenizer();
     for c in fixture("greedy.json")["cases"].as_array().expect("cases") {
         let toks = ids(&c["generated_tokens"]);
         let pieces: Vec<Vec<u8>> = c["generated_pieces_hex"]
@@ -201,7 +184,7 @@ fn tokenizer_generated_pieces_decode_like_llama_cpp() {
 
 #[test]
 fn tokenizer_perplexity_text_is_2052_tokens() {
-    let Some(t) = tokenizer() else { return };
+    let t = tokenizer();
     let f = fixture("perplexity.json");
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/ppl_text.txt");
     let text = std::fs::read_to_string(&p).expect("ppl_text.txt");
@@ -224,7 +207,7 @@ fn tokenizer_perplexity_text_is_2052_tokens() {
 /// case; see `tests/data/tokenizer_extra_cases.json`.
 #[test]
 fn tokenizer_extra_cases_match() {
-    let Some(t) = tokenizer() else { return };
+    let t = tokenizer();
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer_extra_cases.json");
     let f: Value =
         serde_json::from_str(&std::fs::read_to_string(&p).expect("extra cases")).expect("json");
