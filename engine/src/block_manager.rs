@@ -308,7 +308,8 @@ impl BlockManager {
     /// (read-only). Empty when prefix caching is off.
     pub fn lookup_prefix(&self, seq: &Sequence) -> PrefixHit {
         let mut hit = PrefixHit::default();
-        if !self.enable_prefix_caching {
+        // A sequence that wants the logits of every prompt position must compute them all.
+        if !self.enable_prefix_caching || seq.params.want_all_logits {
             return hit;
         }
         let ps = self.page_size;

@@ -406,9 +406,7 @@ impl<B: Backend> Engine<B> {
                 generated: Vec::with_capacity(max_tokens),
                 text: String::new(),
                 reported: 0,
-                prompt_logits: params
-                    .want_all_logits
-                    .then(|| Vec::with_capacity(n * vocab)),
+                prompt_logits: params.want_all_logits.then(|| vec![0f32; n * vocab]),
                 finished: None,
             },
         );
@@ -479,10 +477,14 @@ impl<B: Backend> Engine<B> {
                 continue;
             };
             if let Some(all) = r.prompt_logits.as_mut() {
+                // Stored by position, so a recomputation after preemption overwrites, never appends.
                 let (a, b) = (plan.query_start_locs[i], plan.query_start_locs[i + 1]);
+                let n_prompt = r.prompt_tokens.len();
                 for (row, &tok) in plan.logits_indices.iter().enumerate() {
-                    if tok >= a && tok < b && all.len() < r.prompt_tokens.len() * vocab {
-                        all.extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
+                    let pos = plan.positions[tok as usize] as usize;
+                    if tok >= a && tok < b && pos < n_prompt {
+                        all[pos * vocab..(pos + 1) * vocab]
+                            .copy_from_slice(&logits[row * vocab..(row + 1) * vocab]);
                     }
                 }
             }

@@ -63,3 +63,23 @@ pub fn single_prefill(
         num_decode_tokens: 0,
     }
 }
+
+/// An engine on the CPU backend with the default model.
+pub fn cpu_engine(cfg: pagoda::EngineConfig) -> pagoda::Engine<pagoda_cpu::CpuBackend> {
+    let backend = std::sync::Arc::new(pagoda_cpu::CpuBackend::new(0).expect("cpu backend"));
+    pagoda::Engine::builder()
+        .model(model_path())
+        .backend(backend)
+        .config(cfg)
+        .build()
+        .expect("engine builds")
+}
+
+/// Token ids of a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}

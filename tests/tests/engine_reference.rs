@@ -1,0 +1,250 @@
+//! The whole engine (tokenizer, scheduler, model, sampler) against the reference fixtures.
+
+use pagoda::sampler::SamplingParams;
+use pagoda::{EngineConfig, FinishReason, GenerationParams};
+use pagoda_tests::{cpu_engine, fixture, ids, load_fixture};
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    }
+}
+
+/// Greedy tokens equal llama.cpp's up to the first step whose margin is below 0.3,
+/// and the prompt tokenizes to the reference ids.
+#[test]
+fn greedy_generation_matches_llama_cpp_up_to_low_margin_steps() {
+    let fx = load_fixture("greedy.json");
+    let mut engine = cpu_engine(EngineConfig::default());
+    for case in fx["cases"].as_array().unwrap() {
+        let prompt = case["prompt_text"].as_str().unwrap();
+        let want_prompt = ids(&case["prompt_tokens"]);
+        assert_eq!(engine.tokenize(prompt), want_prompt, "case {}", case["id"]);
+        let want = ids(&case["generated_tokens"]);
+        let margins: Vec<f64> = case["top1_minus_top2_logit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let c = engine
+            .generate(vec![want_prompt], greedy(32))
+            .unwrap()
+            .pop()
+            .unwrap();
+        let checked = margins.iter().position(|&m| m < 0.3).unwrap_or(want.len());
+        assert_eq!(
+            &c.generated_tokens[..checked.min(c.generated_tokens.len())],
+            &want[..checked.min(want.len())],
+            "case {}",
+            case["id"]
+        );
+        if checked == want.len() {
+            assert_eq!(
+                c.generated_tokens, want,
+                "case {}: whole sequence",
+                case["id"]
+            );
+            let reason = if case["stop_reason"] == "eog" {
+                FinishReason::Eog
+            } else {
+                FinishReason::Length
+            };
+            assert_eq!(c.finish_reason, reason, "case {}", case["id"]);
+        }
+    }
+}
+
+/// Teacher-forcing the reference continuation: the argmax equals llama.cpp's at
+/// every step whose margin is at least 0.3.
+#[test]
+fn teacher_forced_argmax_matches_llama_cpp_where_the_margin_is_clear() {
+    let fx = load_fixture("greedy.json");
+    let mut cfg = EngineConfig::default();
+    cfg.max_logits_rows = cfg.max_num_batched_tokens;
+    let mut engine = cpu_engine(cfg);
+    let vocab = engine.model_config().vocab_size;
+    let mut checked = 0;
+    for case in fx["cases"].as_array().unwrap() {
+        let mut toks = ids(&case["prompt_tokens"]);
+        let n_prompt = toks.len();
+        let reference = ids(&case["generated_tokens"]);
+        toks.extend(&reference[..reference.len() - 1]);
+        let params = GenerationParams {
+            want_all_logits: true,
+            ..greedy(1)
+        };
+        let c = engine
+            .generate(vec![toks.clone()], params)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let logits = c.prompt_logits.unwrap();
+        for (step, m) in case["top1_minus_top2_logit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            if m.as_f64().unwrap() < 0.3 {
+                continue;
+            }
+            let row = &logits[(n_prompt - 1 + step) * vocab..(n_prompt + step) * vocab];
+            let a = pagoda::sampler::argmax(row);
+            assert_eq!(a, reference[step], "case {} step {step}", case["id"]);
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "only {checked} steps checked");
+}
+
+/// Perplexity of ppl_text.txt at context 512 (llama-perplexity's method) within 2% of 28.01.
+#[test]
+fn perplexity_of_reference_text_is_within_two_percent() {
+    let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
+    let ctx = 512;
+    let cfg = EngineConfig {
+        ctx: Some(ctx + 1),
+        max_seqs: Some(4),
+        max_num_batched_tokens: ctx,
+        max_logits_rows: ctx,
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    };
+    let mut engine = cpu_engine(cfg);
+    let toks = engine.tokenize(&text);
+    assert_eq!(toks.len(), 2052);
+    let vocab = engine.model_config().vocab_size;
+    let chunks: Vec<Vec<u32>> = (0..toks.len() / ctx)
+        .map(|c| toks[c * ctx..(c + 1) * ctx].to_vec())
+        .collect();
+    let params = GenerationParams {
+        want_all_logits: true,
+        ..greedy(1)
+    };
+    let results = engine.generate(chunks.clone(), params).unwrap();
+    let (mut nll, mut n) = (0f64, 0usize);
+    for (c, chunk) in results.iter().zip(&chunks) {
+        let logits = c.prompt_logits.as_ref().unwrap();
+        for pos in ctx / 2..ctx - 1 {
+            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[chunk[pos + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    let ppl = (nll / n as f64).exp();
+    eprintln!("perplexity {ppl:.4} over {} chunks", chunks.len());
+    assert_eq!(n, 4 * 255);
+    assert!((ppl - 28.01).abs() / 28.01 < 0.02, "perplexity {ppl}");
+}
+
+/// N greedy requests run together give the same tokens as each run alone.
+#[test]
+fn batch_invariance_of_greedy_requests() {
+    let fx = load_fixture("greedy.json");
+    let prompts: Vec<Vec<u32>> = fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["prompt_tokens"]))
+        .collect();
+    let mut engine = cpu_engine(EngineConfig {
+        max_seqs: Some(8),
+        max_logits_rows: 8,
+        ..EngineConfig::default()
+    });
+    let together = engine.generate(prompts.clone(), greedy(24)).unwrap();
+    for (p, t) in prompts.iter().zip(&together) {
+        let alone = engine
+            .generate(vec![p.clone()], greedy(24))
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(alone.generated_tokens, t.generated_tokens);
+    }
+}
+
+/// Stop strings end generation and are cut from the text; seeded sampling repeats.
+#[test]
+fn stop_strings_and_seeded_sampling() {
+    let mut engine = cpu_engine(EngineConfig::default());
+    let prompt = engine.tokenize("One, two, three, four, five,");
+    let free = engine
+        .generate(vec![prompt.clone()], greedy(12))
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert!(free.text.len() > 4, "{:?}", free.text);
+    // Stop at the first comma the model writes.
+    let params = GenerationParams {
+        stop: vec![",".into()],
+        ..greedy(12)
+    };
+    let c = engine
+        .generate(vec![prompt.clone()], params)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert!(!c.text.contains(','), "{:?}", c.text);
+    assert!(free.text.starts_with(&c.text));
+    let sampled = GenerationParams {
+        max_tokens: 16,
+        sampling: SamplingParams {
+            seed: 7,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let a = engine
+        .generate(vec![prompt.clone()], sampled.clone())
+        .unwrap()
+        .pop()
+        .unwrap();
+    let b = engine
+        .generate(vec![prompt], sampled)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(a.generated_tokens, b.generated_tokens);
+}
+
+/// Bad requests are errors, and the engine keeps serving.
+#[test]
+fn bad_requests_are_errors_not_panics() {
+    let mut engine = cpu_engine(EngineConfig {
+        ctx: Some(64),
+        ..EngineConfig::default()
+    });
+    assert!(engine.add_request(vec![], greedy(4)).is_err());
+    assert!(engine.add_request(vec![1, 2], greedy(0)).is_err());
+    assert!(
+        engine.add_request(vec![7; 64], greedy(4)).is_err(),
+        "prompt as long as the context"
+    );
+    assert!(
+        engine.add_request(vec![49152], greedy(4)).is_err(),
+        "token outside the vocabulary"
+    );
+    let bad = GenerationParams {
+        sampling: SamplingParams {
+            top_p: 2.0,
+            ..Default::default()
+        },
+        ..greedy(4)
+    };
+    assert!(engine.add_request(vec![1], bad).is_err());
+    let ok = engine
+        .generate(vec![engine.tokenize("Hello")], greedy(4))
+        .unwrap();
+    assert_eq!(ok[0].generated_tokens.len(), 4);
+}
