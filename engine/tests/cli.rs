@@ -1,0 +1,260 @@
+//! End-to-end tests of the `pagoda` binary: JSON contracts and clear errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn pagoda(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pagoda"))
+        .args(args)
+        .output()
+        .expect("pagoda runs")
+}
+
+fn stdout_json(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8(out.stdout.clone()).expect("utf-8 stdout");
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Exactly one JSON document and nothing else.
+    let mut de = serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>();
+    let doc = de.next().expect("one document").expect("valid JSON");
+    assert!(
+        text[de.byte_offset()..].trim().is_empty(),
+        "extra output after the JSON: {text:?}"
+    );
+    doc
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.contains("error"), "no error message: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "message lacks {needle:?}: {err}"
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-tests");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/reference")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn generate_json_is_one_document_matching_llama_cpp() {
+    let fx = fixture("greedy.json");
+    let case = fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "gen05")
+        .unwrap();
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        case["prompt_text"].as_str().unwrap(),
+        "--max-tokens",
+        "32",
+        "--greedy",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(ids(&doc["prompt_tokens"]), ids(&case["prompt_tokens"]));
+    let want = ids(&case["generated_tokens"]);
+    let got = ids(&doc["generated_tokens"]);
+    let margins = case["top1_minus_top2_logit"].as_array().unwrap();
+    let checked = margins
+        .iter()
+        .position(|m| m.as_f64().unwrap() < 0.3)
+        .unwrap_or(want.len());
+    assert_eq!(&got[..checked], &want[..checked]);
+    assert!(["length", "eog", "stop"].contains(&doc["stop_reason"].as_str().unwrap()));
+    assert!(doc["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(doc["text"].is_string());
+}
+
+#[test]
+fn file_prompt_is_read_byte_exact_and_tokenize_matches_fixtures() {
+    let fx = fixture("tokenization.json");
+    for case in fx["cases"].as_array().unwrap().iter().take(12) {
+        let text = case["text"].as_str().unwrap();
+        let f = scratch(&format!("prompt-{}.txt", case["id"].as_str().unwrap()));
+        std::fs::write(&f, text).unwrap();
+        let out = pagoda(&["tokenize", "--file", f.to_str().unwrap()]);
+        assert_eq!(
+            ids(&stdout_json(&out)),
+            ids(&case["ids_parse_special"]),
+            "case {}",
+            case["id"]
+        );
+        let out = pagoda(&[
+            "tokenize",
+            "--file",
+            f.to_str().unwrap(),
+            "--no-parse-special",
+        ]);
+        assert_eq!(
+            ids(&stdout_json(&out)),
+            ids(&case["ids_no_parse_special"]),
+            "case {}",
+            case["id"]
+        );
+    }
+}
+
+#[test]
+fn logits_json_has_the_summary_schema() {
+    let fx = fixture("logits_last.json");
+    let case = &fx["cases"][0];
+    let out = pagoda(&[
+        "logits",
+        "--prompt",
+        case["prompt_text"].as_str().unwrap(),
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["argmax"], case["llama_cpp"]["argmax"]);
+    assert_eq!(doc["top20"].as_array().unwrap().len(), 20);
+    assert_eq!(doc["logits_0_63"].as_array().unwrap().len(), 64);
+    let lse = doc["logsumexp"].as_f64().unwrap();
+    assert!((lse - case["exact_f64"]["logsumexp"].as_f64().unwrap()).abs() < 1e-3);
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_nonzero_exit() {
+    assert_clean_failure(
+        &pagoda(&[
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            "/nonexistent/model.gguf",
+        ]),
+        "does not exist",
+    );
+    assert_clean_failure(&pagoda(&["generate", "--prompt", ""]), "empty");
+    assert_clean_failure(
+        &pagoda(&["generate", "--prompt", "hi", "--max-tokens", "0"]),
+        "max-tokens",
+    );
+    let long = "word ".repeat(200);
+    assert_clean_failure(
+        &pagoda(&["generate", "--prompt", &long, "--ctx", "64"]),
+        "context",
+    );
+    assert_clean_failure(
+        &pagoda(&["generate", "--prompt", "hi", "--kv-dtype", "q5_k"]),
+        "kv dtype",
+    );
+    assert_clean_failure(
+        &pagoda(&["generate", "--prompt", "hi", "--file", "x"]),
+        "cannot be used",
+    );
+    let junk = scratch("junk.gguf");
+    std::fs::write(&junk, b"this is not a gguf file at all").unwrap();
+    assert_clean_failure(
+        &pagoda(&[
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            junk.to_str().unwrap(),
+        ]),
+        "not a GGUF file",
+    );
+    let trunc = scratch("truncated.gguf");
+    std::fs::write(&trunc, b"GGUF\x03\x00\x00\x00\x10\x01").unwrap();
+    assert_clean_failure(
+        &pagoda(&[
+            "tokenize",
+            "--prompt",
+            "hi",
+            "--model",
+            trunc.to_str().unwrap(),
+        ]),
+        "truncated",
+    );
+    assert_clean_failure(
+        &pagoda(&["generate", "--file", "/nonexistent/prompt.txt"]),
+        "cannot read",
+    );
+    assert_clean_failure(
+        &pagoda(&["perplexity", "--file", "/nonexistent/text.txt"]),
+        "cannot read",
+    );
+    let bad = pagoda(&["generate", "--frobnicate"]);
+    assert!(!bad.status.success() && !String::from_utf8_lossy(&bad.stderr).contains("panicked"));
+}
+
+#[test]
+fn plan_refuses_with_numbers_and_advice_then_fits_with_q8_0() {
+    let args = [
+        "plan",
+        "--ctx",
+        "8192",
+        "--max-seqs",
+        "64",
+        "--memory-budget",
+        "8GiB",
+    ];
+    let f16 = pagoda(&[&args[..], &["--kv-dtype", "f16"]].concat());
+    assert_clean_failure(&f16, "refused");
+    let err = String::from_utf8_lossy(&f16.stderr);
+    assert!(
+        err.contains("--kv-dtype q8_0")
+            && err.contains("GiB")
+            && err.contains("Nothing was loaded"),
+        "{err}"
+    );
+    let q8 = pagoda(&[&args[..], &["--kv-dtype", "q8_0", "--json"]].concat());
+    let doc = stdout_json(&q8);
+    assert_eq!(doc["fits"], true);
+    assert!(doc["total_bytes"].as_u64().unwrap() <= doc["budget_bytes"].as_u64().unwrap());
+    assert_eq!(doc["num_pages"].as_u64().unwrap(), 64 * 8192 / 16);
+}
+
+#[test]
+fn generate_parallel_reports_aggregate_throughput() {
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--parallel",
+        "4",
+        "--max-tokens",
+        "8",
+        "--greedy",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["num_requests"], 4);
+    let reqs = doc["requests"].as_array().unwrap();
+    // Greedy copies of one prompt give one answer.
+    assert!(
+        reqs.iter()
+            .all(|r| r["generated_tokens"] == reqs[0]["generated_tokens"])
+    );
+    assert!(doc["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
