@@ -261,12 +261,20 @@ pub struct PoolStats {
     pub num_live_blocks: usize,
     /// Allocated bytes (block sizes) per tag, indexed by [`MemoryTag::index`].
     pub allocated_by_tag: [u64; 5],
+    /// Requested (unrounded) bytes of live blocks per tag: what a memory plan
+    /// computes; `allocated_by_tag` minus this is the pool's rounding.
+    pub requested_by_tag: [u64; 5],
 }
 
 impl PoolStats {
     /// Allocated bytes of one tag.
     pub fn allocated(&self, tag: MemoryTag) -> u64 {
         self.allocated_by_tag[tag.index()]
+    }
+
+    /// Requested (unrounded) bytes of one tag.
+    pub fn requested(&self, tag: MemoryTag) -> u64 {
+        self.requested_by_tag[tag.index()]
     }
 }
 
@@ -522,7 +530,11 @@ impl Drop for Block {
     /// with a poisoned mutex; the segment stays cached.
     fn drop(&mut self) {
         let Some(id) = self.buf.segment else { return };
-        self.shared.lock().release(id, self.buf.offset);
+        let mut st = self.shared.lock();
+        if st.release(id, self.buf.offset) {
+            let r = &mut st.requested_by_tag[self.tag.index()];
+            *r = r.saturating_sub(self.buf.bytes);
+        }
     }
 }
 
@@ -594,6 +606,7 @@ impl Pool {
             let why = format!("internal error: free block {key:?} cannot hold {rounded} B");
             return Err(shared.oom(&st, tag, bytes, why));
         };
+        st.requested_by_tag[tag.index()] = st.requested_by_tag[tag.index()].saturating_add(bytes);
         drop(st);
         Ok(Block {
             shared: self.shared.clone(),

@@ -101,6 +101,8 @@ pub(super) struct State {
     peak: u64,
     live_blocks: usize,
     by_tag: [u64; 5],
+    /// Requested (unrounded) bytes of live blocks per tag.
+    pub(super) requested_by_tag: [u64; 5],
 }
 
 /// `1 - largest / total`, 0 when nothing is free.
@@ -124,6 +126,7 @@ impl State {
             peak: 0,
             live_blocks: 0,
             by_tag: [0; 5],
+            requested_by_tag: [0; 5],
         }
     }
 
@@ -315,6 +318,7 @@ impl State {
             num_segments: self.segments.len(),
             num_live_blocks: self.live_blocks,
             allocated_by_tag: self.by_tag,
+            requested_by_tag: self.requested_by_tag,
         }
     }
 

@@ -1,0 +1,300 @@
+//! The memory model on the real engine: pool totals equal the plan, no heap
+//! allocation in the decode step, and quantized KV pages.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use pagoda::gguf::GgufFile;
+use pagoda::model::{LlamaConfig, WorkspaceDims};
+use pagoda::model_runner::ModelRunner;
+use pagoda::sampler::{Sampler, SamplingParams};
+use pagoda::{EngineConfig, GenerationParams, Scheduler, SchedulerConfig, SeqParams};
+use pagoda_backend::{Backend, DType, FaultInjector, KvLayout, MemoryTag, Pool, PoolConfig};
+use pagoda_cpu::CpuBackend;
+use pagoda_tests::{cpu_engine, ids, load_fixture, model_path, single_prefill};
+
+/// Counts heap allocations made by the current thread while `COUNTING` is set.
+struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: delegates every call to the system allocator unchanged; the counter
+// is a thread-local Cell that never allocates.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCS.with(|a| a.set(a.get() + 1));
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCS.with(|a| a.set(a.get() + 1));
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    ALLOCS.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    let out = f();
+    COUNTING.with(|c| c.set(false));
+    (out, ALLOCS.with(|a| a.get()))
+}
+
+/// Pins failure 5: the pool's per-tag totals are exactly the plan's numbers
+/// (requested bytes), and pool rounding stays inside the planned headroom.
+#[test]
+fn pool_tag_totals_equal_the_memory_plan() {
+    for kv in [DType::F32, DType::F16, DType::Q8_0] {
+        let engine = cpu_engine(EngineConfig {
+            kv_dtype: kv,
+            ctx: Some(1024),
+            max_seqs: Some(4),
+            ..EngineConfig::default()
+        });
+        let plan = engine.memory_plan().clone();
+        let stats = engine.runner().pool().stats();
+        assert_eq!(
+            stats.requested(MemoryTag::Weights),
+            plan.weights_bytes,
+            "{kv}: weights"
+        );
+        assert_eq!(
+            stats.requested(MemoryTag::Activations),
+            plan.workspace_bytes,
+            "{kv}: workspace"
+        );
+        assert_eq!(stats.requested(MemoryTag::Kv), plan.kv_bytes, "{kv}: kv");
+        assert_eq!(stats.requested(MemoryTag::Graph), plan.graph_bytes);
+        assert_eq!(plan.kv_bytes, plan.num_pages as u64 * plan.page_bytes);
+        let rounding =
+            stats.reserved_bytes - (plan.weights_bytes + plan.workspace_bytes + plan.kv_bytes);
+        assert!(
+            rounding <= plan.headroom_bytes,
+            "{kv}: pool rounding {rounding} exceeds headroom {}",
+            plan.headroom_bytes
+        );
+        // The page bytes really are the dtype's size: 16 tokens × 30 layers × (K+V) × 3 heads × row.
+        let row = match kv {
+            DType::F32 => 256,
+            DType::F16 => 128,
+            _ => 68,
+        };
+        assert_eq!(plan.page_bytes, 16 * 30 * 2 * 3 * row);
+    }
+}
+
+/// Pins "no heap allocation per decoded token": 100 decode steps of 4 requests
+/// through the model runner and the sampler allocate nothing (1 CPU thread:
+/// rayon's queues are not involved).
+#[test]
+fn decode_step_makes_zero_heap_allocations() {
+    let f = GgufFile::open(model_path()).unwrap();
+    let cfg = LlamaConfig::from_gguf(&f).unwrap();
+    let backend = Arc::new(CpuBackend::new(1).unwrap());
+    let pool = Pool::new(
+        backend.raw_allocator(),
+        PoolConfig::default(),
+        FaultInjector::new(),
+    );
+    let (page_size, pages, ctx) = (16, 64, 256);
+    let layout = KvLayout {
+        num_layers: cfg.num_layers,
+        num_pages: pages,
+        page_size,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        dtype: DType::F16,
+    };
+    let dims = WorkspaceDims {
+        max_tokens: 64,
+        max_seqs: 4,
+        max_blocks_per_seq: ctx / page_size,
+        max_logits_rows: 4,
+    };
+    let vocab = cfg.vocab_size;
+    let mut runner = ModelRunner::new(backend, pool, &f, cfg, dims, layout).unwrap();
+    let sc = SchedulerConfig {
+        page_size,
+        num_pages: pages,
+        max_num_seqs: 4,
+        max_num_batched_tokens: 64,
+        max_model_len: ctx,
+        enable_prefix_caching: true,
+    };
+    let mut sched = Scheduler::new(sc, FaultInjector::new()).unwrap();
+    let mut samplers = Vec::new();
+    for i in 0..4u32 {
+        let prompt: Vec<u32> = (0..10 + i).map(|t| 100 + t * 7 + i).collect();
+        sched
+            .add(
+                prompt,
+                SeqParams {
+                    max_tokens: 120,
+                    eog_ids: vec![],
+                    ignore_eog: true,
+                    want_all_logits: false,
+                },
+            )
+            .unwrap();
+        samplers.push(Sampler::new(
+            SamplingParams {
+                seed: i as u64,
+                ..SamplingParams::default()
+            },
+            vocab,
+        ));
+    }
+    let mut sampled = vec![None; 4];
+    let mut decode_steps = 0;
+    let mut total_allocs = 0;
+    while decode_steps < 100 {
+        let plan = sched.schedule().plan.expect("work to do");
+        let is_decode = plan.num_prefill_tokens == 0;
+        let (res, allocs) = counted(|| {
+            let logits = runner.execute(&plan)?;
+            for (i, row) in plan.sample_rows.iter().enumerate() {
+                sampled[i] = row.map(|r| {
+                    let r = r as usize;
+                    samplers[i].sample(&logits[r * vocab..(r + 1) * vocab], &[])
+                });
+            }
+            Ok::<_, pagoda::EngineError>(())
+        });
+        res.unwrap();
+        if is_decode {
+            assert_eq!(plan.num_seqs(), 4);
+            total_allocs += allocs;
+            decode_steps += 1;
+        }
+        sched.postprocess(&plan, &sampled[..plan.num_seqs()]);
+    }
+    assert_eq!(total_allocs, 0, "heap allocations in 100 decode steps");
+}
+
+fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let lse = |l: &[f32]| {
+        let m = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        m + l.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (lp, lq) = (lse(p_logits), lse(q_logits));
+    p_logits
+        .iter()
+        .zip(q_logits)
+        .map(|(&a, &b)| {
+            let pa = a as f64 - lp;
+            pa.exp() * (pa - (b as f64 - lq))
+        })
+        .sum()
+}
+
+/// Quantized KV (pins failure 5): f16 and Q8_0 pages stay close to f32 KV on
+/// the reference prompts (KL and argmax), and greedy generation mostly agrees.
+#[test]
+fn quantized_kv_error_is_small_on_reference_prompts() {
+    let fx = load_fixture("logits_last.json");
+    let f = GgufFile::open(model_path()).unwrap();
+    let cfg = LlamaConfig::from_gguf(&f).unwrap();
+    let vocab = cfg.vocab_size;
+    let mut results = Vec::new();
+    for kv in [DType::F32, DType::F16, DType::Q8_0] {
+        let backend = Arc::new(CpuBackend::new(0).unwrap());
+        let pool = Pool::new(
+            backend.raw_allocator(),
+            PoolConfig::default(),
+            FaultInjector::new(),
+        );
+        let layout = KvLayout {
+            num_layers: cfg.num_layers,
+            num_pages: 16,
+            page_size: 16,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            dtype: kv,
+        };
+        let dims = WorkspaceDims {
+            max_tokens: 256,
+            max_seqs: 1,
+            max_blocks_per_seq: 16,
+            max_logits_rows: 256,
+        };
+        let mut r = ModelRunner::new(backend, pool, &f, cfg.clone(), dims, layout).unwrap();
+        let mut per_case = Vec::new();
+        for case in fx["cases"].as_array().unwrap() {
+            let toks = ids(&case["prompt_tokens"]);
+            let pages: Vec<u32> = (0..toks.len().div_ceil(16) as u32).collect();
+            per_case.push(
+                r.execute(&single_prefill(&toks, &pages, 16, true))
+                    .unwrap()
+                    .to_vec(),
+            );
+        }
+        results.push((kv, per_case));
+    }
+    let base = &results[0].1;
+    for (kv, cases) in &results[1..] {
+        let (mut max_kl, mut agree, mut rows) = (0f64, 0, 0);
+        for (b, c) in base.iter().zip(cases) {
+            for (rb, rc) in b.chunks_exact(vocab).zip(c.chunks_exact(vocab)) {
+                max_kl = max_kl.max(kl(rb, rc));
+                agree += (pagoda::sampler::argmax(rb) == pagoda::sampler::argmax(rc)) as usize;
+                rows += 1;
+            }
+        }
+        eprintln!(
+            "KV {kv} vs f32 over {rows} positions: max KL {max_kl:.2e} nats, argmax agreement {agree}/{rows}"
+        );
+        assert!(max_kl < 0.02, "{kv}: KL {max_kl}");
+        assert!(
+            agree as f64 >= 0.97 * rows as f64,
+            "{kv}: argmax agreement {agree}/{rows}"
+        );
+    }
+    // Greedy generation: f16 vs Q8_0 pages on the greedy prompts.
+    let gx = load_fixture("greedy.json");
+    let prompts: Vec<Vec<u32>> = gx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["prompt_tokens"]))
+        .collect();
+    let greedy = GenerationParams {
+        max_tokens: 32,
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let mut outs = Vec::new();
+    for kv in [DType::F16, DType::Q8_0] {
+        let mut e = cpu_engine(EngineConfig {
+            kv_dtype: kv,
+            ..EngineConfig::default()
+        });
+        outs.push(e.generate(prompts.clone(), greedy.clone()).unwrap());
+    }
+    let (mut same, mut total) = (0, 0);
+    for (a, b) in outs[0].iter().zip(&outs[1]) {
+        let n = a.generated_tokens.len().min(b.generated_tokens.len());
+        let prefix = (0..n)
+            .take_while(|&i| a.generated_tokens[i] == b.generated_tokens[i])
+            .count();
+        same += prefix;
+        total += a.generated_tokens.len();
+    }
+    eprintln!("greedy f16 vs q8_0 KV: {same}/{total} tokens agree before the first divergence");
+    assert!(same * 2 >= total, "greedy agreement {same}/{total}");
+}
