@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
 use pagoda_backend::{Backend, DType, FaultInjector, KvLayout, Pool, PoolConfig};
@@ -262,6 +263,8 @@ struct RequestState {
     reported: usize,
     prompt_logits: Option<Vec<f32>>,
     finished: Option<FinishReason>,
+    /// Per-request stream of outputs, when the caller asked for one.
+    stream: Option<Sender<RequestOutput>>,
 }
 
 /// The engine. Generic over the backend; the edges pick one.
@@ -408,9 +411,26 @@ impl<B: Backend> Engine<B> {
                 reported: 0,
                 prompt_logits: params.want_all_logits.then(|| vec![0f32; n * vocab]),
                 finished: None,
+                stream: None,
             },
         );
         Ok(id)
+    }
+
+    /// Queues a request and returns a channel that receives its outputs as
+    /// they are produced (the last one has `finished` set). Dropping the
+    /// receiver cancels the request at the next step.
+    pub fn add_request_stream(
+        &mut self,
+        prompt_tokens: Vec<u32>,
+        params: GenerationParams,
+    ) -> Result<(SeqId, Receiver<RequestOutput>)> {
+        let id = self.add_request(prompt_tokens, params)?;
+        let (tx, rx) = channel();
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.stream = Some(tx);
+        }
+        Ok((id, rx))
     }
 
     /// Cancels a request; its pages are freed at once.
@@ -445,6 +465,7 @@ impl<B: Backend> Engine<B> {
             });
         }
         let Some(plan) = out.plan else {
+            self.forward_to_streams(&events);
             return Ok(events);
         };
         let t_sched = t0.elapsed();
@@ -466,6 +487,7 @@ impl<B: Backend> Engine<B> {
                         finished: Some(FinishReason::Error(msg.clone())),
                     });
                 }
+                self.forward_to_streams(&events);
                 return Ok(events);
             }
         };
@@ -541,11 +563,25 @@ impl<B: Backend> Engine<B> {
                 finished,
             });
         }
+        self.forward_to_streams(&events);
         self.telemetry.publish_step(
             StepStats::from_plan(&plan, &self.scheduler, t_sched, t_fwd, t0.elapsed()),
             || crate::telemetry::MemorySnapshot::capture(&self.runner, &self.scheduler),
         );
         Ok(events)
+    }
+
+    /// Sends each event to its request's stream; a closed stream aborts its request.
+    fn forward_to_streams(&mut self, events: &[RequestOutput]) {
+        for ev in events {
+            let closed = match self.requests.get(&ev.id).and_then(|r| r.stream.as_ref()) {
+                Some(tx) => tx.send(ev.clone()).is_err(),
+                None => false,
+            };
+            if closed && ev.finished.is_none() {
+                let _ = self.abort(ev.id);
+            }
+        }
     }
 
     /// Removes a finished request and returns its result.

@@ -248,3 +248,61 @@ fn bad_requests_are_errors_not_panics() {
         .unwrap();
     assert_eq!(ok[0].generated_tokens.len(), 4);
 }
+
+/// A per-request stream delivers every token in order and ends with `finished`.
+#[test]
+fn streaming_channel_delivers_tokens_in_order() {
+    let mut engine = cpu_engine(EngineConfig::default());
+    let prompt = engine.tokenize("The printing press");
+    let (id, rx) = engine
+        .add_request_stream(prompt.clone(), greedy(10))
+        .unwrap();
+    let (id2, rx2) = engine
+        .add_request_stream(prompt.clone(), greedy(10))
+        .unwrap();
+    drop(rx2); // a dropped receiver cancels its request
+    while engine.has_unfinished() {
+        engine.step().unwrap();
+    }
+    let events: Vec<_> = rx.try_iter().collect();
+    assert!(events.iter().all(|e| e.id == id));
+    let tokens: Vec<u32> = events.iter().filter_map(|e| e.token).collect();
+    let text: String = events.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(events.last().unwrap().finished, Some(FinishReason::Length));
+    let c = engine.take_completion(id).unwrap();
+    assert_eq!(tokens, c.generated_tokens);
+    assert_eq!(text, c.text);
+    assert_eq!(
+        engine.take_completion(id2).unwrap().finish_reason,
+        FinishReason::Aborted
+    );
+}
+
+/// Prefix caching: a second request sharing a 64-token prefix reuses its pages
+/// and produces the same tokens as a run without the cache.
+#[test]
+fn prefix_cache_reuses_pages_and_keeps_tokens() {
+    let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
+    let mut with = cpu_engine(EngineConfig::default());
+    let base = with.tokenize(&text)[..64].to_vec();
+    let mut a = base.clone();
+    a.extend(with.tokenize(" The first"));
+    let mut b = base.clone();
+    b.extend(with.tokenize(" In the end"));
+    let first = with.generate(vec![a.clone()], greedy(8)).unwrap();
+    let hits_before = with.scheduler().stats().num_prefix_cache_hit_tokens;
+    let second = with.generate(vec![b.clone()], greedy(8)).unwrap();
+    let hits = with.scheduler().stats().num_prefix_cache_hit_tokens - hits_before;
+    assert_eq!(
+        hits, 64,
+        "the 64-token prefix (4 pages) is served from the cache"
+    );
+    let mut without = cpu_engine(EngineConfig {
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    });
+    let plain = without.generate(vec![a, b], greedy(8)).unwrap();
+    assert_eq!(first[0].generated_tokens, plain[0].generated_tokens);
+    assert_eq!(second[0].generated_tokens, plain[1].generated_tokens);
+    assert_eq!(without.scheduler().stats().num_prefix_cache_hit_tokens, 0);
+}
