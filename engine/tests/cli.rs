@@ -258,3 +258,82 @@ fn generate_parallel_reports_aggregate_throughput() {
     );
     assert!(doc["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn trace_file_has_documented_step_and_memory_lines() {
+    let trace = scratch("trace.jsonl");
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "Hello there",
+        "--parallel",
+        "2",
+        "--max-tokens",
+        "4",
+        "--greedy",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--json",
+    ]);
+    stdout_json(&out);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<_> = lines.iter().filter(|l| l["type"] == "step").collect();
+    let mems: Vec<_> = lines.iter().filter(|l| l["type"] == "memory").collect();
+    assert!(steps.len() >= 4 && steps.len() == mems.len());
+    for key in [
+        "step",
+        "batch_size",
+        "num_tokens",
+        "num_prefill_tokens",
+        "num_decode_tokens",
+        "schedule_us",
+        "forward_us",
+        "step_us",
+        "total_preemptions",
+        "total_prefix_cache_hit_tokens",
+        "num_waiting",
+        "num_running",
+        "free_pages",
+        "num_pages",
+    ] {
+        assert!(steps[0].get(key).is_some(), "step lacks {key}");
+    }
+    assert_eq!(
+        steps[0]["num_prefill_tokens"].as_u64().unwrap(),
+        steps[0]["num_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(steps.last().unwrap()["batch_size"], 2);
+    let m = mems[0];
+    for key in [
+        "device_total_bytes",
+        "pool_reserved_bytes",
+        "pool_allocated_bytes",
+        "pool_fragmentation",
+        "allocated_by_tag",
+        "segments",
+        "kv_pages",
+    ] {
+        assert!(m.get(key).is_some(), "memory lacks {key}");
+    }
+    // Blocks cover each segment exactly.
+    for seg in m["segments"].as_array().unwrap() {
+        let sum: u64 = seg["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(sum, seg["bytes"].as_u64().unwrap());
+    }
+    let kv_used: u64 = m["kv_pages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["owners"].as_array().unwrap().is_empty())
+        .count() as u64;
+    assert!(kv_used >= 1);
+}
