@@ -107,8 +107,10 @@ pub fn human(bytes: u64) -> String {
     let b = bytes as f64;
     if b >= GIB {
         format!("{:.2} GiB", b / GIB)
-    } else {
+    } else if b >= MIB || bytes == 0 {
         format!("{:.1} MiB", b / MIB)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
     }
 }
 
