@@ -348,10 +348,11 @@ impl GgufFile {
             source,
         };
         let file = File::open(&path).map_err(io)?;
-        // SAFETY: the file is mapped read-only; Pagoda never writes to model
-        // files, and every access below is bounds-checked against the map's
-        // length. Another process truncating the file while it is mapped is
-        // outside what any mmap-based loader can guard against.
+        // The file is mapped read-only; Pagoda never writes to model files,
+        // and every access below is bounds-checked against the map's length.
+        // Another process truncating the file while it is mapped is outside
+        // what any mmap-based loader can guard against.
+        // SAFETY: read-only map of a file we opened; accesses are bounds-checked.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         Self::parse(path, Storage::Mmap(mmap))
     }
