@@ -337,3 +337,25 @@ fn trace_file_has_documented_step_and_memory_lines() {
         .count() as u64;
     assert!(kv_used >= 1);
 }
+
+#[test]
+fn chat_message_uses_the_chat_template() {
+    let out = pagoda(&[
+        "chat",
+        "--message",
+        "What is 2+2?",
+        "--greedy",
+        "--max-tokens",
+        "24",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    let reply = doc["reply"].as_str().unwrap();
+    // The template wraps the message in ChatML; the greedy answer contains the sum.
+    assert!(
+        !reply.is_empty() && !reply.contains("<|im_end|>"),
+        "{reply:?}"
+    );
+    assert!(reply.contains('4'), "{reply:?}");
+    assert_clean_failure(&pagoda(&["chat", "--message", ""]), "empty");
+}

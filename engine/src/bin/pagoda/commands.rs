@@ -10,7 +10,7 @@ use pagoda::chat::Message;
 use pagoda::engine::{Engine, EngineConfig, GenerationParams};
 use pagoda::gguf::GgufFile;
 use pagoda::model::{LlamaConfig, LlamaWeights};
-use pagoda::plan::{Budget, PlanRequest, parse_bytes, plan, table};
+use pagoda::plan::{Budget, PlanRequest, human, parse_bytes, plan, table};
 use pagoda::sampler::SamplingParams;
 use pagoda::sequence::FinishReason;
 use pagoda::tokenizer::Tokenizer;
@@ -147,12 +147,25 @@ fn build(common: &Common, cfg: EngineConfig) -> Result<Engine<Cpu>> {
         .backend(backend(common)?)
         .config(cfg)
         .build()?;
+    let p = engine.memory_plan();
     eprintln!(
         "pagoda: loaded {} in {:.2}s ({} backend: {})",
         path.display(),
         t.elapsed().as_secs_f64(),
         engine.runner().backend().info().name,
         engine.runner().backend().info().device
+    );
+    eprintln!(
+        "pagoda: memory plan: weights {} + activations {} + KV {} ({} pages of {} tokens, {}) + headroom {} = {} of {} budget",
+        human(p.weights_bytes),
+        human(p.workspace_bytes),
+        human(p.kv_bytes),
+        p.num_pages,
+        p.page_size,
+        p.kv_dtype,
+        human(p.headroom_bytes),
+        human(p.total_bytes),
+        human(p.budget_bytes)
     );
     Ok(engine)
 }
