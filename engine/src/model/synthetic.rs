@@ -163,23 +163,23 @@ impl SyntheticSpec {
         if self.num_layers == 0 || self.context_len < 2 {
             return bad("needs at least one layer and a context of at least 2".into());
         }
-        if self.num_heads == 0 || self.hidden_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_dim.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "{} heads do not divide width {}",
                 self.num_heads, self.hidden_dim
             ));
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} KV heads do not divide {} heads",
                 self.num_kv_heads, self.num_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("head_dim {} is odd (RoPE)", self.head_dim()));
         }
-        if self.ffn_dim == 0 {
-            return bad("FFN width 0".into());
+        if self.hidden_dim == 0 || self.ffn_dim == 0 {
+            return bad("width and FFN width must be positive".into());
         }
         if self.vocab_size < MIN_VOCAB {
             return bad(format!(
@@ -204,7 +204,7 @@ impl SyntheticSpec {
         }
         let bs = self.weight_dtype.block_size();
         for (what, k) in [("hidden_dim", self.hidden_dim), ("ffn_dim", self.ffn_dim)] {
-            if k % bs != 0 {
+            if !k.is_multiple_of(bs) {
                 return bad(format!(
                     "{what} {k} is not a multiple of the {} block size {bs}",
                     self.weight_dtype
@@ -434,6 +434,11 @@ mod tests {
             ..SyntheticSpec::tiny()
         };
         assert!(q4.validate().is_err());
+        let empty = SyntheticSpec {
+            hidden_dim: 0,
+            ..SyntheticSpec::tiny()
+        };
+        assert!(synthetic_gguf(&empty).is_err());
         assert_eq!(SyntheticSpec::named("tiny"), Some(SyntheticSpec::tiny()));
         assert_eq!(SyntheticSpec::named("huge"), None);
     }
