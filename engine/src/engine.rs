@@ -44,6 +44,11 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// Memory budget.
     pub budget: Budget,
+    /// Explicit KV page count, overriding the one the memory plan derives
+    /// (`max_seqs` × pages of one context, or what the budget holds); must be
+    /// at least one sequence's worth (`ceil(ctx / page_size)`) and fit the
+    /// budget. `None` = derived. For tests and tight-memory experiments.
+    pub num_pages: Option<usize>,
     /// Fault injection shared by the pool and the block manager.
     pub faults: FaultInjector,
 }
@@ -59,6 +64,7 @@ impl Default for EngineConfig {
             kv_dtype: DType::F32,
             enable_prefix_caching: true,
             budget: Budget::Utilization(0.9),
+            num_pages: None,
             faults: FaultInjector::from_env(),
         }
     }
@@ -152,7 +158,12 @@ impl<B: Backend> EngineBuilder<B> {
             budget: cfg.budget,
         };
         let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg)?;
-        let mem_plan = plan(&model_cfg, weights_bytes, &req, backend.memory()?, &info)?;
+        let mut mem_plan = plan(&model_cfg, weights_bytes, &req, backend.memory()?, &info)?;
+        if let Some(n) = cfg.num_pages {
+            mem_plan
+                .set_num_pages(n)
+                .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
+        }
 
         let pool_cfg = PoolConfig {
             budget_bytes: Some(mem_plan.budget_bytes),

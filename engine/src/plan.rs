@@ -319,6 +319,37 @@ pub fn plan(
     })
 }
 
+impl MemoryPlan {
+    /// Replaces the derived KV page count with an explicit one, keeping the
+    /// plan consistent (`kv_bytes`, `kv_tokens`, `total_bytes`). Refuses
+    /// fewer pages than one sequence of `ctx` tokens needs, and a total over
+    /// the budget.
+    pub fn set_num_pages(&mut self, num_pages: usize) -> Result<(), String> {
+        let pages_per_seq = self.ctx.div_ceil(self.page_size.max(1));
+        if num_pages < pages_per_seq {
+            return Err(format!(
+                "{num_pages} KV pages of {} tokens hold less than one sequence of {} tokens ({pages_per_seq} pages)",
+                self.page_size, self.ctx
+            ));
+        }
+        let kv_bytes = num_pages as u64 * self.page_bytes;
+        let total = self.total_bytes - self.kv_bytes + kv_bytes;
+        if total > self.budget_bytes {
+            return Err(format!(
+                "{num_pages} KV pages take {}: the plan would need {} but the budget is {}",
+                human(kv_bytes),
+                human(total),
+                human(self.budget_bytes)
+            ));
+        }
+        self.num_pages = num_pages;
+        self.kv_bytes = kv_bytes;
+        self.kv_tokens = num_pages * self.page_size;
+        self.total_bytes = total;
+        Ok(())
+    }
+}
+
 /// The plan as a table.
 pub fn table(p: &MemoryPlan) -> String {
     let mut s = String::new();
@@ -486,6 +517,30 @@ mod tests {
         assert!(p.total_bytes <= p.budget_bytes);
         assert!(p.budget_bytes - p.total_bytes < p.page_bytes);
         assert_eq!(p.kv_tokens, p.num_pages * 16);
+    }
+
+    #[test]
+    fn explicit_page_count_keeps_the_plan_consistent() {
+        let mut p = plan(
+            &cfg(),
+            98 << 20,
+            &req(Some(512), Some(8), DType::F16, 2 << 30),
+            DEV,
+            &info(),
+        )
+        .unwrap();
+        assert_eq!(p.num_pages, 8 * 32);
+        let fixed = p.total_bytes - p.kv_bytes;
+        p.set_num_pages(40).unwrap();
+        assert_eq!(p.num_pages, 40);
+        assert_eq!(p.kv_bytes, 40 * p.page_bytes);
+        assert_eq!(p.kv_tokens, 40 * 16);
+        assert_eq!(p.total_bytes, fixed + p.kv_bytes);
+        let msg = p.set_num_pages(31).unwrap_err();
+        assert!(msg.contains("less than one sequence"), "{msg}");
+        let msg = p.set_num_pages(1 << 30).unwrap_err();
+        assert!(msg.contains("budget"), "{msg}");
+        assert_eq!(p.num_pages, 40, "a refused count changes nothing");
     }
 
     #[test]

@@ -98,6 +98,12 @@ impl CpuBackend {
         self.pool.as_ref().map_or(1, |p| p.current_num_threads())
     }
 
+    /// Raw host segments currently allocated through this backend (by every
+    /// pool over it). Zero once every pool and block is dropped.
+    pub fn live_segments(&self) -> usize {
+        self.mem.num_segments()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.stream.lock().unwrap_or_else(|e| e.into_inner())
     }

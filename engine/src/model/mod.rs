@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod llama;
+pub mod synthetic;
 pub mod weights;
 pub mod workspace;
 
