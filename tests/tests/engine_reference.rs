@@ -306,3 +306,53 @@ fn prefix_cache_reuses_pages_and_keeps_tokens() {
     assert_eq!(second[0].generated_tokens, plain[1].generated_tokens);
     assert_eq!(without.scheduler().stats().num_prefix_cache_hit_tokens, 0);
 }
+
+/// Too few KV pages: the scheduler preempts (recompute) instead of failing,
+/// and every request's output equals the request run alone.
+#[test]
+fn preemption_with_too_few_pages_keeps_outputs() {
+    let cfg = EngineConfig {
+        ctx: Some(128),
+        max_seqs: Some(4),
+        num_pages: Some(9),
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    };
+    let mut tight = cpu_engine(cfg.clone());
+    let prompts: Vec<Vec<u32>> = [
+        "The old lighthouse",
+        "In 1450, Gutenberg",
+        "Paper was invented",
+        "A quick brown fox",
+    ]
+    .iter()
+    .map(|p| tight.tokenize(p))
+    .collect();
+    let params = GenerationParams {
+        ignore_eog: true,
+        ..greedy(40)
+    };
+    let together = tight.generate(prompts.clone(), params.clone()).unwrap();
+    assert!(
+        tight.scheduler().stats().num_preemptions >= 1,
+        "no preemption happened"
+    );
+    assert_eq!(
+        tight.scheduler().block_manager().num_free_pages(),
+        9,
+        "every page is back"
+    );
+    let mut roomy = cpu_engine(EngineConfig {
+        num_pages: None,
+        ..cfg
+    });
+    for (p, t) in prompts.iter().zip(&together) {
+        let alone = roomy
+            .generate(vec![p.clone()], params.clone())
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(t.generated_tokens.len(), 40);
+        assert_eq!(alone.generated_tokens, t.generated_tokens);
+    }
+}
