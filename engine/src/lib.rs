@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod model;
 pub mod model_runner;
+pub mod perplexity;
 pub mod plan;
 pub mod sampler;
 pub mod scheduler;

@@ -83,3 +83,32 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// A model runner for the default model on the CPU backend with `threads`
+/// threads (0 = all), KV pages of 16 tokens in `kv`, and the given workspace.
+pub fn cpu_runner(
+    threads: usize,
+    kv: pagoda_backend::DType,
+    dims: pagoda::model::WorkspaceDims,
+    num_pages: usize,
+) -> pagoda::model_runner::ModelRunner<pagoda_cpu::CpuBackend> {
+    use pagoda_backend::Backend;
+    let f = pagoda::gguf::GgufFile::open(model_path()).expect("model opens");
+    let cfg = pagoda::model::LlamaConfig::from_gguf(&f).expect("llama config");
+    let backend = std::sync::Arc::new(pagoda_cpu::CpuBackend::new(threads).expect("cpu backend"));
+    let pool = pagoda_backend::Pool::new(
+        backend.raw_allocator(),
+        pagoda_backend::PoolConfig::default(),
+        pagoda_backend::FaultInjector::new(),
+    );
+    let layout = pagoda_backend::KvLayout {
+        num_layers: cfg.num_layers,
+        num_pages,
+        page_size: 16,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        dtype: kv,
+    };
+    pagoda::model_runner::ModelRunner::new(backend, pool, &f, cfg, dims, layout)
+        .expect("runner builds")
+}

@@ -1,5 +1,6 @@
 //! The whole engine (tokenizer, scheduler, model, sampler) against the reference fixtures.
 
+use pagoda::perplexity::perplexity_config;
 use pagoda::sampler::SamplingParams;
 use pagoda::{EngineConfig, FinishReason, GenerationParams};
 use pagoda_tests::{cpu_engine, fixture, ids, load_fixture};
@@ -104,47 +105,20 @@ fn teacher_forced_argmax_matches_llama_cpp_where_the_margin_is_clear() {
 #[test]
 fn perplexity_of_reference_text_is_within_two_percent() {
     let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
-    let ctx = 512;
-    let cfg = EngineConfig {
-        ctx: Some(ctx + 1),
-        max_seqs: Some(4),
-        max_num_batched_tokens: ctx,
-        max_logits_rows: ctx,
-        enable_prefix_caching: false,
-        ..EngineConfig::default()
-    };
-    let mut engine = cpu_engine(cfg);
+    let mut engine = cpu_engine(perplexity_config(512));
     let toks = engine.tokenize(&text);
     assert_eq!(toks.len(), 2052);
-    let vocab = engine.model_config().vocab_size;
-    let chunks: Vec<Vec<u32>> = (0..toks.len() / ctx)
-        .map(|c| toks[c * ctx..(c + 1) * ctx].to_vec())
-        .collect();
-    let params = GenerationParams {
-        want_all_logits: true,
-        ..greedy(1)
-    };
-    let results = engine.generate(chunks.clone(), params).unwrap();
-    let (mut nll, mut n) = (0f64, 0usize);
-    for (c, chunk) in results.iter().zip(&chunks) {
-        let logits = c.prompt_logits.as_ref().unwrap();
-        for pos in ctx / 2..ctx - 1 {
-            let row = &logits[pos * vocab..(pos + 1) * vocab];
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - row[chunk[pos + 1] as usize] as f64;
-            n += 1;
-        }
+    let r = engine.perplexity(&toks, 512).unwrap();
+    eprintln!(
+        "perplexity {:.4} over {} chunks: {:?}",
+        r.ppl, r.n_chunks, r.chunk_ppl
+    );
+    assert_eq!((r.n_chunks, r.n_scored), (4, 4 * 255));
+    assert!((r.ppl - 28.01).abs() / 28.01 < 0.02, "perplexity {}", r.ppl);
+    // Per chunk, close to the exact float64 reference (28.0695, 28.2027, 28.6857, 27.1149).
+    for (got, want) in r.chunk_ppl.iter().zip([28.0695, 28.2027, 28.6857, 27.1149]) {
+        assert!((got - want).abs() < 0.01, "chunk ppl {got} vs exact {want}");
     }
-    let ppl = (nll / n as f64).exp();
-    eprintln!("perplexity {ppl:.4} over {} chunks", chunks.len());
-    assert_eq!(n, 4 * 255);
-    assert!((ppl - 28.01).abs() / 28.01 < 0.02, "perplexity {ppl}");
 }
 
 /// N greedy requests run together give the same tokens as each run alone.

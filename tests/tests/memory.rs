@@ -3,16 +3,12 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::Arc;
 
-use pagoda::gguf::GgufFile;
-use pagoda::model::{LlamaConfig, WorkspaceDims};
-use pagoda::model_runner::ModelRunner;
+use pagoda::model::WorkspaceDims;
 use pagoda::sampler::{Sampler, SamplingParams};
 use pagoda::{EngineConfig, GenerationParams, Scheduler, SchedulerConfig, SeqParams};
-use pagoda_backend::{Backend, DType, FaultInjector, KvLayout, MemoryTag, Pool, PoolConfig};
-use pagoda_cpu::CpuBackend;
-use pagoda_tests::{cpu_engine, ids, load_fixture, model_path, single_prefill};
+use pagoda_backend::{DType, FaultInjector, MemoryTag};
+use pagoda_tests::{cpu_engine, cpu_runner, ids, load_fixture, single_prefill};
 
 /// Counts heap allocations made by the current thread while `COUNTING` is set.
 struct CountingAlloc;
@@ -104,31 +100,15 @@ fn pool_tag_totals_equal_the_memory_plan() {
 /// rayon's queues are not involved).
 #[test]
 fn decode_step_makes_zero_heap_allocations() {
-    let f = GgufFile::open(model_path()).unwrap();
-    let cfg = LlamaConfig::from_gguf(&f).unwrap();
-    let backend = Arc::new(CpuBackend::new(1).unwrap());
-    let pool = Pool::new(
-        backend.raw_allocator(),
-        PoolConfig::default(),
-        FaultInjector::new(),
-    );
     let (page_size, pages, ctx) = (16, 64, 256);
-    let layout = KvLayout {
-        num_layers: cfg.num_layers,
-        num_pages: pages,
-        page_size,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        dtype: DType::F16,
-    };
     let dims = WorkspaceDims {
         max_tokens: 64,
         max_seqs: 4,
         max_blocks_per_seq: ctx / page_size,
         max_logits_rows: 4,
     };
-    let vocab = cfg.vocab_size;
-    let mut runner = ModelRunner::new(backend, pool, &f, cfg, dims, layout).unwrap();
+    let mut runner = cpu_runner(1, DType::F16, dims, pages);
+    let vocab = runner.config.vocab_size;
     let sc = SchedulerConfig {
         page_size,
         num_pages: pages,
@@ -208,32 +188,16 @@ fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
 #[test]
 fn quantized_kv_error_is_small_on_reference_prompts() {
     let fx = load_fixture("logits_last.json");
-    let f = GgufFile::open(model_path()).unwrap();
-    let cfg = LlamaConfig::from_gguf(&f).unwrap();
-    let vocab = cfg.vocab_size;
+    let vocab = 49152;
     let mut results = Vec::new();
     for kv in [DType::F32, DType::F16, DType::Q8_0] {
-        let backend = Arc::new(CpuBackend::new(0).unwrap());
-        let pool = Pool::new(
-            backend.raw_allocator(),
-            PoolConfig::default(),
-            FaultInjector::new(),
-        );
-        let layout = KvLayout {
-            num_layers: cfg.num_layers,
-            num_pages: 16,
-            page_size: 16,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            dtype: kv,
-        };
         let dims = WorkspaceDims {
             max_tokens: 256,
             max_seqs: 1,
             max_blocks_per_seq: 16,
             max_logits_rows: 256,
         };
-        let mut r = ModelRunner::new(backend, pool, &f, cfg.clone(), dims, layout).unwrap();
+        let mut r = cpu_runner(0, kv, dims, 16);
         let mut per_case = Vec::new();
         for case in fx["cases"].as_array().unwrap() {
             let toks = ids(&case["prompt_tokens"]);

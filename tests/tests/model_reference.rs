@@ -1,38 +1,19 @@
 //! The CPU forward pass against the reference fixtures (exact_f64 and llama.cpp).
 
-use std::sync::Arc;
-
-use pagoda::gguf::GgufFile;
-use pagoda::model::{LlamaConfig, WorkspaceDims};
+use pagoda::model::WorkspaceDims;
 use pagoda::model_runner::ModelRunner;
-use pagoda_backend::{Backend, DType, FaultInjector, KvLayout, Pool, PoolConfig};
+use pagoda_backend::DType;
 use pagoda_cpu::CpuBackend;
-use pagoda_tests::{load_fixture, model_path, single_prefill};
+use pagoda_tests::{cpu_runner, load_fixture, single_prefill};
 
 fn runner(kv: DType, max_tokens: usize, pages: usize) -> ModelRunner<CpuBackend> {
-    let f = GgufFile::open(model_path()).unwrap();
-    let cfg = LlamaConfig::from_gguf(&f).unwrap();
-    let backend = Arc::new(CpuBackend::new(0).unwrap());
-    let pool = Pool::new(
-        backend.raw_allocator(),
-        PoolConfig::default(),
-        FaultInjector::new(),
-    );
-    let layout = KvLayout {
-        num_layers: cfg.num_layers,
-        num_pages: pages,
-        page_size: 16,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        dtype: kv,
-    };
     let dims = WorkspaceDims {
         max_tokens,
         max_seqs: 4,
         max_blocks_per_seq: pages,
         max_logits_rows: max_tokens,
     };
-    ModelRunner::new(backend, pool, &f, cfg, dims, layout).unwrap()
+    cpu_runner(0, kv, dims, pages)
 }
 
 #[test]

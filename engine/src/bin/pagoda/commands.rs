@@ -10,6 +10,7 @@ use pagoda::chat::Message;
 use pagoda::engine::{Engine, EngineConfig, GenerationParams};
 use pagoda::gguf::GgufFile;
 use pagoda::model::{LlamaConfig, LlamaWeights};
+use pagoda::perplexity::{log_sum_exp, perplexity_config};
 use pagoda::plan::{Budget, PlanRequest, human, parse_bytes, plan, table};
 use pagoda::sampler::SamplingParams;
 use pagoda::sequence::FinishReason;
@@ -485,13 +486,7 @@ fn tokenize(common: &Common, p: &PromptArgs, no_parse_special: bool) -> Result<(
 fn summary(logits: &[f32]) -> serde_json::Value {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    let max = logits[idx[0]] as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = log_sum_exp(logits);
     json!({
         "argmax": idx[0],
         "top20": idx.iter().take(20).map(|&i| json!([i, logits[i]])).collect::<Vec<_>>(),
@@ -541,79 +536,27 @@ fn perplexity(common: &Common, file: &Path, ctx: usize, kv: &str, json_out: bool
     let text =
         String::from_utf8(bytes).map_err(|e| anyhow!("{} is not UTF-8: {e}", file.display()))?;
     let cfg = EngineConfig {
-        ctx: Some(ctx + 1),
-        max_seqs: Some(4),
-        max_num_batched_tokens: ctx,
-        max_logits_rows: ctx,
         kv_dtype: kv_dtype(kv)?,
-        enable_prefix_caching: false,
-        ..EngineConfig::default()
+        ..perplexity_config(ctx)
     };
     let mut engine = build(common, cfg)?;
     let toks = engine.tokenize(&text);
-    let n_chunks = toks.len() / ctx;
-    if n_chunks == 0 {
-        bail!(
-            "{} has {} tokens, fewer than one chunk of {ctx}",
-            file.display(),
-            toks.len()
-        );
-    }
-    let vocab = engine.model_config().vocab_size;
-    let params = GenerationParams {
-        max_tokens: 1,
-        sampling: SamplingParams::greedy(),
-        want_all_logits: true,
-        ..Default::default()
-    };
-    let chunks: Vec<Vec<u32>> = (0..n_chunks)
-        .map(|c| toks[c * ctx..(c + 1) * ctx].to_vec())
-        .collect();
-    let first = ctx / 2;
-    let mut chunk_ppl = Vec::new();
-    let mut total_nll = 0f64;
-    let mut total_n = 0usize;
-    for (ci, group) in chunks.chunks(4).enumerate() {
-        let results = engine.generate(group.to_vec(), params.clone())?;
-        for (gi, c) in results.iter().enumerate() {
-            let logits = c
-                .prompt_logits
-                .as_ref()
-                .ok_or_else(|| anyhow!("no logits returned"))?;
-            let chunk = &group[gi];
-            let mut nll = 0f64;
-            for pos in first..ctx - 1 {
-                let row = &logits[pos * vocab..(pos + 1) * vocab];
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let lse = max
-                    + row
-                        .iter()
-                        .map(|&v| (v as f64 - max).exp())
-                        .sum::<f64>()
-                        .ln();
-                nll += lse - row[chunk[pos + 1] as usize] as f64;
-            }
-            let n = ctx - 1 - first;
-            chunk_ppl.push((nll / n as f64).exp());
-            total_nll += nll;
-            total_n += n;
-            eprintln!(
-                "pagoda: chunk {} of {n_chunks}: ppl {:.4}",
-                ci * 4 + gi + 1,
-                chunk_ppl.last().copied().unwrap_or(0.0)
-            );
-        }
-    }
-    let ppl = (total_nll / total_n as f64).exp();
+    let r = engine.perplexity(&toks, ctx)?;
     if json_out {
         println!(
             "{}",
             serde_json::to_string(
-                &json!({ "ppl": ppl, "n_chunks": n_chunks, "chunk_ppl": chunk_ppl })
+                &json!({ "ppl": r.ppl, "n_chunks": r.n_chunks, "chunk_ppl": r.chunk_ppl })
             )?
         );
     } else {
-        println!("perplexity over {n_chunks} chunks of {ctx} tokens: {ppl:.4}");
+        for (i, p) in r.chunk_ppl.iter().enumerate() {
+            eprintln!("pagoda: chunk {} of {}: ppl {p:.4}", i + 1, r.n_chunks);
+        }
+        println!(
+            "perplexity over {} chunks of {ctx} tokens: {:.4}",
+            r.n_chunks, r.ppl
+        );
     }
     Ok(())
 }
