@@ -17,6 +17,7 @@ pub mod paged_attention;
 pub mod par;
 pub mod rms_norm;
 pub mod rope;
+pub mod simd;
 mod tensor_ops;
 
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,294 @@
+//! Vector building blocks shared by the kernels: decoding one 32-element
+//! weight block into four 8-lane f32 vectors, and the fixed-order lane sum.
+//!
+//! Every decoder has a scalar twin in [`scalar`] that produces the same
+//! floats, so the portable path and the AVX2 path agree on the weights; the
+//! AVX2 versions (in [`avx2`]) may only be called from functions compiled with
+//! `avx2,fma,f16c` on a CPU that has them (see [`has_avx2_fma_f16c`]).
+
+use pagoda_backend::DType;
+use pagoda_backend::quant::QK;
+
+/// Lanes of one f32 accumulator (one AVX register).
+pub const LANES: usize = 8;
+
+/// Whether the CPU has AVX2, FMA and F16C (checked once, then cached).
+#[inline]
+pub fn has_avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        // 0 = unknown, 1 = no, 2 = yes.
+        static CACHED: AtomicU8 = AtomicU8::new(0);
+        match CACHED.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => {
+                let yes = std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c");
+                CACHED.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+                yes
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Pairwise sum of 8 lanes in the fixed order
+/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, the order
+/// [`avx2::reduce`] uses.
+#[inline(always)]
+pub fn reduce(a: &[f32; LANES]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// Portable decoders: one block of `dtype` into 32 floats, the same floats
+/// the AVX2 decoders give.
+pub mod scalar {
+    use super::*;
+
+    #[inline(always)]
+    fn f16_at(b: &[u8], i: usize) -> f32 {
+        half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    }
+
+    /// Decodes block `b` of a weight row: `w = d·q + m` (Q4_1, one rounding),
+    /// `w = d·(q − 8)` (Q4_0), `w = d·q` (Q8_0), or the stored float.
+    #[inline(always)]
+    pub fn decode_block(dtype: DType, row: &[u8], b: usize, out: &mut [f32; QK]) {
+        match dtype {
+            DType::Q4_1 => {
+                let blk = &row[b * 20..b * 20 + 20];
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                for j in 0..QK / 2 {
+                    let q = blk[4 + j];
+                    out[j] = ((q & 0x0F) as f32).mul_add(d, m);
+                    out[j + QK / 2] = ((q >> 4) as f32).mul_add(d, m);
+                }
+            }
+            DType::Q4_0 => {
+                let blk = &row[b * 18..b * 18 + 18];
+                let d = f16_at(blk, 0);
+                for j in 0..QK / 2 {
+                    let q = blk[2 + j];
+                    out[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+                    out[j + QK / 2] = ((q >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+            DType::Q8_0 => {
+                let blk = &row[b * 34..b * 34 + 34];
+                let d = f16_at(blk, 0);
+                for j in 0..QK {
+                    out[j] = (blk[2 + j] as i8) as f32 * d;
+                }
+            }
+            DType::F32 => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let i = (b * QK + j) * 4;
+                    *o = f32::from_le_bytes([row[i], row[i + 1], row[i + 2], row[i + 3]]);
+                }
+            }
+            DType::F16 => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = f16_at(row, (b * QK + j) * 2);
+                }
+            }
+            DType::BF16 => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let i = (b * QK + j) * 2;
+                    *o = half::bf16::from_le_bytes([row[i], row[i + 1]]).to_f32();
+                }
+            }
+            DType::U32 => out.fill(0.0),
+        }
+    }
+}
+
+/// AVX2/FMA/F16C decoders and reductions.
+///
+/// Every function here is `#[inline(always)]` and uses intrinsics that need
+/// `avx2,fma,f16c`: call them only from a function compiled with those
+/// features, after [`has_avx2_fma_f16c`] returned true.
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// One weight format, decoded 32 elements (one block) at a time.
+    pub trait Block {
+        /// Bytes of one 32-element block.
+        const BYTES: usize;
+        /// Decodes the block at `p` into 32 floats (4 vectors, in element order).
+        ///
+        /// # Safety
+        /// `p` must point at `BYTES` readable bytes; the CPU must have
+        /// AVX2, FMA and F16C and the caller must be compiled with them.
+        unsafe fn decode(p: *const u8) -> [__m256; 4];
+    }
+
+    /// Two f16 at `p`, `p + 2` as f32 `[a, b, 0, 0]`.
+    #[inline(always)]
+    unsafe fn two_f16(p: *const u8) -> __m128 {
+        // SAFETY: the caller guarantees 4 readable bytes at p and F16C.
+        unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32))) }
+    }
+
+    /// One f16 at `p`, broadcast to 8 lanes as f32.
+    #[inline(always)]
+    unsafe fn f16_splat(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 2 readable bytes at p and F16C.
+        unsafe {
+            let bits = std::ptr::read_unaligned(p as *const u16) as i32;
+            _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+        }
+    }
+
+    /// Bytes 0..8 and 8..16 of `v` (u8) as two vectors of f32.
+    #[inline(always)]
+    unsafe fn u8x16_to_f32(v: __m128i) -> (__m256, __m256) {
+        // SAFETY: register-only AVX2 ops; the caller is compiled with AVX2.
+        unsafe {
+            (
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v))),
+            )
+        }
+    }
+
+    /// Q4_1: `d: f16, m: f16, qs: [u8; 16]`; element `j < 16` is the low
+    /// nibble of `qs[j]`, element `j + 16` its high nibble; `w = fma(q, d, m)`.
+    pub struct Q4_1;
+    impl Block for Q4_1 {
+        const BYTES: usize = 20;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+            // SAFETY: 20 readable bytes at p (caller); AVX2/FMA/F16C (caller).
+            unsafe {
+                let dm = two_f16(p);
+                let d = _mm256_broadcastss_ps(dm);
+                let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+                let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                let (q0, q1) = u8x16_to_f32(lo);
+                let (q2, q3) = u8x16_to_f32(hi);
+                [
+                    _mm256_fmadd_ps(q0, d, m),
+                    _mm256_fmadd_ps(q1, d, m),
+                    _mm256_fmadd_ps(q2, d, m),
+                    _mm256_fmadd_ps(q3, d, m),
+                ]
+            }
+        }
+    }
+
+    /// Q4_0: `d: f16, qs: [u8; 16]`, nibbles as in Q4_1; `w = (q − 8)·d`.
+    pub struct Q4_0;
+    impl Block for Q4_0 {
+        const BYTES: usize = 18;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+            // SAFETY: 18 readable bytes at p (caller); AVX2/F16C (caller).
+            unsafe {
+                let d = f16_splat(p);
+                let qs = _mm_loadu_si128(p.add(2) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let eight = _mm_set1_epi8(8);
+                let lo = _mm_sub_epi8(_mm_and_si128(qs, mask), eight);
+                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), mask), eight);
+                let cvt = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                [
+                    _mm256_mul_ps(cvt(lo), d),
+                    _mm256_mul_ps(cvt(_mm_unpackhi_epi64(lo, lo)), d),
+                    _mm256_mul_ps(cvt(hi), d),
+                    _mm256_mul_ps(cvt(_mm_unpackhi_epi64(hi, hi)), d),
+                ]
+            }
+        }
+    }
+
+    /// Q8_0: `d: f16, qs: [i8; 32]`; `w = q·d`.
+    pub struct Q8_0;
+    impl Block for Q8_0 {
+        const BYTES: usize = 34;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+            // SAFETY: 34 readable bytes at p (caller); AVX2/F16C (caller).
+            unsafe {
+                let d = f16_splat(p);
+                let q = |i: usize| {
+                    let v = _mm_loadl_epi64(p.add(2 + 8 * i) as *const __m128i);
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d)
+                };
+                [q(0), q(1), q(2), q(3)]
+            }
+        }
+    }
+
+    /// F32: 32 little-endian floats.
+    pub struct F32;
+    impl Block for F32 {
+        const BYTES: usize = 128;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+            // SAFETY: 128 readable bytes at p (caller); AVX (caller).
+            unsafe {
+                let f = p as *const f32;
+                [
+                    _mm256_loadu_ps(f),
+                    _mm256_loadu_ps(f.add(8)),
+                    _mm256_loadu_ps(f.add(16)),
+                    _mm256_loadu_ps(f.add(24)),
+                ]
+            }
+        }
+    }
+
+    /// F16: 32 little-endian halves.
+    pub struct F16;
+    impl Block for F16 {
+        const BYTES: usize = 64;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+            // SAFETY: 64 readable bytes at p (caller); F16C (caller).
+            unsafe {
+                let h = |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i) as *const __m128i));
+                [h(0), h(1), h(2), h(3)]
+            }
+        }
+    }
+
+    /// BF16: 32 little-endian bfloat16 (the high halves of f32).
+    pub struct BF16;
+    impl Block for BF16 {
+        const BYTES: usize = 64;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+            // SAFETY: 64 readable bytes at p (caller); AVX2 (caller).
+            unsafe {
+                let h = |i: usize| {
+                    let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(16 * i) as *const __m128i));
+                    _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+                };
+                [h(0), h(1), h(2), h(3)]
+            }
+        }
+    }
+
+    /// The lanes of `v` summed in the order of [`super::reduce`].
+    #[inline(always)]
+    pub unsafe fn reduce(v: __m256) -> f32 {
+        // SAFETY: register-only AVX ops; the caller is compiled with AVX.
+        unsafe {
+            // [a0+a4, a1+a5, a2+a6, a3+a7]
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            // [(a0+a4)+(a2+a6), (a1+a5)+(a3+a7), ..]
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+    }
+}
