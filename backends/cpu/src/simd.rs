@@ -146,15 +146,15 @@ pub mod avx2 {
         }
     }
 
-    /// Bytes 0..8 and 8..16 of `v` (u8) as two vectors of f32.
+    /// Bytes `p[0..8]` as 8 u32 lanes: (low nibbles, high nibbles) as f32.
     #[inline(always)]
-    unsafe fn u8x16_to_f32(v: __m128i) -> (__m256, __m256) {
-        // SAFETY: register-only AVX2 ops; the caller is compiled with AVX2.
+    unsafe fn nibbles_to_f32(p: *const u8) -> (__m256, __m256) {
+        // SAFETY: 8 readable bytes at p (caller); AVX2 (caller).
         unsafe {
-            (
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v))),
-            )
+            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            let lo = _mm256_and_si256(b, _mm256_set1_epi32(0x0F));
+            let hi = _mm256_srli_epi32(b, 4);
+            (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
         }
     }
 
@@ -170,12 +170,8 @@ pub mod avx2 {
                 let dm = two_f16(p);
                 let d = _mm256_broadcastss_ps(dm);
                 let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-                let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                let (q0, q1) = u8x16_to_f32(lo);
-                let (q2, q3) = u8x16_to_f32(hi);
+                let (q0, q2) = nibbles_to_f32(p.add(4));
+                let (q1, q3) = nibbles_to_f32(p.add(12));
                 [
                     _mm256_fmadd_ps(q0, d, m),
                     _mm256_fmadd_ps(q1, d, m),
@@ -195,17 +191,14 @@ pub mod avx2 {
             // SAFETY: 18 readable bytes at p (caller); AVX2/F16C (caller).
             unsafe {
                 let d = f16_splat(p);
-                let qs = _mm_loadu_si128(p.add(2) as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                let eight = _mm_set1_epi8(8);
-                let lo = _mm_sub_epi8(_mm_and_si128(qs, mask), eight);
-                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), mask), eight);
-                let cvt = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                let e = _mm256_set1_ps(8.0);
+                let (q0, q2) = nibbles_to_f32(p.add(2));
+                let (q1, q3) = nibbles_to_f32(p.add(10));
                 [
-                    _mm256_mul_ps(cvt(lo), d),
-                    _mm256_mul_ps(cvt(_mm_unpackhi_epi64(lo, lo)), d),
-                    _mm256_mul_ps(cvt(hi), d),
-                    _mm256_mul_ps(cvt(_mm_unpackhi_epi64(hi, hi)), d),
+                    _mm256_mul_ps(_mm256_sub_ps(q0, e), d),
+                    _mm256_mul_ps(_mm256_sub_ps(q1, e), d),
+                    _mm256_mul_ps(_mm256_sub_ps(q2, e), d),
+                    _mm256_mul_ps(_mm256_sub_ps(q3, e), d),
                 ]
             }
         }
