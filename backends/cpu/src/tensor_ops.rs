@@ -56,7 +56,7 @@ impl TensorOps for CpuBackend {
         let os = self.view_mut::<f32>(out, d.n * d.m, "matmul")?;
         let o = SharedMut::new(os);
         // Split over weight rows: each thread owns whole output columns.
-        for_ranges(self.pool.as_ref(), d.m, 16, |rows| {
+        for_ranges(self.pool.as_ref(), d.m, 8, |rows| {
             matmul::matmul_rows(xs, ws, w_dtype, o, d.n, d.k, d.m, rows)
         });
         Ok(())
