@@ -46,10 +46,47 @@ pub fn reduce(a: &[f32; LANES]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
-/// Portable decoders: one block of `dtype` into 32 floats, the same floats
-/// the AVX2 decoders give.
+/// Below this, [`scalar::exp`] and [`avx2::exp`] return 0.
+const EXP_MIN: f32 = -87.0;
+/// Arguments are clamped to at most this (so `2^n` stays a normal float).
+const EXP_MAX: f32 = 88.0;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split in a part exact in few bits and the rest (Cody–Waite).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Minimax coefficients of `(e^r − 1 − r) / r²` on |r| ≤ ln2/2 (Cephes `expf`).
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// Portable decoders and math: the same floats the AVX2 versions give.
 pub mod scalar {
     use super::*;
+
+    /// `e^x` within about 1 ulp, computed as `2^n · e^r` with `r = x − n·ln2`
+    /// and a degree-7 polynomial; 0 for `x < −87`, `x` clamped to 88 above.
+    /// Operation for operation the same as [`super::avx2::exp`].
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        if x < EXP_MIN {
+            return 0.0;
+        }
+        let x = x.min(EXP_MAX);
+        let n = (x * LOG2E).round_ties_even();
+        let r = n.mul_add(-LN2_HI, x);
+        let r = n.mul_add(-LN2_LO, r);
+        let mut p = EXP_POLY[0];
+        for c in &EXP_POLY[1..] {
+            p = p.mul_add(r, *c);
+        }
+        let y = p.mul_add(r * r, r) + 1.0;
+        y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    }
 
     #[inline(always)]
     fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -272,6 +309,36 @@ pub mod avx2 {
         }
     }
 
+    /// `e^x` per lane, exactly as [`super::scalar::exp`].
+    #[inline(always)]
+    pub unsafe fn exp(x: __m256) -> __m256 {
+        use super::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+        // SAFETY: register-only AVX2/FMA ops; the caller is compiled with them.
+        unsafe {
+            let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_LT_OQ);
+            let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+            let mut p = _mm256_set1_ps(EXP_POLY[0]);
+            for c in &EXP_POLY[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+            }
+            let y = _mm256_add_ps(
+                _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+                _mm256_set1_ps(1.0),
+            );
+            let e = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)))
+        }
+    }
+
     /// The lanes of `v` summed in the order of [`super::reduce`].
     #[inline(always)]
     pub unsafe fn reduce(v: __m256) -> f32 {
@@ -282,6 +349,56 @@ pub mod avx2 {
             // [(a0+a4)+(a2+a6), (a1+a5)+(a3+a7), ..]
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Arguments from −100 to 90 (and a few specials).
+    fn args() -> Vec<f32> {
+        let mut v: Vec<f32> = (0..190_000).map(|i| -100.0 + i as f32 * 1e-3).collect();
+        v.extend([0.0, -0.0, f32::NEG_INFINITY, -87.0, -86.999, 88.0, 1e-30, -1e-30]);
+        v
+    }
+
+    #[test]
+    fn exp_is_within_2_ulp_of_f64() {
+        for x in args() {
+            let got = scalar::exp(x) as f64;
+            if x < EXP_MIN {
+                assert_eq!(got, 0.0);
+                continue;
+            }
+            let want = (x.min(EXP_MAX) as f64).exp();
+            assert!((got - want).abs() <= 2.5e-7 * want, "exp({x}) = {got}, want {want}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_exp_matches_scalar_bit_for_bit() {
+        if !has_avx2_fma_f16c() {
+            return;
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn exp8(x: &[f32; 8]) -> [f32; 8] {
+            use std::arch::x86_64::*;
+            let mut out = [0f32; 8];
+            // SAFETY: 8 floats in and out; AVX2/FMA enabled on this function.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp(_mm256_loadu_ps(x.as_ptr()))) };
+            out
+        }
+        for c in args().chunks(8) {
+            let mut x = [0f32; 8];
+            x[..c.len()].copy_from_slice(c);
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            let v = unsafe { exp8(&x) };
+            for (a, b) in x.iter().zip(v) {
+                assert_eq!(scalar::exp(*a).to_bits(), b.to_bits(), "exp({a})");
+            }
         }
     }
 }

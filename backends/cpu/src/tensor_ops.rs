@@ -6,7 +6,7 @@ use pagoda_backend::{
     Result, RopeDims, TensorOps,
 };
 
-use crate::paged_attention::{AttentionArgs, attend};
+use crate::paged_attention::{AttentionArgs, QUERY_TILE, attend};
 use crate::par::{SharedMut, for_ranges};
 use crate::{CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope};
 
@@ -244,17 +244,31 @@ impl AttentionOps for CpuBackend {
         let kvh = l.num_kv_heads;
         let group = d.num_heads / kvh;
         let span = group * l.head_dim;
-        // One task per (token, kv head); token t's sequence is found from query_start_locs.
-        for_ranges(self.pool.as_ref(), d.num_tokens * kvh, 1, |range| {
-            let mut s = 0;
+        let qsl = args.query_start_locs;
+        // One task per (KV head, tile of QUERY_TILE consecutive tokens), head
+        // major so that a thread's run of tasks reuses one head's K/V rows.
+        // A tile spanning sequences is handled one sequence at a time.
+        let tiles = d.num_tokens.div_ceil(QUERY_TILE);
+        for_ranges(self.pool.as_ref(), kvh * tiles, 1, |range| {
             for task in range {
-                let (t, h) = (task / kvh, task % kvh);
-                while args.query_start_locs[s + 1] as usize <= t {
-                    s += 1;
+                let (h, tile) = (task / tiles, task % tiles);
+                let (a, b) = (tile * QUERY_TILE, ((tile + 1) * QUERY_TILE).min(d.num_tokens));
+                // The sequence of token a (query_start_locs is validated, ends at num_tokens).
+                let mut s = qsl.partition_point(|&x| x as usize <= a) - 1;
+                let mut t0 = a;
+                while t0 < b {
+                    while qsl[s + 1] as usize <= t0 {
+                        s += 1;
+                    }
+                    let t1 = b.min(qsl[s + 1] as usize);
+                    attend(&args, s, t0..t1, h, |t, rows| {
+                        // SAFETY: task (h, tile) owns output rows
+                        // (t, h*group .. (h+1)*group) for t in its tile, disjoint across tasks.
+                        let out = unsafe { o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span) };
+                        out.copy_from_slice(rows);
+                    });
+                    t0 = t1;
                 }
-                // SAFETY: task (t, h) owns output rows (t, h*group .. (h+1)*group), disjoint across tasks.
-                let out = unsafe { o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span) };
-                attend(&args, s, t, h, out);
             }
         });
         Ok(())
