@@ -95,15 +95,17 @@ fn attention(n: usize) {
         head_dim: hd,
         dtype: DType::F32,
     };
-    let cache: Vec<u8> = (0..l.layer_bytes() / 4)
-        .flat_map(|i| (((i * 7919) % 1000) as f32 * 1e-3 - 0.5).to_le_bytes())
+    // f32 storage keeps the rows aligned, as in the backend's segments.
+    let cache: Vec<f32> = (0..l.layer_bytes() / 4)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
         .collect();
+    let cache: &[u8] = bytemuck::cast_slice(&cache);
     let q: Vec<f32> = (0..n * heads * hd).map(|i| ((i * 31) % 97) as f32 * 0.01 - 0.5).collect();
     let positions: Vec<u32> = (0..n as u32).collect();
     let table: Vec<u32> = (0..l.num_pages as u32).collect();
     let args = AttentionArgs {
         q: &q,
-        cache: &cache,
+        cache,
         layout: &l,
         positions: &positions,
         block_tables: &table,

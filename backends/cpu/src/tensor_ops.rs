@@ -10,6 +10,11 @@ use crate::paged_attention::{AttentionArgs, QUERY_TILE, attend};
 use crate::par::{SharedMut, for_ranges};
 use crate::{CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope};
 
+/// Rows (or tokens) per parallel chunk of the row-wise ops; fewer run inline.
+const ROW_CHUNK: usize = 16;
+/// Elements per parallel chunk of the elementwise ops; fewer run inline.
+const ELEMENT_CHUNK: usize = 16 * 1024;
+
 fn invalid(op: &'static str, detail: String) -> BackendError {
     BackendError::InvalidArgument { op, detail }
 }
@@ -76,12 +81,15 @@ impl TensorOps for CpuBackend {
         let xs = self.view::<f32>(x, n * dim, "rms_norm")?;
         let ws = self.view::<f32>(weight, dim, "rms_norm")?;
         let os = self.view_mut::<f32>(out, n * dim, "rms_norm")?;
-        for (xr, or) in xs
-            .chunks_exact(dim.max(1))
-            .zip(os.chunks_exact_mut(dim.max(1)))
-        {
-            rms_norm::rms_norm_row(xr, ws, or, eps);
-        }
+        let o = SharedMut::new(os);
+        // Rows are independent: split them (prefill) or run inline (decode).
+        for_ranges(self.pool.as_ref(), n, ROW_CHUNK, |rows| {
+            for r in rows {
+                // SAFETY: row r belongs to this range only.
+                let or = unsafe { o.slice_mut(r * dim, dim) };
+                rms_norm::rms_norm_row(&xs[r * dim..][..dim], ws, or, eps);
+            }
+        });
         Ok(())
     }
 
@@ -97,16 +105,15 @@ impl TensorOps for CpuBackend {
         let pos = self.view::<u32>(positions, d.num_tokens, "rope")?;
         let width = d.num_heads * d.head_dim;
         let xs = self.view_mut::<f32>(x, d.num_tokens * width, "rope")?;
-        for (t, row) in xs.chunks_exact_mut(width.max(1)).enumerate() {
-            rope::rope_token(
-                row,
-                pos[t],
-                d.num_heads,
-                d.head_dim,
-                d.rope_dim,
-                d.freq_base,
-            );
-        }
+        let freqs = rope::Freqs::new(d.rope_dim, d.freq_base);
+        let o = SharedMut::new(xs);
+        for_ranges(self.pool.as_ref(), d.num_tokens, ROW_CHUNK, |tokens| {
+            for t in tokens {
+                // SAFETY: token t's row belongs to this range only.
+                let row = unsafe { o.slice_mut(t * width, width) };
+                rope::rope_token_with(row, pos[t], d.num_heads, d.head_dim, &freqs);
+            }
+        });
         Ok(())
     }
 
@@ -115,8 +122,13 @@ impl TensorOps for CpuBackend {
         let _g = self.lock();
         let g = self.view::<f32>(gate, len, "silu_mul")?;
         let u = self.view::<f32>(up, len, "silu_mul")?;
-        let o = self.view_mut::<f32>(out, len, "silu_mul")?;
-        elementwise::silu_mul(g, u, o);
+        let os = self.view_mut::<f32>(out, len, "silu_mul")?;
+        let o = SharedMut::new(os);
+        for_ranges(self.pool.as_ref(), len, ELEMENT_CHUNK, |r| {
+            // SAFETY: the elements of r belong to this range only.
+            let out = unsafe { o.slice_mut(r.start, r.len()) };
+            elementwise::silu_mul(&g[r.clone()], &u[r], out);
+        });
         Ok(())
     }
 
@@ -125,7 +137,12 @@ impl TensorOps for CpuBackend {
         let _g = self.lock();
         let ys = self.view::<f32>(y, len, "add_assign")?;
         let xs = self.view_mut::<f32>(x, len, "add_assign")?;
-        elementwise::add_assign(xs, ys);
+        let o = SharedMut::new(xs);
+        for_ranges(self.pool.as_ref(), len, ELEMENT_CHUNK, |r| {
+            // SAFETY: the elements of r belong to this range only.
+            let x = unsafe { o.slice_mut(r.start, r.len()) };
+            elementwise::add_assign(x, &ys[r]);
+        });
         Ok(())
     }
 
