@@ -29,6 +29,13 @@ pub const TOKEN_TILE: usize = 8;
 /// L1/L2 while the activations stream past).
 const ROW_BLOCK: usize = 64;
 
+/// From this many tokens on, weight rows are decoded to f32 once per block
+/// of rows and shared by all tokens (same results, less decoding).
+const PREDECODE_MIN_TOKENS: usize = 16;
+
+/// Weight rows decoded at a time on that path.
+const DECODE_BLOCK: usize = 48;
+
 /// `acc += w · x` over one block, 8 lanes (the portable path).
 #[inline(always)]
 fn fma_block(acc: &mut [f32; LANES], w: &[f32; QK], x: &[f32]) {
@@ -89,7 +96,7 @@ mod x86 {
 
     use pagoda_backend::quant::QK;
 
-    use super::{OutPtr, ROW_BLOCK, TOKEN_TILE};
+    use super::{DECODE_BLOCK, OutPtr, PREDECODE_MIN_TOKENS, ROW_BLOCK, TOKEN_TILE};
     use crate::simd::avx2::{Block, reduce};
 
     /// One `R` rows × `T` tokens tile over the whole of `k`.
@@ -172,6 +179,149 @@ mod x86 {
         }
     }
 
+    /// One `R` rows × `T` tokens tile over the whole of `k`, weights already
+    /// decoded to f32: the same products in the same order as [`tile`]
+    /// (chunk by chunk, `acc = fma(w, x, acc)`), but the `R` weight vectors
+    /// and `T` activation vectors of a chunk are each loaded once.
+    ///
+    /// x: token `t` at `x + t·k`; wd: row `r` at `wd + r·k` (f32); out as in [`tile`].
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn f32_tile<const R: usize, const T: usize>(
+        x: *const f32,
+        k: usize,
+        wd: *const f32,
+        out: OutPtr,
+        out0: usize,
+        m: usize,
+        j0: usize,
+    ) {
+        // SAFETY: the caller guarantees the bounds, the features and the
+        // exclusive output columns.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            let mut c = 0;
+            while c < k {
+                let mut wv = [_mm256_setzero_ps(); R];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(wd.add(r * k + c));
+                }
+                for t in 0..T {
+                    let xv = _mm256_loadu_ps(x.add(t * k + c));
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        acc_r[t] = _mm256_fmadd_ps(wv[r], xv, acc_r[t]);
+                    }
+                }
+                c += 8;
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (t, a) in acc_r.iter().enumerate() {
+                    out.write(out0 + t * m + j0 + r, reduce(*a));
+                }
+            }
+        }
+    }
+
+    /// Rows `rows` (weights decoded in `wd`, row `j` at `(j − rows.start)·k`)
+    /// for tokens `t0 .. t0 + T`, `R` rows at a time.
+    ///
+    /// # Safety
+    /// As [`rows`], for `t0 + T <= n` and `wd` holding `rows.len() · k` floats.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn f32_token_tile<const R: usize, const T: usize>(
+        x: &[f32],
+        wd: &[f32],
+        out: OutPtr,
+        k: usize,
+        m: usize,
+        t0: usize,
+        rows: Range<usize>,
+    ) {
+        let xp = x[t0 * k..].as_ptr();
+        let out0 = t0 * m;
+        let mut j = rows.start;
+        // SAFETY: per this function's contract.
+        unsafe {
+            let wp = wd.as_ptr().sub(rows.start * k);
+            while j + R <= rows.end {
+                f32_tile::<R, T>(xp, k, wp.add(j * k), out, out0, m, j);
+                j += R;
+            }
+            while j < rows.end {
+                f32_tile::<1, T>(xp, k, wp.add(j * k), out, out0, m, j);
+                j += 1;
+            }
+        }
+    }
+
+    thread_local! {
+        /// Decoded weight rows of [`rows_predecoded`], kept between calls.
+        static DECODED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// [`rows`] for many tokens: each block of [`DECODE_BLOCK`] weight rows is
+    /// decoded to f32 once (in a per-thread buffer) and then multiplied with
+    /// every token, so the decoding cost is shared by all `n` tokens.
+    ///
+    /// # Safety
+    /// As [`rows`] (whose assertions it relies on).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_predecoded<F: Block>(
+        x: &[f32],
+        w: &[u8],
+        out: OutPtr,
+        n: usize,
+        k: usize,
+        m: usize,
+        rows: Range<usize>,
+    ) {
+        let row_bytes = k / QK * F::BYTES;
+        DECODED.with_borrow_mut(|wd| {
+            if wd.len() < DECODE_BLOCK * k {
+                wd.resize(DECODE_BLOCK * k, 0.0);
+            }
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let rb = r0..(r0 + DECODE_BLOCK).min(rows.end);
+                for (i, j) in rb.clone().enumerate() {
+                    for b in 0..k / QK {
+                        // SAFETY: row j < m and block b < k/32 lie inside w
+                        // (asserted by `rows`); the 32 floats written lie inside
+                        // wd (DECODE_BLOCK · k long); features per the contract.
+                        unsafe {
+                            let v = F::decode(w.as_ptr().add(j * row_bytes + b * F::BYTES));
+                            let d = wd.as_mut_ptr().add(i * k + b * QK);
+                            for (c, vc) in v.iter().enumerate() {
+                                _mm256_storeu_ps(d.add(8 * c), *vc);
+                            }
+                        }
+                    }
+                }
+                let mut t0 = 0;
+                while t0 < n {
+                    let tn = (n - t0).min(4);
+                    let rb = rb.clone();
+                    // SAFETY: t0 + tn <= n; wd holds rb's rows; the rest as `rows`.
+                    unsafe {
+                        match tn {
+                            1 => f32_token_tile::<4, 1>(x, wd, out, k, m, t0, rb),
+                            2 => f32_token_tile::<4, 2>(x, wd, out, k, m, t0, rb),
+                            3 => f32_token_tile::<3, 3>(x, wd, out, k, m, t0, rb),
+                            _ => f32_token_tile::<3, 4>(x, wd, out, k, m, t0, rb),
+                        }
+                    }
+                    t0 += tn;
+                }
+                r0 = rb.end;
+            }
+        });
+    }
+
     /// [`super::matmul_rows`] for weights in format `F`.
     ///
     /// # Safety
@@ -190,6 +340,11 @@ mod x86 {
     ) {
         assert!(k % QK == 0 && rows.end <= m);
         assert!(x.len() >= n * k && w.len() >= m * (k / QK * F::BYTES) && out.len() >= n * m);
+        if n >= PREDECODE_MIN_TOKENS {
+            // SAFETY: as this function (bounds asserted above).
+            unsafe { rows_predecoded::<F>(x, w, out, n, k, m, rows) };
+            return;
+        }
         let mut r0 = rows.start;
         while r0 < rows.end {
             let rb = r0..(r0 + ROW_BLOCK).min(rows.end);
@@ -368,23 +523,24 @@ mod tests {
     #[test]
     fn simd_path_matches_portable_bit_for_bit() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let (n, k, m) = (9, 128, 21);
+        let (n, k, m) = (PREDECODE_MIN_TOKENS + 3, 128, 21);
         let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-        for dtype in ALL {
+        for (dtype, n) in ALL.iter().flat_map(|&d| [(d, 9), (d, n)]) {
             let w = random_weights(&mut rng, dtype, m, k);
             let rb = dtype.row_bytes(k).unwrap();
             let mut fast = vec![0f32; n * m];
             matmul_rows(&x, &w, dtype, OutPtr::new(&mut fast), n, k, m, 0..m);
             let mut slow = vec![0f32; n * m];
             rows_portable(&x, &w, dtype, rb, OutPtr::new(&mut slow), n, k, m, 0..m);
-            assert_eq!(fast, slow, "{dtype}");
+            assert_eq!(fast, slow, "{dtype} n={n}");
         }
     }
 
     #[test]
     fn every_tile_shape_gives_the_same_bits() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
-        let (n, k, m) = (11, 96, 137);
+        // Up to 21 tokens: both the fused and the predecoded paths.
+        let (n, k, m) = (PREDECODE_MIN_TOKENS + 5, 96, 137);
         let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         for dtype in ALL {
             let w = random_weights(&mut rng, dtype, m, k);
