@@ -2,8 +2,9 @@
 //! checked against.
 //!
 //! "Device memory" is host memory ([`memory::HostMemory`]); ops are plain,
-//! correct loops, parallelised over output rows on the backend's own rayon
-//! pool (or inline with one thread), with AVX2/FMA used when the CPU has it.
+//! correct loops, parallelised over output rows on the backend's own thread
+//! pool ([`par::Pool`], or inline with one thread), with AVX2/FMA used when
+//! the CPU has it.
 //! File names match the kernels of the other backends: `matmul.rs` ↔
 //! `kernels/matmul.cu` ↔ `shaders/matmul.wgsl`, and so on.
 #![deny(missing_docs)]
@@ -17,6 +18,7 @@ pub mod paged_attention;
 pub mod par;
 pub mod rms_norm;
 pub mod rope;
+pub mod simd;
 mod tensor_ops;
 
 use std::sync::{Arc, Mutex};
@@ -31,7 +33,7 @@ pub use memory::HostMemory;
 pub struct CpuBackend {
     mem: Arc<HostMemory>,
     info: BackendInfo,
-    pool: Option<rayon::ThreadPool>,
+    pool: Option<par::Pool>,
     /// Serialises ops, like a GPU stream: two ops never run at once, so an
     /// op's output cannot be another running op's input.
     stream: Mutex<()>,
@@ -57,13 +59,10 @@ impl CpuBackend {
         };
         let pool = if threads > 1 {
             Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .map_err(|e| BackendError::InvalidArgument {
-                        op: "CpuBackend::new",
-                        detail: format!("thread pool: {e}"),
-                    })?,
+                par::Pool::new(threads).map_err(|e| BackendError::InvalidArgument {
+                    op: "CpuBackend::new",
+                    detail: format!("thread pool: {e}"),
+                })?,
             )
         } else {
             None
@@ -95,7 +94,7 @@ impl CpuBackend {
 
     /// Threads used by ops.
     pub fn num_threads(&self) -> usize {
-        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+        self.pool.as_ref().map_or(1, |p| p.threads())
     }
 
     /// Raw host segments currently allocated through this backend (by every

@@ -1,58 +1,42 @@
 //! `out (n, m) = x (n, k) · w (m, k)ᵀ` with `w` in any weight dtype, f32 activations.
 //!
 //! Weights are never dequantized as a whole: each 32-element block of a weight
-//! row is decoded into registers/stack and immediately multiplied with the
-//! matching block of up to [`TOKEN_TILE`] activation rows. Every (token, row)
-//! dot product is accumulated in the same order whatever the batch size or
-//! thread count (8 lanes, blocks in order, lanes summed pairwise at the end),
-//! so results are bit-identical between a request run alone and in a batch.
+//! row is decoded into registers and immediately multiplied with the matching
+//! block of a few activation rows. The work is tiled as `R` weight rows ×
+//! `T` tokens (each decoded block feeds `T` tokens, each activation block `R`
+//! rows), but every (token, row) dot product has its own 8-lane accumulator
+//! that sees the products in one fixed order: block by block, and inside a
+//! block the four 8-element chunks in order, `acc = fma(w, x, acc)`; the lanes
+//! are summed pairwise at the end ([`crate::simd::reduce`]). So results are
+//! bit-identical whatever the batch size, the tile shape or the thread count,
+//! and the portable path computes the very same numbers as the AVX2 one.
+
+use std::ops::Range;
 
 use pagoda_backend::DType;
+use pagoda_backend::quant::QK;
 
 use crate::par::SharedMut;
+use crate::simd::{LANES, reduce, scalar};
 
 /// The output of one matmul, written by several threads at disjoint columns.
 pub type OutPtr = SharedMut<f32>;
-use pagoda_backend::quant::{
-    QK, dequantize_block_q4_0, dequantize_block_q4_1, dequantize_block_q8_0,
-};
 
-/// Tokens that share one decoded weight block.
+/// Most tokens that share one decoded weight block.
 pub const TOKEN_TILE: usize = 8;
 
-/// Lanes of the f32 accumulators (one AVX register).
-const LANES: usize = 8;
+/// Weight rows visited for every token tile before moving on (keeps them in
+/// L1/L2 while the activations stream past).
+const ROW_BLOCK: usize = 64;
 
-/// Decodes block `b` of a weight row into 32 floats.
-#[inline(always)]
-fn decode_block(dtype: DType, row: &[u8], b: usize, out: &mut [f32; QK]) {
-    match dtype {
-        DType::Q4_1 => dequantize_block_q4_1(&row[b * 20..b * 20 + 20], out),
-        DType::Q4_0 => dequantize_block_q4_0(&row[b * 18..b * 18 + 18], out),
-        DType::Q8_0 => dequantize_block_q8_0(&row[b * 34..b * 34 + 34], out),
-        DType::F32 => {
-            for (j, o) in out.iter_mut().enumerate() {
-                let i = (b * QK + j) * 4;
-                *o = f32::from_le_bytes([row[i], row[i + 1], row[i + 2], row[i + 3]]);
-            }
-        }
-        DType::F16 => {
-            for (j, o) in out.iter_mut().enumerate() {
-                let i = (b * QK + j) * 2;
-                *o = half::f16::from_le_bytes([row[i], row[i + 1]]).to_f32();
-            }
-        }
-        DType::BF16 => {
-            for (j, o) in out.iter_mut().enumerate() {
-                let i = (b * QK + j) * 2;
-                *o = half::bf16::from_le_bytes([row[i], row[i + 1]]).to_f32();
-            }
-        }
-        DType::U32 => out.fill(0.0),
-    }
-}
+/// From this many tokens on, weight rows are decoded to f32 once per block
+/// of rows and shared by all tokens (same results, less decoding).
+const PREDECODE_MIN_TOKENS: usize = 16;
 
-/// `acc += w · x` over one block, 8 lanes.
+/// Weight rows decoded at a time on that path.
+const DECODE_BLOCK: usize = 48;
+
+/// `acc += w · x` over one block, 8 lanes (the portable path).
 #[inline(always)]
 fn fma_block(acc: &mut [f32; LANES], w: &[f32; QK], x: &[f32]) {
     let x = &x[..QK];
@@ -63,18 +47,13 @@ fn fma_block(acc: &mut [f32; LANES], w: &[f32; QK], x: &[f32]) {
     }
 }
 
-/// Pairwise sum of the lanes (fixed order).
-#[inline(always)]
-fn reduce(acc: &[f32; LANES]) -> f32 {
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
-}
-
-/// Handles rows `rows` of `w` for all `n` tokens, for `k` a multiple of 32.
+/// Portable version of [`matmul_rows`]: rows `rows` of `w` for all `n`
+/// tokens, for `k` a multiple of 32.
 ///
 /// x: (n, k) f32; w: the whole weight, `row_bytes` per row; out: (n, m) f32
-/// written through `out_ptr` at `(t, j)` for `j` in `rows` only.
-#[inline(always)]
-fn rows_body(
+/// written through `out` at `(t, j)` for `j` in `rows` only.
+#[allow(clippy::too_many_arguments)]
+fn rows_portable(
     x: &[f32],
     w: &[u8],
     dtype: DType,
@@ -83,7 +62,7 @@ fn rows_body(
     n: usize,
     k: usize,
     m: usize,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
 ) {
     let nb = k / QK;
     let mut wb = [0f32; QK];
@@ -94,7 +73,7 @@ fn rows_body(
             let row = &w[j * row_bytes..(j + 1) * row_bytes];
             let mut acc = [[0f32; LANES]; TOKEN_TILE];
             for b in 0..nb {
-                decode_block(dtype, row, b, &mut wb);
+                scalar::decode_block(dtype, row, b, &mut wb);
                 for (t, a) in acc.iter_mut().enumerate().take(tn) {
                     let xo = (t0 + t) * k + b * QK;
                     fma_block(a, &wb, &x[xo..xo + QK]);
@@ -111,24 +90,293 @@ fn rows_body(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_avx2(
-    x: &[f32],
-    w: &[u8],
-    dtype: DType,
-    row_bytes: usize,
-    out: OutPtr,
-    n: usize,
-    k: usize,
-    m: usize,
-    rows: std::ops::Range<usize>,
-) {
-    rows_body(x, w, dtype, row_bytes, out, n, k, m, rows)
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use pagoda_backend::quant::QK;
+
+    use super::{DECODE_BLOCK, OutPtr, PREDECODE_MIN_TOKENS, ROW_BLOCK, TOKEN_TILE};
+    use crate::simd::avx2::{Block, reduce};
+
+    /// One `R` rows × `T` tokens tile over the whole of `k`.
+    ///
+    /// x: token `t` of the tile at `x + t·k` (k f32 each); w: row `r` of the
+    /// tile at `w + r·row_bytes`; out: (t, j0 + r) written at `t·m + j0 + r`
+    /// of `out` (shifted to the tile's first token).
+    ///
+    /// # Safety
+    /// Every address above is in bounds; `out`'s columns `j0 .. j0 + R` are
+    /// this thread's; AVX2/FMA/F16C available.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<F: Block, const R: usize, const T: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        row_bytes: usize,
+        out: OutPtr,
+        out0: usize,
+        m: usize,
+        j0: usize,
+    ) {
+        // SAFETY: the caller guarantees the bounds, the features and the
+        // exclusive output columns.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            for b in 0..k / QK {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let wp = w.add(r * row_bytes + b * F::BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(R * row_bytes) as *const i8);
+                    let wv = F::decode(wp);
+                    for (t, a) in acc_r.iter_mut().enumerate() {
+                        let xb = x.add(t * k + b * QK);
+                        for (c, wc) in wv.iter().enumerate() {
+                            *a = _mm256_fmadd_ps(*wc, _mm256_loadu_ps(xb.add(c * 8)), *a);
+                        }
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (t, a) in acc_r.iter().enumerate() {
+                    out.write(out0 + t * m + j0 + r, reduce(*a));
+                }
+            }
+        }
+    }
+
+    /// All rows of `rows` for tokens `t0 .. t0 + T`, `R` rows at a time.
+    ///
+    /// # Safety
+    /// As [`rows`], for `t0 + T <= n`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn token_tile<F: Block, const R: usize, const T: usize>(
+        x: &[f32],
+        w: &[u8],
+        out: OutPtr,
+        k: usize,
+        m: usize,
+        t0: usize,
+        rows: Range<usize>,
+    ) {
+        let row_bytes = k / QK * F::BYTES;
+        let xp = x[t0 * k..].as_ptr();
+        let out0 = t0 * m;
+        let mut j = rows.start;
+        // SAFETY: rows.end <= m, w holds m rows and x holds tokens t0..t0+T
+        // (checked by `rows`); the caller owns columns `rows`.
+        unsafe {
+            let wp = w.as_ptr();
+            while j + R <= rows.end {
+                tile::<F, R, T>(xp, k, wp.add(j * row_bytes), row_bytes, out, out0, m, j);
+                j += R;
+            }
+            while j < rows.end {
+                tile::<F, 1, T>(xp, k, wp.add(j * row_bytes), row_bytes, out, out0, m, j);
+                j += 1;
+            }
+        }
+    }
+
+    /// One `R` rows × `T` tokens tile over the whole of `k`, weights already
+    /// decoded to f32: the same products in the same order as [`tile`]
+    /// (chunk by chunk, `acc = fma(w, x, acc)`), but the `R` weight vectors
+    /// and `T` activation vectors of a chunk are each loaded once.
+    ///
+    /// x: token `t` at `x + t·k`; wd: row `r` at `wd + r·k` (f32); out as in [`tile`].
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn f32_tile<const R: usize, const T: usize>(
+        x: *const f32,
+        k: usize,
+        wd: *const f32,
+        out: OutPtr,
+        out0: usize,
+        m: usize,
+        j0: usize,
+    ) {
+        // SAFETY: the caller guarantees the bounds, the features and the
+        // exclusive output columns.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            let mut c = 0;
+            while c < k {
+                let mut wv = [_mm256_setzero_ps(); R];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(wd.add(r * k + c));
+                }
+                for t in 0..T {
+                    let xv = _mm256_loadu_ps(x.add(t * k + c));
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        acc_r[t] = _mm256_fmadd_ps(wv[r], xv, acc_r[t]);
+                    }
+                }
+                c += 8;
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (t, a) in acc_r.iter().enumerate() {
+                    out.write(out0 + t * m + j0 + r, reduce(*a));
+                }
+            }
+        }
+    }
+
+    /// Rows `rows` (weights decoded in `wd`, row `j` at `(j − rows.start)·k`)
+    /// for tokens `t0 .. t0 + T`, `R` rows at a time.
+    ///
+    /// # Safety
+    /// As [`rows`], for `t0 + T <= n` and `wd` holding `rows.len() · k` floats.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn f32_token_tile<const R: usize, const T: usize>(
+        x: &[f32],
+        wd: &[f32],
+        out: OutPtr,
+        k: usize,
+        m: usize,
+        t0: usize,
+        rows: Range<usize>,
+    ) {
+        let xp = x[t0 * k..].as_ptr();
+        let out0 = t0 * m;
+        let mut j = rows.start;
+        // SAFETY: per this function's contract.
+        unsafe {
+            let wp = wd.as_ptr().sub(rows.start * k);
+            while j + R <= rows.end {
+                f32_tile::<R, T>(xp, k, wp.add(j * k), out, out0, m, j);
+                j += R;
+            }
+            while j < rows.end {
+                f32_tile::<1, T>(xp, k, wp.add(j * k), out, out0, m, j);
+                j += 1;
+            }
+        }
+    }
+
+    thread_local! {
+        /// Decoded weight rows of [`rows_predecoded`], kept between calls.
+        static DECODED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// [`rows`] for many tokens: each block of [`DECODE_BLOCK`] weight rows is
+    /// decoded to f32 once (in a per-thread buffer) and then multiplied with
+    /// every token, so the decoding cost is shared by all `n` tokens.
+    ///
+    /// # Safety
+    /// As [`rows`] (whose assertions it relies on).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_predecoded<F: Block>(
+        x: &[f32],
+        w: &[u8],
+        out: OutPtr,
+        n: usize,
+        k: usize,
+        m: usize,
+        rows: Range<usize>,
+    ) {
+        let row_bytes = k / QK * F::BYTES;
+        DECODED.with_borrow_mut(|wd| {
+            if wd.len() < DECODE_BLOCK * k {
+                wd.resize(DECODE_BLOCK * k, 0.0);
+            }
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let rb = r0..(r0 + DECODE_BLOCK).min(rows.end);
+                for (i, j) in rb.clone().enumerate() {
+                    for b in 0..k / QK {
+                        // SAFETY: row j < m and block b < k/32 lie inside w
+                        // (asserted by `rows`); the 32 floats written lie inside
+                        // wd (DECODE_BLOCK · k long); features per the contract.
+                        unsafe {
+                            let v = F::decode(w.as_ptr().add(j * row_bytes + b * F::BYTES));
+                            let d = wd.as_mut_ptr().add(i * k + b * QK);
+                            for (c, vc) in v.iter().enumerate() {
+                                _mm256_storeu_ps(d.add(8 * c), *vc);
+                            }
+                        }
+                    }
+                }
+                let mut t0 = 0;
+                while t0 < n {
+                    let tn = (n - t0).min(4);
+                    let rb = rb.clone();
+                    // SAFETY: t0 + tn <= n; wd holds rb's rows; the rest as `rows`.
+                    unsafe {
+                        match tn {
+                            1 => f32_token_tile::<4, 1>(x, wd, out, k, m, t0, rb),
+                            2 => f32_token_tile::<4, 2>(x, wd, out, k, m, t0, rb),
+                            3 => f32_token_tile::<3, 3>(x, wd, out, k, m, t0, rb),
+                            _ => f32_token_tile::<3, 4>(x, wd, out, k, m, t0, rb),
+                        }
+                    }
+                    t0 += tn;
+                }
+                r0 = rb.end;
+            }
+        });
+    }
+
+    /// [`super::matmul_rows`] for weights in format `F`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; the caller owns output columns
+    /// `rows` (no other thread writes them).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows<F: Block>(
+        x: &[f32],
+        w: &[u8],
+        out: OutPtr,
+        n: usize,
+        k: usize,
+        m: usize,
+        rows: Range<usize>,
+    ) {
+        assert!(k % QK == 0 && rows.end <= m);
+        assert!(x.len() >= n * k && w.len() >= m * (k / QK * F::BYTES) && out.len() >= n * m);
+        if n >= PREDECODE_MIN_TOKENS {
+            // SAFETY: as this function (bounds asserted above).
+            unsafe { rows_predecoded::<F>(x, w, out, n, k, m, rows) };
+            return;
+        }
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let rb = r0..(r0 + ROW_BLOCK).min(rows.end);
+            let mut t0 = 0;
+            while t0 < n {
+                let tn = (n - t0).min(TOKEN_TILE);
+                // SAFETY: bounds asserted above; features and column ownership
+                // per this function's contract.
+                unsafe {
+                    match tn {
+                        1 => token_tile::<F, 8, 1>(x, w, out, k, m, t0, rb.clone()),
+                        2 => token_tile::<F, 4, 2>(x, w, out, k, m, t0, rb.clone()),
+                        3 => token_tile::<F, 3, 3>(x, w, out, k, m, t0, rb.clone()),
+                        4 => token_tile::<F, 2, 4>(x, w, out, k, m, t0, rb.clone()),
+                        5 => token_tile::<F, 2, 5>(x, w, out, k, m, t0, rb.clone()),
+                        6 => token_tile::<F, 1, 6>(x, w, out, k, m, t0, rb.clone()),
+                        7 => token_tile::<F, 1, 7>(x, w, out, k, m, t0, rb.clone()),
+                        _ => token_tile::<F, 1, 8>(x, w, out, k, m, t0, rb.clone()),
+                    }
+                }
+                t0 += tn;
+            }
+            r0 = rb.end;
+        }
+    }
 }
 
-/// Computes the rows `rows` of the product (all tokens), choosing the widest
-/// instruction set the CPU has. `k` must be a multiple of 32.
+/// Computes the rows `rows` of the product (all tokens), with AVX2 when the
+/// CPU has it. `k` must be a multiple of 32.
+///
+/// x: (n, k) f32; w: (m, k) in `dtype`; out: (n, m) f32, of which only the
+/// columns `rows` are written (the caller's share).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_rows(
     x: &[f32],
@@ -138,19 +386,30 @@ pub fn matmul_rows(
     n: usize,
     k: usize,
     m: usize,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
 ) {
-    let row_bytes = dtype.row_bytes(k).unwrap_or(0);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { rows_avx2(x, w, dtype, row_bytes, out, n, k, m, rows) };
+        if crate::simd::has_avx2_fma_f16c() {
+            use crate::simd::avx2 as f;
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); the
+            // caller owns output columns `rows`.
+            unsafe {
+                match dtype {
+                    DType::Q4_1 => x86::rows::<f::Q4_1>(x, w, out, n, k, m, rows),
+                    DType::Q4_0 => x86::rows::<f::Q4_0>(x, w, out, n, k, m, rows),
+                    DType::Q8_0 => x86::rows::<f::Q8_0>(x, w, out, n, k, m, rows),
+                    DType::F32 => x86::rows::<f::F32>(x, w, out, n, k, m, rows),
+                    DType::F16 => x86::rows::<f::F16>(x, w, out, n, k, m, rows),
+                    DType::BF16 => x86::rows::<f::BF16>(x, w, out, n, k, m, rows),
+                    DType::U32 => rows_portable(x, w, dtype, 0, out, n, k, m, rows),
+                }
+            }
             return;
         }
     }
-    rows_body(x, w, dtype, row_bytes, out, n, k, m, rows)
+    let row_bytes = dtype.row_bytes(k).unwrap_or(0);
+    rows_portable(x, w, dtype, row_bytes, out, n, k, m, rows)
 }
 
 #[cfg(test)]
@@ -223,5 +482,80 @@ mod tests {
             assert_eq!(&all[t * m..(t + 1) * m], &one[..], "token {t}");
         }
         assert_eq!(rb, 40);
+    }
+
+    fn random_weights(rng: &mut impl Rng, dtype: DType, m: usize, k: usize) -> Vec<u8> {
+        let wf: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let rb = dtype.row_bytes(k).unwrap();
+        let mut w = vec![0u8; m * rb];
+        match dtype {
+            DType::Q4_0 | DType::Q4_1 => {
+                // Random nibbles with finite, realistic scales.
+                for (i, blk) in w.chunks_exact_mut(dtype.block_bytes()).enumerate() {
+                    rng.fill(&mut blk[..]);
+                    let d = half::f16::from_f32(0.01 + (i % 7) as f32 * 0.003);
+                    blk[0..2].copy_from_slice(&d.to_le_bytes());
+                    if dtype == DType::Q4_1 {
+                        let m = half::f16::from_f32(-0.05 - (i % 5) as f32 * 0.01);
+                        blk[2..4].copy_from_slice(&m.to_le_bytes());
+                    }
+                }
+            }
+            _ => {
+                for j in 0..m {
+                    quantize_row(dtype, &wf[j * k..(j + 1) * k], &mut w[j * rb..(j + 1) * rb])
+                        .unwrap();
+                }
+            }
+        }
+        w
+    }
+
+    const ALL: [DType; 6] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ];
+
+    #[test]
+    fn simd_path_matches_portable_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (n, k, m) = (PREDECODE_MIN_TOKENS + 3, 128, 21);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for (dtype, n) in ALL.iter().flat_map(|&d| [(d, 9), (d, n)]) {
+            let w = random_weights(&mut rng, dtype, m, k);
+            let rb = dtype.row_bytes(k).unwrap();
+            let mut fast = vec![0f32; n * m];
+            matmul_rows(&x, &w, dtype, OutPtr::new(&mut fast), n, k, m, 0..m);
+            let mut slow = vec![0f32; n * m];
+            rows_portable(&x, &w, dtype, rb, OutPtr::new(&mut slow), n, k, m, 0..m);
+            assert_eq!(fast, slow, "{dtype} n={n}");
+        }
+    }
+
+    #[test]
+    fn every_tile_shape_gives_the_same_bits() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        // Up to 21 tokens: both the fused and the predecoded paths.
+        let (n, k, m) = (PREDECODE_MIN_TOKENS + 5, 96, 137);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for dtype in ALL {
+            let w = random_weights(&mut rng, dtype, m, k);
+            let mut all = vec![0f32; n * m];
+            matmul_rows(&x, &w, dtype, OutPtr::new(&mut all), n, k, m, 0..m);
+            // Every batch size from the front, with odd row splits.
+            for nn in 1..=n {
+                let mut part = vec![0f32; nn * m];
+                let o = OutPtr::new(&mut part);
+                let xs = &x[(n - nn) * k..];
+                for r in [0..3, 3..70, 70..71, 71..m] {
+                    matmul_rows(xs, &w, dtype, o, nn, k, m, r);
+                }
+                assert_eq!(&all[(n - nn) * m..], &part[..], "{dtype} n={nn}");
+            }
+        }
     }
 }

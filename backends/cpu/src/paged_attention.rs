@@ -1,13 +1,22 @@
 //! Causal, ragged, GQA attention over the paged KV cache.
 //!
-//! One task is one (query token, KV head): the K and V rows of that head are
-//! decoded once and used by every query head of its group. Keys are visited in
-//! position order `0 ..= pos`, whatever pages hold them, in chunks of
-//! [`CHUNK`] with an online softmax, so results depend only on the data, not
-//! on page ids or batch composition. No heap allocation: all scratch is on the stack.
+//! One call handles a run of query tokens of one sequence and one KV head:
+//! each chunk of K and V rows of that head is decoded once and used by every
+//! query head of the group, for up to [`QUERY_TILE`] tokens at a time. Each
+//! query visits its keys in position order `0 ..= pos`, whatever pages hold
+//! them, in chunks of [`CHUNK`] with an online softmax and its own state, so
+//! results depend only on the data, not on page ids, batch composition or
+//! which queries share a pass. Dot products and the `Σ p·v` sums use
+//! 8-lane accumulators in a fixed order (see [`crate::simd::reduce`]). No
+//! heap allocation: all scratch is on the stack; f32 K/V rows are read in
+//! place.
+
+use std::ops::Range;
 
 use pagoda_backend::quant::dequantize_row;
-use pagoda_backend::{BackendError, KvLayout, Result};
+use pagoda_backend::{BackendError, DType, KvLayout, Result};
+
+use crate::simd::{LANES, reduce, scalar};
 
 /// Largest head dimension supported.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -15,6 +24,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 pub const MAX_GROUP: usize = 8;
 /// Keys scored between two softmax rescales.
 pub const CHUNK: usize = 32;
+/// Query tokens of one sequence that share a pass over the keys.
+pub const QUERY_TILE: usize = 8;
 
 /// Arguments of one attention call, as host slices.
 pub struct AttentionArgs<'a> {
@@ -103,76 +114,572 @@ impl AttentionArgs<'_> {
     }
 }
 
-/// Computes the output rows of (token `t` in sequence `s`, KV head `kvh`):
-/// out: (group, head_dim) for query heads `kvh*group .. (kvh+1)*group`.
-pub fn attend(args: &AttentionArgs<'_>, s: usize, t: usize, kvh: usize, out: &mut [f32]) {
+/// Scratch for K/V rows that are not stored as f32.
+type RowBuf = [[f32; MAX_HEAD_DIM]; CHUNK];
+
+/// Rows `c0 .. c0 + cn` (positions) of K (`kv = 0`) or V (`kv = 1`) of KV
+/// head `kvh` as f32 slices of `head_dim`: decoded into `buf` when given,
+/// else read in place (the cache holds aligned f32).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn chunk_rows<'a>(
+    args: &'a AttentionArgs<'_>,
+    table: &[u32],
+    kv: usize,
+    kvh: usize,
+    c0: usize,
+    cn: usize,
+    buf: Option<&'a mut RowBuf>,
+    rows: &mut [&'a [f32]; CHUNK],
+) {
+    let l = args.layout;
+    let (hd, row) = (l.head_dim, l.row_bytes());
+    // `l.row_offset(page, kv, p % page_size, kvh)`, with the constants hoisted.
+    let token_stride = l.num_kv_heads * row;
+    let page_stride = 2 * l.page_size * token_stride;
+    let base = kv * l.page_size * token_stride + kvh * row;
+    let offset = |i: usize| {
+        let p = c0 + i;
+        table[p / l.page_size] as usize * page_stride + (p % l.page_size) * token_stride + base
+    };
+    match buf {
+        None => {
+            let f: &'a [f32] = bytemuck::cast_slice(args.cache);
+            for (i, r) in rows.iter_mut().enumerate().take(cn) {
+                let o = offset(i) / 4;
+                *r = &f[o..o + hd];
+            }
+        }
+        Some(buf) => {
+            for (i, b) in buf.iter_mut().enumerate().take(cn) {
+                let o = offset(i);
+                // Shapes were validated; a decode error cannot happen for a valid layout.
+                let _ = dequantize_row(l.dtype, &args.cache[o..o + row], &mut b[..hd]);
+            }
+            for (r, b) in rows.iter_mut().zip(buf.iter()).take(cn) {
+                *r = &b[..hd];
+            }
+        }
+    }
+}
+
+/// The two inner loops of attention, in a portable and an AVX2 version that
+/// give the same bits.
+trait Kernels {
+    /// `a · b` with 8 lane accumulators (element `i` goes to lane `i % 8`, in
+    /// order), lanes summed pairwise, then the tail (`len % 8` elements)
+    /// added in order.
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// `[q · k[0], .., q · k[3]]`, each exactly as [`Kernels::dot`].
+    fn dot4(q: &[f32], k: &[&[f32]; 4]) -> [f32; 4] {
+        [Self::dot(q, k[0]), Self::dot(q, k[1]), Self::dot(q, k[2]), Self::dot(q, k[3])]
+    }
+    /// `acc[d] += Σ_i w[i] · rows[i][d]` for every `d < acc.len()`, each
+    /// element accumulated in key order `i = 0, 1, ..`.
+    fn add_weighted_rows(acc: &mut [f32], w: &[f32], rows: &[&[f32]]);
+    /// `x[i] = e^(x[i] − m)` ([`scalar::exp`]).
+    fn exp_sub(x: &mut [f32], m: f32) {
+        for v in x {
+            *v = scalar::exp(*v - m);
+        }
+    }
+}
+
+/// Plain loops (what the AVX2 version must reproduce).
+struct Portable;
+
+impl Kernels for Portable {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n8 = a.len() / LANES * LANES;
+        let mut acc = [0f32; LANES];
+        for (ca, cb) in a[..n8].chunks_exact(LANES).zip(b[..n8].chunks_exact(LANES)) {
+            for l in 0..LANES {
+                acc[l] = ca[l].mul_add(cb[l], acc[l]);
+            }
+        }
+        let mut s = reduce(&acc);
+        for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+            s = x.mul_add(*y, s);
+        }
+        s
+    }
+
+    #[inline(always)]
+    fn add_weighted_rows(acc: &mut [f32], w: &[f32], rows: &[&[f32]]) {
+        for (d, a) in acc.iter_mut().enumerate() {
+            for (wi, v) in w.iter().zip(rows) {
+                *a = wi.mul_add(v[d], *a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Kernels;
+    use crate::simd::avx2::{exp, reduce};
+
+    /// AVX2/FMA intrinsics; only used inside `attend_avx2`.
+    pub(super) struct Avx2;
+
+    /// `acc[d0 .. d0 + 8C] += Σ_i w[i] · rows[i][..]`, `C` vectors at once
+    /// (independent chains keep both FMA pipes busy).
+    ///
+    /// # Safety
+    /// `d0 + 8C <= acc.len()` and every row is at least as long as `acc`;
+    /// AVX2/FMA available.
+    #[inline(always)]
+    unsafe fn weighted_block<const C: usize>(acc: &mut [f32], d0: usize, w: &[f32], rows: &[&[f32]]) {
+        // SAFETY: bounds per the contract above.
+        unsafe {
+            let ap = acc.as_mut_ptr().add(d0);
+            let mut a = [_mm256_setzero_ps(); C];
+            for (c, v) in a.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(ap.add(8 * c));
+            }
+            for (wi, r) in w.iter().zip(rows) {
+                let wv = _mm256_set1_ps(*wi);
+                let rp = r.as_ptr().add(d0);
+                for (c, v) in a.iter_mut().enumerate() {
+                    *v = _mm256_fmadd_ps(wv, _mm256_loadu_ps(rp.add(8 * c)), *v);
+                }
+            }
+            for (c, v) in a.iter().enumerate() {
+                _mm256_storeu_ps(ap.add(8 * c), *v);
+            }
+        }
+    }
+
+    impl Kernels for Avx2 {
+        #[inline(always)]
+        fn exp_sub(x: &mut [f32], m: f32) {
+            let mut chunks = x.chunks_exact_mut(8);
+            for c in &mut chunks {
+                // SAFETY: 8 floats in and out; only inlined into functions
+                // compiled with AVX2/FMA.
+                unsafe {
+                    let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(m));
+                    _mm256_storeu_ps(c.as_mut_ptr(), exp(v));
+                }
+            }
+            for v in chunks.into_remainder() {
+                *v = crate::simd::scalar::exp(*v - m);
+            }
+        }
+
+        #[inline(always)]
+        fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let n8 = n / 8 * 8;
+            // SAFETY: loads stay below n8 <= both lengths; this is only
+            // inlined into functions compiled with AVX2/FMA on CPUs that have them.
+            unsafe {
+                let mut acc = _mm256_setzero_ps();
+                let mut i = 0;
+                while i < n8 {
+                    let x = _mm256_loadu_ps(a.as_ptr().add(i));
+                    acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+                    i += 8;
+                }
+                let mut s = reduce(acc);
+                for (x, y) in a[n8..n].iter().zip(&b[n8..n]) {
+                    s = x.mul_add(*y, s);
+                }
+                s
+            }
+        }
+
+        #[inline(always)]
+        fn dot4(q: &[f32], k: &[&[f32]; 4]) -> [f32; 4] {
+            let n = k.iter().fold(q.len(), |n, r| n.min(r.len()));
+            let n8 = n / 8 * 8;
+            // SAFETY: loads stay below n8 <= every length; this is only
+            // inlined into functions compiled with AVX2/FMA on CPUs that have them.
+            unsafe {
+                // Four independent chains, one per key.
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < n8 {
+                    let x = _mm256_loadu_ps(q.as_ptr().add(i));
+                    for (a, r) in acc.iter_mut().zip(k) {
+                        *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(r.as_ptr().add(i)), *a);
+                    }
+                    i += 8;
+                }
+                let mut out = [0f32; 4];
+                for ((o, a), r) in out.iter_mut().zip(&acc).zip(k) {
+                    let mut s = reduce(*a);
+                    for (x, y) in q[n8..n].iter().zip(&r[n8..n]) {
+                        s = x.mul_add(*y, s);
+                    }
+                    *o = s;
+                }
+                out
+            }
+        }
+
+        #[inline(always)]
+        fn add_weighted_rows(acc: &mut [f32], w: &[f32], rows: &[&[f32]]) {
+            let hd = acc.len();
+            assert!(rows.iter().all(|r| r.len() >= hd));
+            let mut d0 = 0;
+            // SAFETY: d0 + 8C <= hd <= every row's length (asserted); this is
+            // only inlined into functions compiled with AVX2/FMA.
+            unsafe {
+                while d0 + 64 <= hd {
+                    weighted_block::<8>(acc, d0, w, rows);
+                    d0 += 64;
+                }
+                while d0 + 8 <= hd {
+                    weighted_block::<1>(acc, d0, w, rows);
+                    d0 += 8;
+                }
+            }
+            for (d, a) in acc.iter_mut().enumerate().skip(d0) {
+                for (wi, v) in w.iter().zip(rows) {
+                    *a = wi.mul_add(v[d], *a);
+                }
+            }
+        }
+    }
+}
+
+/// Accumulator floats of one query tile: `tile · group · head_dim` of them.
+const ACC_FLOATS: usize = 4096;
+
+/// One pass over the keys for the queries `tokens` (all of sequence `s`,
+/// at most [`QUERY_TILE`] and `ACC_FLOATS / (group · head_dim)` of them).
+///
+/// Each query keeps its own running max, denominator and accumulator and
+/// sees its keys in the same chunks as it would alone: sharing the pass only
+/// shares the K/V rows' trip through the caches.
+#[inline(always)]
+fn tile<K: Kernels>(
+    args: &AttentionArgs<'_>,
+    s: usize,
+    tokens: Range<usize>,
+    kvh: usize,
+    emit: &mut impl FnMut(usize, &[f32]),
+    mut buf: Option<&mut RowBuf>,
+) {
     let l = args.layout;
     let hd = l.head_dim;
     let group = args.num_heads / l.num_kv_heads;
-    let row = l.row_bytes();
+    let span = group * hd;
     let table = &args.block_tables[s * args.max_blocks_per_seq..(s + 1) * args.max_blocks_per_seq];
-    let n_keys = args.positions[t] as usize + 1;
+    let qt = tokens.len();
+    debug_assert!(qt <= QUERY_TILE && qt * span <= ACC_FLOATS);
 
-    let mut m = [f32::NEG_INFINITY; MAX_GROUP];
-    let mut denom = [0f32; MAX_GROUP];
-    let mut acc = [[0f32; MAX_HEAD_DIM]; MAX_GROUP];
-    let mut scores = [[0f32; CHUNK]; MAX_GROUP];
-    let mut krow = [0f32; MAX_HEAD_DIM];
-    let q = |g: usize| {
+    let mut n_keys = [0usize; QUERY_TILE];
+    for (n, t) in n_keys.iter_mut().zip(tokens.clone()) {
+        *n = args.positions[t] as usize + 1;
+    }
+    let max_keys = n_keys[..qt].iter().copied().max().unwrap_or(0);
+    let mut m = [[f32::NEG_INFINITY; MAX_GROUP]; QUERY_TILE];
+    let mut denom = [[0f32; MAX_GROUP]; QUERY_TILE];
+    let mut scores = [[[0f32; CHUNK]; MAX_GROUP]; QUERY_TILE];
+    let mut acc = [0f32; ACC_FLOATS];
+    let q = |t: usize, g: usize| {
         let h = kvh * group + g;
-        &args.q[(t * args.num_heads + h) * hd..(t * args.num_heads + h + 1) * hd]
+        &args.q[(t * args.num_heads + h) * hd..][..hd]
     };
 
     let mut c0 = 0;
-    while c0 < n_keys {
-        let cn = CHUNK.min(n_keys - c0);
-        for i in 0..cn {
-            let p = c0 + i;
-            let off = l.row_offset(table[p / l.page_size] as usize, 0, p % l.page_size, kvh);
-            // Shapes were validated; a decode error cannot happen for a valid layout.
-            let _ = dequantize_row(l.dtype, &args.cache[off..off + row], &mut krow[..hd]);
-            for g in 0..group {
-                let qg = q(g);
-                let mut dot = 0f32;
-                for d in 0..hd {
-                    dot = qg[d].mul_add(krow[d], dot);
+    while c0 < max_keys {
+        let cn = CHUNK.min(max_keys - c0);
+        // Keys of this chunk each query sees.
+        let mut seen = [0usize; QUERY_TILE];
+        for (c, n) in seen.iter_mut().zip(&n_keys[..qt]) {
+            *c = n.saturating_sub(c0).min(CHUNK);
+        }
+        // Scores of the chunk's keys for every query head of the group.
+        {
+            let mut rows: [&[f32]; CHUNK] = [&[]; CHUNK];
+            chunk_rows(args, table, 0, kvh, c0, cn, buf.as_deref_mut(), &mut rows);
+            for (j, t) in tokens.clone().enumerate() {
+                let cj = seen[j];
+                for (g, sc) in scores[j].iter_mut().enumerate().take(group) {
+                    let qg = q(t, g);
+                    let mut i = 0;
+                    while i + 4 <= cj {
+                        let k4 = [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]];
+                        for (o, d) in sc[i..i + 4].iter_mut().zip(K::dot4(qg, &k4)) {
+                            *o = d * args.scale;
+                        }
+                        i += 4;
+                    }
+                    for (o, k) in sc[i..cj].iter_mut().zip(&rows[i..cj]) {
+                        *o = K::dot(qg, k) * args.scale;
+                    }
                 }
-                scores[g][i] = dot * args.scale;
             }
         }
-        for g in 0..group {
-            let cmax = scores[g][..cn]
-                .iter()
-                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let new_m = m[g].max(cmax);
-            let corr = (m[g] - new_m).exp();
-            denom[g] *= corr;
-            for a in acc[g][..hd].iter_mut() {
-                *a *= corr;
+        // Online softmax: rescale what came before to the new running max.
+        for j in 0..qt {
+            let cj = seen[j];
+            if cj == 0 {
+                continue;
             }
-            for sc in scores[g][..cn].iter_mut() {
-                *sc = (*sc - new_m).exp();
-                denom[g] += *sc;
-            }
-            m[g] = new_m;
-        }
-        for i in 0..cn {
-            let p = c0 + i;
-            let off = l.row_offset(table[p / l.page_size] as usize, 1, p % l.page_size, kvh);
-            let _ = dequantize_row(l.dtype, &args.cache[off..off + row], &mut krow[..hd]);
             for g in 0..group {
-                let w = scores[g][i];
-                for d in 0..hd {
-                    acc[g][d] = w.mul_add(krow[d], acc[g][d]);
+                let sc = &mut scores[j][g][..cj];
+                let cmax = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let new_m = m[j][g].max(cmax);
+                let corr = scalar::exp(m[j][g] - new_m);
+                denom[j][g] *= corr;
+                for a in acc[(j * group + g) * hd..][..hd].iter_mut() {
+                    *a *= corr;
                 }
+                K::exp_sub(sc, new_m);
+                for p in sc.iter() {
+                    denom[j][g] += *p;
+                }
+                m[j][g] = new_m;
+            }
+        }
+        // acc += Σ_i p_i · v_i, per element in key order.
+        let mut rows: [&[f32]; CHUNK] = [&[]; CHUNK];
+        chunk_rows(args, table, 1, kvh, c0, cn, buf.as_deref_mut(), &mut rows);
+        for j in 0..qt {
+            let cj = seen[j];
+            for g in 0..group {
+                let a = &mut acc[(j * group + g) * hd..][..hd];
+                K::add_weighted_rows(a, &scores[j][g][..cj], &rows[..cj]);
             }
         }
         c0 += cn;
     }
-    for g in 0..group {
-        let inv = 1.0 / denom[g];
-        for d in 0..hd {
-            out[g * hd + d] = acc[g][d] * inv;
+    for (j, t) in tokens.enumerate() {
+        let out = &mut acc[j * span..][..span];
+        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+            let inv = 1.0 / denom[j][g];
+            for v in o {
+                *v *= inv;
+            }
+        }
+        emit(t, out);
+    }
+}
+
+/// The body of [`attend`], compiled twice (portable and AVX2/FMA).
+#[inline(always)]
+fn attend_body<K: Kernels>(
+    args: &AttentionArgs<'_>,
+    s: usize,
+    tokens: Range<usize>,
+    kvh: usize,
+    emit: &mut impl FnMut(usize, &[f32]),
+    mut buf: Option<&mut RowBuf>,
+) {
+    let span = args.num_heads / args.layout.num_kv_heads * args.layout.head_dim;
+    let per_tile = (ACC_FLOATS / span.max(1)).clamp(1, QUERY_TILE);
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        let t1 = (t0 + per_tile).min(tokens.end);
+        tile::<K>(args, s, t0..t1, kvh, emit, buf.as_deref_mut());
+        t0 = t1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    args: &AttentionArgs<'_>,
+    s: usize,
+    tokens: Range<usize>,
+    kvh: usize,
+    emit: &mut impl FnMut(usize, &[f32]),
+    buf: Option<&mut RowBuf>,
+) {
+    attend_body::<x86::Avx2>(args, s, tokens, kvh, emit, buf)
+}
+
+/// Attention of the query tokens `tokens` (all of sequence `s`) for KV head
+/// `kvh`: calls `emit(t, out)` once per token with out: (group, head_dim),
+/// the rows of query heads `kvh*group .. (kvh+1)*group`. Each token's result
+/// is the same whichever range it is computed in.
+pub fn attend(
+    args: &AttentionArgs<'_>,
+    s: usize,
+    tokens: Range<usize>,
+    kvh: usize,
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    // f32 rows are read in place; other dtypes are decoded a chunk at a time.
+    let in_place = args.layout.dtype == DType::F32
+        && bytemuck::try_cast_slice::<u8, f32>(args.cache).is_ok();
+    let mut scratch;
+    let buf = if in_place {
+        None
+    } else {
+        scratch = [[0f32; MAX_HEAD_DIM]; CHUNK];
+        Some(&mut scratch)
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::has_avx2_fma_f16c() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { attend_avx2(args, s, tokens, kvh, &mut emit, buf) };
+            return;
+        }
+    }
+    attend_body::<Portable>(args, s, tokens, kvh, &mut emit, buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::write_kv;
+    use rand::{Rng, SeedableRng};
+
+    /// Attention of every query over its sequence, in f64 over the rows as
+    /// stored (decoded). q: (n, heads, hd); returns (n, heads, hd).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        cache: &[u8],
+        l: &KvLayout,
+        positions: &[u32],
+        tables: &[Vec<u32>],
+        qsl: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Vec<f64> {
+        let hd = l.head_dim;
+        let group = heads / l.num_kv_heads;
+        let mut out = vec![0f64; q.len()];
+        let row = |p: u32, kv, pos: usize, h| {
+            let o = l.row_offset(p as usize, kv, pos % l.page_size, h);
+            let mut r = vec![0f32; hd];
+            dequantize_row(l.dtype, &cache[o..o + l.row_bytes()], &mut r).unwrap();
+            r
+        };
+        for (s, table) in tables.iter().enumerate() {
+            for t in qsl[s] as usize..qsl[s + 1] as usize {
+                for h in 0..heads {
+                    let kvh = h / group;
+                    let qh = &q[(t * heads + h) * hd..][..hd];
+                    let n = positions[t] as usize + 1;
+                    let sc: Vec<f64> = (0..n)
+                        .map(|p| {
+                            let k = row(table[p / l.page_size], 0, p, kvh);
+                            let d: f64 = qh.iter().zip(&k).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            d * scale as f64
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|v| (v - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for (p, w) in e.iter().enumerate() {
+                        let v = row(table[p / l.page_size], 1, p, kvh);
+                        for d in 0..hd {
+                            out[(t * heads + h) * hd + d] += w / z * v[d] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Two sequences (lengths 45 and 70, the second prefilled 5 tokens at a
+    /// time here), written at the pages of `tables`; returns the attention
+    /// output of all queries.
+    fn run(dtype: DType, hd: usize, tables: &[Vec<u32>], check: bool) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (heads, kvh, lens) = (6, 2, [45usize, 70]);
+        let l = KvLayout {
+            num_layers: 1,
+            num_pages: 32,
+            page_size: 4,
+            num_kv_heads: kvh,
+            head_dim: hd,
+            dtype,
+        };
+        let mut cache = vec![0u8; l.layer_bytes()];
+        for (s, &len) in lens.iter().enumerate() {
+            let k: Vec<f32> = (0..len * kvh * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let v: Vec<f32> = (0..len * kvh * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let slots: Vec<u32> = (0..len)
+                .map(|p| tables[s][p / l.page_size] * l.page_size as u32 + (p % l.page_size) as u32)
+                .collect();
+            write_kv(&mut cache, &l, &k, &v, &slots).unwrap();
+        }
+        // Queries: the last 3 positions of sequence 0, the last 5 of sequence 1.
+        let positions: Vec<u32> = [42u32, 43, 44, 65, 66, 67, 68, 69].to_vec();
+        let qsl = [0u32, 3, 8];
+        let n = positions.len();
+        let q: Vec<f32> = (0..n * heads * hd).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let mbps = 18;
+        let mut bt = vec![0u32; 2 * mbps];
+        for (s, t) in tables.iter().enumerate() {
+            bt[s * mbps..s * mbps + t.len()].copy_from_slice(t);
+        }
+        let args = AttentionArgs {
+            q: &q,
+            cache: &cache,
+            layout: &l,
+            positions: &positions,
+            block_tables: &bt,
+            context_lens: &[lens[0] as u32, lens[1] as u32],
+            query_start_locs: &qsl,
+            num_heads: heads,
+            max_blocks_per_seq: mbps,
+            scale: 0.3,
+        };
+        args.validate().unwrap();
+        let group = heads / kvh;
+        let mut out = vec![0f32; n * heads * hd];
+        // Sequence 0 one query at a time, sequence 1 in one call.
+        for h in 0..kvh {
+            let mut emit = |t: usize, o: &[f32]| {
+                out[(t * heads + h * group) * hd..][..group * hd].copy_from_slice(o)
+            };
+            for t in 0..3 {
+                attend(&args, 0, t..t + 1, h, &mut emit);
+            }
+            attend(&args, 1, 3..8, h, &mut emit);
+        }
+        if check {
+            // The portable body gives the same bits as the dispatched one.
+            let mut portable = vec![0f32; n * heads * hd];
+            let mut scratch = [[0f32; MAX_HEAD_DIM]; CHUNK];
+            for h in 0..kvh {
+                let mut emit = |t: usize, o: &[f32]| {
+                    portable[(t * heads + h * group) * hd..][..group * hd].copy_from_slice(o)
+                };
+                attend_body::<Portable>(&args, 0, 0..3, h, &mut emit, Some(&mut scratch));
+                for t in 3..8 {
+                    attend_body::<Portable>(&args, 1, t..t + 1, h, &mut emit, Some(&mut scratch));
+                }
+            }
+            assert_eq!(out, portable, "{dtype}: portable path");
+            let want = reference(&q, &cache, &l, &positions, tables, &qsl, heads, 0.3);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() < 2e-6, "{dtype}: {a} vs {b}");
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_f64_reference_and_ignores_page_ids() {
+        let straight: Vec<Vec<u32>> = vec![(0..12).collect(), (12..30).collect()];
+        // A fixed permutation of the 32 pages (7 is coprime with 32).
+        let perm: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 32).collect();
+        let shuffled: Vec<Vec<u32>> = vec![perm[..12].to_vec(), perm[12..30].to_vec()];
+        for (dtype, hd) in [
+            (DType::F32, 40),
+            (DType::F32, 64),
+            (DType::F16, 36),
+            (DType::BF16, 64),
+            (DType::Q8_0, 64),
+        ] {
+            let a = run(dtype, hd, &straight, true);
+            let b = run(dtype, hd, &shuffled, false);
+            assert_eq!(a, b, "{dtype} hd={hd}");
         }
     }
 }

@@ -1,11 +1,20 @@
 //! Parallel loops over disjoint output ranges.
 //!
-//! With one thread everything runs inline on the caller (no rayon, no heap
-//! allocation: the zero-allocation decode test relies on it). With more,
-//! work is split into contiguous index ranges run on the backend's own rayon
-//! pool.
+//! With one thread everything runs inline on the caller (no other thread, no
+//! heap allocation: the zero-allocation decode test relies on it). With more,
+//! a [`Pool`] of `threads - 1` persistent workers and the calling thread
+//! share the chunks of each loop through an atomic counter, so a thread that
+//! the OS preempts just takes fewer chunks. Between loops workers spin for a
+//! short while (the ops of one decode step follow each other within
+//! microseconds, far below the cost of waking a sleeping thread), then sleep.
+//! Loops allocate nothing.
 
 use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// A mutable buffer shared by the threads of one op; each thread touches only
 /// the elements of the index ranges it was given.
@@ -65,32 +74,242 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// Runs `f` over `0..n` split into contiguous ranges of at least `min_chunk`.
-pub fn for_ranges(
-    pool: Option<&rayon::ThreadPool>,
+/// How long an idle worker spins before it sleeps.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// One parallel loop: `f` over `0..n` in chunks of `chunk`.
+struct Job<'a> {
+    f: &'a (dyn Fn(Range<usize>) + Sync),
     n: usize,
-    min_chunk: usize,
-    f: impl Fn(Range<usize>) + Sync,
-) {
+    chunk: usize,
+    /// Index of the next chunk to hand out.
+    next: AtomicUsize,
+}
+
+impl Job<'_> {
+    /// Runs chunks until none is left.
+    fn run(&self) {
+        loop {
+            let c = self.next.fetch_add(1, Ordering::Relaxed);
+            let start = c.saturating_mul(self.chunk);
+            if start >= self.n {
+                return;
+            }
+            (self.f)(start..(start + self.chunk).min(self.n));
+        }
+    }
+}
+
+/// State shared by the caller and the workers.
+struct Shared {
+    /// Bumped to publish a loop; every worker runs each published loop once.
+    epoch: AtomicUsize,
+    /// The published loop, a `*const Job` on the publishing caller's stack.
+    job: AtomicPtr<()>,
+    /// Workers that have not yet finished the published loop.
+    remaining: AtomicUsize,
+    /// A worker's chunk panicked.
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+    /// Workers asleep (or about to be) on `wake`.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+/// Persistent worker threads for [`for_ranges`].
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Serialises loops: one loop at a time owns the workers.
+    busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("threads", &self.threads()).finish()
+    }
+}
+
+impl Pool {
+    /// A pool for `threads` threads in all: the caller and `threads - 1` workers.
+    pub fn new(threads: usize) -> std::io::Result<Pool> {
+        let shared = Arc::new(Shared {
+            epoch: AtomicUsize::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            remaining: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut pool = Pool {
+            shared: shared.clone(),
+            workers: Vec::new(),
+            busy: Mutex::new(()),
+        };
+        for i in 1..threads.max(1) {
+            let s = shared.clone();
+            pool.workers.push(
+                std::thread::Builder::new()
+                    .name(format!("pagoda-cpu-{i}"))
+                    .spawn(move || worker(&s))?,
+            );
+        }
+        Ok(pool)
+    }
+
+    /// Threads that run a loop (workers + the caller).
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `job` on every thread and returns when all are done with it.
+    fn run(&self, job: &Job<'_>) {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        s.job
+            .store(job as *const Job<'_> as *mut (), Ordering::Relaxed);
+        s.remaining.store(self.workers.len(), Ordering::Relaxed);
+        // SeqCst pairs with the sleepers check in `worker`: either the worker
+        // sees the new epoch or we see it asleep and notify it.
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| job.run()));
+        // Workers hold `job` (on this stack) until they decrement `remaining`:
+        // wait for all of them, even if our own chunk panicked.
+        let mut spins = 0u32;
+        while s.remaining.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let worker_panicked = s.panicked.swap(false, Ordering::Relaxed);
+        if let Err(p) = mine {
+            resume_unwind(p);
+        }
+        if worker_panicked {
+            panic!("a pagoda-cpu worker thread panicked");
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let s = &*self.shared;
+        s.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A worker: waits for each new epoch, runs its share of the loop, reports.
+fn worker(s: &Shared) {
+    let mut seen = 0usize;
+    loop {
+        // Wait for a new loop: spin first, then sleep.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if s.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let e = s.epoch.load(Ordering::Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 64 != 0 || start.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.sleepers.fetch_add(1, Ordering::SeqCst);
+            while s.epoch.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
+                g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            s.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+        // SAFETY: the publisher stored a valid `Job` before bumping the epoch
+        // (we acquired it), and keeps it alive until `remaining` reaches 0,
+        // which needs our decrement below, after our last use of it.
+        let job = unsafe { &*(s.job.load(Ordering::Relaxed) as *const Job<'_>) };
+        if catch_unwind(AssertUnwindSafe(|| job.run())).is_err() {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.remaining.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Runs `f` over `0..n` split into contiguous ranges; every range but the
+/// last is a multiple of `align` long (row tiles stay whole).
+pub fn for_ranges(pool: Option<&Pool>, n: usize, align: usize, f: impl Fn(Range<usize>) + Sync) {
     if n == 0 {
         return;
     }
+    let align = align.max(1);
     match pool {
-        None => f(0..n),
-        Some(pool) => {
-            let threads = pool.current_num_threads().max(1);
-            // A few chunks per thread for balance.
-            let chunk = n.div_ceil(threads * 4).max(min_chunk.max(1));
-            let num_chunks = n.div_ceil(chunk);
-            if num_chunks <= 1 {
-                return f(0..n);
-            }
-            pool.install(|| {
-                use rayon::prelude::*;
-                (0..num_chunks)
-                    .into_par_iter()
-                    .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n)));
+        Some(pool) if pool.threads() > 1 && n > align => {
+            // Several chunks per thread: a preempted thread holds up little.
+            let chunk = n.div_ceil(pool.threads() * 8).next_multiple_of(align);
+            pool.run(&Job {
+                f: &f,
+                n,
+                chunk,
+                next: AtomicUsize::new(0),
             });
         }
+        _ => f(0..n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_runs_once_in_aligned_ranges() {
+        let pool = Pool::new(3).unwrap();
+        for n in [1usize, 7, 64, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            for_ranges(Some(&pool), n, 4, |r| {
+                assert!(r.start % 4 == 0);
+                for i in r {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
+        }
+    }
+
+    #[test]
+    fn a_panicking_chunk_panics_the_caller_and_the_pool_survives() {
+        let pool = Pool::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            for_ranges(Some(&pool), 100, 1, |r| {
+                if r.contains(&57) {
+                    panic!("boom");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let count = AtomicUsize::new(0);
+        for_ranges(Some(&pool), 100, 1, |r| {
+            count.fetch_add(r.len(), Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 100);
     }
 }

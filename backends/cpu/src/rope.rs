@@ -17,11 +17,37 @@ pub fn rope_token(
     rope_dim: usize,
     base: f32,
 ) {
-    let pairs = (rope_dim / 2).min(MAX_PAIRS);
+    let freqs = Freqs::new(rope_dim, base);
+    rope_token_with(x, pos, num_heads, head_dim, &freqs)
+}
+
+/// The per-pair frequencies `base^(-2i/rope_dim)` (f64), computed once per
+/// call instead of once per token.
+pub struct Freqs {
+    pairs: usize,
+    inv: [f64; MAX_PAIRS],
+}
+
+impl Freqs {
+    /// Frequencies of the first `min(rope_dim / 2, MAX_PAIRS)` pairs.
+    pub fn new(rope_dim: usize, base: f32) -> Freqs {
+        let pairs = (rope_dim / 2).min(MAX_PAIRS);
+        let mut inv = [0f64; MAX_PAIRS];
+        for (i, f) in inv.iter_mut().enumerate().take(pairs) {
+            *f = (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+        }
+        Freqs { pairs, inv }
+    }
+}
+
+/// [`rope_token`] with precomputed frequencies (the same bits).
+#[inline]
+pub fn rope_token_with(x: &mut [f32], pos: u32, num_heads: usize, head_dim: usize, f: &Freqs) {
+    let pairs = f.pairs;
     let mut cos = [0f32; MAX_PAIRS];
     let mut sin = [0f32; MAX_PAIRS];
     for i in 0..pairs {
-        let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / rope_dim as f64);
+        let theta = pos as f64 * f.inv[i];
         cos[i] = theta.cos() as f32;
         sin[i] = theta.sin() as f32;
     }

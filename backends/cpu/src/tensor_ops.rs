@@ -6,9 +6,14 @@ use pagoda_backend::{
     Result, RopeDims, TensorOps,
 };
 
-use crate::paged_attention::{AttentionArgs, attend};
+use crate::paged_attention::{AttentionArgs, QUERY_TILE, attend};
 use crate::par::{SharedMut, for_ranges};
 use crate::{CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope};
+
+/// Rows (or tokens) per parallel chunk of the row-wise ops; fewer run inline.
+const ROW_CHUNK: usize = 16;
+/// Elements per parallel chunk of the elementwise ops; fewer run inline.
+const ELEMENT_CHUNK: usize = 16 * 1024;
 
 fn invalid(op: &'static str, detail: String) -> BackendError {
     BackendError::InvalidArgument { op, detail }
@@ -56,7 +61,7 @@ impl TensorOps for CpuBackend {
         let os = self.view_mut::<f32>(out, d.n * d.m, "matmul")?;
         let o = SharedMut::new(os);
         // Split over weight rows: each thread owns whole output columns.
-        for_ranges(self.pool.as_ref(), d.m, 16, |rows| {
+        for_ranges(self.pool.as_ref(), d.m, 8, |rows| {
             matmul::matmul_rows(xs, ws, w_dtype, o, d.n, d.k, d.m, rows)
         });
         Ok(())
@@ -76,12 +81,15 @@ impl TensorOps for CpuBackend {
         let xs = self.view::<f32>(x, n * dim, "rms_norm")?;
         let ws = self.view::<f32>(weight, dim, "rms_norm")?;
         let os = self.view_mut::<f32>(out, n * dim, "rms_norm")?;
-        for (xr, or) in xs
-            .chunks_exact(dim.max(1))
-            .zip(os.chunks_exact_mut(dim.max(1)))
-        {
-            rms_norm::rms_norm_row(xr, ws, or, eps);
-        }
+        let o = SharedMut::new(os);
+        // Rows are independent: split them (prefill) or run inline (decode).
+        for_ranges(self.pool.as_ref(), n, ROW_CHUNK, |rows| {
+            for r in rows {
+                // SAFETY: row r belongs to this range only.
+                let or = unsafe { o.slice_mut(r * dim, dim) };
+                rms_norm::rms_norm_row(&xs[r * dim..][..dim], ws, or, eps);
+            }
+        });
         Ok(())
     }
 
@@ -97,16 +105,15 @@ impl TensorOps for CpuBackend {
         let pos = self.view::<u32>(positions, d.num_tokens, "rope")?;
         let width = d.num_heads * d.head_dim;
         let xs = self.view_mut::<f32>(x, d.num_tokens * width, "rope")?;
-        for (t, row) in xs.chunks_exact_mut(width.max(1)).enumerate() {
-            rope::rope_token(
-                row,
-                pos[t],
-                d.num_heads,
-                d.head_dim,
-                d.rope_dim,
-                d.freq_base,
-            );
-        }
+        let freqs = rope::Freqs::new(d.rope_dim, d.freq_base);
+        let o = SharedMut::new(xs);
+        for_ranges(self.pool.as_ref(), d.num_tokens, ROW_CHUNK, |tokens| {
+            for t in tokens {
+                // SAFETY: token t's row belongs to this range only.
+                let row = unsafe { o.slice_mut(t * width, width) };
+                rope::rope_token_with(row, pos[t], d.num_heads, d.head_dim, &freqs);
+            }
+        });
         Ok(())
     }
 
@@ -115,8 +122,13 @@ impl TensorOps for CpuBackend {
         let _g = self.lock();
         let g = self.view::<f32>(gate, len, "silu_mul")?;
         let u = self.view::<f32>(up, len, "silu_mul")?;
-        let o = self.view_mut::<f32>(out, len, "silu_mul")?;
-        elementwise::silu_mul(g, u, o);
+        let os = self.view_mut::<f32>(out, len, "silu_mul")?;
+        let o = SharedMut::new(os);
+        for_ranges(self.pool.as_ref(), len, ELEMENT_CHUNK, |r| {
+            // SAFETY: the elements of r belong to this range only.
+            let out = unsafe { o.slice_mut(r.start, r.len()) };
+            elementwise::silu_mul(&g[r.clone()], &u[r], out);
+        });
         Ok(())
     }
 
@@ -125,7 +137,12 @@ impl TensorOps for CpuBackend {
         let _g = self.lock();
         let ys = self.view::<f32>(y, len, "add_assign")?;
         let xs = self.view_mut::<f32>(x, len, "add_assign")?;
-        elementwise::add_assign(xs, ys);
+        let o = SharedMut::new(xs);
+        for_ranges(self.pool.as_ref(), len, ELEMENT_CHUNK, |r| {
+            // SAFETY: the elements of r belong to this range only.
+            let x = unsafe { o.slice_mut(r.start, r.len()) };
+            elementwise::add_assign(x, &ys[r]);
+        });
         Ok(())
     }
 
@@ -244,17 +261,31 @@ impl AttentionOps for CpuBackend {
         let kvh = l.num_kv_heads;
         let group = d.num_heads / kvh;
         let span = group * l.head_dim;
-        // One task per (token, kv head); token t's sequence is found from query_start_locs.
-        for_ranges(self.pool.as_ref(), d.num_tokens * kvh, 1, |range| {
-            let mut s = 0;
+        let qsl = args.query_start_locs;
+        // One task per (KV head, tile of QUERY_TILE consecutive tokens), head
+        // major so that a thread's run of tasks reuses one head's K/V rows.
+        // A tile spanning sequences is handled one sequence at a time.
+        let tiles = d.num_tokens.div_ceil(QUERY_TILE);
+        for_ranges(self.pool.as_ref(), kvh * tiles, 1, |range| {
             for task in range {
-                let (t, h) = (task / kvh, task % kvh);
-                while args.query_start_locs[s + 1] as usize <= t {
-                    s += 1;
+                let (h, tile) = (task / tiles, task % tiles);
+                let (a, b) = (tile * QUERY_TILE, ((tile + 1) * QUERY_TILE).min(d.num_tokens));
+                // The sequence of token a (query_start_locs is validated, ends at num_tokens).
+                let mut s = qsl.partition_point(|&x| x as usize <= a) - 1;
+                let mut t0 = a;
+                while t0 < b {
+                    while qsl[s + 1] as usize <= t0 {
+                        s += 1;
+                    }
+                    let t1 = b.min(qsl[s + 1] as usize);
+                    attend(&args, s, t0..t1, h, |t, rows| {
+                        // SAFETY: task (h, tile) owns output rows
+                        // (t, h*group .. (h+1)*group) for t in its tile, disjoint across tasks.
+                        let out = unsafe { o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span) };
+                        out.copy_from_slice(rows);
+                    });
+                    t0 = t1;
                 }
-                // SAFETY: task (t, h) owns output rows (t, h*group .. (h+1)*group), disjoint across tasks.
-                let out = unsafe { o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span) };
-                attend(&args, s, t, h, out);
             }
         });
         Ok(())
