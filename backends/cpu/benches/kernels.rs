@@ -47,7 +47,7 @@ fn time(mut f: impl FnMut()) -> f64 {
 
 fn weights(dtype: DType, m: usize, k: usize) -> Vec<u8> {
     let rb = dtype.row_bytes(k).expect("row");
-    let mut w: Vec<u8> = (0..m * rb).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+    let mut w: Vec<u8> = (0..m * rb).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
     for blk in w.chunks_exact_mut(dtype.block_bytes()) {
         blk[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
         if dtype == DType::Q4_1 {

@@ -338,7 +338,7 @@ mod x86 {
         m: usize,
         rows: Range<usize>,
     ) {
-        assert!(k % QK == 0 && rows.end <= m);
+        assert!(k.is_multiple_of(QK) && rows.end <= m);
         assert!(x.len() >= n * k && w.len() >= m * (k / QK * F::BYTES) && out.len() >= n * m);
         if n >= PREDECODE_MIN_TOKENS {
             // SAFETY: as this function (bounds asserted above).

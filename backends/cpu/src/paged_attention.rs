@@ -438,6 +438,7 @@ mod x86 {
                     });
                     for (i, r) in rows.iter().enumerate() {
                         let wb: [__m256; G] = std::array::from_fn(|h| _mm256_set1_ps(*w[h].get_unchecked(i)));
+                        #[allow(clippy::needless_range_loop)] // c indexes every head's accumulators
                         for c in 0..4 {
                             let v = _mm256_loadu_ps(r.as_ptr().add(d0 + 8 * c));
                             for h in 0..G {
