@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p pagoda-cpu --bench kernels` prints, per case, the median
 //! thread-CPU time of one call and the rate in GFLOP/s (multiply-adds count
-//! 2). Token counts may be given after `--`.
+//! 2). Token counts may be given after `--`; `-- attention` times only the
+//! attention.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -46,7 +47,7 @@ fn time(mut f: impl FnMut()) -> f64 {
 
 fn weights(dtype: DType, m: usize, k: usize) -> Vec<u8> {
     let rb = dtype.row_bytes(k).expect("row");
-    let mut w: Vec<u8> = (0..m * rb).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+    let mut w: Vec<u8> = (0..m * rb).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
     for blk in w.chunks_exact_mut(dtype.block_bytes()) {
         blk[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
         if dtype == DType::Q4_1 {
@@ -65,7 +66,8 @@ fn main() {
     ];
     // Token counts from the command line (`-- 1 64`), else 1, 4 and 64.
     let mut ns: Vec<usize> = std::env::args().filter_map(|a| a.parse().ok()).collect();
-    if ns.is_empty() {
+    let only_attention = std::env::args().any(|a| a == "attention");
+    if ns.is_empty() && !only_attention {
         ns = vec![1, 4, 64];
     }
     for n in ns {

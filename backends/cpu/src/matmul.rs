@@ -338,7 +338,7 @@ mod x86 {
         m: usize,
         rows: Range<usize>,
     ) {
-        assert!(k % QK == 0 && rows.end <= m);
+        assert!(k.is_multiple_of(QK) && rows.end <= m);
         assert!(x.len() >= n * k && w.len() >= m * (k / QK * F::BYTES) && out.len() >= n * m);
         if n >= PREDECODE_MIN_TOKENS {
             // SAFETY: as this function (bounds asserted above).
@@ -355,7 +355,7 @@ mod x86 {
                 // per this function's contract.
                 unsafe {
                     match tn {
-                        1 => token_tile::<F, 8, 1>(x, w, out, k, m, t0, rb.clone()),
+                        1 => token_tile::<F, 4, 1>(x, w, out, k, m, t0, rb.clone()),
                         2 => token_tile::<F, 4, 2>(x, w, out, k, m, t0, rb.clone()),
                         3 => token_tile::<F, 3, 3>(x, w, out, k, m, t0, rb.clone()),
                         4 => token_tile::<F, 2, 4>(x, w, out, k, m, t0, rb.clone()),

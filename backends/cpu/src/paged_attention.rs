@@ -170,20 +170,37 @@ trait Kernels {
     /// order), lanes summed pairwise, then the tail (`len % 8` elements)
     /// added in order.
     fn dot(a: &[f32], b: &[f32]) -> f32;
-    /// `[q · k[0], .., q · k[3]]`, each exactly as [`Kernels::dot`].
-    fn dot4(q: &[f32], k: &[&[f32]; 4]) -> [f32; 4] {
-        [Self::dot(q, k[0]), Self::dot(q, k[1]), Self::dot(q, k[2]), Self::dot(q, k[3])]
+    /// `out[h][i] = (q[h] · k[i]) · scale` for `G` query heads and 4 keys,
+    /// each dot exactly as [`Kernels::dot`].
+    fn scores<const G: usize>(q: [&[f32]; G], k: [&[f32]; 4], scale: f32) -> [[f32; 4]; G] {
+        std::array::from_fn(|h| std::array::from_fn(|i| Self::dot(q[h], k[i]) * scale))
     }
     /// `acc[d] += Σ_i w[i] · rows[i][d]` for every `d < acc.len()`, each
     /// element accumulated in key order `i = 0, 1, ..`.
     fn add_weighted_rows(acc: &mut [f32], w: &[f32], rows: &[&[f32]]);
+    /// [`Kernels::add_weighted_rows`] for `G` heads sharing the rows.
+    fn add_weighted_rows_g<const G: usize>(acc: [&mut [f32]; G], w: [&[f32]; G], rows: &[&[f32]]) {
+        for (a, w) in acc.into_iter().zip(w) {
+            Self::add_weighted_rows(a, w, rows);
+        }
+    }
     /// `x[i] = e^(x[i] − m)` ([`scalar::exp`]).
     fn exp_sub(x: &mut [f32], m: f32) {
         for v in x {
             *v = scalar::exp(*v - m);
         }
     }
+    /// Largest element (`-inf` for none).
+    fn max(x: &[f32]) -> f32 {
+        x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    }
+    /// Lane sums of a chunk: `s[l] = (p[l] + p[8+l]) + (p[16+l] + p[24+l])`.
+    fn lane_sums(p: &[f32; CHUNK]) -> [f32; LANES] {
+        std::array::from_fn(|l| (p[l] + p[8 + l]) + (p[16 + l] + p[24 + l]))
+    }
 }
+
+const _: () = assert!(CHUNK == 4 * LANES, "lane_sums assumes 32-key chunks");
 
 /// Plain loops (what the AVX2 version must reproduce).
 struct Portable;
@@ -253,7 +270,81 @@ mod x86 {
         }
     }
 
+    /// The four lane sums of `a`, each in the order of [`reduce`]:
+    /// `((x0 + x4) + (x2 + x6)) + ((x1 + x5) + (x3 + x7))`.
+    ///
+    /// # Safety
+    /// AVX available (only inlined into functions compiled with AVX2/FMA).
+    #[inline(always)]
+    unsafe fn reduce4(a: &[__m256; 4]) -> __m128 {
+        // SAFETY: register-only AVX ops.
+        unsafe {
+            let half = |v: __m256| _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            // s_x = [x0+x4, x1+x5, x2+x6, x3+x7] for x = a, b, c, d.
+            let (sa, sb, sc, sd) = (half(a[0]), half(a[1]), half(a[2]), half(a[3]));
+            // [sa0+sa2, sb0+sb2, sa1+sa3, sb1+sb3] and the same for c, d.
+            let u0 = _mm_add_ps(_mm_unpacklo_ps(sa, sb), _mm_unpackhi_ps(sa, sb));
+            let u1 = _mm_add_ps(_mm_unpacklo_ps(sc, sd), _mm_unpackhi_ps(sc, sd));
+            // (s0 + s2) + (s1 + s3) for each of a, b, c, d.
+            _mm_add_ps(_mm_movelh_ps(u0, u1), _mm_movehl_ps(u1, u0))
+        }
+    }
+
+    /// `acc[d] += Σ_i w[i] · rows[i][d]` for `d0 <= d < acc.len()`, 8 lanes
+    /// then one element at a time, in key order.
+    #[inline(always)]
+    fn add_weighted_tail(acc: &mut [f32], mut d0: usize, w: &[f32], rows: &[&[f32]]) {
+        let hd = acc.len();
+        assert!(rows.iter().all(|r| r.len() >= hd));
+        // SAFETY: d0 + 8 <= hd <= every row's length (asserted); only inlined
+        // into functions compiled with AVX2/FMA.
+        unsafe {
+            while d0 + 8 <= hd {
+                weighted_block::<1>(acc, d0, w, rows);
+                d0 += 8;
+            }
+        }
+        for (d, a) in acc.iter_mut().enumerate().skip(d0) {
+            for (wi, v) in w.iter().zip(rows) {
+                *a = wi.mul_add(v[d], *a);
+            }
+        }
+    }
+
     impl Kernels for Avx2 {
+        #[inline(always)]
+        fn max(x: &[f32]) -> f32 {
+            let mut chunks = x.chunks_exact(8);
+            // SAFETY: 8 floats per load; only inlined into functions
+            // compiled with AVX2/FMA.
+            let mut m = unsafe {
+                let mut v = _mm256_set1_ps(f32::NEG_INFINITY);
+                for c in &mut chunks {
+                    v = _mm256_max_ps(v, _mm256_loadu_ps(c.as_ptr()));
+                }
+                let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)))
+            };
+            for &v in chunks.remainder() {
+                m = m.max(v);
+            }
+            m
+        }
+
+        #[inline(always)]
+        fn lane_sums(p: &[f32; super::CHUNK]) -> [f32; 8] {
+            let mut out = [0f32; 8];
+            // SAFETY: 32 floats in, 8 out; only inlined into functions
+            // compiled with AVX2/FMA.
+            unsafe {
+                let v = |i: usize| _mm256_loadu_ps(p.as_ptr().add(8 * i));
+                let s = _mm256_add_ps(_mm256_add_ps(v(0), v(1)), _mm256_add_ps(v(2), v(3)));
+                _mm256_storeu_ps(out.as_mut_ptr(), s);
+            }
+            out
+        }
+
         #[inline(always)]
         fn exp_sub(x: &mut [f32], m: f32) {
             let mut chunks = x.chunks_exact_mut(8);
@@ -293,31 +384,79 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn dot4(q: &[f32], k: &[&[f32]; 4]) -> [f32; 4] {
-            let n = k.iter().fold(q.len(), |n, r| n.min(r.len()));
+        fn scores<const G: usize>(q: [&[f32]; G], k: [&[f32]; 4], scale: f32) -> [[f32; 4]; G] {
+            let n = k.iter().chain(&q).fold(usize::MAX, |n, r| n.min(r.len()));
             let n8 = n / 8 * 8;
+            let mut out = [[0f32; 4]; G];
             // SAFETY: loads stay below n8 <= every length; this is only
             // inlined into functions compiled with AVX2/FMA on CPUs that have them.
             unsafe {
-                // Four independent chains, one per key.
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i < n8 {
-                    let x = _mm256_loadu_ps(q.as_ptr().add(i));
-                    for (a, r) in acc.iter_mut().zip(k) {
-                        *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(r.as_ptr().add(i)), *a);
+                // G × 4 independent chains; each q and k vector loaded once.
+                let mut acc = [[_mm256_setzero_ps(); 4]; G];
+                let mut c = 0;
+                while c < n8 {
+                    let qv: [__m256; G] = std::array::from_fn(|h| _mm256_loadu_ps(q[h].as_ptr().add(c)));
+                    for i in 0..4 {
+                        let kv = _mm256_loadu_ps(k[i].as_ptr().add(c));
+                        for h in 0..G {
+                            acc[h][i] = _mm256_fmadd_ps(qv[h], kv, acc[h][i]);
+                        }
                     }
-                    i += 8;
+                    c += 8;
                 }
-                let mut out = [0f32; 4];
-                for ((o, a), r) in out.iter_mut().zip(&acc).zip(k) {
-                    let mut s = reduce(*a);
-                    for (x, y) in q[n8..n].iter().zip(&r[n8..n]) {
-                        s = x.mul_add(*y, s);
+                for (o, a) in out.iter_mut().zip(&acc) {
+                    _mm_storeu_ps(o.as_mut_ptr(), reduce4(a));
+                }
+            }
+            for (h, o) in out.iter_mut().enumerate() {
+                for (i, v) in o.iter_mut().enumerate() {
+                    for (x, y) in q[h][n8..n].iter().zip(&k[i][n8..n]) {
+                        *v = x.mul_add(*y, *v);
                     }
-                    *o = s;
+                    *v *= scale;
                 }
-                out
+            }
+            out
+        }
+
+        #[inline(always)]
+        fn add_weighted_rows_g<const G: usize>(
+            mut acc: [&mut [f32]; G],
+            w: [&[f32]; G],
+            rows: &[&[f32]],
+        ) {
+            let hd = acc.iter().fold(usize::MAX, |n, a| n.min(a.len()));
+            assert!(rows.iter().all(|r| r.len() >= hd) && w.iter().all(|w| w.len() >= rows.len()));
+            let mut d0 = 0;
+            // SAFETY: d0 + 32 <= hd <= every row's and accumulator's length,
+            // i < rows.len() <= every w's length (asserted); this is only
+            // inlined into functions compiled with AVX2/FMA.
+            unsafe {
+                while d0 + 32 <= hd {
+                    let mut a: [[__m256; 4]; G] = std::array::from_fn(|h| {
+                        std::array::from_fn(|c| _mm256_loadu_ps(acc[h].as_ptr().add(d0 + 8 * c)))
+                    });
+                    for (i, r) in rows.iter().enumerate() {
+                        let wb: [__m256; G] = std::array::from_fn(|h| _mm256_set1_ps(*w[h].get_unchecked(i)));
+                        #[allow(clippy::needless_range_loop)] // c indexes every head's accumulators
+                        for c in 0..4 {
+                            let v = _mm256_loadu_ps(r.as_ptr().add(d0 + 8 * c));
+                            for h in 0..G {
+                                a[h][c] = _mm256_fmadd_ps(wb[h], v, a[h][c]);
+                            }
+                        }
+                    }
+                    for (h, ah) in a.iter().enumerate() {
+                        for (c, v) in ah.iter().enumerate() {
+                            _mm256_storeu_ps(acc[h].as_mut_ptr().add(d0 + 8 * c), *v);
+                        }
+                    }
+                    d0 += 32;
+                }
+            }
+            // The rest (head_dim not a multiple of 32) one head at a time.
+            for (a, w) in acc.iter_mut().zip(w) {
+                add_weighted_tail(&mut a[..hd], d0, w, rows);
             }
         }
 
@@ -345,6 +484,49 @@ mod x86 {
             }
         }
     }
+}
+
+/// Scores of keys `0..cj` of the chunk for query heads `g0 .. g0 + G`
+/// (`q(h)` is head h's query): `sc[h][i] = (q(h) · rows[i]) · scale`.
+#[inline(always)]
+fn score_heads<'a, K: Kernels, const G: usize>(
+    sc: &mut [[f32; CHUNK]; MAX_GROUP],
+    g0: usize,
+    cj: usize,
+    rows: &[&[f32]; CHUNK],
+    q: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+) {
+    let qs: [&[f32]; G] = std::array::from_fn(|h| q(g0 + h));
+    let mut i = 0;
+    while i + 4 <= cj {
+        let s = K::scores::<G>(qs, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]], scale);
+        for (h, sh) in s.iter().enumerate() {
+            sc[g0 + h][i..i + 4].copy_from_slice(sh);
+        }
+        i += 4;
+    }
+    for (h, qh) in qs.iter().enumerate() {
+        for (o, k) in sc[g0 + h][i..cj].iter_mut().zip(&rows[i..cj]) {
+            *o = K::dot(qh, k) * scale;
+        }
+    }
+}
+
+/// `acc` of heads `g0 .. g0 + G` (`hd` each, from the start of `acc`)
+/// `+= Σ_i p_i · v_i` with the heads' probabilities `sc[g0 + h][..rows.len()]`.
+#[inline(always)]
+fn weigh_heads<K: Kernels, const G: usize>(
+    acc: &mut [f32],
+    hd: usize,
+    sc: &[[f32; CHUNK]; MAX_GROUP],
+    g0: usize,
+    rows: &[&[f32]],
+) {
+    let mut it = acc.chunks_exact_mut(hd);
+    let a: [&mut [f32]; G] = std::array::from_fn(|_| it.next().expect("G heads of acc"));
+    let w: [&[f32]; G] = std::array::from_fn(|h| &sc[g0 + h][..rows.len()]);
+    K::add_weighted_rows_g::<G>(a, w, rows);
 }
 
 /// Accumulator floats of one query tile: `tile · group · head_dim` of them.
@@ -379,7 +561,8 @@ fn tile<K: Kernels>(
     }
     let max_keys = n_keys[..qt].iter().copied().max().unwrap_or(0);
     let mut m = [[f32::NEG_INFINITY; MAX_GROUP]; QUERY_TILE];
-    let mut denom = [[0f32; MAX_GROUP]; QUERY_TILE];
+    // Softmax denominators, as 8 lanes (summed pairwise at the end).
+    let mut denom = [[[0f32; LANES]; MAX_GROUP]; QUERY_TILE];
     let mut scores = [[[0f32; CHUNK]; MAX_GROUP]; QUERY_TILE];
     let mut acc = [0f32; ACC_FLOATS];
     let q = |t: usize, g: usize| {
@@ -401,19 +584,15 @@ fn tile<K: Kernels>(
             chunk_rows(args, table, 0, kvh, c0, cn, buf.as_deref_mut(), &mut rows);
             for (j, t) in tokens.clone().enumerate() {
                 let cj = seen[j];
-                for (g, sc) in scores[j].iter_mut().enumerate().take(group) {
-                    let qg = q(t, g);
-                    let mut i = 0;
-                    while i + 4 <= cj {
-                        let k4 = [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]];
-                        for (o, d) in sc[i..i + 4].iter_mut().zip(K::dot4(qg, &k4)) {
-                            *o = d * args.scale;
-                        }
-                        i += 4;
+                let mut g = 0;
+                while g < group {
+                    let sj = &mut scores[j];
+                    match group - g {
+                        1 => score_heads::<K, 1>(sj, g, cj, &rows, |h| q(t, h), args.scale),
+                        2 => score_heads::<K, 2>(sj, g, cj, &rows, |h| q(t, h), args.scale),
+                        _ => score_heads::<K, 3>(sj, g, cj, &rows, |h| q(t, h), args.scale),
                     }
-                    for (o, k) in sc[i..cj].iter_mut().zip(&rows[i..cj]) {
-                        *o = K::dot(qg, k) * args.scale;
-                    }
+                    g += (group - g).min(3);
                 }
             }
         }
@@ -424,17 +603,17 @@ fn tile<K: Kernels>(
                 continue;
             }
             for g in 0..group {
-                let sc = &mut scores[j][g][..cj];
-                let cmax = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let new_m = m[j][g].max(cmax);
+                let sc = &mut scores[j][g];
+                let new_m = m[j][g].max(K::max(&sc[..cj]));
                 let corr = scalar::exp(m[j][g] - new_m);
-                denom[j][g] *= corr;
                 for a in acc[(j * group + g) * hd..][..hd].iter_mut() {
                     *a *= corr;
                 }
-                K::exp_sub(sc, new_m);
-                for p in sc.iter() {
-                    denom[j][g] += *p;
+                K::exp_sub(&mut sc[..cj], new_m);
+                sc[cj..].fill(0.0);
+                let sums = K::lane_sums(sc);
+                for (d, s) in denom[j][g].iter_mut().zip(sums) {
+                    *d = *d * corr + s;
                 }
                 m[j][g] = new_m;
             }
@@ -444,9 +623,16 @@ fn tile<K: Kernels>(
         chunk_rows(args, table, 1, kvh, c0, cn, buf.as_deref_mut(), &mut rows);
         for j in 0..qt {
             let cj = seen[j];
-            for g in 0..group {
-                let a = &mut acc[(j * group + g) * hd..][..hd];
-                K::add_weighted_rows(a, &scores[j][g][..cj], &rows[..cj]);
+            let accj = &mut acc[j * span..][..span];
+            let mut g = 0;
+            while g < group {
+                let (a, sj) = (&mut accj[g * hd..], &scores[j]);
+                match group - g {
+                    1 => weigh_heads::<K, 1>(a, hd, sj, g, &rows[..cj]),
+                    2 => weigh_heads::<K, 2>(a, hd, sj, g, &rows[..cj]),
+                    _ => weigh_heads::<K, 3>(a, hd, sj, g, &rows[..cj]),
+                }
+                g += (group - g).min(3);
             }
         }
         c0 += cn;
@@ -454,7 +640,7 @@ fn tile<K: Kernels>(
     for (j, t) in tokens.enumerate() {
         let out = &mut acc[j * span..][..span];
         for (g, o) in out.chunks_exact_mut(hd).enumerate() {
-            let inv = 1.0 / denom[j][g];
+            let inv = 1.0 / reduce(&denom[j][g]);
             for v in o {
                 *v *= inv;
             }
@@ -587,9 +773,9 @@ mod tests {
     /// Two sequences (lengths 45 and 70, the second prefilled 5 tokens at a
     /// time here), written at the pages of `tables`; returns the attention
     /// output of all queries.
-    fn run(dtype: DType, hd: usize, tables: &[Vec<u32>], check: bool) -> Vec<f32> {
+    fn run(dtype: DType, hd: usize, heads: usize, tables: &[Vec<u32>], check: bool) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let (heads, kvh, lens) = (6, 2, [45usize, 70]);
+        let (kvh, lens) = (2, [45usize, 70]);
         let l = KvLayout {
             num_layers: 1,
             num_pages: 32,
@@ -670,16 +856,20 @@ mod tests {
         // A fixed permutation of the 32 pages (7 is coprime with 32).
         let perm: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 32).collect();
         let shuffled: Vec<Vec<u32>> = vec![perm[..12].to_vec(), perm[12..30].to_vec()];
-        for (dtype, hd) in [
-            (DType::F32, 40),
-            (DType::F32, 64),
-            (DType::F16, 36),
-            (DType::BF16, 64),
-            (DType::Q8_0, 64),
+        // Groups of 1, 2, 3 and 5 query heads per KV head (2 KV heads).
+        for (dtype, hd, heads) in [
+            (DType::F32, 40, 6),
+            (DType::F32, 64, 6),
+            (DType::F32, 64, 2),
+            (DType::F32, 72, 4),
+            (DType::F32, 32, 10),
+            (DType::F16, 36, 6),
+            (DType::BF16, 64, 4),
+            (DType::Q8_0, 64, 6),
         ] {
-            let a = run(dtype, hd, &straight, true);
-            let b = run(dtype, hd, &shuffled, false);
-            assert_eq!(a, b, "{dtype} hd={hd}");
+            let a = run(dtype, hd, heads, &straight, true);
+            let b = run(dtype, hd, heads, &shuffled, false);
+            assert_eq!(a, b, "{dtype} hd={hd} heads={heads}");
         }
     }
 }

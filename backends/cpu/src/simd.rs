@@ -310,6 +310,9 @@ pub mod avx2 {
     }
 
     /// `e^x` per lane, exactly as [`super::scalar::exp`].
+    ///
+    /// # Safety
+    /// The caller is compiled with AVX2 and FMA, on a CPU that has them.
     #[inline(always)]
     pub unsafe fn exp(x: __m256) -> __m256 {
         use super::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
@@ -340,6 +343,9 @@ pub mod avx2 {
     }
 
     /// The lanes of `v` summed in the order of [`super::reduce`].
+    ///
+    /// # Safety
+    /// The caller is compiled with AVX, on a CPU that has it.
     #[inline(always)]
     pub unsafe fn reduce(v: __m256) -> f32 {
         // SAFETY: register-only AVX ops; the caller is compiled with AVX.
