@@ -255,7 +255,8 @@ fn worker(s: &Shared) {
 }
 
 /// Runs `f` over `0..n` split into contiguous ranges; every range but the
-/// last is a multiple of `align` long (row tiles stay whole).
+/// last is a multiple of `align` long (row tiles stay whole). `f` must not
+/// itself call `for_ranges` on the same pool (loops do not nest).
 pub fn for_ranges(pool: Option<&Pool>, n: usize, align: usize, f: impl Fn(Range<usize>) + Sync) {
     if n == 0 {
         return;
