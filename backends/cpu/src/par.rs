@@ -106,8 +106,9 @@ impl Job<'_> {
 
 /// How much of the recent loops' time the caller spent waiting for workers
 /// that had taken a chunk and were then descheduled (a machine shared with
-/// other processes). When that is a large share, splitting costs more than it
-/// gains, and the caller runs loops alone for [`SOLO_FOR`].
+/// other processes). When, over [`LATE_WINDOW`] loops, it waited longer than
+/// it worked, splitting costs more than it gains, and the caller runs loops
+/// alone for [`SOLO_FOR`] (results are the same either way).
 #[derive(Default)]
 struct Lateness {
     loops: u32,
@@ -128,8 +129,8 @@ impl Lateness {
         self.busy += own;
         self.waited += waited;
         if self.loops == LATE_WINDOW {
-            // Waiting longer than working: a worker with no
-            // core of its own held the loops up.
+            // Waiting longer than working: a worker with no core of its
+            // own held the loops up.
             if self.waited > self.busy {
                 self.solo_until = Some(Instant::now() + SOLO_FOR);
             }
@@ -349,6 +350,20 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
         }
+    }
+
+    #[test]
+    fn long_waits_switch_to_solo_loops_short_ones_do_not() {
+        let us = Duration::from_micros;
+        let mut l = Lateness::default();
+        for _ in 0..LATE_WINDOW {
+            l.record(us(30), us(2));
+        }
+        assert!(l.solo_until.is_none());
+        for _ in 0..LATE_WINDOW {
+            l.record(us(30), us(500));
+        }
+        assert!(l.solo_until.is_some_and(|u| u > Instant::now()));
     }
 
     #[test]
