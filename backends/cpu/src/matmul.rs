@@ -1,10 +1,13 @@
 //! `out (n, m) = x (n, k) · w (m, k)ᵀ` with `w` in any weight dtype, f32 activations.
 //!
-//! Weights are never dequantized as a whole: each 32-element block of a weight
-//! row is decoded into registers and immediately multiplied with the matching
-//! block of a few activation rows. The work is tiled as `R` weight rows ×
-//! `T` tokens (each decoded block feeds `T` tokens, each activation block `R`
-//! rows), but every (token, row) dot product has its own 8-lane accumulator
+//! Weights are never dequantized as a whole. For a few tokens (decode), each
+//! 32-element block of a weight row is decoded into registers and immediately
+//! multiplied with the matching block of the activation rows; from
+//! `PREDECODE_MIN_TOKENS` tokens on (prefill), a block of 48 rows is decoded
+//! to f32 in a per-thread buffer and shared by all tokens. Either way the work
+//! is tiled as `R` weight rows × `T` tokens (each weight vector feeds `T`
+//! tokens, each activation vector `R` rows), but every (token, row) dot
+//! product has its own 8-lane accumulator
 //! that sees the products in one fixed order: block by block, and inside a
 //! block the four 8-element chunks in order, `acc = fma(w, x, acc)`; the lanes
 //! are summed pairwise at the end ([`crate::simd::reduce`]). So results are

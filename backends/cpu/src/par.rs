@@ -4,9 +4,11 @@
 //! heap allocation: the zero-allocation decode test relies on it). With more,
 //! a [`Pool`] of `threads - 1` persistent workers and the calling thread
 //! share the chunks of each loop through an atomic counter, so a thread that
-//! the OS preempts just takes fewer chunks. Between loops workers spin for a
-//! short while (the ops of one decode step follow each other within
-//! microseconds, far below the cost of waking a sleeping thread), then sleep.
+//! the OS preempts just takes fewer chunks. Between loops workers wait
+//! actively for a short while (the ops of one decode step follow each other
+//! within microseconds, far below the cost of waking a sleeping thread),
+//! yielding the CPU between checks so as not to starve a thread of ours on a
+//! shared machine, then sleep.
 //! Loops allocate nothing.
 
 use std::ops::Range;
@@ -74,8 +76,10 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// How long an idle worker spins before it sleeps.
+/// How long an idle worker waits (spinning, then yielding) before it sleeps.
 const SPIN: Duration = Duration::from_micros(300);
+/// Spins before a waiting thread starts yielding the CPU.
+const SPINS_BEFORE_YIELD: u32 = 256;
 
 /// One parallel loop: `f` over `0..n` in chunks of `chunk`.
 struct Job<'a> {
@@ -96,6 +100,44 @@ impl Job<'_> {
                 return;
             }
             (self.f)(start..(start + self.chunk).min(self.n));
+        }
+    }
+}
+
+/// How much of the recent loops' time the caller spent waiting for workers
+/// that had taken a chunk and were then descheduled (a machine shared with
+/// other processes). When, over [`LATE_WINDOW`] loops, it waited longer than
+/// it worked, splitting costs more than it gains, and the caller runs loops
+/// alone for [`SOLO_FOR`] (results are the same either way).
+#[derive(Default)]
+struct Lateness {
+    loops: u32,
+    busy: Duration,
+    waited: Duration,
+    solo_until: Option<Instant>,
+}
+
+/// Loops per lateness verdict.
+const LATE_WINDOW: u32 = 64;
+/// How long the caller runs loops alone after a bad window.
+const SOLO_FOR: Duration = Duration::from_millis(100);
+
+impl Lateness {
+    /// Accounts one loop: `own` spent on chunks, then `waited` for workers.
+    fn record(&mut self, own: Duration, waited: Duration) {
+        self.loops += 1;
+        self.busy += own;
+        self.waited += waited;
+        if self.loops == LATE_WINDOW {
+            // Waiting longer than working: a worker with no core of its
+            // own held the loops up.
+            if self.waited > self.busy {
+                self.solo_until = Some(Instant::now() + SOLO_FOR);
+            }
+            *self = Lateness {
+                solo_until: self.solo_until,
+                ..Lateness::default()
+            };
         }
     }
 }
@@ -121,8 +163,9 @@ struct Shared {
 pub struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    /// Serialises loops: one loop at a time owns the workers.
-    busy: Mutex<()>,
+    /// Serialises loops (one loop at a time owns the workers) and holds the
+    /// bookkeeping of how late the workers are.
+    busy: Mutex<Lateness>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -147,7 +190,7 @@ impl Pool {
         let mut pool = Pool {
             shared: shared.clone(),
             workers: Vec::new(),
-            busy: Mutex::new(()),
+            busy: Mutex::new(Lateness::default()),
         };
         for i in 1..threads.max(1) {
             let s = shared.clone();
@@ -167,7 +210,12 @@ impl Pool {
 
     /// Runs `job` on every thread and returns when all are done with it.
     fn run(&self, job: &Job<'_>) {
-        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut late = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if late.solo_until.is_some_and(|u| Instant::now() < u) {
+            // The workers keep being preempted: do it all here for a while.
+            job.run();
+            return;
+        }
         let s = &*self.shared;
         s.job
             .store(job as *const Job<'_> as *mut (), Ordering::Relaxed);
@@ -179,18 +227,13 @@ impl Pool {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
+        let start = Instant::now();
         let mine = catch_unwind(AssertUnwindSafe(|| job.run()));
+        let own = start.elapsed();
         // Workers hold `job` (on this stack) until they decrement `remaining`:
         // wait for all of them, even if our own chunk panicked.
-        let mut spins = 0u32;
-        while s.remaining.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins < 1 << 12 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        wait_until(|| s.remaining.load(Ordering::Acquire) == 0, None);
+        late.record(own, start.elapsed() - own);
         let worker_panicked = s.panicked.swap(false, Ordering::Relaxed);
         if let Err(p) = mine {
             resume_unwind(p);
@@ -215,27 +258,36 @@ impl Drop for Pool {
     }
 }
 
+/// Busy-waits until `done()`: a few hundred spins (the common case, both
+/// threads on their own core, takes well under a microsecond), then yields
+/// the CPU between checks, so that a thread of ours preempted onto the same
+/// core (the machine may be shared) gets to finish. Gives up after `limit`.
+fn wait_until(done: impl Fn() -> bool, limit: Option<Duration>) -> bool {
+    for _ in 0..SPINS_BEFORE_YIELD {
+        if done() {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    let start = Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if limit.is_some_and(|l| start.elapsed() > l) {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// A worker: waits for each new epoch, runs its share of the loop, reports.
 fn worker(s: &Shared) {
     let mut seen = 0usize;
     loop {
-        // Wait for a new loop: spin first, then sleep.
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
-            if s.shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            let e = s.epoch.load(Ordering::Acquire);
-            if e != seen {
-                seen = e;
-                break;
-            }
-            spins = spins.wrapping_add(1);
-            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
-                std::hint::spin_loop();
-                continue;
-            }
+        // Wait for a new loop: spin, yield, then sleep.
+        let new_loop = || s.epoch.load(Ordering::Acquire) != seen || s.shutdown.load(Ordering::Acquire);
+        if !wait_until(new_loop, Some(SPIN)) {
             let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.sleepers.fetch_add(1, Ordering::SeqCst);
             while s.epoch.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
@@ -243,6 +295,10 @@ fn worker(s: &Shared) {
             }
             s.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
+        if s.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        seen = s.epoch.load(Ordering::Acquire);
         // SAFETY: the publisher stored a valid `Job` before bumping the epoch
         // (we acquired it), and keeps it alive until `remaining` reaches 0,
         // which needs our decrement below, after our last use of it.
@@ -255,7 +311,8 @@ fn worker(s: &Shared) {
 }
 
 /// Runs `f` over `0..n` split into contiguous ranges; every range but the
-/// last is a multiple of `align` long (row tiles stay whole).
+/// last is a multiple of `align` long (row tiles stay whole). `f` must not
+/// itself call `for_ranges` on the same pool (loops do not nest).
 pub fn for_ranges(pool: Option<&Pool>, n: usize, align: usize, f: impl Fn(Range<usize>) + Sync) {
     if n == 0 {
         return;
@@ -293,6 +350,20 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
         }
+    }
+
+    #[test]
+    fn long_waits_switch_to_solo_loops_short_ones_do_not() {
+        let us = Duration::from_micros;
+        let mut l = Lateness::default();
+        for _ in 0..LATE_WINDOW {
+            l.record(us(30), us(2));
+        }
+        assert!(l.solo_until.is_none());
+        for _ in 0..LATE_WINDOW {
+            l.record(us(30), us(500));
+        }
+        assert!(l.solo_until.is_some_and(|u| u > Instant::now()));
     }
 
     #[test]
