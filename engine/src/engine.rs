@@ -546,14 +546,14 @@ impl<B: Backend> Engine<B> {
                 if finished.is_some() {
                     r.text.push_str(&r.decoder.finish());
                 }
-                if finished.is_none() || finished == Some(FinishReason::Length) {
-                    if let Some(cut) = find_stop(&r.text, &r.stop, r.reported) {
-                        r.text.truncate(cut);
-                        if finished.is_none() {
-                            let _ = self.scheduler.finish(u.seq_id, FinishReason::Stop);
-                        }
-                        finished = Some(FinishReason::Stop);
+                if (finished.is_none() || finished == Some(FinishReason::Length))
+                    && let Some(cut) = find_stop(&r.text, &r.stop, r.reported)
+                {
+                    r.text.truncate(cut);
+                    if finished.is_none() {
+                        let _ = self.scheduler.finish(u.seq_id, FinishReason::Stop);
                     }
+                    finished = Some(FinishReason::Stop);
                 }
             }
             // Hold back text that could be the start of a stop string.

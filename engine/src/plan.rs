@@ -132,7 +132,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         "tib" => GIB * 1024.0,
         _ => return None,
     };
-    (v.is_finite() && v >= 0.0).then(|| (v * mult) as u64)
+    (v.is_finite() && v >= 0.0).then_some((v * mult) as u64)
 }
 
 fn kv_layout(cfg: &LlamaConfig, dtype: DType, page_size: usize, num_pages: usize) -> KvLayout {

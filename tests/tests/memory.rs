@@ -140,7 +140,7 @@ fn decode_step_makes_zero_heap_allocations() {
             vocab,
         ));
     }
-    let mut sampled = vec![None; 4];
+    let mut sampled = [None; 4];
     let mut decode_steps = 0;
     let mut total_allocs = 0;
     while decode_steps < 100 {

@@ -45,7 +45,7 @@ impl DType {
     /// Bytes of a row of `n` elements, or `None` when `n` is not a multiple of
     /// the block size.
     pub const fn row_bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_size() != 0 {
+        if !n.is_multiple_of(self.block_size()) {
             return None;
         }
         Some(n / self.block_size() * self.block_bytes())

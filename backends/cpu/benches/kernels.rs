@@ -47,7 +47,9 @@ fn time(mut f: impl FnMut()) -> f64 {
 
 fn weights(dtype: DType, m: usize, k: usize) -> Vec<u8> {
     let rb = dtype.row_bytes(k).expect("row");
-    let mut w: Vec<u8> = (0..m * rb).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
+    let mut w: Vec<u8> = (0..m * rb)
+        .map(|i| ((i * 2654435761usize) >> 7) as u8)
+        .collect();
     for blk in w.chunks_exact_mut(dtype.block_bytes()) {
         blk[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
         if dtype == DType::Q4_1 {
@@ -79,7 +81,10 @@ fn main() {
             let o = OutPtr::new(&mut out);
             let s = time(|| matmul_rows(black_box(&x), black_box(&w), dtype, o, n, k, m, 0..m));
             let gflops = 2.0 * (n * k * m) as f64 / s / 1e9;
-            println!("{name} n={n:3} k={k:5} m={m:6}: {:9.1} us  {gflops:6.1} GFLOP/s", s * 1e6);
+            println!(
+                "{name} n={n:3} k={k:5} m={m:6}: {:9.1} us  {gflops:6.1} GFLOP/s",
+                s * 1e6
+            );
         }
     }
     attention(512);
@@ -102,7 +107,9 @@ fn attention(n: usize) {
         .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
         .collect();
     let cache: &[u8] = bytemuck::cast_slice(&cache);
-    let q: Vec<f32> = (0..n * heads * hd).map(|i| ((i * 31) % 97) as f32 * 0.01 - 0.5).collect();
+    let q: Vec<f32> = (0..n * heads * hd)
+        .map(|i| ((i * 31) % 97) as f32 * 0.01 - 0.5)
+        .collect();
     let positions: Vec<u32> = (0..n as u32).collect();
     let table: Vec<u32> = (0..l.num_pages as u32).collect();
     let args = AttentionArgs {

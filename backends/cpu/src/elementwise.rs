@@ -81,7 +81,10 @@ mod tests {
         for ((o, &g), &u) in out.iter().zip(&g).zip(&u) {
             assert_eq!(o.to_bits(), silu_mul_one(g, u).to_bits(), "silu({g})");
             let want = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
-            assert!((*o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3), "silu({g})");
+            assert!(
+                (*o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "silu({g})"
+            );
         }
     }
 }

@@ -249,7 +249,12 @@ mod x86 {
     /// `d0 + 8C <= acc.len()` and every row is at least as long as `acc`;
     /// AVX2/FMA available.
     #[inline(always)]
-    unsafe fn weighted_block<const C: usize>(acc: &mut [f32], d0: usize, w: &[f32], rows: &[&[f32]]) {
+    unsafe fn weighted_block<const C: usize>(
+        acc: &mut [f32],
+        d0: usize,
+        w: &[f32],
+        rows: &[&[f32]],
+    ) {
         // SAFETY: bounds per the contract above.
         unsafe {
             let ap = acc.as_mut_ptr().add(d0);
@@ -279,7 +284,8 @@ mod x86 {
     unsafe fn reduce4(a: &[__m256; 4]) -> __m128 {
         // SAFETY: register-only AVX ops.
         unsafe {
-            let half = |v: __m256| _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let half =
+                |v: __m256| _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             // s_x = [x0+x4, x1+x5, x2+x6, x3+x7] for x = a, b, c, d.
             let (sa, sb, sc, sd) = (half(a[0]), half(a[1]), half(a[2]), half(a[3]));
             // [sa0+sa2, sb0+sb2, sa1+sa3, sb1+sb3] and the same for c, d.
@@ -395,7 +401,8 @@ mod x86 {
                 let mut acc = [[_mm256_setzero_ps(); 4]; G];
                 let mut c = 0;
                 while c < n8 {
-                    let qv: [__m256; G] = std::array::from_fn(|h| _mm256_loadu_ps(q[h].as_ptr().add(c)));
+                    let qv: [__m256; G] =
+                        std::array::from_fn(|h| _mm256_loadu_ps(q[h].as_ptr().add(c)));
                     for i in 0..4 {
                         let kv = _mm256_loadu_ps(k[i].as_ptr().add(c));
                         for h in 0..G {
@@ -437,7 +444,8 @@ mod x86 {
                         std::array::from_fn(|c| _mm256_loadu_ps(acc[h].as_ptr().add(d0 + 8 * c)))
                     });
                     for (i, r) in rows.iter().enumerate() {
-                        let wb: [__m256; G] = std::array::from_fn(|h| _mm256_set1_ps(*w[h].get_unchecked(i)));
+                        let wb: [__m256; G] =
+                            std::array::from_fn(|h| _mm256_set1_ps(*w[h].get_unchecked(i)));
                         #[allow(clippy::needless_range_loop)] // c indexes every head's accumulators
                         for c in 0..4 {
                             let v = _mm256_loadu_ps(r.as_ptr().add(d0 + 8 * c));
@@ -694,8 +702,8 @@ pub fn attend(
     mut emit: impl FnMut(usize, &[f32]),
 ) {
     // f32 rows are read in place; other dtypes are decoded a chunk at a time.
-    let in_place = args.layout.dtype == DType::F32
-        && bytemuck::try_cast_slice::<u8, f32>(args.cache).is_ok();
+    let in_place =
+        args.layout.dtype == DType::F32 && bytemuck::try_cast_slice::<u8, f32>(args.cache).is_ok();
     let mut scratch;
     let buf = if in_place {
         None
@@ -751,7 +759,8 @@ mod tests {
                     let sc: Vec<f64> = (0..n)
                         .map(|p| {
                             let k = row(table[p / l.page_size], 0, p, kvh);
-                            let d: f64 = qh.iter().zip(&k).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            let d: f64 =
+                                qh.iter().zip(&k).map(|(a, b)| *a as f64 * *b as f64).sum();
                             d * scale as f64
                         })
                         .collect();
@@ -786,8 +795,12 @@ mod tests {
         };
         let mut cache = vec![0u8; l.layer_bytes()];
         for (s, &len) in lens.iter().enumerate() {
-            let k: Vec<f32> = (0..len * kvh * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let v: Vec<f32> = (0..len * kvh * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let k: Vec<f32> = (0..len * kvh * hd)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let v: Vec<f32> = (0..len * kvh * hd)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             let slots: Vec<u32> = (0..len)
                 .map(|p| tables[s][p / l.page_size] * l.page_size as u32 + (p % l.page_size) as u32)
                 .collect();
@@ -797,7 +810,9 @@ mod tests {
         let positions: Vec<u32> = [42u32, 43, 44, 65, 66, 67, 68, 69].to_vec();
         let qsl = [0u32, 3, 8];
         let n = positions.len();
-        let q: Vec<f32> = (0..n * heads * hd).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let q: Vec<f32> = (0..n * heads * hd)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
         let mbps = 18;
         let mut bt = vec![0u32; 2 * mbps];
         for (s, t) in tables.iter().enumerate() {

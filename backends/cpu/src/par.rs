@@ -170,7 +170,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("threads", &self.threads()).finish()
+        f.debug_struct("Pool")
+            .field("threads", &self.threads())
+            .finish()
     }
 }
 
@@ -286,7 +288,8 @@ fn worker(s: &Shared) {
     let mut seen = 0usize;
     loop {
         // Wait for a new loop: spin, yield, then sleep.
-        let new_loop = || s.epoch.load(Ordering::Acquire) != seen || s.shutdown.load(Ordering::Acquire);
+        let new_loop =
+            || s.epoch.load(Ordering::Acquire) != seen || s.shutdown.load(Ordering::Acquire);
         if !wait_until(new_loop, Some(SPIN)) {
             let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.sleepers.fetch_add(1, Ordering::SeqCst);

@@ -286,7 +286,8 @@ pub mod avx2 {
         unsafe fn decode(p: *const u8) -> [__m256; 4] {
             // SAFETY: 64 readable bytes at p (caller); F16C (caller).
             unsafe {
-                let h = |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i) as *const __m128i));
+                let h =
+                    |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i) as *const __m128i));
                 [h(0), h(1), h(2), h(3)]
             }
         }
@@ -366,7 +367,16 @@ mod tests {
     /// Arguments from −100 to 90 (and a few specials).
     fn args() -> Vec<f32> {
         let mut v: Vec<f32> = (0..190_000).map(|i| -100.0 + i as f32 * 1e-3).collect();
-        v.extend([0.0, -0.0, f32::NEG_INFINITY, -87.0, -86.999, 88.0, 1e-30, -1e-30]);
+        v.extend([
+            0.0,
+            -0.0,
+            f32::NEG_INFINITY,
+            -87.0,
+            -86.999,
+            88.0,
+            1e-30,
+            -1e-30,
+        ]);
         v
     }
 
@@ -379,7 +389,10 @@ mod tests {
                 continue;
             }
             let want = (x.min(EXP_MAX) as f64).exp();
-            assert!((got - want).abs() <= 2.5e-7 * want, "exp({x}) = {got}, want {want}");
+            assert!(
+                (got - want).abs() <= 2.5e-7 * want,
+                "exp({x}) = {got}, want {want}"
+            );
         }
     }
 

@@ -269,7 +269,10 @@ impl AttentionOps for CpuBackend {
         for_ranges(self.pool.as_ref(), kvh * tiles, 1, |range| {
             for task in range {
                 let (h, tile) = (task / tiles, task % tiles);
-                let (a, b) = (tile * QUERY_TILE, ((tile + 1) * QUERY_TILE).min(d.num_tokens));
+                let (a, b) = (
+                    tile * QUERY_TILE,
+                    ((tile + 1) * QUERY_TILE).min(d.num_tokens),
+                );
                 // The sequence of token a (query_start_locs is validated, ends at num_tokens).
                 let mut s = qsl.partition_point(|&x| x as usize <= a) - 1;
                 let mut t0 = a;
@@ -281,7 +284,9 @@ impl AttentionOps for CpuBackend {
                     attend(&args, s, t0..t1, h, |t, rows| {
                         // SAFETY: task (h, tile) owns output rows
                         // (t, h*group .. (h+1)*group) for t in its tile, disjoint across tasks.
-                        let out = unsafe { o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span) };
+                        let out = unsafe {
+                            o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span)
+                        };
                         out.copy_from_slice(rows);
                     });
                     t0 = t1;

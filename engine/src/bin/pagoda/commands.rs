@@ -669,13 +669,13 @@ fn plan_cmd(
         max_logits_rows: m.max_seqs.unwrap_or(8),
         budget,
     };
-    if let Some(c) = m.ctx {
-        if c > cfg.context_len {
-            bail!(
-                "--ctx {c} is longer than the model's training context {}",
-                cfg.context_len
-            );
-        }
+    if let Some(c) = m.ctx
+        && c > cfg.context_len
+    {
+        bail!(
+            "--ctx {c} is longer than the model's training context {}",
+            cfg.context_len
+        );
     }
     match plan(&cfg, weights, &req, backend.memory()?, backend.info()) {
         Ok(p) => {
