@@ -110,9 +110,10 @@ impl CpuBackend {
     /// Checked host view of `b` as `len` elements of `T`.
     fn view<T: bytemuck::Pod>(&self, b: BufRef, len: usize, op: &'static str) -> Result<&[T]> {
         let ptr = self.check::<T>(b, len, op)?;
-        // SAFETY: `check` verified the range lies inside a live segment and is
-        // aligned for T; T is Pod so any bytes are a valid T; ops are serialised
-        // by the stream lock and outputs are checked not to overlap inputs.
+        // `check` verified the range lies inside a live segment and is aligned
+        // for T; T is Pod so any bytes are a valid T; ops are serialised by the
+        // stream lock and outputs are checked not to overlap inputs.
+        // SAFETY: valid, aligned, live range of Pod values (above).
         Ok(unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
     }
 
