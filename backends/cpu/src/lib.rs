@@ -131,9 +131,7 @@ impl CpuBackend {
     }
 
     fn check<T>(&self, b: BufRef, len: usize, op: &'static str) -> Result<*mut u8> {
-        let need = len
-            .checked_mul(std::mem::size_of::<T>())
-            .unwrap_or(usize::MAX) as u64;
+        let need = len.saturating_mul(std::mem::size_of::<T>()) as u64;
         if need > b.bytes {
             return Err(BackendError::InvalidArgument {
                 op,
@@ -147,7 +145,7 @@ impl CpuBackend {
             return Ok(std::ptr::dangling_mut::<[u64; 8]>() as *mut u8);
         }
         let ptr = self.mem.resolve(b, op)?;
-        if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+        if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return Err(BackendError::InvalidArgument {
                 op,
                 detail: format!("buffer {b:?} is misaligned"),

@@ -62,7 +62,9 @@ impl AttentionArgs<'_> {
             })
         };
         let l = self.layout;
-        if l.head_dim > MAX_HEAD_DIM || l.num_kv_heads == 0 || self.num_heads % l.num_kv_heads != 0
+        if l.head_dim > MAX_HEAD_DIM
+            || l.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(l.num_kv_heads)
         {
             return bad(format!(
                 "unsupported heads {} / kv heads {} / head_dim {}",

@@ -47,7 +47,7 @@ impl TensorOps for CpuBackend {
     ) -> Result<()> {
         let row_bytes = w_dtype
             .row_bytes(d.k)
-            .filter(|_| d.k % 32 == 0 && w_dtype != DType::U32)
+            .filter(|_| d.k.is_multiple_of(32) && w_dtype != DType::U32)
             .ok_or_else(|| {
                 invalid(
                     "matmul",
@@ -94,7 +94,10 @@ impl TensorOps for CpuBackend {
     }
 
     fn rope(&self, x: BufRef, positions: BufRef, d: RopeDims) -> Result<()> {
-        if d.rope_dim > d.head_dim || d.rope_dim % 2 != 0 || d.rope_dim / 2 > rope::MAX_PAIRS {
+        if d.rope_dim > d.head_dim
+            || !d.rope_dim.is_multiple_of(2)
+            || d.rope_dim / 2 > rope::MAX_PAIRS
+        {
             return Err(invalid(
                 "rope",
                 format!("rope_dim {} with head_dim {}", d.rope_dim, d.head_dim),
