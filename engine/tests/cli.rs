@@ -359,3 +359,26 @@ fn chat_message_uses_the_chat_template() {
     assert!(reply.contains('4'), "{reply:?}");
     assert_clean_failure(&pagoda(&["chat", "--message", ""]), "empty");
 }
+
+#[test]
+fn prompts_file_runs_one_request_per_line() {
+    let f = scratch("prompts.txt");
+    std::fs::write(&f, "The sea is\nPaper was first made\n\nIn the year 1450\n").unwrap();
+    let out = pagoda(&[
+        "generate",
+        "--prompts",
+        f.to_str().unwrap(),
+        "--max-tokens",
+        "6",
+        "--greedy",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["num_requests"], 3);
+    let reqs = doc["requests"].as_array().unwrap();
+    assert_ne!(reqs[0]["prompt_tokens"], reqs[1]["prompt_tokens"]);
+    assert!(
+        reqs.iter()
+            .all(|r| !r["generated_tokens"].as_array().unwrap().is_empty())
+    );
+}

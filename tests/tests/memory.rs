@@ -145,3 +145,28 @@ fn quantized_kv_error_is_small_on_reference_prompts() {
     eprintln!("greedy f16 vs q8_0 KV: {same}/{total} tokens agree before the first divergence");
     assert!(same * 2 >= total, "greedy agreement {same}/{total}");
 }
+
+/// Pins failure 3: a budget the model cannot fit in is refused before any
+/// weight is loaded, with the numbers and advice; nothing is offloaded.
+#[test]
+fn engine_refuses_before_loading_when_the_plan_does_not_fit() {
+    use pagoda::plan::Budget;
+    let backend = std::sync::Arc::new(pagoda_cpu::CpuBackend::new(1).unwrap());
+    let cfg = EngineConfig {
+        budget: Budget::Bytes(64 << 20),
+        ..EngineConfig::default()
+    };
+    let err = pagoda::Engine::builder()
+        .model(pagoda_tests::model_path())
+        .backend(backend.clone())
+        .config(cfg)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("refused") && err.contains("weights alone"),
+        "{err}"
+    );
+    assert!(err.contains("Nothing was loaded"), "{err}");
+    assert_eq!(backend.live_segments(), 0, "no memory was allocated");
+}
