@@ -255,3 +255,66 @@ impl Telemetry {
         self.dropped += dropped;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(step: u64) -> StepStats {
+        StepStats {
+            step,
+            batch_size: 1,
+            num_tokens: 1,
+            num_prefill_tokens: 0,
+            num_decode_tokens: 1,
+            schedule_us: 1,
+            forward_us: 1,
+            step_us: 2,
+            total_preemptions: 0,
+            total_prefix_cache_hit_tokens: 0,
+            num_waiting: 0,
+            num_running: 1,
+            free_pages: 1,
+            num_pages: 2,
+        }
+    }
+
+    #[test]
+    fn a_slow_subscriber_never_blocks_the_engine() {
+        let mut t = Telemetry::new();
+        let rx = t.subscribe(2, false);
+        let mut built = 0;
+        for i in 0..100 {
+            // Snapshots are not built when nobody asked for them.
+            t.publish_step(stats(i), || {
+                built += 1;
+                unreachable_snapshot()
+            });
+        }
+        assert_eq!(built, 0);
+        assert_eq!(
+            t.dropped, 98,
+            "events beyond the channel's capacity are dropped"
+        );
+        let got: Vec<_> = rx.try_iter().collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], TelemetryEvent::Step(stats(0)));
+        // A disconnected subscriber is forgotten.
+        drop(rx);
+        t.publish_step(stats(100), unreachable_snapshot);
+        assert!(t.subscribers.is_empty());
+    }
+
+    fn unreachable_snapshot() -> MemorySnapshot {
+        MemorySnapshot {
+            device_total_bytes: 0,
+            device_free_bytes: 0,
+            pool_reserved_bytes: 0,
+            pool_allocated_bytes: 0,
+            pool_fragmentation: 0.0,
+            allocated_by_tag: vec![],
+            segments: vec![],
+            kv_pages: vec![],
+        }
+    }
+}
