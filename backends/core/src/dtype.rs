@@ -23,6 +23,27 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every type, in declaration order.
+    pub const ALL: [DType; 7] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::U32,
+    ];
+
+    /// The GGUF tensor types a weight can have.
+    pub const WEIGHT_TYPES: [DType; 6] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ];
+
     /// Elements per block (1 for plain types).
     pub const fn block_size(self) -> usize {
         match self {
@@ -71,16 +92,8 @@ impl DType {
 
     /// Parses a name written by [`DType::name`] (case-insensitive).
     pub fn from_name(name: &str) -> Option<DType> {
-        let all = [
-            DType::F32,
-            DType::F16,
-            DType::BF16,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::U32,
-        ];
-        all.into_iter()
+        Self::ALL
+            .into_iter()
             .find(|d| d.name().eq_ignore_ascii_case(name))
     }
 }
@@ -105,14 +118,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for d in [
-            DType::F32,
-            DType::F16,
-            DType::BF16,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q4_1,
-        ] {
+        for d in DType::ALL {
             assert_eq!(DType::from_name(d.name()), Some(d));
         }
         assert_eq!(DType::from_name("q5_k"), None);

@@ -73,14 +73,7 @@ impl CpuBackend {
             info: BackendInfo {
                 name: "cpu".into(),
                 device: format!("{device} ({threads} threads)"),
-                weight_dtypes: vec![
-                    DType::F32,
-                    DType::F16,
-                    DType::BF16,
-                    DType::Q8_0,
-                    DType::Q4_0,
-                    DType::Q4_1,
-                ],
+                weight_dtypes: DType::WEIGHT_TYPES.to_vec(),
                 kv_dtypes: vec![DType::F32, DType::F16, DType::BF16, DType::Q8_0],
                 alignment: memory::SEGMENT_ALIGN,
                 can_grow_kv: false,

@@ -95,14 +95,7 @@ fn random_weights(rng: &mut impl Rng, dtype: DType, m: usize, k: usize) -> Vec<u
     w
 }
 
-const ALL: [DType; 6] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-];
+const ALL: [DType; 6] = DType::WEIGHT_TYPES;
 
 #[test]
 fn simd_path_matches_portable_bit_for_bit() {
