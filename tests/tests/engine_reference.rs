@@ -330,3 +330,46 @@ fn preemption_with_too_few_pages_keeps_outputs() {
         assert_eq!(alone.generated_tokens, t.generated_tokens);
     }
 }
+
+/// Cancellation frees every page of the request at once; the other request
+/// goes on unchanged.
+#[test]
+fn abort_frees_all_pages_at_once() {
+    let mut engine = cpu_engine(EngineConfig {
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    });
+    let total = engine.scheduler().block_manager().num_pages();
+    let long: Vec<u32> = engine.tokenize(&"The printing press changed Europe. ".repeat(12));
+    let short = engine.tokenize("Paper was invented in China");
+    let a = engine.add_request(long.clone(), greedy(20)).unwrap();
+    let b = engine.add_request(short.clone(), greedy(20)).unwrap();
+    for _ in 0..5 {
+        engine.step().unwrap();
+    }
+    let held_before = total - engine.scheduler().block_manager().num_free_pages();
+    let pages_of_a = engine.scheduler().get(a).unwrap().block_table.len();
+    assert!(pages_of_a >= long.len() / 16);
+    engine.abort(a).unwrap();
+    let held_after = total - engine.scheduler().block_manager().num_free_pages();
+    assert_eq!(
+        held_before - held_after,
+        pages_of_a,
+        "all of the aborted request's pages are free at once"
+    );
+    while engine.has_unfinished() {
+        engine.step().unwrap();
+    }
+    assert_eq!(
+        engine.take_completion(a).unwrap().finish_reason,
+        FinishReason::Aborted
+    );
+    let done_b = engine.take_completion(b).unwrap();
+    let alone = engine
+        .generate(vec![short], greedy(20))
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(done_b.generated_tokens, alone.generated_tokens);
+    assert_eq!(engine.scheduler().block_manager().num_free_pages(), total);
+}
