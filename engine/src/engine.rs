@@ -219,6 +219,9 @@ pub struct GenerationParams {
     pub ignore_eog: bool,
     /// Return logits for every prompt position (perplexity).
     pub want_all_logits: bool,
+    /// Return the logits the first generated token was sampled from (the
+    /// last prompt position), without keeping every position's.
+    pub want_first_logits: bool,
 }
 
 impl Default for GenerationParams {
@@ -229,6 +232,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             ignore_eog: false,
             want_all_logits: false,
+            want_first_logits: false,
         }
     }
 }
@@ -261,6 +265,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// (num_prompt_tokens, vocab) logits when `want_all_logits` was set.
     pub prompt_logits: Option<Vec<f32>>,
+    /// (vocab) logits at the last prompt position when `want_first_logits` was set.
+    pub first_logits: Option<Vec<f32>>,
 }
 
 struct RequestState {
@@ -273,6 +279,8 @@ struct RequestState {
     /// Bytes of `text` already reported.
     reported: usize,
     prompt_logits: Option<Vec<f32>>,
+    /// Wanted and not yet captured: `Some(empty)`; captured: `Some(vocab values)`.
+    first_logits: Option<Vec<f32>>,
     finished: Option<FinishReason>,
     /// Per-request stream of outputs, when the caller asked for one.
     stream: Option<Sender<RequestOutput>>,
@@ -421,6 +429,7 @@ impl<B: Backend> Engine<B> {
                 text: String::new(),
                 reported: 0,
                 prompt_logits: params.want_all_logits.then(|| vec![0f32; n * vocab]),
+                first_logits: params.want_first_logits.then(|| Vec::with_capacity(vocab)),
                 finished: None,
                 stream: None,
             },
@@ -523,6 +532,9 @@ impl<B: Backend> Engine<B> {
             }
             let tok = plan.sample_rows[i].map(|row| {
                 let row = row as usize;
+                if let Some(first) = r.first_logits.as_mut().filter(|f| f.is_empty()) {
+                    first.extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
+                }
                 let history = self
                     .scheduler
                     .get(id)
@@ -607,6 +619,7 @@ impl<B: Backend> Engine<B> {
             text: r.text,
             finish_reason: finished,
             prompt_logits: r.prompt_logits,
+            first_logits: r.first_logits,
         })
     }
 

@@ -502,14 +502,12 @@ fn logits(common: &Common, p: &PromptArgs, memory: &MemoryArgs) -> Result<()> {
     }
     let mut cfg = engine_config(memory)?;
     cfg.max_seqs = Some(1);
-    cfg.max_logits_rows = cfg.max_num_batched_tokens;
     let mut engine = build(common, cfg)?;
     let toks = engine.tokenize(&text);
-    let n = toks.len();
     let params = GenerationParams {
         max_tokens: 1,
         sampling: SamplingParams::greedy(),
-        want_all_logits: true,
+        want_first_logits: true,
         ..Default::default()
     };
     let c = engine
@@ -519,12 +517,11 @@ fn logits(common: &Common, p: &PromptArgs, memory: &MemoryArgs) -> Result<()> {
     if let FinishReason::Error(e) = &c.finish_reason {
         bail!("{e}");
     }
-    let all = c
-        .prompt_logits
+    let last = c
+        .first_logits
+        .filter(|l| !l.is_empty())
         .ok_or_else(|| anyhow!("no logits returned"))?;
-    let vocab = engine.model_config().vocab_size;
-    let last = &all[(n - 1) * vocab..n * vocab];
-    println!("{}", serde_json::to_string(&summary(last))?);
+    println!("{}", serde_json::to_string(&summary(&last))?);
     Ok(())
 }
 
