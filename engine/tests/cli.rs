@@ -407,3 +407,38 @@ fn prompts_file_runs_one_request_per_line() {
             .all(|r| !r["generated_tokens"].as_array().unwrap().is_empty())
     );
 }
+
+#[test]
+fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
+    use pagoda::gguf::{GgufWriter, Value};
+    // A K-quant tensor: named with its type in the error.
+    let kq = scratch("kquant.gguf");
+    let mut w = GgufWriter::new();
+    w.metadata("general.architecture", Value::String("llama".into()));
+    w.tensor_raw("blk.0.attn_q.weight", &[256, 4], 12, &[0u8; 4 * 144]);
+    w.write_to(&kq).unwrap();
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        kq.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "Q4_K");
+    assert_clean_failure(&out, "blk.0.attn_q.weight");
+    // A valid GGUF of another architecture: the key is named.
+    let spec = pagoda::model::synthetic::SyntheticSpec::tiny();
+    let mut w = pagoda::model::synthetic::synthetic_gguf(&spec).unwrap();
+    w.metadata("general.architecture", Value::String("mamba".into()));
+    let arch = scratch("mamba.gguf");
+    w.write_to(&arch).unwrap();
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        arch.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "unsupported architecture `mamba`");
+    assert_clean_failure(&out, "general.architecture");
+}
