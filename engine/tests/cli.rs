@@ -408,6 +408,17 @@ fn prompts_file_runs_one_request_per_line() {
     );
 }
 
+/// `pagoda generate --prompt hi --model PATH`.
+fn generate_hi_with(model: &std::path::Path) -> Output {
+    pagoda(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        model.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
     use pagoda::gguf::{GgufWriter, Value};
@@ -417,13 +428,7 @@ fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
     w.metadata("general.architecture", Value::String("llama".into()));
     w.tensor_raw("blk.0.attn_q.weight", &[256, 4], 12, &[0u8; 4 * 144]);
     w.write_to(&kq).unwrap();
-    let out = pagoda(&[
-        "generate",
-        "--prompt",
-        "hi",
-        "--model",
-        kq.to_str().unwrap(),
-    ]);
+    let out = generate_hi_with(&kq);
     assert_clean_failure(&out, "Q4_K");
     assert_clean_failure(&out, "blk.0.attn_q.weight");
     // A valid GGUF of another architecture: the key is named.
@@ -432,13 +437,7 @@ fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
     w.metadata("general.architecture", Value::String("mamba".into()));
     let arch = scratch("mamba.gguf");
     w.write_to(&arch).unwrap();
-    let out = pagoda(&[
-        "generate",
-        "--prompt",
-        "hi",
-        "--model",
-        arch.to_str().unwrap(),
-    ]);
+    let out = generate_hi_with(&arch);
     assert_clean_failure(&out, "unsupported architecture `mamba`");
     assert_clean_failure(&out, "general.architecture");
 }
