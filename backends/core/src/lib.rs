@@ -24,13 +24,14 @@ pub mod pool;
 pub mod quant;
 
 pub use backend::{
-    AttentionDims, AttentionOps, Backend, BackendInfo, DeviceMemory, KvCacheOps, MatmulDims,
-    RopeDims, TensorOps,
+    AttentionDims, AttentionOps, Backend, BackendInfo, DeviceMemory, EmbeddingDims, GraphId,
+    GraphOps, KvArenaOps, KvCacheOps, MatmulDims, Projection, RopeDims, RopeKvDims, SamplingOps,
+    TensorOps,
 };
 pub use dtype::DType;
 pub use error::{BackendError, Result};
 pub use fault::FaultInjector;
-pub use kv_cache::{KvLayerRef, KvLayout};
+pub use kv_cache::{KvGeometry, KvLayerRef, KvLayout, MAX_KV_PIECES};
 pub use pool::{
     Block, BufRef, MemoryTag, Pool, PoolConfig, PoolSnapshot, PoolStats, RawAllocator, RawSegment,
     SegmentId,

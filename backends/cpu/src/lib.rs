@@ -11,20 +11,25 @@
 
 pub mod elementwise;
 pub mod embedding;
+pub mod kv_arena;
 pub mod kv_cache;
 pub mod matmul;
 pub mod memory;
 pub mod paged_attention;
 pub mod par;
 pub mod rms_norm;
+pub mod rms_norm_matmul;
 pub mod rope;
+pub mod rope_write_kv;
+pub mod sampling;
 pub mod simd;
 mod tensor_ops;
 
 use std::sync::{Arc, Mutex};
 
 use pagoda_backend::{
-    Backend, BackendError, BackendInfo, BufRef, DType, DeviceMemory, RawAllocator, Result,
+    Backend, BackendError, BackendInfo, BufRef, DType, DeviceMemory, GraphOps, KvArenaOps,
+    RawAllocator, RawSegment, Result,
 };
 
 pub use memory::HostMemory;
@@ -48,8 +53,19 @@ impl std::fmt::Debug for CpuBackend {
 }
 
 impl CpuBackend {
+    /// Largest top-k the CPU's `top_k_rows` serves (larger k: full rows).
+    pub const MAX_TOP_K: usize = 1024;
+
     /// A backend using `threads` threads (`0` = all cores).
     pub fn new(threads: usize) -> Result<Self> {
+        Self::with_limits(threads, u64::MAX, u64::MAX)
+    }
+
+    /// A backend with artificial device limits: no buffer above
+    /// `max_buffer_bytes`, no kernel argument above `max_binding_bytes` (as
+    /// lavapipe's 128 MiB bindings), so the engine's splitting of weights and
+    /// KV arenas into pieces is exercised on the CPU.
+    pub fn with_limits(threads: usize, max_buffer_bytes: u64, max_binding_bytes: u64) -> Result<Self> {
         let threads = if threads == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -76,9 +92,13 @@ impl CpuBackend {
                 weight_dtypes: DType::WEIGHT_TYPES.to_vec(),
                 kv_dtypes: vec![DType::F32, DType::F16, DType::BF16, DType::Q8_0],
                 alignment: memory::SEGMENT_ALIGN,
-                can_grow_kv: false,
+                can_grow_kv: true,
                 supports_graphs: false,
                 host_memory: true,
+                max_buffer_bytes,
+                max_binding_bytes,
+                max_top_k: Self::MAX_TOP_K,
+                kv_commit_granularity: kv_arena::GRANULE_BYTES,
             },
             pool,
             stream: Mutex::new(()),
@@ -125,6 +145,15 @@ impl CpuBackend {
 
     fn check<T>(&self, b: BufRef, len: usize, op: &'static str) -> Result<*mut u8> {
         let need = len.saturating_mul(std::mem::size_of::<T>()) as u64;
+        if b.bytes > self.info.max_binding_bytes {
+            return Err(BackendError::InvalidArgument {
+                op,
+                detail: format!(
+                    "a {}-byte argument is above the device's largest binding ({} bytes)",
+                    b.bytes, self.info.max_binding_bytes
+                ),
+            });
+        }
         if need > b.bytes {
             return Err(BackendError::InvalidArgument {
                 op,
@@ -146,6 +175,11 @@ impl CpuBackend {
         }
         Ok(ptr)
     }
+}
+
+/// Whether two ranges share a byte.
+pub(crate) fn overlaps_ref(a: BufRef, b: BufRef) -> bool {
+    overlaps(a, b)
 }
 
 /// Whether two ranges share a byte.
@@ -242,5 +276,70 @@ impl Backend for CpuBackend {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn graphs(&self) -> Option<&dyn GraphOps> {
+        // Ops run as they are called; there is nothing to capture.
+        None
+    }
+
+    fn prepared_weight_bytes(&self, dtype: DType, rows: usize, cols: usize) -> Option<u64> {
+        // Weights stay in their GGUF blocks.
+        Some(dtype.row_bytes(cols)? as u64 * rows as u64)
+    }
+
+    fn upload_weight(
+        &self,
+        dst: BufRef,
+        src: &[u8],
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let want = self.prepared_weight_bytes(dtype, rows, cols);
+        if want != Some(src.len() as u64) {
+            return Err(BackendError::InvalidArgument {
+                op: "upload_weight",
+                detail: format!(
+                    "{} bytes for a ({rows}, {cols}) {dtype} tensor of {want:?} bytes",
+                    src.len()
+                ),
+            });
+        }
+        self.upload(dst, src)
+    }
+}
+
+impl KvArenaOps for CpuBackend {
+    fn reserve(&self, bytes: u64) -> Result<RawSegment> {
+        if bytes > self.info.max_buffer_bytes {
+            return Err(BackendError::InvalidArgument {
+                op: "reserve",
+                detail: format!(
+                    "{bytes} bytes is above the largest buffer ({})",
+                    self.info.max_buffer_bytes
+                ),
+            });
+        }
+        self.mem.reserve(bytes)
+    }
+
+    fn commit(&self, range: RawSegment, offset: u64, bytes: u64) -> Result<()> {
+        let _g = self.lock();
+        self.mem.commit(range, offset, bytes)
+    }
+
+    fn decommit(&self, range: RawSegment, offset: u64, bytes: u64) -> Result<()> {
+        let _g = self.lock();
+        self.mem.decommit(range, offset, bytes)
+    }
+
+    fn committed_bytes(&self, range: RawSegment) -> u64 {
+        self.mem.committed_bytes(range)
+    }
+
+    fn unreserve(&self, range: RawSegment) {
+        let _g = self.lock();
+        self.mem.unreserve(range)
     }
 }

@@ -22,8 +22,65 @@ use pagoda_backend::quant::QK;
 use crate::par::SharedMut;
 use crate::simd::{LANES, reduce, scalar};
 
-/// The output of one matmul, written by several threads at disjoint columns.
-pub type OutPtr = SharedMut<f32>;
+/// The output of one matmul, written by several threads at disjoint columns:
+/// element `(t, j)` at `t * stride + j`, overwritten or (with `accumulate`)
+/// added to.
+#[derive(Clone, Copy)]
+pub struct OutPtr {
+    buf: SharedMut<f32>,
+    stride: usize,
+    accumulate: bool,
+}
+
+impl OutPtr {
+    /// A dense `(n, m)` output (stride `m`, taken from the call), overwritten.
+    pub fn new(out: &mut [f32]) -> Self {
+        OutPtr {
+            buf: SharedMut::new(out),
+            stride: 0,
+            accumulate: false,
+        }
+    }
+
+    /// The stride for a product of `m` columns: `m` for a dense output.
+    fn for_width(mut self, m: usize) -> Self {
+        if self.stride == 0 {
+            self.stride = m;
+        }
+        self
+    }
+
+    /// An output with row stride `stride`, added to when `accumulate`.
+    pub fn strided(buf: SharedMut<f32>, stride: usize, accumulate: bool) -> Self {
+        OutPtr {
+            buf,
+            stride,
+            accumulate,
+        }
+    }
+
+    /// Whether `(n, m)` fits.
+    fn holds(&self, n: usize, m: usize) -> bool {
+        n == 0 || m == 0 || ((n - 1) * self.stride + m <= self.buf.len() && m <= self.stride)
+    }
+
+    /// Stores `v` at `(t, j)`.
+    ///
+    /// # Safety
+    /// No other thread accesses `(t, j)` concurrently.
+    #[inline(always)]
+    unsafe fn put(&self, t: usize, j: usize, v: f32) {
+        let i = t * self.stride + j;
+        // SAFETY: exclusive per the contract; bounds asserted by `slice_mut`.
+        unsafe {
+            if self.accumulate {
+                self.buf.slice_mut(i, 1)[0] += v;
+            } else {
+                self.buf.write(i, v);
+            }
+        }
+    }
+}
 
 /// Most tokens that share one decoded weight block.
 pub const TOKEN_TILE: usize = 8;
@@ -67,6 +124,7 @@ fn rows_portable(
     m: usize,
     rows: Range<usize>,
 ) {
+    let out = out.for_width(m);
     let nb = k / QK;
     let mut wb = [0f32; QK];
     let mut t0 = 0;
@@ -85,7 +143,7 @@ fn rows_portable(
             for (t, a) in acc.iter().enumerate().take(tn) {
                 // SAFETY: (t0 + t, j) is inside (n, m) and column j belongs to
                 // this call's `rows` only, so no other thread writes it.
-                unsafe { out.write((t0 + t) * m + j, reduce(a)) };
+                unsafe { out.put(t0 + t, j, reduce(a)) };
             }
         }
         t0 += tn;
@@ -119,8 +177,7 @@ mod x86 {
         w: *const u8,
         row_bytes: usize,
         out: OutPtr,
-        out0: usize,
-        m: usize,
+        t0: usize,
         j0: usize,
     ) {
         // SAFETY: the caller guarantees the bounds, the features and the
@@ -142,7 +199,7 @@ mod x86 {
             }
             for (r, acc_r) in acc.iter().enumerate() {
                 for (t, a) in acc_r.iter().enumerate() {
-                    out.write(out0 + t * m + j0 + r, reduce(*a));
+                    out.put(t0 + t, j0 + r, reduce(*a));
                 }
             }
         }
@@ -159,24 +216,22 @@ mod x86 {
         w: &[u8],
         out: OutPtr,
         k: usize,
-        m: usize,
         t0: usize,
         rows: Range<usize>,
     ) {
         let row_bytes = k / QK * F::BYTES;
         let xp = x[t0 * k..].as_ptr();
-        let out0 = t0 * m;
         let mut j = rows.start;
         // SAFETY: rows.end <= m, w holds m rows and x holds tokens t0..t0+T
         // (checked by `rows`); the caller owns columns `rows`.
         unsafe {
             let wp = w.as_ptr();
             while j + R <= rows.end {
-                tile::<F, R, T>(xp, k, wp.add(j * row_bytes), row_bytes, out, out0, m, j);
+                tile::<F, R, T>(xp, k, wp.add(j * row_bytes), row_bytes, out, t0, j);
                 j += R;
             }
             while j < rows.end {
-                tile::<F, 1, T>(xp, k, wp.add(j * row_bytes), row_bytes, out, out0, m, j);
+                tile::<F, 1, T>(xp, k, wp.add(j * row_bytes), row_bytes, out, t0, j);
                 j += 1;
             }
         }
@@ -198,8 +253,7 @@ mod x86 {
         k: usize,
         wd: *const f32,
         out: OutPtr,
-        out0: usize,
-        m: usize,
+        t0: usize,
         j0: usize,
     ) {
         // SAFETY: the caller guarantees the bounds, the features and the
@@ -222,7 +276,7 @@ mod x86 {
             }
             for (r, acc_r) in acc.iter().enumerate() {
                 for (t, a) in acc_r.iter().enumerate() {
-                    out.write(out0 + t * m + j0 + r, reduce(*a));
+                    out.put(t0 + t, j0 + r, reduce(*a));
                 }
             }
         }
@@ -240,22 +294,20 @@ mod x86 {
         wd: &[f32],
         out: OutPtr,
         k: usize,
-        m: usize,
         t0: usize,
         rows: Range<usize>,
     ) {
         let xp = x[t0 * k..].as_ptr();
-        let out0 = t0 * m;
         let mut j = rows.start;
         // SAFETY: per this function's contract.
         unsafe {
             let wp = wd.as_ptr().sub(rows.start * k);
             while j + R <= rows.end {
-                f32_tile::<R, T>(xp, k, wp.add(j * k), out, out0, m, j);
+                f32_tile::<R, T>(xp, k, wp.add(j * k), out, t0, j);
                 j += R;
             }
             while j < rows.end {
-                f32_tile::<1, T>(xp, k, wp.add(j * k), out, out0, m, j);
+                f32_tile::<1, T>(xp, k, wp.add(j * k), out, t0, j);
                 j += 1;
             }
         }
@@ -280,7 +332,6 @@ mod x86 {
         out: OutPtr,
         n: usize,
         k: usize,
-        m: usize,
         rows: Range<usize>,
     ) {
         let row_bytes = k / QK * F::BYTES;
@@ -313,10 +364,10 @@ mod x86 {
                     // SAFETY: t0 + tn <= n; wd holds rb's rows; the rest as `rows`.
                     unsafe {
                         match tn {
-                            1 => f32_token_tile::<4, 1>(x, wd, out, k, m, t0, rb),
-                            2 => f32_token_tile::<4, 2>(x, wd, out, k, m, t0, rb),
-                            3 => f32_token_tile::<3, 3>(x, wd, out, k, m, t0, rb),
-                            _ => f32_token_tile::<3, 4>(x, wd, out, k, m, t0, rb),
+                            1 => f32_token_tile::<4, 1>(x, wd, out, k, t0, rb),
+                            2 => f32_token_tile::<4, 2>(x, wd, out, k, t0, rb),
+                            3 => f32_token_tile::<3, 3>(x, wd, out, k, t0, rb),
+                            _ => f32_token_tile::<3, 4>(x, wd, out, k, t0, rb),
                         }
                     }
                     t0 += tn;
@@ -343,10 +394,10 @@ mod x86 {
         rows: Range<usize>,
     ) {
         assert!(k.is_multiple_of(QK) && rows.end <= m);
-        assert!(x.len() >= n * k && w.len() >= m * (k / QK * F::BYTES) && out.len() >= n * m);
+        assert!(x.len() >= n * k && w.len() >= m * (k / QK * F::BYTES) && out.holds(n, m));
         if n >= PREDECODE_MIN_TOKENS {
             // SAFETY: as this function (bounds asserted above).
-            unsafe { rows_predecoded::<F>(x, w, out, n, k, m, rows) };
+            unsafe { rows_predecoded::<F>(x, w, out, n, k, rows) };
             return;
         }
         let mut r0 = rows.start;
@@ -359,14 +410,14 @@ mod x86 {
                 // per this function's contract.
                 unsafe {
                     match tn {
-                        1 => token_tile::<F, 4, 1>(x, w, out, k, m, t0, rb.clone()),
-                        2 => token_tile::<F, 4, 2>(x, w, out, k, m, t0, rb.clone()),
-                        3 => token_tile::<F, 3, 3>(x, w, out, k, m, t0, rb.clone()),
-                        4 => token_tile::<F, 2, 4>(x, w, out, k, m, t0, rb.clone()),
-                        5 => token_tile::<F, 2, 5>(x, w, out, k, m, t0, rb.clone()),
-                        6 => token_tile::<F, 1, 6>(x, w, out, k, m, t0, rb.clone()),
-                        7 => token_tile::<F, 1, 7>(x, w, out, k, m, t0, rb.clone()),
-                        _ => token_tile::<F, 1, 8>(x, w, out, k, m, t0, rb.clone()),
+                        1 => token_tile::<F, 4, 1>(x, w, out, k, t0, rb.clone()),
+                        2 => token_tile::<F, 4, 2>(x, w, out, k, t0, rb.clone()),
+                        3 => token_tile::<F, 3, 3>(x, w, out, k, t0, rb.clone()),
+                        4 => token_tile::<F, 2, 4>(x, w, out, k, t0, rb.clone()),
+                        5 => token_tile::<F, 2, 5>(x, w, out, k, t0, rb.clone()),
+                        6 => token_tile::<F, 1, 6>(x, w, out, k, t0, rb.clone()),
+                        7 => token_tile::<F, 1, 7>(x, w, out, k, t0, rb.clone()),
+                        _ => token_tile::<F, 1, 8>(x, w, out, k, t0, rb.clone()),
                     }
                 }
                 t0 += tn;
@@ -392,6 +443,7 @@ pub fn matmul_rows(
     m: usize,
     rows: Range<usize>,
 ) {
+    let out = out.for_width(m);
     #[cfg(target_arch = "x86_64")]
     {
         if crate::simd::has_avx2_fma_f16c() {

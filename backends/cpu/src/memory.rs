@@ -21,9 +21,11 @@ pub const SEGMENT_ALIGN: u64 = 64;
 /// Raw host segments, registered by base address.
 #[derive(Debug, Default)]
 pub struct HostMemory {
-    next_id: AtomicU32,
-    /// base address -> (size, id)
-    live: RwLock<BTreeMap<u64, (u64, SegmentId)>>,
+    pub(crate) next_id: AtomicU32,
+    /// base address -> (size, id): pool segments and KV arena reservations.
+    pub(crate) live: RwLock<BTreeMap<u64, (u64, SegmentId)>>,
+    /// KV arena reservations (also in `live`), see [`crate::kv_arena`].
+    pub(crate) arenas: std::sync::Mutex<BTreeMap<SegmentId, crate::kv_arena::Arena>>,
 }
 
 impl HostMemory {
@@ -112,11 +114,21 @@ impl RawAllocator for HostMemory {
     fn alignment(&self) -> u64 {
         SEGMENT_ALIGN
     }
+
+    fn wait_idle(&self) -> Result<()> {
+        // Ops run synchronously under the stream lock: nothing is ever queued.
+        Ok(())
+    }
 }
 
 impl Drop for HostMemory {
     fn drop(&mut self) {
-        let live = std::mem::take(self.live.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let arenas = std::mem::take(self.arenas.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let mut live = std::mem::take(self.live.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (_, arena) in arenas {
+            live.remove(&arena.addr);
+            drop(arena);
+        }
         for (addr, (bytes, _)) in live {
             if let Ok(layout) = Layout::from_size_align(bytes as usize, SEGMENT_ALIGN as usize) {
                 // SAFETY: every registered address came from `alloc_zeroed` with this layout.

@@ -16,6 +16,7 @@ use std::ops::Range;
 use pagoda_backend::quant::dequantize_row;
 use pagoda_backend::{BackendError, DType, KvLayout, Result};
 
+use crate::kv_cache::KvPages;
 use crate::simd::{LANES, reduce, scalar};
 
 /// Largest head dimension supported.
@@ -31,8 +32,8 @@ pub const QUERY_TILE: usize = 8;
 pub struct AttentionArgs<'a> {
     /// (num_tokens, num_heads, head_dim)
     pub q: &'a [f32],
-    /// One layer arena.
-    pub cache: &'a [u8],
+    /// One layer arena, through its page table.
+    pub cache: KvPages<'a>,
     /// The cache layout.
     pub layout: &'a KvLayout,
     /// (num_tokens)
@@ -110,6 +111,7 @@ impl AttentionArgs<'_> {
                         l.num_pages
                     ));
                 }
+                self.cache.check(p as usize, "paged_attention")?;
             }
         }
         Ok(())
@@ -136,27 +138,29 @@ fn chunk_rows<'a>(
 ) {
     let l = args.layout;
     let (hd, row) = (l.head_dim, l.row_bytes());
-    // `l.row_offset(page, kv, p % page_size, kvh)`, with the constants hoisted.
+    // `l.row_offset(0, kv, p % page_size, kvh)` inside the page, with the constants hoisted.
     let token_stride = l.num_kv_heads * row;
-    let page_stride = 2 * l.page_size * token_stride;
     let base = kv * l.page_size * token_stride + kvh * row;
-    let offset = |i: usize| {
+    let at = |i: usize| {
         let p = c0 + i;
-        table[p / l.page_size] as usize * page_stride + (p % l.page_size) * token_stride + base
+        (
+            args.cache.page(table[p / l.page_size] as usize),
+            (p % l.page_size) * token_stride + base,
+        )
     };
     match buf {
         None => {
-            let f: &'a [f32] = bytemuck::cast_slice(args.cache);
             for (i, r) in rows.iter_mut().enumerate().take(cn) {
-                let o = offset(i) / 4;
-                *r = &f[o..o + hd];
+                let (page, o) = at(i);
+                let f: &'a [f32] = bytemuck::cast_slice(page);
+                *r = &f[o / 4..o / 4 + hd];
             }
         }
         Some(buf) => {
             for (i, b) in buf.iter_mut().enumerate().take(cn) {
-                let o = offset(i);
+                let (page, o) = at(i);
                 // Shapes were validated; a decode error cannot happen for a valid layout.
-                let _ = dequantize_row(l.dtype, &args.cache[o..o + row], &mut b[..hd]);
+                let _ = dequantize_row(l.dtype, &page[o..o + row], &mut b[..hd]);
             }
             for (r, b) in rows.iter_mut().zip(buf.iter()).take(cn) {
                 *r = &b[..hd];
@@ -705,8 +709,7 @@ pub fn attend(
     mut emit: impl FnMut(usize, &[f32]),
 ) {
     // f32 rows are read in place; other dtypes are decoded a chunk at a time.
-    let in_place =
-        args.layout.dtype == DType::F32 && bytemuck::try_cast_slice::<u8, f32>(args.cache).is_ok();
+    let in_place = args.layout.dtype == DType::F32 && args.cache.f32_aligned();
     let mut scratch;
     let buf = if in_place {
         None

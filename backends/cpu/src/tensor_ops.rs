@@ -2,13 +2,16 @@
 //! and threading around the plain loops of the per-op files.
 
 use pagoda_backend::{
-    AttentionDims, AttentionOps, BackendError, BufRef, DType, KvCacheOps, KvLayerRef, MatmulDims,
-    Result, RopeDims, TensorOps,
+    AttentionDims, AttentionOps, BackendError, BufRef, DType, EmbeddingDims, KvCacheOps,
+    KvLayerRef, MAX_KV_PIECES, MatmulDims, Projection, Result, RopeDims, RopeKvDims, SamplingOps,
+    TensorOps,
 };
 
+use crate::kv_cache::{KvPages, KvPagesMut};
+use crate::matmul::OutPtr;
 use crate::paged_attention::{AttentionArgs, QUERY_TILE, attend};
 use crate::par::{SharedMut, for_ranges};
-use crate::{CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope};
+use crate::{CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope, sampling};
 
 /// Rows (or tokens) per parallel chunk of the row-wise ops; fewer run inline.
 const ROW_CHUNK: usize = 16;
@@ -26,15 +29,14 @@ impl TensorOps for CpuBackend {
         table_dtype: DType,
         ids: BufRef,
         out: BufRef,
-        n: usize,
-        dim: usize,
+        d: EmbeddingDims,
     ) -> Result<()> {
         disjoint("embedding", out, &[table, ids])?;
         let _g = self.lock();
         let table = self.view::<u8>(table, table.bytes as usize, "embedding")?;
-        let ids = self.view::<u32>(ids, n, "embedding")?;
-        let out = self.view_mut::<f32>(out, n * dim, "embedding")?;
-        embedding::embedding(table, table_dtype, ids, out, dim)
+        let ids = self.view::<u32>(ids, d.n, "embedding")?;
+        let out = self.view_mut::<f32>(out, d.n * d.dim, "embedding")?;
+        embedding::embedding(table, table_dtype, ids, out, d)
     }
 
     fn matmul(
@@ -54,12 +56,18 @@ impl TensorOps for CpuBackend {
                     format!("k = {} must be a multiple of 32 for {w_dtype}", d.k),
                 )
             })?;
+        if d.out_stride < d.m {
+            return Err(invalid(
+                "matmul",
+                format!("out_stride {} below m = {}", d.out_stride, d.m),
+            ));
+        }
         disjoint("matmul", out, &[x, w])?;
         let _g = self.lock();
         let xs = self.view::<f32>(x, d.n * d.k, "matmul")?;
         let ws = self.view::<u8>(w, d.m * row_bytes, "matmul")?;
-        let os = self.view_mut::<f32>(out, d.n * d.m, "matmul")?;
-        let o = SharedMut::new(os);
+        let os = self.view_mut::<f32>(out, d.out_len(), "matmul")?;
+        let o = OutPtr::strided(SharedMut::new(os), d.out_stride, d.accumulate);
         // Split over weight rows: each thread owns whole output columns.
         for_ranges(self.pool.as_ref(), d.m, 8, |rows| {
             matmul::matmul_rows(xs, ws, w_dtype, o, d.n, d.k, d.m, rows)
@@ -91,6 +99,19 @@ impl TensorOps for CpuBackend {
             }
         });
         Ok(())
+    }
+
+    fn rms_norm_matmul(
+        &self,
+        x: BufRef,
+        weight: BufRef,
+        normed: BufRef,
+        n: usize,
+        k: usize,
+        eps: f32,
+        projections: &[Projection],
+    ) -> Result<()> {
+        self.rms_norm_matmul_impl(x, weight, normed, n, k, eps, projections)
     }
 
     fn rope(&self, x: BufRef, positions: BufRef, d: RopeDims) -> Result<()> {
@@ -178,30 +199,149 @@ impl TensorOps for CpuBackend {
     }
 }
 
+impl CpuBackend {
+    fn kv_pieces_ok(&self, cache: &KvLayerRef<'_>, op: &'static str) -> Result<()> {
+        if cache.pieces.is_empty() || cache.pieces.len() > MAX_KV_PIECES {
+            return Err(invalid(
+                op,
+                format!("{} KV pieces (1 ..= {MAX_KV_PIECES})", cache.pieces.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Read-only views of a layer arena's pieces and page table.
+    fn kv_pages<'a>(&'a self, cache: &KvLayerRef<'_>, op: &'static str) -> Result<KvPages<'a>> {
+        self.kv_pieces_ok(cache, op)?;
+        let mut pieces: [&[u8]; MAX_KV_PIECES] = [&[]; MAX_KV_PIECES];
+        for (i, p) in cache.pieces.iter().enumerate() {
+            pieces[i] = self.view::<u8>(*p, p.bytes as usize, op)?;
+        }
+        Ok(KvPages {
+            pieces,
+            num_pieces: cache.pieces.len(),
+            table: self.view::<u32>(cache.page_table, 2 * cache.layout.num_pages, op)?,
+            layout: cache.layout,
+        })
+    }
+
+    /// Mutable views of a layer arena's pieces (each its own segment) and its page table.
+    fn kv_pages_mut<'a>(
+        &'a self,
+        cache: &KvLayerRef<'_>,
+        op: &'static str,
+    ) -> Result<KvPagesMut<'a>> {
+        self.kv_pieces_ok(cache, op)?;
+        for (i, a) in cache.pieces.iter().enumerate() {
+            if cache.pieces[..i].iter().any(|b| crate::overlaps_ref(*a, *b)) {
+                return Err(invalid(op, "two KV pieces overlap".into()));
+            }
+        }
+        let mut pieces: [&mut [u8]; MAX_KV_PIECES] = std::array::from_fn(|_| <&mut [u8]>::default());
+        for (i, p) in cache.pieces.iter().enumerate() {
+            pieces[i] = self.view_mut::<u8>(*p, p.bytes as usize, op)?;
+        }
+        Ok(KvPagesMut {
+            pieces,
+            num_pieces: cache.pieces.len(),
+            table: self.view::<u32>(cache.page_table, 2 * cache.layout.num_pages, op)?,
+            layout: cache.layout,
+        })
+    }
+}
+
 impl KvCacheOps for CpuBackend {
     fn write_kv(
         &self,
-        cache: KvLayerRef,
+        cache: KvLayerRef<'_>,
         k: BufRef,
         v: BufRef,
         slot_mapping: BufRef,
         num_tokens: usize,
     ) -> Result<()> {
         let l = cache.layout;
-        disjoint("write_kv", cache.buf, &[k, v, slot_mapping])?;
+        for &p in cache.pieces {
+            disjoint("write_kv", p, &[k, v, slot_mapping, cache.page_table])?;
+        }
         let _g = self.lock();
         let width = num_tokens * l.num_kv_heads * l.head_dim;
         let ks = self.view::<f32>(k, width, "write_kv")?;
         let vs = self.view::<f32>(v, width, "write_kv")?;
         let slots = self.view::<u32>(slot_mapping, num_tokens, "write_kv")?;
-        let c = self.view_mut::<u8>(cache.buf, l.layer_bytes(), "write_kv")?;
-        kv_cache::write_kv(c, &l, ks, vs, slots)
+        let mut c = self.kv_pages_mut(&cache, "write_kv")?;
+        let pieces = cache.pieces;
+        kv_cache::write_kv(&mut c, ks, vs, slots, |piece, off, len| {
+            let p = pieces[piece];
+            self.mem
+                .check_committed(p.segment, p.addr + off as u64, len as u64)
+        })
     }
 
-    fn copy_pages(&self, cache: KvLayerRef, pairs: &[(u32, u32)]) -> Result<()> {
+    fn rope_write_kv(
+        &self,
+        q: BufRef,
+        k: BufRef,
+        v: BufRef,
+        positions: BufRef,
+        slot_mapping: BufRef,
+        cache: KvLayerRef<'_>,
+        dims: RopeKvDims,
+    ) -> Result<()> {
+        self.rope_write_kv_impl(q, k, v, positions, slot_mapping, cache, dims)
+    }
+
+    fn copy_pages(&self, cache: KvLayerRef<'_>, pairs: &[(u32, u32)]) -> Result<()> {
         let _g = self.lock();
-        let c = self.view_mut::<u8>(cache.buf, cache.layout.layer_bytes(), "copy_pages")?;
-        kv_cache::copy_pages(c, &cache.layout, pairs)
+        let mut c = self.kv_pages_mut(&cache, "copy_pages")?;
+        kv_cache::copy_pages(&mut c, pairs)
+    }
+}
+
+impl SamplingOps for CpuBackend {
+    fn argmax_rows(&self, logits: BufRef, ids: BufRef, rows: usize, vocab: usize) -> Result<()> {
+        disjoint("argmax_rows", ids, &[logits])?;
+        let _g = self.lock();
+        let l = self.view::<f32>(logits, rows * vocab, "argmax_rows")?;
+        let out = self.view_mut::<u32>(ids, rows, "argmax_rows")?;
+        if vocab == 0 && rows > 0 {
+            return Err(invalid("argmax_rows", "empty rows".into()));
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = sampling::argmax(&l[r * vocab..(r + 1) * vocab]);
+        }
+        Ok(())
+    }
+
+    fn top_k_rows(
+        &self,
+        logits: BufRef,
+        values: BufRef,
+        ids: BufRef,
+        rows: usize,
+        vocab: usize,
+        k: usize,
+    ) -> Result<()> {
+        if k > vocab || k > self.info.max_top_k {
+            return Err(invalid(
+                "top_k_rows",
+                format!("k = {k} above vocab {vocab} or the limit {}", self.info.max_top_k),
+            ));
+        }
+        disjoint("top_k_rows", values, &[logits, ids])?;
+        disjoint("top_k_rows", ids, &[logits])?;
+        let _g = self.lock();
+        let l = self.view::<f32>(logits, rows * vocab, "top_k_rows")?;
+        let vs = self.view_mut::<f32>(values, rows * k, "top_k_rows")?;
+        let is = self.view_mut::<u32>(ids, rows * k, "top_k_rows")?;
+        for r in 0..rows {
+            sampling::top_k(
+                &l[r * vocab..(r + 1) * vocab],
+                k,
+                &mut vs[r * k..(r + 1) * k],
+                &mut is[r * k..(r + 1) * k],
+            );
+        }
+        Ok(())
     }
 }
 
@@ -209,7 +349,7 @@ impl AttentionOps for CpuBackend {
     fn paged_attention(
         &self,
         q: BufRef,
-        cache: KvLayerRef,
+        cache: KvLayerRef<'_>,
         positions: BufRef,
         block_tables: BufRef,
         context_lens: BufRef,
@@ -223,18 +363,21 @@ impl AttentionOps for CpuBackend {
             out,
             &[
                 q,
-                cache.buf,
+                cache.page_table,
                 positions,
                 block_tables,
                 context_lens,
                 query_start_locs,
             ],
         )?;
+        for &p in cache.pieces {
+            disjoint("paged_attention", out, &[p])?;
+        }
         let _g = self.lock();
         let width = d.num_heads * l.head_dim;
         let args = AttentionArgs {
             q: self.view::<f32>(q, d.num_tokens * width, "paged_attention")?,
-            cache: self.view::<u8>(cache.buf, l.layer_bytes(), "paged_attention")?,
+            cache: self.kv_pages(&cache, "paged_attention")?,
             layout: &l,
             positions: self.view::<u32>(positions, d.num_tokens, "paged_attention")?,
             block_tables: self.view::<u32>(

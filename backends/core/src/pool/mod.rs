@@ -111,8 +111,14 @@ pub struct RawSegment {
 pub trait RawAllocator: Send + Sync {
     /// Allocates a segment of exactly `bytes` (> 0) bytes, aligned to [`Self::alignment`].
     fn alloc_segment(&self, bytes: u64) -> Result<RawSegment>;
-    /// Returns a segment. The pool guarantees no block of it is still live.
+    /// Returns a segment. The pool guarantees no block of it is still live,
+    /// and that the queued work that may touch it has finished: it calls
+    /// [`Self::wait_idle`] before it frees one or more segments.
     fn free_segment(&self, segment: RawSegment);
+    /// Waits until the device has finished every queued op (the stream is
+    /// idle), so memory can be given back. Called by the pool before
+    /// [`Self::free_segment`].
+    fn wait_idle(&self) -> Result<()>;
     /// Alignment of every segment base, in bytes (a power of two).
     fn alignment(&self) -> u64;
 }
@@ -227,6 +233,9 @@ pub struct PoolConfig {
     /// segment (just the rounded request) is only asked for when this size
     /// would exceed the budget or the backend refuses it.
     pub min_segment_bytes: u64,
+    /// The largest segment the device can make ([`crate::BackendInfo::max_buffer_bytes`]):
+    /// segments are never larger, and a larger request is refused.
+    pub max_segment_bytes: u64,
 }
 
 impl Default for PoolConfig {
@@ -234,6 +243,7 @@ impl Default for PoolConfig {
         PoolConfig {
             budget_bytes: None,
             min_segment_bytes: 2 << 20,
+            max_segment_bytes: u64::MAX,
         }
     }
 }
@@ -344,7 +354,15 @@ impl Shared {
     /// Gives every fully free segment back to the backend; returns the bytes released.
     fn release_free_segments(&self, st: &mut State) -> u64 {
         let mut released = 0u64;
-        for seg in st.take_free_segments() {
+        let segs = st.take_free_segments();
+        if segs.is_empty() {
+            return 0;
+        }
+        // Frees wait for the queue: ops enqueued before may still read these
+        // segments. A failed wait means the device is lost; nothing queued
+        // will run any more, so freeing is then safe too.
+        let _ = self.raw.wait_idle();
+        for seg in segs {
             released = released.saturating_add(seg.bytes);
             self.raw.free_segment(seg);
         }
@@ -389,6 +407,14 @@ impl Shared {
             let why = format!("request of {requested} B cannot be rounded to a segment size");
             return Err(self.oom(st, tag, requested, why));
         };
+        let max = self.config.max_segment_bytes;
+        if rounded > max {
+            let why = format!(
+                "the request is larger than the device's largest buffer ({max} B); split it"
+            );
+            return Err(self.oom(st, tag, requested, why));
+        }
+        let preferred = preferred.min(max);
         let sizes: &[u64] = if preferred > rounded {
             &[preferred, rounded]
         } else {
@@ -465,7 +491,12 @@ impl Drop for Shared {
     /// shared state), so no block is live: every segment goes back.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for seg in st.take_free_segments() {
+        let segs = st.take_free_segments();
+        if !segs.is_empty() {
+            // Frees wait for the queue (see `release_free_segments`).
+            let _ = self.raw.wait_idle();
+        }
+        for seg in segs {
             self.raw.free_segment(seg);
         }
     }

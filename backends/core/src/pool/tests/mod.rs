@@ -20,6 +20,11 @@ struct FakeInner {
     frees: u64,
     /// Frees of segments that were not live (double free, foreign segment).
     bad_frees: u64,
+    /// Whether `wait_idle` ran since the last segment was handed out (new
+    /// work may touch a new segment).
+    idle: bool,
+    /// Frees made while work might still be queued.
+    frees_before_idle: u64,
 }
 
 /// A fake backend: segments at increasing, aligned, non-adjacent addresses;
@@ -72,6 +77,26 @@ impl FakeRaw {
     fn bad_frees(&self) -> u64 {
         self.inner().bad_frees
     }
+    fn frees_before_idle(&self) -> u64 {
+        self.inner().frees_before_idle
+    }
+}
+
+#[test]
+fn segments_are_freed_only_after_the_queue_is_idle() {
+    let raw = FakeRaw::new();
+    let pool = Pool::new(raw.clone(), PoolConfig::default(), FaultInjector::new());
+    let a = pool.alloc(3 * MIB, MemoryTag::Weights).unwrap();
+    let b = pool.alloc(4 * KIB, MemoryTag::Scratch).unwrap();
+    drop(a);
+    drop(b);
+    pool.empty_cache();
+    assert_eq!(raw.frees(), 2);
+    let c = pool.alloc(5 * MIB, MemoryTag::Kv).unwrap();
+    drop(c);
+    drop(pool);
+    assert_eq!(raw.frees(), 3);
+    assert_eq!(raw.frees_before_idle(), 0, "a segment was freed while work could be queued");
 }
 
 impl RawAllocator for FakeRaw {
@@ -97,11 +122,15 @@ impl RawAllocator for FakeRaw {
         inner.next_addr = (addr + bytes + self.alignment).next_multiple_of(self.alignment);
         let seg = RawSegment { id, addr, bytes };
         inner.live.insert(id, seg);
+        inner.idle = false;
         Ok(seg)
     }
 
     fn free_segment(&self, segment: RawSegment) {
         let mut inner = self.inner();
+        if !inner.idle {
+            inner.frees_before_idle += 1;
+        }
         inner.frees += 1;
         if inner.live.remove(&segment.id) != Some(segment) {
             inner.bad_frees += 1;
@@ -110,6 +139,11 @@ impl RawAllocator for FakeRaw {
 
     fn alignment(&self) -> u64 {
         self.alignment
+    }
+
+    fn wait_idle(&self) -> Result<()> {
+        self.inner().idle = true;
+        Ok(())
     }
 }
 
@@ -888,4 +922,22 @@ proptest! {
         prop_assert!(raw.live_segments().is_empty());
         prop_assert_eq!(raw.bad_frees(), 0);
     }
+}
+
+#[test]
+fn segments_never_exceed_the_largest_buffer() {
+    let raw = FakeRaw::new();
+    let pool = pool_over(
+        &raw,
+        PoolConfig {
+            max_segment_bytes: 4 * MIB,
+            ..PoolConfig::default()
+        },
+    );
+    let a = pool.alloc(3 * MIB, MemoryTag::Weights).unwrap();
+    let b = pool.alloc(4 * MIB, MemoryTag::Weights).unwrap();
+    assert!(raw.live_segments().values().all(|s| s.bytes <= 4 * MIB));
+    let err = pool.alloc(4 * MIB + 1, MemoryTag::Weights).unwrap_err();
+    assert!(err.to_string().contains("largest buffer"), "{err}");
+    drop((a, b));
 }

@@ -1,7 +1,8 @@
 //! Unit tests of the parent module.
 
 use super::*;
-use crate::kv_cache::write_kv;
+use pagoda_backend::MAX_KV_PIECES;
+use crate::kv_cache::{KvPagesMut, write_kv};
 use rand::{Rng, SeedableRng};
 
 /// Attention of every query over its sequence, in f64 over the rows as
@@ -58,6 +59,21 @@ fn reference(
 /// time here), written at the pages of `tables`; returns the attention
 /// output of all queries.
 fn run(dtype: DType, hd: usize, heads: usize, tables: &[Vec<u32>], check: bool) -> Vec<f32> {
+    let a = run_in_pieces(dtype, hd, heads, tables, check, 32);
+    // The same cache cut into pieces of 10, 10, 10 and 2 pages: same bits.
+    let b = run_in_pieces(dtype, hd, heads, tables, false, 10);
+    assert_eq!(a, b, "{dtype}: pieces");
+    a
+}
+
+fn run_in_pieces(
+    dtype: DType,
+    hd: usize,
+    heads: usize,
+    tables: &[Vec<u32>],
+    check: bool,
+    pages_per_piece: usize,
+) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let (kvh, lens) = (2, [45usize, 70]);
     let l = KvLayout {
@@ -69,6 +85,21 @@ fn run(dtype: DType, hd: usize, heads: usize, tables: &[Vec<u32>], check: bool) 
         dtype,
     };
     let mut cache = vec![0u8; l.layer_bytes()];
+    let table: Vec<u32> = (0..l.num_pages)
+        .flat_map(|p| [(p / pages_per_piece) as u32, (p % pages_per_piece) as u32])
+        .collect();
+    let mut chunks: Vec<&mut [u8]> = cache.chunks_mut(pages_per_piece * l.page_bytes()).collect();
+    let num_pieces = chunks.len();
+    let mut pieces: [&mut [u8]; MAX_KV_PIECES] = std::array::from_fn(|_| <&mut [u8]>::default());
+    for (i, c) in chunks.drain(..).enumerate() {
+        pieces[i] = c;
+    }
+    let mut kv = KvPagesMut {
+        pieces,
+        num_pieces,
+        table: &table,
+        layout: l,
+    };
     for (s, &len) in lens.iter().enumerate() {
         let k: Vec<f32> = (0..len * kvh * hd)
             .map(|_| rng.random_range(-1.0..1.0))
@@ -79,8 +110,19 @@ fn run(dtype: DType, hd: usize, heads: usize, tables: &[Vec<u32>], check: bool) 
         let slots: Vec<u32> = (0..len)
             .map(|p| tables[s][p / l.page_size] * l.page_size as u32 + (p % l.page_size) as u32)
             .collect();
-        write_kv(&mut cache, &l, &k, &v, &slots).unwrap();
+        write_kv(&mut kv, &k, &v, &slots, |_, _, _| Ok(())).unwrap();
     }
+    drop(kv);
+    let mut views: [&[u8]; MAX_KV_PIECES] = [&[]; MAX_KV_PIECES];
+    for (i, c) in cache.chunks(pages_per_piece * l.page_bytes()).enumerate() {
+        views[i] = c;
+    }
+    let pages = crate::kv_cache::KvPages {
+        pieces: views,
+        num_pieces,
+        table: &table,
+        layout: l,
+    };
     // Queries: the last 3 positions of sequence 0, the last 5 of sequence 1.
     let positions: Vec<u32> = [42u32, 43, 44, 65, 66, 67, 68, 69].to_vec();
     let qsl = [0u32, 3, 8];
@@ -95,7 +137,7 @@ fn run(dtype: DType, hd: usize, heads: usize, tables: &[Vec<u32>], check: bool) 
     }
     let args = AttentionArgs {
         q: &q,
-        cache: &cache,
+        cache: pages,
         layout: &l,
         positions: &positions,
         block_tables: &bt,
