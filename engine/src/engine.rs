@@ -11,16 +11,17 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
-use pagoda_backend::{Backend, DType, FaultInjector, KvLayout, Pool, PoolConfig};
+use pagoda_backend::{Backend, DType, FaultInjector, Pool, PoolConfig};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::model::{LlamaConfig, LlamaWeights};
-use crate::model_runner::ModelRunner;
+use crate::model_runner::{ModelRunner, RowNeed};
 use crate::plan::{Budget, MemoryPlan, PlanRequest, plan, workspace_dims};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::step_plan::StepPlan;
 use crate::sequence::{FinishReason, SeqId, SeqParams};
 use crate::telemetry::{StepStats, Telemetry};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -51,6 +52,10 @@ pub struct EngineConfig {
     pub num_pages: Option<usize>,
     /// Fault injection shared by the pool and the block manager.
     pub faults: FaultInjector,
+    /// Padded decode batch sizes. `None` = `1, 2, 4, …, max_seqs` on a
+    /// backend with graphs, no padding otherwise; `Some(v)`: exactly these
+    /// (a decode step of `s` sequences runs as the smallest bucket `>= s`).
+    pub decode_buckets: Option<Vec<usize>>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +71,7 @@ impl Default for EngineConfig {
             budget: Budget::Utilization(0.9),
             num_pages: None,
             faults: FaultInjector::from_env(),
+            decode_buckets: None,
         }
     }
 }
@@ -157,7 +163,7 @@ impl<B: Backend> EngineBuilder<B> {
             max_logits_rows: cfg.max_logits_rows,
             budget: cfg.budget,
         };
-        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg)?;
+        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg, backend.as_ref())?;
         let mut mem_plan = plan(&model_cfg, weights_bytes, &req, backend.memory()?, &info)?;
         if let Some(n) = cfg.num_pages {
             mem_plan
@@ -165,21 +171,38 @@ impl<B: Backend> EngineBuilder<B> {
                 .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
         }
 
+        let geometry = mem_plan.kv_limits.geometry(mem_plan.num_pages).ok_or_else(|| {
+            EngineError::InvalidInput(format!(
+                "a KV arena of {} pages does not fit the {} device's buffer limits",
+                mem_plan.num_pages, info.name
+            ))
+        })?;
+        // The KV arena is reserved outside the pool; the pool holds the rest.
         let pool_cfg = PoolConfig {
-            budget_bytes: Some(mem_plan.budget_bytes),
+            budget_bytes: Some(mem_plan.budget_bytes.saturating_sub(geometry.reserved_bytes())),
+            max_segment_bytes: info.max_buffer_bytes,
             ..PoolConfig::default()
         };
         let pool = Pool::new(backend.raw_allocator(), pool_cfg, cfg.faults.clone());
         let dims = workspace_dims(&req, mem_plan.max_seqs, ctx);
-        let layout = KvLayout {
-            num_layers: model_cfg.num_layers,
-            num_pages: mem_plan.num_pages,
-            page_size: cfg.page_size,
-            num_kv_heads: model_cfg.num_kv_heads,
-            head_dim: model_cfg.head_dim,
-            dtype: cfg.kv_dtype,
-        };
-        let runner = ModelRunner::new(backend, pool, &gguf, model_cfg.clone(), dims, layout)?;
+        let buckets = cfg.decode_buckets.clone().unwrap_or_else(|| {
+            if info.supports_graphs {
+                crate::model_runner::default_decode_buckets(mem_plan.max_seqs)
+            } else {
+                Vec::new()
+            }
+        });
+        let runner = ModelRunner::new(
+            backend,
+            pool,
+            &gguf,
+            model_cfg.clone(),
+            dims,
+            geometry,
+            buckets,
+            cfg.faults.clone(),
+        )?;
+        runner.kv_cache().commit_all()?;
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 page_size: cfg.page_size,
@@ -202,6 +225,7 @@ impl<B: Backend> EngineBuilder<B> {
             model_path: path,
             telemetry: Telemetry::new(),
             sampled: Vec::new(),
+            needs: Vec::with_capacity(dims.max_logits_rows),
         })
     }
 }
@@ -299,6 +323,8 @@ pub struct Engine<B: Backend> {
     telemetry: Telemetry,
     /// (num_seqs) tokens sampled this step, reused.
     sampled: Vec<Option<u32>>,
+    /// (num_logits) what the host needs of each logits row this step, reused.
+    needs: Vec<RowNeed>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -490,7 +516,8 @@ impl<B: Backend> Engine<B> {
         };
         let t_sched = t0.elapsed();
         let vocab = self.runner.config.vocab_size;
-        let logits = match self.runner.execute(&plan) {
+        self.fill_needs(&plan);
+        let out = match self.runner.execute(&plan, &self.needs) {
             Ok(l) => l,
             Err(e) => {
                 // The whole step failed: end the requests in it, keep the engine serving.
@@ -518,6 +545,7 @@ impl<B: Backend> Engine<B> {
                 self.sampled.push(None);
                 continue;
             };
+            let logits = &out.logits;
             if let Some(all) = r.prompt_logits.as_mut() {
                 // Stored by position, so a recomputation after preemption overwrites, never appends.
                 let (a, b) = (plan.query_start_locs[i], plan.query_start_locs[i + 1]);
@@ -530,18 +558,27 @@ impl<B: Backend> Engine<B> {
                     }
                 }
             }
+            let needs = &self.needs;
             let tok = plan.sample_rows[i].map(|row| {
                 let row = row as usize;
-                if let Some(first) = r.first_logits.as_mut().filter(|f| f.is_empty()) {
-                    first.extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
+                match needs[row] {
+                    RowNeed::Argmax => out.argmax[row],
+                    RowNeed::TopK(_) => {
+                        let (v, ids) = out.candidates(row);
+                        r.sampler.sample_candidates(v, ids)
+                    }
+                    RowNeed::Full => {
+                        if let Some(first) = r.first_logits.as_mut().filter(|f| f.is_empty()) {
+                            first.extend_from_slice(out.row(row, vocab));
+                        }
+                        let history = self
+                            .scheduler
+                            .get(id)
+                            .map(|s| s.tokens.as_slice())
+                            .unwrap_or(&[]);
+                        r.sampler.sample(out.row(row, vocab), history)
+                    }
                 }
-                let history = self
-                    .scheduler
-                    .get(id)
-                    .map(|s| s.tokens.as_slice())
-                    .unwrap_or(&[]);
-                r.sampler
-                    .sample(&logits[row * vocab..(row + 1) * vocab], history)
             });
             self.sampled.push(tok);
         }
@@ -592,6 +629,37 @@ impl<B: Backend> Engine<B> {
             || crate::telemetry::MemorySnapshot::capture(&self.runner, &self.scheduler),
         );
         Ok(events)
+    }
+
+    /// Decides, per logits row of `plan`, what the host needs: the argmax
+    /// (greedy), the device's top-k candidates (sampling with `top_k` within
+    /// the device limit) or the full row (all-position or first logits, a
+    /// repetition penalty, `top_k = 0` or above the limit). Allocation-free.
+    fn fill_needs(&mut self, plan: &StepPlan) {
+        self.needs.clear();
+        self.needs.resize(plan.logits_indices.len(), RowNeed::Full);
+        let max_k = self.runner.max_top_k();
+        for (i, &id) in plan.seq_ids.iter().enumerate() {
+            let Some(row) = plan.sample_rows[i] else {
+                continue;
+            };
+            let Some(r) = self.requests.get(&id) else {
+                continue;
+            };
+            let p = r.sampler.params();
+            let wants_row = r.prompt_logits.is_some()
+                || r.first_logits.as_ref().is_some_and(|f| f.is_empty());
+            let penalize = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
+            self.needs[row as usize] = if wants_row || penalize {
+                RowNeed::Full
+            } else if p.is_greedy() {
+                RowNeed::Argmax
+            } else if p.top_k == 0 || p.top_k > max_k {
+                RowNeed::Full
+            } else {
+                RowNeed::TopK(p.top_k)
+            };
+        }
     }
 
     /// Sends each event to its request's stream; a closed stream aborts its request.

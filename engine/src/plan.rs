@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use pagoda_backend::{BackendInfo, DType, DeviceMemory, KvLayout};
+use pagoda_backend::{BackendInfo, DType, DeviceMemory, KvGeometry, KvLayout};
 
 use crate::model::{LlamaConfig, Workspace, WorkspaceDims};
 
@@ -90,6 +90,61 @@ pub struct MemoryPlan {
     pub kv_tokens: usize,
     /// Workspace sizing.
     pub max_num_batched_tokens: usize,
+    /// The KV arena geometry inputs (device limits), to recompute `kv_bytes`.
+    #[serde(skip)]
+    pub kv_limits: KvLimits,
+}
+
+/// Target bytes of one KV commit unit per layer (CUDA maps 2 MiB VMM chunks).
+pub const KV_COMMIT_UNIT_BYTES: u64 = 2 << 20;
+
+/// The device limits that shape the KV arena (see `pagoda_backend::KvGeometry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvLimits {
+    /// Largest buffer.
+    pub max_buffer_bytes: u64,
+    /// Largest binding.
+    pub max_binding_bytes: u64,
+    /// Commit granularity.
+    pub granularity: u64,
+    /// The layout with one page (shape and dtype).
+    pub layout: Option<KvLayout>,
+}
+
+impl KvLimits {
+    /// Limits of `info` for KV pages of `layout`'s shape.
+    pub fn new(info: &BackendInfo, layout: KvLayout) -> Self {
+        KvLimits {
+            max_buffer_bytes: info.max_buffer_bytes,
+            max_binding_bytes: info.max_binding_bytes,
+            granularity: info.kv_commit_granularity,
+            layout: Some(layout),
+        }
+    }
+
+    /// The geometry of `num_pages` usable pages (plus the null page).
+    pub fn geometry(&self, num_pages: usize) -> Option<KvGeometry> {
+        let layout = KvLayout {
+            num_pages: num_pages.checked_add(1)?,
+            ..self.layout?
+        };
+        KvGeometry::new(
+            layout,
+            self.max_buffer_bytes,
+            self.max_binding_bytes,
+            self.granularity,
+            KV_COMMIT_UNIT_BYTES,
+        )
+    }
+
+    /// KV bytes of `num_pages` usable pages: the arena reservation (null page
+    /// and granule rounding included) plus the page tables. `u64::MAX` when
+    /// the device cannot hold such an arena.
+    pub fn kv_bytes(&self, num_pages: usize) -> u64 {
+        self.geometry(num_pages).map_or(u64::MAX, |g| {
+            g.reserved_bytes() + g.page_table_bytes() * g.layout.num_layers as u64
+        })
+    }
 }
 
 /// The plan does not fit: numbers and advice in the message.
@@ -153,6 +208,7 @@ pub fn workspace_dims(req: &PlanRequest, max_seqs: usize, ctx: usize) -> Workspa
         max_seqs,
         max_blocks_per_seq: ctx.div_ceil(req.page_size),
         max_logits_rows: req.max_logits_rows.max(max_seqs),
+        max_top_k: crate::model::DEVICE_TOP_K,
     }
 }
 
@@ -213,6 +269,7 @@ pub fn plan(
         max_seqs: seqs_for_ws,
         kv_tokens: 0,
         max_num_batched_tokens: req.max_num_batched_tokens,
+        kv_limits: KvLimits::new(info, kv_layout(cfg, req.kv_dtype, req.page_size, 1)),
     };
     let fixed = p.weights_bytes + p.workspace_bytes + p.graph_bytes + p.headroom_bytes;
     match req.max_seqs {
@@ -222,13 +279,19 @@ pub fn plan(
         None => {
             // Derive: every byte left after the fixed parts becomes KV pages.
             let left = budget_bytes.saturating_sub(fixed);
-            p.num_pages = (left / page_bytes.max(1)) as usize;
+            let mut n = (left / page_bytes.max(1)) as usize;
+            // The null page, the page tables and granule rounding come on top.
+            while n > 0 && p.kv_limits.kv_bytes(n) > left {
+                let over = p.kv_limits.kv_bytes(n).saturating_sub(left);
+                n = n.saturating_sub((over / page_bytes.max(1)).max(1) as usize);
+            }
+            p.num_pages = n;
             p.max_seqs = (p.num_pages / pages_per_seq.max(1)).max(1);
         }
     }
-    p.kv_bytes = p.num_pages as u64 * page_bytes;
+    p.kv_bytes = p.kv_limits.kv_bytes(p.num_pages);
     p.kv_tokens = p.num_pages * req.page_size;
-    p.total_bytes = fixed + p.kv_bytes;
+    p.total_bytes = fixed.saturating_add(p.kv_bytes);
 
     let mut problems = Vec::new();
     if p.weights_bytes + p.headroom_bytes > budget_bytes {
@@ -332,8 +395,8 @@ impl MemoryPlan {
                 self.page_size, self.ctx
             ));
         }
-        let kv_bytes = num_pages as u64 * self.page_bytes;
-        let total = self.total_bytes - self.kv_bytes + kv_bytes;
+        let kv_bytes = self.kv_limits.kv_bytes(num_pages);
+        let total = (self.total_bytes - self.kv_bytes).saturating_add(kv_bytes);
         if total > self.budget_bytes {
             return Err(format!(
                 "{num_pages} KV pages take {}: the plan would need {} but the budget is {}",

@@ -167,6 +167,33 @@ impl Sampler {
             self.cand.truncate(k);
         }
         self.cand.sort_unstable_by(by_logit);
+        self.finish()
+    }
+
+    /// Picks the next token from the `k` best candidates of a row, as the
+    /// device's `top_k_rows` returns them (descending by logit, ties to the
+    /// lower id): the same result and RNG use as [`Self::sample`] on the
+    /// full row with `top_k = k`, for a request without repetition penalty.
+    /// values, ids: (k).
+    pub fn sample_candidates(&mut self, values: &[f32], ids: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.is_greedy() {
+            return ids.first().copied().unwrap_or(0);
+        }
+        self.cand.clear();
+        let k = if p.top_k == 0 { ids.len() } else { p.top_k.min(ids.len()) };
+        self.cand
+            .extend(ids.iter().copied().zip(values.iter().copied()).take(k));
+        if self.cand.is_empty() {
+            return 0;
+        }
+        self.finish()
+    }
+
+    /// Top-p, min-p, temperature and the draw over `self.cand`, sorted
+    /// descending by logit.
+    fn finish(&mut self) -> u32 {
+        let p = &self.params;
         // Softmax (at temperature 1, as llama.cpp's top-p/min-p see it).
         let max = self.cand[0].1;
         let mut sum = 0f32;

@@ -83,6 +83,16 @@ impl StepPlan {
         self.seq_ids.len()
     }
 
+    /// The decode-only marker: every row is one decoding sequence's next
+    /// token (no prefill chunk), so the runner may pad the step to a batch
+    /// bucket and replay a captured graph for it.
+    pub fn is_decode_only(&self) -> bool {
+        self.num_seqs() > 0
+            && self.num_prefill_tokens == 0
+            && self.num_decode_tokens == self.num_seqs()
+            && self.num_tokens() == self.num_seqs()
+    }
+
     /// Token rows of sequence `i`.
     pub fn rows(&self, i: usize) -> std::ops::Range<usize> {
         self.query_start_locs[i] as usize..self.query_start_locs[i + 1] as usize

@@ -1,75 +1,166 @@
-//! The Llama forward pass over one [`StepPlan`], on any backend.
+//! The Llama forward pass over one step shape, on any backend.
 //!
-//! Per layer: RMSNorm → Q/K/V projections → RoPE (NORM mode) → KV write at
-//! `slot_mapping` → paged attention through the block tables → output
-//! projection + residual → RMSNorm → SwiGLU FFN + residual. Then the rows in
-//! `logits_indices` are gathered, normed and projected to the vocabulary.
+//! Per layer, seven ops (the fused contract ops):
+//! 1. RMSNorm + Q/K/V projections ([`pagoda_backend::TensorOps::rms_norm_matmul`]),
+//! 2. RoPE (NORM mode) + KV write at `slot_mapping` ([`pagoda_backend::KvCacheOps::rope_write_kv`]),
+//! 3. paged attention through the block tables,
+//! 4. output projection accumulated into the residual stream,
+//! 5. RMSNorm + gate/up projections,
+//! 6. SiLU(gate)·up,
+//! 7. down projection accumulated into the residual stream.
+//!
+//! Then the rows in `logits_indices` are gathered, normed and projected to
+//! the vocabulary. The forward reads its per-step arrays from the packed
+//! `step_args` buffer at offsets that depend only on the [`StepShape`], and
+//! every other buffer is a fixed workspace slice: two steps of one shape
+//! make the same calls with the same arguments (what a graph replays).
 
-use pagoda_backend::{AttentionDims, Backend, BufRef, MatmulDims, RopeDims};
+use pagoda_backend::{
+    AttentionDims, Backend, BufRef, EmbeddingDims, MatmulDims, Projection, RopeKvDims,
+};
 
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{LlamaWeights, Tensor};
-use crate::model::workspace::Workspace;
-use crate::step_plan::StepPlan;
+use crate::model::workspace::{StepArgsLayout, Workspace};
+
+/// The shape of one step as the device sees it (padded rows included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StepShape {
+    /// Token rows.
+    pub num_tokens: usize,
+    /// Sequence rows (block-table rows).
+    pub num_seqs: usize,
+    /// Logits rows.
+    pub num_logits: usize,
+    /// Every row is one decoding token (`num_tokens == num_seqs == num_logits`).
+    pub decode_only: bool,
+}
 
 fn f32s(b: BufRef, n: usize) -> Result<BufRef> {
     Ok(b.slice(0, n as u64 * 4)?)
 }
 
-fn upload_u32<B: Backend>(backend: &B, dst: BufRef, v: &[u32]) -> Result<()> {
-    let dst = dst.slice(0, v.len() as u64 * 4)?;
-    Ok(backend.upload(dst, bytemuck::cast_slice(v))?)
+fn words(b: BufRef, at: usize, n: usize) -> Result<BufRef> {
+    Ok(b.slice(at as u64 * 4, n as u64 * 4)?)
 }
 
-fn matmul<B: Backend>(b: &B, x: BufRef, w: &Tensor, out: BufRef, n: usize) -> Result<()> {
+/// The projections of one weight tensor's pieces into `out` (n, stride) at column `col`.
+fn push_projections(
+    w: &Tensor,
+    out: BufRef,
+    n: usize,
+    stride: usize,
+    col: usize,
+    dst: &mut [Option<Projection>; 8],
+    used: &mut usize,
+) -> Result<()> {
+    for p in &w.pieces {
+        let len = MatmulDims {
+            out_stride: stride,
+            ..MatmulDims::new(n, w.cols(), p.rows)
+        }
+        .out_len();
+        let o = out.slice((col + p.first_row) as u64 * 4, len as u64 * 4)?;
+        let slot = dst.get_mut(*used).ok_or_else(|| {
+            EngineError::InvalidInput("a fused projection has more than 8 weight pieces".into())
+        })?;
+        *slot = Some(Projection {
+            w: p.block.buf(),
+            dtype: w.dtype,
+            m: p.rows,
+            out: o,
+            out_stride: stride,
+        });
+        *used += 1;
+    }
+    Ok(())
+}
+
+/// `out (n, m) [+]= x · wᵀ` over the weight's row pieces.
+fn matmul<B: Backend>(
+    b: &B,
+    x: BufRef,
+    w: &Tensor,
+    out: BufRef,
+    n: usize,
+    accumulate: bool,
+) -> Result<()> {
     let (k, m) = (w.shape[0], w.shape[1]);
-    Ok(b.matmul(
-        f32s(x, n * k)?,
-        w.buf(),
-        w.dtype,
-        f32s(out, n * m)?,
-        MatmulDims { n, k, m },
-    )?)
+    let x = f32s(x, n * k)?;
+    for p in &w.pieces {
+        let dims = MatmulDims {
+            out_stride: m,
+            accumulate,
+            ..MatmulDims::new(n, k, p.rows)
+        };
+        let o = out.slice(p.first_row as u64 * 4, dims.out_len() as u64 * 4)?;
+        b.matmul(x, p.block.buf(), w.dtype, o, dims)?;
+    }
+    Ok(())
 }
 
-/// Runs the model over `plan`; the logits of `plan.logits_indices` rows end
-/// up in `ws.logits` as (num_logits, vocab) f32.
+/// RMSNorm of `x` and the projections `ws` (each into its own output), in one call.
+#[allow(clippy::too_many_arguments)]
+fn norm_project<B: Backend>(
+    b: &B,
+    x: BufRef,
+    norm: &Tensor,
+    h: BufRef,
+    n: usize,
+    k: usize,
+    eps: f32,
+    outs: &[(&Tensor, BufRef)],
+) -> Result<()> {
+    let mut projs: [Option<Projection>; 8] = [None; 8];
+    let mut used = 0;
+    for (w, out) in outs {
+        push_projections(w, *out, n, w.shape[1], 0, &mut projs, &mut used)?;
+    }
+    let mut list = [Projection {
+        w: BufRef::EMPTY,
+        dtype: pagoda_backend::DType::F32,
+        m: 0,
+        out: BufRef::EMPTY,
+        out_stride: 0,
+    }; 8];
+    for (d, s) in list.iter_mut().zip(projs.iter()) {
+        if let Some(p) = s {
+            *d = *p;
+        }
+    }
+    Ok(b.rms_norm_matmul(x, norm.buf(), h, n, k, eps, &list[..used])?)
+}
+
+/// Runs the model over a step of `shape` whose arguments are in `ws.step_args`
+/// (packed by [`StepArgsLayout`]); the logits of the `num_logits` rows end up
+/// in `ws.logits` as (num_logits, vocab) f32.
 pub fn forward<B: Backend>(
     backend: &B,
     cfg: &LlamaConfig,
     w: &LlamaWeights,
     ws: &Workspace,
-    kv: &KvCache,
-    plan: &StepPlan,
+    kv: &KvCache<B>,
+    shape: StepShape,
 ) -> Result<()> {
-    let n = plan.num_tokens();
-    let s = plan.num_seqs();
-    let nl = plan.logits_indices.len();
+    let (n, s, nl) = (shape.num_tokens, shape.num_seqs, shape.num_logits);
     let d = &ws.dims;
-    if n > d.max_tokens
-        || s > d.max_seqs
-        || nl > d.max_logits_rows
-        || plan.max_blocks_per_seq > d.max_blocks_per_seq
-    {
+    if n > d.max_tokens || s > d.max_seqs || nl > d.max_logits_rows {
         return Err(EngineError::InvalidInput(format!(
-            "step of {n} tokens / {s} sequences / {nl} logits rows / {} blocks exceeds the workspace {d:?}",
-            plan.max_blocks_per_seq
+            "step of {n} tokens / {s} sequences / {nl} logits rows exceeds the workspace {d:?}"
         )));
     }
-    upload_u32(backend, ws.ids.buf(), &plan.input_ids)?;
-    upload_u32(backend, ws.positions.buf(), &plan.positions)?;
-    upload_u32(backend, ws.slots.buf(), &plan.slot_mapping)?;
-    upload_u32(backend, ws.block_tables.buf(), &plan.block_tables)?;
-    upload_u32(backend, ws.context_lens.buf(), &plan.context_lens)?;
-    upload_u32(backend, ws.query_start_locs.buf(), &plan.query_start_locs)?;
-    upload_u32(backend, ws.logits_indices.buf(), &plan.logits_indices)?;
-    if !plan.copy_pages.is_empty() {
-        for l in 0..cfg.num_layers {
-            backend.copy_pages(kv.layer(l), &plan.copy_pages)?;
-        }
-    }
+    let width = d.max_blocks_per_seq;
+    let lay = StepArgsLayout::new(n, s, nl, width);
+    let args = ws.step_args.buf();
+    let ids = words(args, lay.ids, n)?;
+    let positions = words(args, lay.positions, n)?;
+    let slots = words(args, lay.slots, n)?;
+    let block_tables = words(args, lay.block_tables, s * width)?;
+    let context_lens = words(args, lay.context_lens, s)?;
+    let qsl = words(args, lay.query_start_locs, s + 1)?;
+    let idx = words(args, lay.logits_indices, nl)?;
 
     let (hid, qd, kvd, ffn) = (
         cfg.hidden_dim,
@@ -83,72 +174,69 @@ pub fn forward<B: Backend>(
     let k = f32s(ws.k.buf(), n * kvd)?;
     let v = f32s(ws.v.buf(), n * kvd)?;
     let attn = f32s(ws.attn.buf(), n * qd)?;
-    let o = f32s(ws.o.buf(), n * hid)?;
     let gate = f32s(ws.gate.buf(), n * ffn)?;
     let up = f32s(ws.up.buf(), n * ffn)?;
     let act = f32s(ws.act.buf(), n * ffn)?;
-    let ids = ws.ids.buf().slice(0, n as u64 * 4)?;
-    let positions = ws.positions.buf().slice(0, n as u64 * 4)?;
-    let slots = ws.slots.buf().slice(0, n as u64 * 4)?;
-    let block_tables = ws
-        .block_tables
-        .buf()
-        .slice(0, plan.block_tables.len() as u64 * 4)?;
-    let context_lens = ws.context_lens.buf().slice(0, s as u64 * 4)?;
-    let qsl = ws.query_start_locs.buf().slice(0, (s as u64 + 1) * 4)?;
 
-    backend.embedding(w.tok_embd.buf(), w.tok_embd.dtype, ids, x, n, hid)?;
-    let rope_q = RopeDims {
+    for p in &w.tok_embd.pieces {
+        let dims = EmbeddingDims {
+            n,
+            dim: hid,
+            vocab: cfg.vocab_size,
+            first_row: p.first_row,
+            num_rows: p.rows,
+        };
+        backend.embedding(p.block.buf(), w.tok_embd.dtype, ids, x, dims)?;
+    }
+    let rope = RopeKvDims {
         num_tokens: n,
         num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
         rope_dim: cfg.rope_dim,
         freq_base: cfg.rope_freq_base,
-    };
-    let rope_k = RopeDims {
-        num_heads: cfg.num_kv_heads,
-        ..rope_q
     };
     let att = AttentionDims {
         num_tokens: n,
         num_seqs: s,
         num_heads: cfg.num_heads,
-        max_blocks_per_seq: plan.max_blocks_per_seq,
+        max_blocks_per_seq: width,
         scale: 1.0 / (cfg.head_dim as f32).sqrt(),
     };
+    let eps = cfg.rms_eps;
     for (l, lw) in w.layers.iter().enumerate() {
-        backend.rms_norm(x, lw.attn_norm.buf(), h, n, hid, cfg.rms_eps)?;
-        matmul(backend, h, &lw.wq, q, n)?;
-        matmul(backend, h, &lw.wk, k, n)?;
-        matmul(backend, h, &lw.wv, v, n)?;
-        backend.rope(q, positions, rope_q)?;
-        backend.rope(k, positions, rope_k)?;
         let layer = kv.layer(l);
-        backend.write_kv(layer, k, v, slots, n)?;
-        backend.paged_attention(
-            q,
-            layer,
-            positions,
-            block_tables,
-            context_lens,
-            qsl,
-            attn,
-            att,
+        norm_project(
+            backend,
+            x,
+            &lw.attn_norm,
+            h,
+            n,
+            hid,
+            eps,
+            &[(&lw.wq, q), (&lw.wk, k), (&lw.wv, v)],
         )?;
-        matmul(backend, attn, &lw.wo, o, n)?;
-        backend.add_assign(x, o, n * hid)?;
-        backend.rms_norm(x, lw.ffn_norm.buf(), h, n, hid, cfg.rms_eps)?;
-        matmul(backend, h, &lw.w_gate, gate, n)?;
-        matmul(backend, h, &lw.w_up, up, n)?;
+        backend.rope_write_kv(q, k, v, positions, slots, layer, rope)?;
+        backend.paged_attention(q, layer, positions, block_tables, context_lens, qsl, attn, att)?;
+        matmul(backend, attn, &lw.wo, x, n, true)?;
+        norm_project(
+            backend,
+            x,
+            &lw.ffn_norm,
+            h,
+            n,
+            hid,
+            eps,
+            &[(&lw.w_gate, gate), (&lw.w_up, up)],
+        )?;
         backend.silu_mul(gate, up, act, n * ffn)?;
-        matmul(backend, act, &lw.w_down, o, n)?;
-        backend.add_assign(x, o, n * hid)?;
+        matmul(backend, act, &lw.w_down, x, n, true)?;
     }
     let last = f32s(ws.last.buf(), nl * hid)?;
     let last_norm = f32s(ws.last_norm.buf(), nl * hid)?;
-    let idx = ws.logits_indices.buf().slice(0, nl as u64 * 4)?;
     backend.gather_rows(x, idx, last, nl, hid)?;
-    backend.rms_norm(last, w.output_norm.buf(), last_norm, nl, hid, cfg.rms_eps)?;
-    matmul(backend, last_norm, w.output_head(), ws.logits.buf(), nl)?;
+    backend.rms_norm(last, w.output_norm.buf(), last_norm, nl, hid, eps)?;
+    let logits = f32s(ws.logits.buf(), nl * cfg.vocab_size)?;
+    matmul(backend, last_norm, w.output_head(), logits, nl, false)?;
     Ok(())
 }

@@ -7,6 +7,11 @@ pub mod weights;
 pub mod workspace;
 
 pub use config::LlamaConfig;
-pub use llama::forward;
+pub use llama::{StepShape, forward};
 pub use weights::{LlamaWeights, Tensor};
-pub use workspace::{Workspace, WorkspaceDims};
+pub use workspace::{StepArgsLayout, Workspace, WorkspaceDims};
+
+/// Top-k candidates per row the workspace holds for device sampling; a
+/// request with a larger `top_k` (or above the backend's limit) gets its
+/// full logits row.
+pub const DEVICE_TOP_K: usize = 64;

@@ -1,4 +1,5 @@
-//! Model weights in device memory: one pool block (tag `weights`) per tensor.
+//! Model weights in device memory: pool blocks (tag `weights`), one per
+//! tensor, or one per row piece for a tensor above the device's largest binding.
 
 use pagoda_backend::{Backend, Block, BufRef, DType, MemoryTag, Pool};
 
@@ -6,22 +7,56 @@ use crate::error::{EngineError, Result};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 use crate::model::config::LlamaConfig;
 
-/// A tensor in device memory.
+/// One row range of a weight tensor in its own buffer: tensors above the
+/// device's largest binding are split into pieces of whole rows.
+#[derive(Debug)]
+pub struct WeightPiece {
+    /// (rows, k) in the tensor's dtype, as the backend prepared it.
+    pub block: Block,
+    /// First row of the tensor held here.
+    pub first_row: usize,
+    /// Rows held here.
+    pub rows: usize,
+}
+
+/// A weight tensor in device memory.
 #[derive(Debug)]
 pub struct Tensor {
-    /// The block holding the data.
-    pub block: Block,
+    /// Row pieces in order (one unless the tensor exceeds a binding).
+    pub pieces: Vec<WeightPiece>,
     /// Element type.
     pub dtype: DType,
-    /// Shape, `ne0` (contiguous) first, as in GGUF.
+    /// GGUF shape: `[k, rows]` for matrices (innermost first), `[dim]` for norms.
     pub shape: Vec<usize>,
 }
 
 impl Tensor {
-    /// The data's device range.
+    /// The whole tensor, for tensors of one piece (norms, and every tensor
+    /// below the binding limit).
     pub fn buf(&self) -> BufRef {
-        self.block.buf()
+        self.pieces.first().map_or(BufRef::EMPTY, |p| p.block.buf())
     }
+
+    /// Elements per row (`shape[0]`).
+    pub fn cols(&self) -> usize {
+        self.shape.first().copied().unwrap_or(0)
+    }
+}
+
+/// Rows per piece of a `(rows, cols)` tensor of `dtype` under a binding limit.
+pub fn rows_per_piece(dtype: DType, rows: usize, cols: usize, max_binding_bytes: u64) -> usize {
+    let row = dtype.row_bytes(cols).unwrap_or(1).max(1) as u64;
+    ((max_binding_bytes / row) as usize).clamp(1, rows.max(1))
+}
+
+/// `(first_row, rows)` of each piece.
+fn pieces_of(dtype: DType, shape: &[usize], max_binding_bytes: u64) -> Vec<(usize, usize)> {
+    let cols = shape.first().copied().unwrap_or(0);
+    let rows: usize = shape.iter().skip(1).product::<usize>().max(1);
+    let per = rows_per_piece(dtype, rows, cols, max_binding_bytes);
+    (0..rows.div_ceil(per))
+        .map(|i| (i * per, per.min(rows - i * per)))
+        .collect()
 }
 
 /// Weights of one transformer block. Matrices are (out, in) row-major, i.e. GGUF shape [in, out].
@@ -96,14 +131,19 @@ impl LlamaWeights {
     }
 
     /// Bytes the weights take in device memory (before loading; for the memory plan).
-    pub fn planned_bytes(f: &GgufFile, cfg: &LlamaConfig) -> Result<u64> {
+    pub fn planned_bytes<B: Backend>(f: &GgufFile, cfg: &LlamaConfig, backend: &B) -> Result<u64> {
         let mut total = 0u64;
-        for (name, shape, must_f32) in Self::expected(cfg) {
-            total += check(f, &name, &shape, must_f32)?.bytes as u64;
+        let mut names: Vec<(String, Vec<usize>, bool)> = Self::expected(cfg);
+        if f.tensor("output.weight").is_some() {
+            names.push((
+                "output.weight".into(),
+                vec![cfg.hidden_dim, cfg.vocab_size],
+                false,
+            ));
         }
-        if let Some(t) = f.tensor("output.weight") {
-            total += check(f, "output.weight", &[cfg.hidden_dim, cfg.vocab_size], false)
-                .map(|_| t.bytes as u64)?;
+        for (name, shape, must_f32) in names {
+            let t = check(f, &name, &shape, must_f32)?;
+            total += prepared_bytes(backend, &name, t.dtype, &t.shape)?;
         }
         Ok(total)
     }
@@ -129,10 +169,23 @@ impl LlamaWeights {
                     },
                 ));
             }
-            let block = pool.alloc(t.bytes as u64, MemoryTag::Weights)?;
-            backend.upload(block.buf(), f.tensor_data(t))?;
+            let data = f.tensor_data(t);
+            let cols = t.shape.first().copied().unwrap_or(0);
+            let row_bytes = t.dtype.row_bytes(cols).unwrap_or(0);
+            let mut pieces = Vec::new();
+            for (first_row, rows) in pieces_of(t.dtype, &t.shape, info.max_binding_bytes) {
+                let bytes = prepared_bytes(backend, name, t.dtype, &[cols, rows])?;
+                let block = pool.alloc(bytes, MemoryTag::Weights)?;
+                let src = &data[first_row * row_bytes..(first_row + rows) * row_bytes];
+                backend.upload_weight(block.buf(), src, t.dtype, rows, cols)?;
+                pieces.push(WeightPiece {
+                    block,
+                    first_row,
+                    rows,
+                });
+            }
             Ok(Tensor {
-                block,
+                pieces,
                 dtype: t.dtype,
                 shape: t.shape.clone(),
             })
@@ -166,6 +219,23 @@ impl LlamaWeights {
             layers,
         })
     }
+}
+
+/// Device bytes of a tensor after the backend prepares it, over its pieces.
+fn prepared_bytes<B: Backend>(backend: &B, name: &str, dtype: DType, shape: &[usize]) -> Result<u64> {
+    let cols = shape.first().copied().unwrap_or(0);
+    let mut total = 0u64;
+    for (_, rows) in pieces_of(dtype, shape, backend.info().max_binding_bytes) {
+        total += backend
+            .prepared_weight_bytes(dtype, rows, cols)
+            .ok_or_else(|| {
+                EngineError::Backend(pagoda_backend::BackendError::Unsupported {
+                    op: "matmul",
+                    dtype: format!("{dtype} (tensor {name})"),
+                })
+            })?;
+    }
+    Ok(total)
 }
 
 fn missing(f: &GgufFile, name: &str) -> EngineError {

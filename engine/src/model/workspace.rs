@@ -17,6 +17,62 @@ pub struct WorkspaceDims {
     pub max_blocks_per_seq: usize,
     /// Rows of logits per step.
     pub max_logits_rows: usize,
+    /// Candidates per row the device's top-k returns at most (`min(vocab, BackendInfo::max_top_k)`).
+    pub max_top_k: usize,
+}
+
+impl WorkspaceDims {
+    /// u32 words of the packed per-step arguments for a step of `n` tokens,
+    /// `s` sequences and `l` logits rows (see [`StepArgsLayout`]).
+    pub fn step_args_words(&self, n: usize, s: usize, l: usize) -> usize {
+        StepArgsLayout::new(n, s, l, self.max_blocks_per_seq).words
+    }
+}
+
+/// Where each per-step array sits in the one `step_args` buffer (u32 word
+/// offsets), for a step shape. The same shape always gives the same
+/// offsets, so a padded decode step's kernel arguments are fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepArgsLayout {
+    /// (n) token ids.
+    pub ids: usize,
+    /// (n) positions.
+    pub positions: usize,
+    /// (n) slots.
+    pub slots: usize,
+    /// (s, width) block tables.
+    pub block_tables: usize,
+    /// (s) context lengths.
+    pub context_lens: usize,
+    /// (s + 1) query starts.
+    pub query_start_locs: usize,
+    /// (l) logits rows.
+    pub logits_indices: usize,
+    /// Total words.
+    pub words: usize,
+}
+
+impl StepArgsLayout {
+    /// The layout for `n` tokens, `s` sequences, `l` logits rows and block tables `width` wide.
+    pub const fn new(n: usize, s: usize, l: usize, width: usize) -> Self {
+        let ids = 0;
+        let positions = ids + n;
+        let slots = positions + n;
+        let block_tables = slots + n;
+        let context_lens = block_tables + s * width;
+        let query_start_locs = context_lens + s;
+        let logits_indices = query_start_locs + s + 1;
+        StepArgsLayout {
+            ids,
+            positions,
+            slots,
+            block_tables,
+            context_lens,
+            query_start_locs,
+            logits_indices,
+            words: logits_indices + l,
+        }
+    }
 }
 
 /// Activation buffers, each a pool block tagged `activations`. Shapes are the maxima.
@@ -24,20 +80,9 @@ pub struct WorkspaceDims {
 pub struct Workspace {
     /// The dimensions this workspace was sized for.
     pub dims: WorkspaceDims,
-    /// (T) u32
-    pub ids: Block,
-    /// (T) u32
-    pub positions: Block,
-    /// (T) u32
-    pub slots: Block,
-    /// (S, max_blocks_per_seq) u32
-    pub block_tables: Block,
-    /// (S) u32
-    pub context_lens: Block,
-    /// (S + 1) u32
-    pub query_start_locs: Block,
-    /// (L) u32
-    pub logits_indices: Block,
+    /// All per-step host arrays packed as u32 words ([`StepArgsLayout`]),
+    /// uploaded once per step: (3T + S·W + 2S + 1 + L) u32.
+    pub step_args: Block,
     /// (T, hidden) f32 residual stream
     pub x: Block,
     /// (T, hidden) f32 normed input
@@ -64,10 +109,16 @@ pub struct Workspace {
     pub last_norm: Block,
     /// (L, vocab) f32
     pub logits: Block,
+    /// (L) u32 argmax of each logits row
+    pub sample_ids: Block,
+    /// (L, K) f32 top-k candidate logits
+    pub topk_values: Block,
+    /// (L, K) u32 top-k candidate ids
+    pub topk_ids: Block,
 }
 
 /// (name, bytes) of every workspace buffer, in allocation order.
-fn sizes(cfg: &LlamaConfig, d: &WorkspaceDims) -> [(&'static str, u64); 20] {
+fn sizes(cfg: &LlamaConfig, d: &WorkspaceDims) -> [(&'static str, u64); 17] {
     let (t, s, l) = (
         d.max_tokens as u64,
         d.max_seqs as u64,
@@ -79,13 +130,12 @@ fn sizes(cfg: &LlamaConfig, d: &WorkspaceDims) -> [(&'static str, u64); 20] {
     let kvd = cfg.kv_dim() as u64;
     let ffn = cfg.ffn_dim as u64;
     [
-        ("ids", t * 4),
-        ("positions", t * 4),
-        ("slots", t * 4),
-        ("block_tables", s * d.max_blocks_per_seq as u64 * 4),
-        ("context_lens", s * 4),
-        ("query_start_locs", (s + 1) * 4),
-        ("logits_indices", l * 4),
+        (
+            "step_args",
+            StepArgsLayout::new(t as usize, s as usize, l as usize, d.max_blocks_per_seq).words
+                as u64
+                * 4,
+        ),
         ("x", t * hid * f),
         ("h", t * hid * f),
         ("q", t * qd * f),
@@ -99,6 +149,9 @@ fn sizes(cfg: &LlamaConfig, d: &WorkspaceDims) -> [(&'static str, u64); 20] {
         ("last", l * hid * f),
         ("last_norm", l * hid * f),
         ("logits", l * cfg.vocab_size as u64 * f),
+        ("sample_ids", l * 4),
+        ("topk_values", l * d.max_top_k as u64 * f),
+        ("topk_ids", l * d.max_top_k as u64 * 4),
     ]
 }
 
@@ -122,13 +175,7 @@ impl Workspace {
         };
         Ok(Workspace {
             dims,
-            ids: next()?,
-            positions: next()?,
-            slots: next()?,
-            block_tables: next()?,
-            context_lens: next()?,
-            query_start_locs: next()?,
-            logits_indices: next()?,
+            step_args: next()?,
             x: next()?,
             h: next()?,
             q: next()?,
@@ -142,6 +189,9 @@ impl Workspace {
             last: next()?,
             last_norm: next()?,
             logits: next()?,
+            sample_ids: next()?,
+            topk_values: next()?,
+            topk_ids: next()?,
         })
     }
 }

@@ -651,8 +651,8 @@ fn plan_cmd(
     let path = model_path(common)?;
     let f = GgufFile::open(&path)?;
     let cfg = LlamaConfig::from_gguf(&f)?;
-    let weights = LlamaWeights::planned_bytes(&f, &cfg)?;
     let backend = backend(common)?;
+    let weights = LlamaWeights::planned_bytes(&f, &cfg, backend.as_ref())?;
     let budget = budget(m)?;
     let req = PlanRequest {
         ctx: Some(m.ctx.unwrap_or(cfg.context_len)),
