@@ -94,6 +94,8 @@ pub struct ModelRunner<B: Backend> {
     out: StepOutput,
     /// Uploads made (one per step), for tests and telemetry.
     num_uploads: u64,
+    /// Reused by [`Self::logits`].
+    full_needs: Vec<RowNeed>,
 }
 
 impl<B: Backend> std::fmt::Debug for ModelRunner<B> {
@@ -178,6 +180,7 @@ impl<B: Backend> ModelRunner<B> {
             staging: vec![0; words],
             out,
             num_uploads: 0,
+            full_needs: Vec::with_capacity(dims.max_logits_rows),
         })
     }
 
@@ -372,6 +375,19 @@ impl<B: Backend> ModelRunner<B> {
         self.out.num_logits = needs.len();
         self.out.shape = shape;
         Ok(&self.out)
+    }
+
+    /// Runs one step and returns every logits row in full: (num_logits,
+    /// vocab) f32, row `i` for token row `plan.logits_indices[i]`.
+    pub fn logits(&mut self, plan: &StepPlan) -> Result<&[f32]> {
+        self.full_needs.clear();
+        self.full_needs.resize(plan.logits_indices.len(), RowNeed::Full);
+        let needs = std::mem::take(&mut self.full_needs);
+        let r = self.execute(plan, &needs).map(|_| ());
+        self.full_needs = needs;
+        r?;
+        let len = plan.logits_indices.len() * self.config.vocab_size;
+        Ok(&self.out.logits[..len])
     }
 
     /// The backend.

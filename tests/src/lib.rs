@@ -103,12 +103,32 @@ pub fn cpu_runner(
     );
     let layout = pagoda_backend::KvLayout {
         num_layers: cfg.num_layers,
-        num_pages,
+        num_pages: num_pages + 1,
         page_size: 16,
         num_kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
         dtype: kv,
     };
-    pagoda::model_runner::ModelRunner::new(backend, pool, &f, cfg, dims, layout)
-        .expect("runner builds")
+    let info = backend.info().clone();
+    let geometry = pagoda_backend::KvGeometry::new(
+        layout,
+        info.max_buffer_bytes,
+        info.max_binding_bytes,
+        info.kv_commit_granularity,
+        pagoda::plan::KV_COMMIT_UNIT_BYTES,
+    )
+    .expect("kv geometry");
+    let r = pagoda::model_runner::ModelRunner::new(
+        backend,
+        pool,
+        &f,
+        cfg,
+        dims,
+        geometry,
+        Vec::new(),
+        pagoda_backend::FaultInjector::new(),
+    )
+    .expect("runner builds");
+    r.kv_cache().commit_all().expect("kv commits");
+    r
 }

@@ -79,6 +79,7 @@ fn quantized_kv_error_is_small_on_reference_prompts() {
             max_seqs: 1,
             max_blocks_per_seq: 16,
             max_logits_rows: 256,
+            max_top_k: pagoda::model::DEVICE_TOP_K,
         };
         let mut r = cpu_runner(0, kv, dims, 16);
         let mut per_case = Vec::new();
@@ -86,7 +87,7 @@ fn quantized_kv_error_is_small_on_reference_prompts() {
             let toks = ids(&case["prompt_tokens"]);
             let pages: Vec<u32> = (0..toks.len().div_ceil(16) as u32).collect();
             per_case.push(
-                r.execute(&single_prefill(&toks, &pages, 16, true))
+                r.logits(&single_prefill(&toks, &pages, 16, true))
                     .unwrap()
                     .to_vec(),
             );

@@ -12,6 +12,7 @@ fn runner(kv: DType, max_tokens: usize, pages: usize) -> ModelRunner<CpuBackend>
         max_seqs: 4,
         max_blocks_per_seq: pages,
         max_logits_rows: max_tokens,
+        max_top_k: pagoda::model::DEVICE_TOP_K,
     };
     cpu_runner(0, kv, dims, pages)
 }
@@ -30,7 +31,7 @@ fn last_logits_match_exact_f64_within_1e3() {
             .collect();
         let pages: Vec<u32> = (0..toks.len().div_ceil(16) as u32).collect();
         let logits = r
-            .execute(&single_prefill(&toks, &pages, 16, false))
+            .logits(&single_prefill(&toks, &pages, 16, false))
             .unwrap()
             .to_vec();
         let ex = &case["exact_f64"];
@@ -86,7 +87,7 @@ fn argmax_at_every_position_matches_references() {
     for case in fx["cases"].as_array().unwrap() {
         let toks = ids(&case["prompt_tokens"]);
         let logits = r
-            .execute(&single_prefill(&toks, &[3, 1, 6, 0], 16, true))
+            .logits(&single_prefill(&toks, &[3, 1, 6, 0], 16, true))
             .unwrap()
             .to_vec();
         let ex = &case["exact_f64"];
@@ -131,13 +132,13 @@ fn shuffled_interleaved_pages_give_bit_identical_logits() {
     let mut r = runner(DType::F32, 512, 64);
     let vocab = 49152;
     let straight = r
-        .execute(&single_prefill(&a, &(0..13).collect::<Vec<_>>(), 16, false))
+        .logits(&single_prefill(&a, &(0..13).collect::<Vec<_>>(), 16, false))
         .unwrap()
         .to_vec();
     // The same sequence on shuffled page ids.
     let shuffled: Vec<u32> = vec![40, 3, 17, 9, 61, 22, 5, 33, 48, 12, 27, 58, 1];
     let again = r
-        .execute(&single_prefill(&a, &shuffled, 16, false))
+        .logits(&single_prefill(&a, &shuffled, 16, false))
         .unwrap()
         .to_vec();
     assert_eq!(straight, again, "page ids must not change the logits");
@@ -164,14 +165,14 @@ fn shuffled_interleaved_pages_give_bit_identical_logits() {
     plan.logits_indices = vec![na - 1, na + b.len() as u32 - 1];
     plan.sample_rows = vec![Some(0), Some(1)];
     plan.num_prefill_tokens += b.len();
-    let both = r.execute(&plan).unwrap().to_vec();
+    let both = r.logits(&plan).unwrap().to_vec();
     assert_eq!(
         &both[..vocab],
         &straight[..],
         "batched with another sequence on interleaved pages"
     );
     let alone_b = r
-        .execute(&single_prefill(
+        .logits(&single_prefill(
             &b,
             &(0..pb.len() as u32).collect::<Vec<_>>(),
             16,

@@ -69,6 +69,7 @@ fn decode_steps_allocate_nothing(threads: usize) {
         max_seqs: 4,
         max_blocks_per_seq: ctx / page_size,
         max_logits_rows: 4,
+        max_top_k: pagoda::model::DEVICE_TOP_K,
     };
     let mut runner = cpu_runner(threads, DType::F16, dims, pages);
     let vocab = runner.config.vocab_size;
@@ -110,7 +111,7 @@ fn decode_steps_allocate_nothing(threads: usize) {
         let plan = sched.schedule().plan.expect("work to do");
         let is_decode = plan.num_prefill_tokens == 0;
         let (res, allocs) = counted(|| {
-            let logits = runner.execute(&plan)?;
+            let logits = runner.logits(&plan)?;
             for (i, row) in plan.sample_rows.iter().enumerate() {
                 sampled[i] = row.map(|r| {
                     let r = r as usize;

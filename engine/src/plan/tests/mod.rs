@@ -29,6 +29,10 @@ fn info() -> BackendInfo {
         can_grow_kv: false,
         supports_graphs: false,
         host_memory: true,
+        max_buffer_bytes: u64::MAX,
+        max_binding_bytes: u64::MAX,
+        max_top_k: 1024,
+        kv_commit_granularity: 64 << 10,
     }
 }
 
