@@ -285,6 +285,9 @@ pub fn plan(
                 let over = p.kv_limits.kv_bytes(n).saturating_sub(left);
                 n = n.saturating_sub((over / page_bytes.max(1)).max(1) as usize);
             }
+            while p.kv_limits.kv_bytes(n + 1) <= left {
+                n += 1;
+            }
             p.num_pages = n;
             p.max_seqs = (p.num_pages / pages_per_seq.max(1)).max(1);
         }

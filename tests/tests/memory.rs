@@ -30,11 +30,20 @@ fn pool_tag_totals_equal_the_memory_plan() {
             plan.workspace_bytes,
             "{kv}: workspace"
         );
-        assert_eq!(stats.requested(MemoryTag::Kv), plan.kv_bytes, "{kv}: kv");
+        // KV: the arena reservation (outside the pool) plus the page tables (pool blocks).
+        let kvc = engine.runner().kv_cache();
+        assert_eq!(
+            kvc.reserved_bytes() + stats.requested(MemoryTag::Kv),
+            plan.kv_bytes,
+            "{kv}: kv"
+        );
+        assert_eq!(kvc.stats().reserved_bytes, kvc.reserved_bytes());
         assert_eq!(stats.requested(MemoryTag::Graph), plan.graph_bytes);
-        assert_eq!(plan.kv_bytes, plan.num_pages as u64 * plan.page_bytes);
-        let rounding =
-            stats.reserved_bytes - (plan.weights_bytes + plan.workspace_bytes + plan.kv_bytes);
+        // The reservation holds the pages plus the null page, rounded to granules.
+        assert!(kvc.reserved_bytes() >= (plan.num_pages as u64 + 1) * plan.page_bytes);
+        assert!(kvc.reserved_bytes() < (plan.num_pages as u64 + 1) * plan.page_bytes + 30 * (64 << 10));
+        let rounding = stats.reserved_bytes + kvc.reserved_bytes()
+            - (plan.weights_bytes + plan.workspace_bytes + plan.kv_bytes);
         assert!(
             rounding <= plan.headroom_bytes,
             "{kv}: pool rounding {rounding} exceeds headroom {}",

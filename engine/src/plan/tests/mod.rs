@@ -106,9 +106,13 @@ fn budget_only_derives_page_count() {
     )
     .unwrap();
     let fixed = p.weights_bytes + p.workspace_bytes + p.headroom_bytes;
-    assert_eq!(p.num_pages as u64, (p.budget_bytes - fixed) / p.page_bytes);
+    // The most pages whose reservation (null page, page tables, granule
+    // rounding included) fits what is left.
+    let left = p.budget_bytes - fixed;
+    assert!(p.kv_limits.kv_bytes(p.num_pages) <= left);
+    assert!(p.kv_limits.kv_bytes(p.num_pages + 1) > left);
     assert!(p.total_bytes <= p.budget_bytes);
-    assert!(p.budget_bytes - p.total_bytes < p.page_bytes);
+    assert!(p.budget_bytes - p.total_bytes < 2 * p.page_bytes + (1 << 20));
     assert_eq!(p.kv_tokens, p.num_pages * 16);
 }
 
@@ -126,7 +130,13 @@ fn explicit_page_count_keeps_the_plan_consistent() {
     let fixed = p.total_bytes - p.kv_bytes;
     p.set_num_pages(40).unwrap();
     assert_eq!(p.num_pages, 40);
-    assert_eq!(p.kv_bytes, 40 * p.page_bytes);
+    assert_eq!(p.kv_bytes, p.kv_limits.kv_bytes(40));
+    // 40 pages + the null page, rounded up to 64 KiB granules per layer,
+    // plus one (41, 2) u32 page table per layer.
+    let l = p.kv_limits.layout.unwrap();
+    let per_layer = (41 * l.page_bytes() as u64).div_ceil(64 << 10) * (64 << 10) + 41 * 8;
+    assert_eq!(p.kv_bytes, per_layer * l.num_layers as u64);
+    assert!(p.kv_bytes >= 40 * p.page_bytes);
     assert_eq!(p.kv_tokens, 40 * 16);
     assert_eq!(p.total_bytes, fixed + p.kv_bytes);
     let msg = p.set_num_pages(31).unwrap_err();
