@@ -92,13 +92,29 @@ pub fn cpu_runner(
     dims: pagoda::model::WorkspaceDims,
     num_pages: usize,
 ) -> pagoda::model_runner::ModelRunner<pagoda_cpu::CpuBackend> {
+    let backend = pagoda_cpu::CpuBackend::new(threads).expect("cpu backend");
+    runner_on(backend, kv, dims, num_pages, Vec::new())
+}
+
+/// A model runner for the default model on `backend`, with the given padded
+/// decode batch sizes.
+pub fn runner_on(
+    backend: pagoda_cpu::CpuBackend,
+    kv: pagoda_backend::DType,
+    dims: pagoda::model::WorkspaceDims,
+    num_pages: usize,
+    decode_buckets: Vec<usize>,
+) -> pagoda::model_runner::ModelRunner<pagoda_cpu::CpuBackend> {
     use pagoda_backend::Backend;
     let f = pagoda::gguf::GgufFile::open(model_path()).expect("model opens");
     let cfg = pagoda::model::LlamaConfig::from_gguf(&f).expect("llama config");
-    let backend = std::sync::Arc::new(pagoda_cpu::CpuBackend::new(threads).expect("cpu backend"));
+    let backend = std::sync::Arc::new(backend);
     let pool = pagoda_backend::Pool::new(
         backend.raw_allocator(),
-        pagoda_backend::PoolConfig::default(),
+        pagoda_backend::PoolConfig {
+            max_segment_bytes: backend.info().max_buffer_bytes,
+            ..pagoda_backend::PoolConfig::default()
+        },
         pagoda_backend::FaultInjector::new(),
     );
     let layout = pagoda_backend::KvLayout {
@@ -125,7 +141,7 @@ pub fn cpu_runner(
         cfg,
         dims,
         geometry,
-        Vec::new(),
+        decode_buckets,
         pagoda_backend::FaultInjector::new(),
     )
     .expect("runner builds");
