@@ -13,7 +13,7 @@ use pagoda::model::{LlamaConfig, LlamaWeights};
 use pagoda::plan::{Budget, human, parse_bytes};
 use pagoda::sampler::SamplingParams;
 use pagoda::sequence::FinishReason;
-use pagoda_backend::{Backend, DType};
+use pagoda_backend::{Backend, DType, DeviceMemory};
 
 use crate::cli::{BudgetArgs, Common, MemoryArgs, PromptArgs, SamplingArgs};
 
@@ -181,12 +181,7 @@ pub fn build<B: Backend>(
         ModelSource::File(path) => builder.model(path),
         ModelSource::Dummy { name, spec } => {
             let (model_cfg, weights_bytes) = source.shape()?;
-            let mut device = backend.memory()?;
-            if backend.info().host_memory {
-                // The generated file lives in host memory beside the weights
-                // loaded from it until the engine is built.
-                device.free_bytes = device.free_bytes.saturating_sub(spec.file_bytes()?);
-            }
+            let device = planning_memory(source, backend.as_ref())?;
             cfg.plan(&model_cfg, weights_bytes, device, backend.info())?;
             eprintln!(
                 "pagoda: generating dummy weights {name} ({}, {}) ...",
@@ -225,6 +220,20 @@ pub fn build<B: Backend>(
         human(p.budget_bytes)
     );
     Ok(engine)
+}
+
+/// The device memory to plan against. For a dummy model on a backend whose
+/// memory is host RAM, the generated file lives in that RAM beside the
+/// weights loaded from it until the engine is built, so it is counted as
+/// taken.
+pub fn planning_memory<B: Backend>(source: &ModelSource, backend: &B) -> Result<DeviceMemory> {
+    let mut device = backend.memory()?;
+    if let ModelSource::Dummy { spec, .. } = source
+        && backend.info().host_memory
+    {
+        device.free_bytes = device.free_bytes.saturating_sub(spec.file_bytes()?);
+    }
+    Ok(device)
 }
 
 /// The prompt `--prompt` / `--file` give.

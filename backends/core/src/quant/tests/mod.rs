@@ -313,8 +313,9 @@ fn q4_zero_blocks() {
     let x = [0f32; 32];
     let mut q = vec![0u8; 18];
     quantize_row_q4_0(&x, &mut q).expect("q4_0");
-    assert_eq!(&q[0..2], &[0, 0]);
-    assert!(q[2..].iter().all(|&b| b == 0x88)); // d = 0, q = trunc(8.5) = 8
+    // d = 0 / -8 = -0.0 (f16 0x8000), exactly as ggml stores it; q = trunc(8.5) = 8.
+    assert_eq!(&q[0..2], &[0x00, 0x80]);
+    assert!(q[2..].iter().all(|&b| b == 0x88));
     assert!(deq(DType::Q4_0, &q, 32).iter().all(|&v| v == 0.0));
     let mut q = vec![0u8; 20];
     quantize_row_q4_1(&x, &mut q).expect("q4_1");

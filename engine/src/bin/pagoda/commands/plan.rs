@@ -9,7 +9,7 @@ use pagoda_backend::Backend;
 use serde_json::json;
 
 use crate::cli::{Common, MemoryArgs};
-use crate::setup::{ModelSource, budget, kv_dtype, model_source};
+use crate::setup::{ModelSource, budget, kv_dtype, model_source, planning_memory};
 
 /// Flags of `pagoda plan`.
 #[derive(Debug, clap::Args)]
@@ -59,7 +59,8 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
             cfg.context_len
         );
     }
-    match plan(&cfg, weights, &req, backend.memory()?, backend.info()) {
+    let device = planning_memory(source, backend.as_ref())?;
+    match plan(&cfg, weights, &req, device, backend.info()) {
         Ok(p) => {
             if a.json {
                 let mut doc = serde_json::to_value(&p)?;
