@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
-use pagoda_backend::{Backend, DType, FaultInjector, Pool, PoolConfig};
+use pagoda_backend::{Backend, BackendInfo, DType, DeviceMemory, FaultInjector, Pool, PoolConfig};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{EngineError, Result};
@@ -79,61 +79,48 @@ impl Default for EngineConfig {
 /// Default context cap when none is given (the model's may be huge).
 pub const DEFAULT_MAX_CTX: usize = 4096;
 
+/// Where the builder's model comes from.
+#[derive(Debug)]
+enum ModelSource {
+    /// A GGUF file, memory-mapped at build time.
+    Path(PathBuf),
+    /// A GGUF already parsed (in memory: synthetic models).
+    Gguf(GgufFile),
+}
+
 /// Builds an [`Engine`].
 #[derive(Debug, Default)]
 pub struct EngineBuilder<B: Backend> {
-    model: Option<PathBuf>,
+    model: Option<ModelSource>,
     backend: Option<Arc<B>>,
     config: EngineConfig,
 }
 
-impl<B: Backend> EngineBuilder<B> {
-    /// The GGUF file to load.
-    pub fn model(mut self, path: impl AsRef<Path>) -> Self {
-        self.model = Some(path.as_ref().to_path_buf());
-        self
+impl EngineConfig {
+    /// The memory plan an engine with these settings would make for a model
+    /// of `model_cfg` whose weights take `weights_bytes`, on a device with
+    /// `device` memory: what [`EngineBuilder::build`] checks before loading
+    /// anything. Refuses a context longer than the model's, a KV dtype the
+    /// backend cannot store, and a plan over the budget.
+    pub fn plan(
+        &self,
+        model_cfg: &LlamaConfig,
+        weights_bytes: u64,
+        device: DeviceMemory,
+        info: &BackendInfo,
+    ) -> Result<MemoryPlan> {
+        Ok(self.resolve(model_cfg, weights_bytes, device, info)?.2)
     }
 
-    /// The backend to run on.
-    pub fn backend(mut self, backend: Arc<B>) -> Self {
-        self.backend = Some(backend);
-        self
-    }
-
-    /// Engine settings.
-    pub fn config(mut self, config: EngineConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// Plans memory (refusing before any weight is loaded when it does not
-    /// fit), loads the model and allocates the workspace and KV cache.
-    pub fn build(self) -> Result<Engine<B>> {
-        let path = self
-            .model
-            .ok_or_else(|| EngineError::InvalidInput("no model given".into()))?;
-        let backend = self
-            .backend
-            .ok_or_else(|| EngineError::InvalidInput("no backend given".into()))?;
-        let cfg = self.config;
-        let gguf = GgufFile::open(&path)?;
-        let model_cfg = LlamaConfig::from_gguf(&gguf)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let chat = match gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-            Some(src) => {
-                let text = |id: Option<u32>| {
-                    id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
-                        .unwrap_or_default()
-                };
-                Some(ChatTemplate::new(
-                    src,
-                    &text(tokenizer.bos_id()),
-                    &text(tokenizer.eos_id()),
-                )?)
-            }
-            None => None,
-        };
-        let info = backend.info().clone();
+    /// Context length, plan request and plan (see [`EngineConfig::plan`]).
+    fn resolve(
+        &self,
+        model_cfg: &LlamaConfig,
+        weights_bytes: u64,
+        device: DeviceMemory,
+        info: &BackendInfo,
+    ) -> Result<(usize, PlanRequest, MemoryPlan)> {
+        let cfg = self;
         if !info.supports_kv(cfg.kv_dtype) {
             return Err(EngineError::InvalidInput(format!(
                 "the {} backend cannot store KV as {}",
@@ -163,13 +150,78 @@ impl<B: Backend> EngineBuilder<B> {
             max_logits_rows: cfg.max_logits_rows,
             budget: cfg.budget,
         };
-        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg, backend.as_ref())?;
-        let mut mem_plan = plan(&model_cfg, weights_bytes, &req, backend.memory()?, &info)?;
+        let mut mem_plan = plan(model_cfg, weights_bytes, &req, device, info)?;
         if let Some(n) = cfg.num_pages {
             mem_plan
                 .set_num_pages(n)
                 .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
         }
+        Ok((ctx, req, mem_plan))
+    }
+}
+
+impl<B: Backend> EngineBuilder<B> {
+    /// The GGUF file to load.
+    pub fn model(mut self, path: impl AsRef<Path>) -> Self {
+        self.model = Some(ModelSource::Path(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// A model already in memory (e.g.
+    /// [`crate::model::synthetic::synthetic_gguf_file`]): nothing is read
+    /// from disk. Replaces [`EngineBuilder::model`].
+    pub fn gguf(mut self, file: GgufFile) -> Self {
+        self.model = Some(ModelSource::Gguf(file));
+        self
+    }
+
+    /// The backend to run on.
+    pub fn backend(mut self, backend: Arc<B>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Engine settings.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Plans memory (refusing before any weight is loaded when it does not
+    /// fit), loads the model and allocates the workspace and KV cache.
+    pub fn build(self) -> Result<Engine<B>> {
+        let model = self
+            .model
+            .ok_or_else(|| EngineError::InvalidInput("no model given".into()))?;
+        let backend = self
+            .backend
+            .ok_or_else(|| EngineError::InvalidInput("no backend given".into()))?;
+        let cfg = self.config;
+        let gguf = match model {
+            ModelSource::Path(path) => GgufFile::open(&path)?,
+            ModelSource::Gguf(file) => file,
+        };
+        let path = gguf.path().to_path_buf();
+        let model_cfg = LlamaConfig::from_gguf(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let chat = match gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            Some(src) => {
+                let text = |id: Option<u32>| {
+                    id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
+                        .unwrap_or_default()
+                };
+                Some(ChatTemplate::new(
+                    src,
+                    &text(tokenizer.bos_id()),
+                    &text(tokenizer.eos_id()),
+                )?)
+            }
+            None => None,
+        };
+        let info = backend.info().clone();
+        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg, backend.as_ref())?;
+        let (ctx, req, mem_plan) =
+            cfg.resolve(&model_cfg, weights_bytes, backend.memory()?, &info)?;
 
         let geometry = mem_plan.kv_limits.geometry(mem_plan.num_pages).ok_or_else(|| {
             EngineError::InvalidInput(format!(

@@ -131,7 +131,58 @@ pub fn quantize_row_q8_0(src: &[f32], dst: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// Quantizes `src` into a row of `dtype` (F32, F16, BF16 or Q8_0: the KV-cache types).
+/// Quantizes `src` (a multiple of 32 floats) to Q4_0 the way ggml's
+/// `quantize_row_q4_0_ref` does: `d = max / -8` where `max` is the element
+/// of largest magnitude (sign kept), `q = min(15, trunc(x / d + 8.5))`.
+pub fn quantize_row_q4_0(src: &[f32], dst: &mut [u8]) -> Result<()> {
+    check_len("quantize_row_q4_0", DType::Q4_0, dst.len(), src.len())?;
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(18)) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for j in 0..QK / 2 {
+            // `as u8` truncates toward zero like ggml's `(int8_t)` on these
+            // non-negative values (and saturates a NaN to 0).
+            let lo = ((x[j] * id + 8.5) as u8).min(15);
+            let hi = ((x[j + QK / 2] * id + 8.5) as u8).min(15);
+            b[2 + j] = lo | (hi << 4);
+        }
+    }
+    Ok(())
+}
+
+/// Quantizes `src` (a multiple of 32 floats) to Q4_1 the way ggml's
+/// `quantize_row_q4_1_ref` does: `d = (max - min) / 15`, `m = min`,
+/// `q = min(15, trunc((x - min) / d + 0.5))`.
+pub fn quantize_row_q4_1(src: &[f32], dst: &mut [u8]) -> Result<()> {
+    check_len("quantize_row_q4_1", DType::Q4_1, dst.len(), src.len())?;
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(20)) {
+        let (mut min, mut max) = (f32::MAX, -f32::MAX);
+        for &v in x {
+            min = min.min(v);
+            max = max.max(v);
+        }
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+        for j in 0..QK / 2 {
+            let lo = (((x[j] - min) * id + 0.5) as u8).min(15);
+            let hi = (((x[j + QK / 2] - min) * id + 0.5) as u8).min(15);
+            b[4 + j] = lo | (hi << 4);
+        }
+    }
+    Ok(())
+}
+
+/// Quantizes `src` into a row of `dtype` (every type but U32).
 pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     check_len("quantize_row", dtype, dst.len(), src.len())?;
     match dtype {
@@ -151,7 +202,9 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
             }
         }
         DType::Q8_0 => quantize_row_q8_0(src, dst)?,
-        _ => {
+        DType::Q4_0 => quantize_row_q4_0(src, dst)?,
+        DType::Q4_1 => quantize_row_q4_1(src, dst)?,
+        DType::U32 => {
             return Err(BackendError::Unsupported {
                 op: "quantize_row",
                 dtype: dtype.to_string(),

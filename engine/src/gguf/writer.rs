@@ -27,6 +27,7 @@
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use pagoda_backend::DType;
 
@@ -41,12 +42,29 @@ enum TensorType {
     Raw(u32),
 }
 
+/// A tensor's bytes: given now, or written later into the file's buffer
+/// ([`GgufWriter::to_shared_bytes`]; zeros through the other outputs).
+#[derive(Debug, Clone)]
+enum TensorData {
+    Bytes(Vec<u8>),
+    Deferred(usize),
+}
+
+impl TensorData {
+    fn len(&self) -> usize {
+        match self {
+            TensorData::Bytes(b) => b.len(),
+            TensorData::Deferred(n) => *n,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct PendingTensor {
     name: String,
     shape: Vec<u64>,
     ty: TensorType,
-    data: Vec<u8>,
+    data: TensorData,
 }
 
 /// Builds a GGUF v3 file in memory and writes it out.
@@ -199,7 +217,32 @@ impl GgufWriter {
             name: name.into(),
             shape: shape.iter().map(|&d| d as u64).collect(),
             ty: TensorType::Known(dtype),
-            data: bytes.into(),
+            data: TensorData::Bytes(bytes.into()),
+        });
+        self
+    }
+
+    /// Adds a tensor whose bytes are written later, straight into the file's
+    /// buffer, by the `fill` of [`GgufWriter::to_shared_bytes`] (so a large
+    /// model is never held twice). [`GgufWriter::to_bytes`] and
+    /// [`GgufWriter::write_to`] write zeros for it.
+    pub fn tensor_deferred(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> &mut Self {
+        // A shape whose size overflows gets 0 bytes, which validation refuses.
+        let bytes = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| (n / dtype.block_size()).checked_mul(dtype.block_bytes()))
+            .unwrap_or(0);
+        self.tensors.push(PendingTensor {
+            name: name.into(),
+            shape: shape.iter().map(|&d| d as u64).collect(),
+            ty: TensorType::Known(dtype),
+            data: TensorData::Deferred(bytes),
         });
         self
     }
@@ -218,7 +261,7 @@ impl GgufWriter {
             name: name.into(),
             shape: shape.to_vec(),
             ty: TensorType::Raw(ggml_type),
-            data: bytes.into(),
+            data: TensorData::Bytes(bytes.into()),
         });
         self
     }
@@ -336,7 +379,17 @@ impl GgufWriter {
         w.write_all(&self.header())?;
         let zeros = [0u8; 4096];
         for t in &self.tensors {
-            w.write_all(&t.data)?;
+            match &t.data {
+                TensorData::Bytes(b) => w.write_all(b)?,
+                TensorData::Deferred(n) => {
+                    let mut left = *n;
+                    while left > 0 {
+                        let k = left.min(zeros.len());
+                        w.write_all(&zeros[..k])?;
+                        left -= k;
+                    }
+                }
+            }
             let mut pad = align_up(t.data.len() as u64, align) - t.data.len() as u64;
             while pad > 0 {
                 let n = pad.min(zeros.len() as u64);
@@ -357,6 +410,60 @@ impl GgufWriter {
             source,
         })?;
         Ok(out)
+    }
+
+    /// Size of the whole file in bytes (header, data and padding).
+    pub fn file_bytes(&self) -> u64 {
+        let align = self.data_alignment();
+        let data: u64 = self
+            .tensors
+            .iter()
+            .map(|t| align_up(t.data.len() as u64, align))
+            .sum();
+        self.header().len() as u64 + data
+    }
+
+    /// The whole file in one buffer allocated once. `fill` gets each tensor's
+    /// data, in insertion order (given bytes already copied, deferred ones
+    /// zeroed), to write the deferred ones in place; then the buffer is
+    /// shared, ready for [`super::GgufFile::from_bytes`] without a copy.
+    pub fn to_shared_bytes<E: From<GgufError>>(
+        &self,
+        fill: impl FnOnce(Vec<&mut [u8]>) -> Result<(), E>,
+    ) -> Result<Arc<[u8]>, E> {
+        let path = Path::new(MEMORY_PATH);
+        self.validate(path)?;
+        let align = self.data_alignment();
+        let header = self.header();
+        let total = usize::try_from(self.file_bytes()).map_err(|_| GgufError::Malformed {
+            path: path.to_path_buf(),
+            offset: 0,
+            what: "file larger than the address space".into(),
+        })?;
+        // One zeroed allocation of the final size (fresh pages from the OS
+        // for a large one, so nothing is written twice), filled in place.
+        // SAFETY: the slice is zero-initialised, and all-zero bytes are valid u8.
+        let mut buf: Arc<[u8]> = unsafe { Arc::<[u8]>::new_zeroed_slice(total).assume_init() };
+        let bytes = Arc::get_mut(&mut buf).ok_or_else(|| GgufError::Malformed {
+            path: path.to_path_buf(),
+            offset: 0,
+            what: "a fresh buffer is shared (cannot happen)".into(),
+        })?;
+        let (head, mut rest) = bytes.split_at_mut(header.len());
+        head.copy_from_slice(&header);
+        let mut slices = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            let padded = align_up(t.data.len() as u64, align) as usize;
+            let (this, tail) = std::mem::take(&mut rest).split_at_mut(padded);
+            let (data, _pad) = this.split_at_mut(t.data.len());
+            if let TensorData::Bytes(b) = &t.data {
+                data.copy_from_slice(b);
+            }
+            slices.push(data);
+            rest = tail;
+        }
+        fill(slices)?;
+        Ok(buf)
     }
 
     /// Writes the file to `path` (created or truncated). Nothing is created

@@ -22,16 +22,28 @@
 //! The same spec and seed always give the same bytes. Weights are uniform
 //! with variance-preserving scales (`±1/sqrt(fan_in)` for projections), so
 //! activations stay finite and logits are well spread.
+//!
+//! Generation is counter-based: each value of tensor `t` is a function of
+//! `(seed, t, position)` alone (splitmix64 of a per-tensor key plus a
+//! counter), so tensors are generated in parallel, in any order, straight
+//! into the file's buffer ([`synthetic_gguf_file`]: one allocation of the
+//! file's size, nothing on disk). Float matrices draw two 24-bit uniforms
+//! per splitmix64 call; block-quantized ones draw their quants directly (8
+//! random bytes per call) under a fixed scale, so a 7B Q4_0 shape's 6.7 G
+//! weights take a few seconds.
+//!
+//! Named shapes ([`SyntheticSpec::named`]): `tiny`, `smollm2-135m` (the
+//! default model's dimensions, tied embeddings) and `llama2-7b`.
 
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pagoda_backend::DType;
 use pagoda_backend::quant::quantize_row;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use crate::error::{EngineError, Result};
-use crate::gguf::GgufWriter;
+use crate::gguf::{GgufFile, GgufWriter};
 use crate::tokenizer::byte_level::byte_to_char;
 
 /// Shape, weight type and seed of a synthetic model.
@@ -51,10 +63,13 @@ pub struct SyntheticSpec {
     pub vocab_size: usize,
     /// Training context length.
     pub context_len: usize,
-    /// Type of the matrices (F32, F16, BF16 or Q8_0); norms are always F32.
+    /// Type of the matrices (F32, F16, BF16, Q8_0, Q4_0 or Q4_1); norms are always F32.
     pub weight_dtype: DType,
     /// Seed of the weights.
     pub seed: u64,
+    /// Whether the output head is the token embedding (no `output.weight`),
+    /// as in SmolLM2.
+    pub tie_embeddings: bool,
 }
 
 /// The 256 byte tokens plus the three control tokens.
@@ -134,19 +149,59 @@ impl SyntheticSpec {
             context_len: 256,
             weight_dtype: DType::Q8_0,
             seed: 0,
+            tie_embeddings: false,
         }
     }
 
-    /// A named shape (`"tiny"`), for `--dummy-weights`.
+    /// Llama 2 7B's shape: 32 layers, width 4096, 32 heads (and 32 KV heads)
+    /// of 128, FFN 11008, vocabulary 32000, context 4096, untied output;
+    /// Q4_0 matrices.
+    pub fn llama2_7b() -> SyntheticSpec {
+        SyntheticSpec {
+            num_layers: 32,
+            hidden_dim: 4096,
+            num_heads: 32,
+            num_kv_heads: 32,
+            ffn_dim: 11008,
+            vocab_size: 32000,
+            context_len: 4096,
+            weight_dtype: DType::Q4_0,
+            seed: 0,
+            tie_embeddings: false,
+        }
+    }
+
+    /// The default model's shape (SmolLM2-135M, from its GGUF metadata): 30
+    /// layers, width 576, 9 heads of 64 with 3 KV heads, FFN 1536,
+    /// vocabulary 49152, context 8192, output tied to the embedding; Q4_1
+    /// matrices (the real file keeps its embedding in Q8_0).
+    pub fn smollm2_135m() -> SyntheticSpec {
+        SyntheticSpec {
+            num_layers: 30,
+            hidden_dim: 576,
+            num_heads: 9,
+            num_kv_heads: 3,
+            ffn_dim: 1536,
+            vocab_size: 49152,
+            context_len: 8192,
+            weight_dtype: DType::Q4_1,
+            seed: 0,
+            tie_embeddings: true,
+        }
+    }
+
+    /// A named shape, for `--dummy-weights`: one of [`SyntheticSpec::NAMES`].
     pub fn named(name: &str) -> Option<SyntheticSpec> {
         match name {
             "tiny" => Some(SyntheticSpec::tiny()),
+            "smollm2-135m" => Some(SyntheticSpec::smollm2_135m()),
+            "llama2-7b" => Some(SyntheticSpec::llama2_7b()),
             _ => None,
         }
     }
 
     /// Names [`SyntheticSpec::named`] knows.
-    pub const NAMES: &'static [&'static str] = &["tiny"];
+    pub const NAMES: &'static [&'static str] = &["tiny", "smollm2-135m", "llama2-7b"];
 
     /// Elements per head.
     pub fn head_dim(&self) -> usize {
@@ -193,12 +248,9 @@ impl SyntheticSpec {
         {
             return bad("sizes must fit in u32".into());
         }
-        if !matches!(
-            self.weight_dtype,
-            DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0
-        ) {
+        if !DType::WEIGHT_TYPES.contains(&self.weight_dtype) {
             return bad(format!(
-                "weights of type {} are not supported (f32, f16, bf16, q8_0)",
+                "weights of type {} are not supported (f32, f16, bf16, q8_0, q4_0, q4_1)",
                 self.weight_dtype
             ));
         }
@@ -239,99 +291,286 @@ fn vocabulary(vocab_size: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
     (tokens, types, merges)
 }
 
-/// `rows × cols` uniform values in `[-scale, scale]`.
-fn uniform(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-scale..=scale)).collect()
+/// How one tensor's values are drawn.
+#[derive(Debug, Clone, Copy)]
+enum Init {
+    /// Uniform in `±gain / sqrt(k)`, rows of `k` (fan-in).
+    Matrix { k: usize, gain: f32 },
+    /// `1 + uniform(±0.1)` (an RMSNorm weight), F32.
+    Norm,
 }
 
-/// Encodes `data` (rows of `row_len`) in `dtype`.
-fn encode(dtype: DType, data: &[f32], row_len: usize) -> Result<Vec<u8>> {
-    let row_bytes = dtype.row_bytes(row_len).ok_or_else(|| {
-        EngineError::InvalidInput(format!(
-            "synthetic model: rows of {row_len} are not a multiple of the {dtype} block size"
-        ))
-    })?;
-    let rows = data.len() / row_len.max(1);
-    let mut out = vec![0u8; rows * row_bytes];
-    for (src, dst) in data
-        .chunks_exact(row_len)
-        .zip(out.chunks_exact_mut(row_bytes))
-    {
-        quantize_row(dtype, src, dst)?;
+/// One tensor of the synthetic model.
+#[derive(Debug, Clone)]
+struct TensorSpec {
+    name: String,
+    /// GGUF shape, `ne0` first.
+    shape: Vec<usize>,
+    dtype: DType,
+    init: Init,
+}
+
+impl TensorSpec {
+    fn bytes(&self) -> usize {
+        let n: usize = self.shape.iter().product();
+        n / self.dtype.block_size() * self.dtype.block_bytes()
     }
-    Ok(out)
 }
 
-/// Builds the synthetic model's GGUF in memory.
+impl SyntheticSpec {
+    /// Every tensor, in file order: embedding, output head (unless tied),
+    /// each layer's projections, then the norms.
+    fn tensor_specs(&self) -> Vec<TensorSpec> {
+        let (h, f, v) = (self.hidden_dim, self.ffn_dim, self.vocab_size);
+        let hd = self.head_dim();
+        let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let dt = self.weight_dtype;
+        let mut out = Vec::new();
+        // A matrix of GGUF shape [k, m]: m rows of k, scaled for fan-in k.
+        let mut matrix = |name: String, k: usize, m: usize, gain: f32| {
+            out.push(TensorSpec {
+                name,
+                shape: vec![k, m],
+                dtype: dt,
+                init: Init::Matrix { k, gain },
+            })
+        };
+        matrix("token_embd.weight".into(), h, v, (h as f32).sqrt());
+        if !self.tie_embeddings {
+            matrix("output.weight".into(), h, v, 2.0);
+        }
+        for l in 0..self.num_layers {
+            let p = |n: &str| format!("blk.{l}.{n}.weight");
+            matrix(p("attn_q"), h, q, 1.0);
+            matrix(p("attn_k"), h, kv, 1.0);
+            matrix(p("attn_v"), h, kv, 1.0);
+            matrix(p("attn_output"), q, h, 1.0);
+            matrix(p("ffn_gate"), h, f, 1.0);
+            matrix(p("ffn_up"), h, f, 1.0);
+            matrix(p("ffn_down"), f, h, 1.0);
+        }
+        let mut norm = |name: String| {
+            out.push(TensorSpec {
+                name,
+                shape: vec![h],
+                dtype: DType::F32,
+                init: Init::Norm,
+            })
+        };
+        norm("output_norm.weight".into());
+        for l in 0..self.num_layers {
+            norm(format!("blk.{l}.attn_norm.weight"));
+            norm(format!("blk.{l}.ffn_norm.weight"));
+        }
+        out
+    }
+
+    /// Bytes the weights take (what [`crate::model::LlamaWeights::planned_bytes`]
+    /// reports for the generated file), computed from the shape alone.
+    pub fn weights_bytes(&self) -> u64 {
+        self.tensor_specs().iter().map(|t| t.bytes() as u64).sum()
+    }
+
+    /// Size of the generated GGUF file in bytes (header, weights, padding).
+    pub fn file_bytes(&self) -> Result<u64> {
+        Ok(self.writer(true)?.file_bytes())
+    }
+
+    /// A GGUF with this model's metadata (hyper-parameters, tokenizer, chat
+    /// template) and no tensors: enough to plan and to tokenize without
+    /// generating a weight.
+    pub fn header_file(&self) -> Result<GgufFile> {
+        self.validate()?;
+        let mut w = GgufWriter::new();
+        self.put_metadata(&mut w);
+        Ok(GgufFile::from_bytes("<synthetic header>", w.to_bytes()?)?)
+    }
+
+    fn put_metadata(&self, w: &mut GgufWriter) {
+        let u32_of = |x: usize| x as u32; // Sizes were checked to fit in validate().
+        let (tokens, types, merges) = vocabulary(self.vocab_size);
+        w.metadata("general.architecture", "llama")
+            .metadata("general.name", "pagoda-synthetic")
+            .metadata("general.file_type", 0u32)
+            .metadata("llama.block_count", u32_of(self.num_layers))
+            .metadata("llama.context_length", u32_of(self.context_len))
+            .metadata("llama.embedding_length", u32_of(self.hidden_dim))
+            .metadata("llama.feed_forward_length", u32_of(self.ffn_dim))
+            .metadata("llama.attention.head_count", u32_of(self.num_heads))
+            .metadata("llama.attention.head_count_kv", u32_of(self.num_kv_heads))
+            .metadata("llama.attention.layer_norm_rms_epsilon", RMS_EPS)
+            .metadata("llama.rope.freq_base", ROPE_FREQ_BASE)
+            .metadata("llama.rope.dimension_count", u32_of(self.head_dim()))
+            .metadata("llama.vocab_size", u32_of(self.vocab_size))
+            .metadata("tokenizer.ggml.model", "gpt2")
+            .metadata("tokenizer.ggml.pre", "smollm")
+            .metadata("tokenizer.ggml.tokens", tokens)
+            .metadata("tokenizer.ggml.token_type", types)
+            .metadata("tokenizer.ggml.merges", merges)
+            .metadata("tokenizer.ggml.bos_token_id", IM_START_ID)
+            .metadata("tokenizer.ggml.eos_token_id", IM_END_ID)
+            .metadata("tokenizer.ggml.padding_token_id", IM_END_ID)
+            .metadata("tokenizer.ggml.add_bos_token", false)
+            .metadata("tokenizer.chat_template", CHAT_TEMPLATE);
+    }
+
+    /// The writer with every tensor: generated now (`deferred = false`), or
+    /// deferred to be generated into the file's buffer.
+    fn writer(&self, deferred: bool) -> Result<GgufWriter> {
+        self.validate()?;
+        let mut w = GgufWriter::new();
+        self.put_metadata(&mut w);
+        for (i, t) in self.tensor_specs().iter().enumerate() {
+            if deferred {
+                w.tensor_deferred(t.name.clone(), &t.shape, t.dtype);
+            } else {
+                let mut bytes = vec![0u8; t.bytes()];
+                fill_tensor(self.seed, i, t, &mut bytes)?;
+                w.tensor(t.name.clone(), &t.shape, t.dtype, bytes);
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// splitmix64's output function of `x` (Steele, Lea and Flood 2014).
+#[inline]
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Writes `dst.len()` uniform values in `[-scale, scale)`: elements
+/// `first, first + 1, ..` (`first` even) of the stream `key`; each pair
+/// `(2p, 2p + 1)` comes from one splitmix64 of `key + p`.
+fn uniform_into(key: u64, first: usize, scale: f32, dst: &mut [f32]) {
+    debug_assert!(first.is_multiple_of(2), "streams are read in pairs");
+    const UNIT: f32 = 1.0 / (1u32 << 23) as f32; // 24 bits to [0, 2)
+    let base = (first / 2) as u64;
+    for (p, pair) in dst.chunks_mut(2).enumerate() {
+        let r = splitmix64(key.wrapping_add(base + p as u64));
+        for (half, out) in pair.iter_mut().enumerate() {
+            let bits = (r >> (8 + 32 * half)) as u32 & 0x00FF_FFFF;
+            *out = (bits as f32 * UNIT - 1.0) * scale;
+        }
+    }
+}
+
+/// Writes random blocks of a quantized type straight (no float pass, so a
+/// 7B shape takes seconds): block `b`'s quants come from splitmix64 of
+/// `key + 4b + c`, its scale is fixed so values span `±scale` (Q8_0:
+/// `d = scale / 127`, quants any i8; Q4_0: `d = scale / 8`; Q4_1:
+/// `d = 2 scale / 15`, `m = -scale`).
+fn quantized_blocks_into(key: u64, dtype: DType, scale: f32, dst: &mut [u8]) {
+    let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
+    let (head, quant_bytes): (Vec<u8>, usize) = match dtype {
+        DType::Q8_0 => (f16(scale / 127.0).to_vec(), 32),
+        DType::Q4_0 => (f16(scale / 8.0).to_vec(), 16),
+        DType::Q4_1 => ([f16(2.0 * scale / 15.0), f16(-scale)].concat(), 16),
+        _ => {
+            debug_assert!(false, "{dtype} is not a block type");
+            return;
+        }
+    };
+    for (b, block) in dst.chunks_exact_mut(dtype.block_bytes()).enumerate() {
+        let (h, qs) = block.split_at_mut(head.len());
+        h.copy_from_slice(&head);
+        debug_assert_eq!(qs.len(), quant_bytes);
+        for (c, chunk) in qs.chunks_mut(8).enumerate() {
+            let r = splitmix64(key.wrapping_add(4 * b as u64 + c as u64)).to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+    }
+}
+
+/// Generates tensor `index` (described by `t`) of the model seeded `seed`
+/// into `dst` (its bytes in `t.dtype`), row by row.
+fn fill_tensor(seed: u64, index: usize, t: &TensorSpec, dst: &mut [u8]) -> Result<()> {
+    let key = splitmix64(seed ^ splitmix64(index as u64 + 1));
+    match t.init {
+        Init::Norm => {
+            let mut v = vec![0f32; t.shape[0]];
+            uniform_into(key, 0, 0.1, &mut v);
+            for (x, out) in v.iter().zip(dst.chunks_exact_mut(4)) {
+                out.copy_from_slice(&(1.0 + x).to_le_bytes());
+            }
+        }
+        Init::Matrix { k, gain } if t.dtype.is_quantized() => {
+            quantized_blocks_into(key, t.dtype, gain / (k as f32).sqrt(), dst);
+        }
+        Init::Matrix { k, gain } => {
+            let row_bytes = t.dtype.row_bytes(k).ok_or_else(|| {
+                EngineError::InvalidInput(format!(
+                    "synthetic model: rows of {k} are not a multiple of the {} block size",
+                    t.dtype
+                ))
+            })?;
+            let scale = gain / (k as f32).sqrt();
+            // Rows start at even elements when k is even (always: k is a
+            // multiple of 32 or a width divisible by an even head_dim).
+            let mut row = vec![0f32; k];
+            for (r, out) in dst.chunks_exact_mut(row_bytes).enumerate() {
+                uniform_into(key, r * k.next_multiple_of(2), scale, &mut row);
+                quantize_row(t.dtype, &row, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds the synthetic model's GGUF, weights included, as a writer (to
+/// write a file or extend in tests). Same bytes as [`synthetic_gguf_file`].
 pub fn synthetic_gguf(spec: &SyntheticSpec) -> Result<GgufWriter> {
-    spec.validate()?;
-    let (h, f, v) = (spec.hidden_dim, spec.ffn_dim, spec.vocab_size);
-    let hd = spec.head_dim();
-    let (q, kv) = (spec.num_heads * hd, spec.num_kv_heads * hd);
-    let u32_of = |x: usize| x as u32; // Sizes were checked to fit in validate().
-    let (tokens, types, merges) = vocabulary(v);
+    spec.writer(false)
+}
 
-    let mut w = GgufWriter::new();
-    w.metadata("general.architecture", "llama")
-        .metadata("general.name", "pagoda-synthetic")
-        .metadata("general.file_type", 0u32)
-        .metadata("llama.block_count", u32_of(spec.num_layers))
-        .metadata("llama.context_length", u32_of(spec.context_len))
-        .metadata("llama.embedding_length", u32_of(h))
-        .metadata("llama.feed_forward_length", u32_of(f))
-        .metadata("llama.attention.head_count", u32_of(spec.num_heads))
-        .metadata("llama.attention.head_count_kv", u32_of(spec.num_kv_heads))
-        .metadata("llama.attention.layer_norm_rms_epsilon", RMS_EPS)
-        .metadata("llama.rope.freq_base", ROPE_FREQ_BASE)
-        .metadata("llama.rope.dimension_count", u32_of(hd))
-        .metadata("llama.vocab_size", u32_of(v))
-        .metadata("tokenizer.ggml.model", "gpt2")
-        .metadata("tokenizer.ggml.pre", "smollm")
-        .metadata("tokenizer.ggml.tokens", tokens)
-        .metadata("tokenizer.ggml.token_type", types)
-        .metadata("tokenizer.ggml.merges", merges)
-        .metadata("tokenizer.ggml.bos_token_id", IM_START_ID)
-        .metadata("tokenizer.ggml.eos_token_id", IM_END_ID)
-        .metadata("tokenizer.ggml.padding_token_id", IM_END_ID)
-        .metadata("tokenizer.ggml.add_bos_token", false)
-        .metadata("tokenizer.chat_template", CHAT_TEMPLATE);
-
-    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
-    let dt = spec.weight_dtype;
-    // A matrix of GGUF shape [k, m]: m rows of k, scaled for fan-in k.
-    let mut matrix = |w: &mut GgufWriter, name: String, k: usize, m: usize, gain: f32| {
-        let data = uniform(&mut rng, k * m, gain / (k as f32).sqrt());
-        encode(dt, &data, k).map(|bytes| {
-            w.tensor(name, &[k, m], dt, bytes);
+/// Generates the synthetic model straight into one buffer of the file's
+/// size, on every core (tensors handed out largest first), and opens it: a
+/// model of any named shape, nothing on disk. Pass it to
+/// [`crate::EngineBuilder::gguf`].
+pub fn synthetic_gguf_file(spec: &SyntheticSpec) -> Result<GgufFile> {
+    let w = spec.writer(true)?;
+    let specs = spec.tensor_specs();
+    let seed = spec.seed;
+    let bytes = w.to_shared_bytes(|slices: Vec<&mut [u8]>| -> Result<()> {
+        let mut jobs: Vec<(usize, &mut [u8])> = slices.into_iter().enumerate().collect();
+        jobs.sort_by_key(|(_, s)| std::cmp::Reverse(s.len()));
+        let jobs: Vec<Mutex<Option<(usize, &mut [u8])>>> =
+            jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
+        let next = AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let work = || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else {
+                    return Ok(());
+                };
+                let taken = job.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some((index, dst)) = taken {
+                    fill_tensor(seed, index, &specs[index], dst)?;
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+            let mut result = work();
+            for h in handles {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(EngineError::InvalidInput(
+                        "synthetic model: a generator thread panicked".into(),
+                    ))
+                });
+                result = result.and(r);
+            }
+            result
         })
-    };
-    matrix(&mut w, "token_embd.weight".into(), h, v, (h as f32).sqrt())?;
-    matrix(&mut w, "output.weight".into(), h, v, 2.0)?;
-    for l in 0..spec.num_layers {
-        let p = |n: &str| format!("blk.{l}.{n}.weight");
-        matrix(&mut w, p("attn_q"), h, q, 1.0)?;
-        matrix(&mut w, p("attn_k"), h, kv, 1.0)?;
-        matrix(&mut w, p("attn_v"), h, kv, 1.0)?;
-        matrix(&mut w, p("attn_output"), q, h, 1.0)?;
-        matrix(&mut w, p("ffn_gate"), h, f, 1.0)?;
-        matrix(&mut w, p("ffn_up"), h, f, 1.0)?;
-        matrix(&mut w, p("ffn_down"), f, h, 1.0)?;
-    }
-    let mut norm = |w: &mut GgufWriter, name: String| {
-        let data: Vec<f32> = uniform(&mut rng, h, 0.1).iter().map(|x| 1.0 + x).collect();
-        w.tensor(
-            name,
-            &[h],
-            DType::F32,
-            bytemuck::cast_slice::<f32, u8>(&data),
-        );
-    };
-    norm(&mut w, "output_norm.weight".into());
-    for l in 0..spec.num_layers {
-        norm(&mut w, format!("blk.{l}.attn_norm.weight"));
-        norm(&mut w, format!("blk.{l}.ffn_norm.weight"));
-    }
-    Ok(w)
+    })?;
+    Ok(GgufFile::from_bytes(
+        format!("<synthetic {}x{} {}>", spec.num_layers, spec.hidden_dim, spec.weight_dtype),
+        bytes,
+    )?)
 }
 
 /// Writes the synthetic model described by `spec` to `path` (created or

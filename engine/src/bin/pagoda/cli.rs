@@ -1,8 +1,13 @@
-//! Command-line arguments.
+//! Command-line arguments: the `pagoda` command, its subcommands and the
+//! flag groups they share. Each subcommand's own flags live beside its code in
+//! `commands/<name>.rs`.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::{BackendArg, BackendParser};
+use crate::commands::{bench, chat, devices, generate, logits, perplexity, plan, tokenize};
 
 /// Pagoda: an LLM inference engine that shows where every byte goes.
 #[derive(Debug, Parser)]
@@ -12,25 +17,37 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Which backend runs the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
-    /// The CPU reference backend.
-    Cpu,
-}
-
-/// Options every command takes.
+/// Options every command that loads a model takes.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "dummy_weights")]
     pub model: Option<PathBuf>,
-    /// Backend.
-    #[arg(long, value_enum, default_value = "cpu", global = true)]
-    pub backend: BackendKind,
+    /// Instead of a file, a model of this named shape with seeded random
+    /// weights built in memory (llama2-7b, smollm2-135m, tiny).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub dummy_weights: Option<String>,
+    /// Weight type of the dummy model's matrices: q4_0, q4_1, q8_0, f16, bf16
+    /// or f32 (default: the shape's own, q4_0 for llama2-7b, q4_1 for smollm2-135m).
+    #[arg(long, global = true, requires = "dummy_weights")]
+    pub dummy_dtype: Option<String>,
+    /// Backend (only those compiled into this binary are listed).
+    #[arg(long, value_parser = BackendParser, default_value = "cpu", global = true)]
+    pub backend: BackendArg,
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0, global = true)]
     pub threads: usize,
+}
+
+/// How much device memory the engine may use.
+#[derive(Debug, Clone, Args)]
+pub struct BudgetArgs {
+    /// Fraction of device memory (host RAM on the CPU) the engine may use.
+    #[arg(long, conflicts_with = "memory_budget")]
+    pub gpu_memory_utilization: Option<f64>,
+    /// Absolute memory budget, e.g. 8GiB.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
 }
 
 /// Memory options of commands that build an engine.
@@ -45,12 +62,8 @@ pub struct MemoryArgs {
     /// KV cache dtype: f32, f16 or q8_0.
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,
-    /// Fraction of device memory (host RAM on the CPU) the engine may use.
-    #[arg(long, conflicts_with = "memory_budget")]
-    pub gpu_memory_utilization: Option<f64>,
-    /// Absolute memory budget, e.g. 8GiB.
-    #[arg(long)]
-    pub memory_budget: Option<String>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
 }
 
 /// Where the prompt comes from.
@@ -94,137 +107,19 @@ pub struct SamplingArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate text from a prompt, streaming it as it is produced.
-    Generate {
-        #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        prompt: GenPrompt,
-        /// Tokens to generate at most.
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
-        #[command(flatten)]
-        sampling: SamplingArgs,
-        /// Stop when the text contains this string (repeatable).
-        #[arg(long)]
-        stop: Vec<String>,
-        /// Run N copies of the prompt at once and report aggregate throughput.
-        #[arg(long, default_value_t = 1)]
-        parallel: usize,
-        /// Record StepStats and MemorySnapshots as JSON lines (docs/trace-schema.md).
-        #[arg(long)]
-        trace: Option<PathBuf>,
-        #[command(flatten)]
-        memory: MemoryArgs,
-        /// Print one JSON document instead of streaming text.
-        #[arg(long)]
-        json: bool,
-    },
+    Generate(generate::Args),
     /// Chat with the model using its chat template.
-    Chat {
-        #[command(flatten)]
-        common: Common,
-        /// One user turn, answered, then exit.
-        #[arg(long)]
-        message: Option<String>,
-        /// System message.
-        #[arg(long)]
-        system: Option<String>,
-        /// Tokens per answer at most.
-        #[arg(long, default_value_t = 512)]
-        max_tokens: usize,
-        #[command(flatten)]
-        sampling: SamplingArgs,
-        #[command(flatten)]
-        memory: MemoryArgs,
-        /// Print one JSON document (with --message).
-        #[arg(long)]
-        json: bool,
-    },
+    Chat(chat::Args),
     /// Print the token ids of a prompt as a JSON array.
-    Tokenize {
-        #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        prompt: PromptArgs,
-        /// Treat control-token text as plain text.
-        #[arg(long)]
-        no_parse_special: bool,
-    },
+    Tokenize(tokenize::Args),
     /// Summarise the logits at the last prompt position.
-    Logits {
-        #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        prompt: PromptArgs,
-        #[command(flatten)]
-        memory: MemoryArgs,
-        /// Print JSON (the only format).
-        #[arg(long)]
-        json: bool,
-    },
+    Logits(logits::Args),
     /// Perplexity of a text file (llama-perplexity's method).
-    Perplexity {
-        #[command(flatten)]
-        common: Common,
-        /// The text.
-        #[arg(long)]
-        file: PathBuf,
-        /// Chunk length in tokens.
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// KV cache dtype.
-        #[arg(long, default_value = "f32")]
-        kv_dtype: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Measure prefill and decode speed.
-    Bench {
-        #[command(flatten)]
-        common: Common,
-        /// Prompt length in tokens.
-        #[arg(long, default_value_t = 64)]
-        prompt_len: usize,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 128)]
-        gen_len: usize,
-        /// Repetitions (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        reps: usize,
-        /// KV cache dtype.
-        #[arg(long, default_value = "f32")]
-        kv_dtype: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Perplexity(perplexity::Args),
+    /// Measure prefill and decode speed at one or more batch sizes.
+    Bench(bench::Args),
     /// Compute the memory plan without loading weights.
-    Plan {
-        #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        memory: MemoryArgs,
-        /// Per-step token budget.
-        #[arg(long, default_value_t = 512)]
-        max_batched_tokens: usize,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// Prompt sources of `generate`.
-#[derive(Debug, Clone, Args)]
-#[group(required = true, multiple = false)]
-pub struct GenPrompt {
-    /// Prompt text (special tokens such as <|im_start|> are parsed).
-    #[arg(long)]
-    pub prompt: Option<String>,
-    /// Read the prompt from this file (exact bytes).
-    #[arg(long)]
-    pub file: Option<PathBuf>,
-    /// One prompt per line (with --parallel runs them all at once).
-    #[arg(long)]
-    pub prompts: Option<PathBuf>,
+    Plan(plan::Args),
+    /// List every backend and the devices each finds.
+    Devices(devices::Args),
 }

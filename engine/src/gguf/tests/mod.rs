@@ -789,3 +789,45 @@ fn random_bytes_after_a_valid_prefix_never_panic() {
         parse_no_panic(&b, &format!("case {case}"));
     }
 }
+
+#[test]
+fn deferred_tensors_are_filled_in_the_shared_buffer() {
+    let mut w = GgufWriter::new();
+    w.metadata("general.architecture", "llama")
+        .alignment(64)
+        .tensor("given", &[4], DType::F32, vec![7u8; 16])
+        .tensor_deferred("later", &[32, 3], DType::Q8_0)
+        .tensor_deferred("norm", &[5], DType::F32);
+    // Through to_bytes, deferred tensors are zeros.
+    let zeros = parse_ok(&bytes_of(&w));
+    assert_eq!(w.file_bytes(), zeros.file_bytes());
+    let later = zeros.tensor("later").expect("later").clone();
+    assert_eq!(later.bytes, 3 * 34);
+    assert!(zeros.tensor_data(&later).iter().all(|&b| b == 0));
+    // Through to_shared_bytes, fill writes them in place, given ones are copied.
+    let shared = w
+        .to_shared_bytes(|slices: Vec<&mut [u8]>| -> Result<(), GgufError> {
+            assert_eq!(slices.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![16, 102, 20]);
+            assert!(slices[0].iter().all(|&b| b == 7));
+            for (i, s) in slices.into_iter().enumerate().skip(1) {
+                s.fill(i as u8);
+            }
+            Ok(())
+        })
+        .expect("shared bytes");
+    assert_eq!(shared.len() as u64, w.file_bytes());
+    let f = GgufFile::from_bytes(NAME, shared).expect("parses");
+    assert_eq!(f.tensors, zeros.tensors);
+    let data = |n: &str| f.tensor_data(f.tensor(n).expect("tensor")).to_vec();
+    assert_eq!(data("given"), vec![7u8; 16]);
+    assert_eq!(data("later"), vec![1u8; 102]);
+    assert_eq!(data("norm"), vec![2u8; 20]);
+    // The fill's error comes back; validation runs before it.
+    let err = w.to_shared_bytes(|_| -> Result<(), crate::EngineError> {
+        Err(crate::EngineError::InvalidInput("fill failed".into()))
+    });
+    assert!(err.err().is_some_and(|e| e.to_string().contains("fill failed")));
+    let mut bad = GgufWriter::new();
+    bad.tensor_deferred("odd", &[33], DType::Q4_0);
+    assert!(bad.to_shared_bytes(|_| -> Result<(), GgufError> { Ok(()) }).is_err());
+}

@@ -262,8 +262,115 @@ fn quantize_row_kv_types_round_trip() {
             assert!((a - b).abs() <= tol, "{dtype}: {a} -> {b}");
         }
     }
+    let mut q = vec![0u8; 128];
+    assert!(quantize_row(DType::U32, &x[..32], &mut q).is_err());
+}
+
+#[test]
+fn q4_0_quantize_by_hand() {
+    // x[j] = (j mod 16) - 8: the largest magnitude is x[0] = x[16] = -8, so
+    // d = -8 / -8 = 1 (f16 0x3C00) and q = trunc(x + 8.5) = j mod 16, which
+    // dequantizes back exactly.
+    let x: Vec<f32> = (0..32).map(|j| (j % 16) as f32 - 8.0).collect();
     let mut q = vec![0u8; 18];
-    assert!(quantize_row(DType::Q4_0, &x[..32], &mut q).is_err());
+    quantize_row(DType::Q4_0, &x, &mut q).expect("quantize");
+    assert_eq!(&q[0..2], &[0x00, 0x3C]);
+    for j in 0..16 {
+        assert_eq!(q[2 + j], j as u8 | ((j as u8) << 4), "byte {j}");
+    }
+    assert_bits(&deq(DType::Q4_0, &q, 32), &x);
+    // A positive extreme: max = 4 gives d = -0.5; 4 maps to q = 0
+    // (trunc(4 * -2 + 8.5) = 0) and back to -0.5 * (0 - 8) = 4.
+    let mut y = [0f32; 32];
+    y[3] = 4.0;
+    y[20] = -1.0; // -1 * -2 + 8.5 = 10.5 -> 10 -> -0.5 * 2 = -1
+    quantize_row(DType::Q4_0, &y, &mut q).expect("quantize");
+    assert_eq!(&q[0..2], &f16::from_f32(-0.5).to_le_bytes());
+    assert_eq!(q[2 + 3] & 0x0F, 0);
+    assert_eq!(q[2 + 4] >> 4, 10);
+    let back = deq(DType::Q4_0, &q, 32);
+    assert_eq!(back[3], 4.0);
+    assert_eq!(back[20], -1.0);
+    assert_eq!(back[0], 0.0); // 0 -> q = 8 -> 0
+}
+
+#[test]
+fn q4_1_quantize_by_hand() {
+    // x[j] = (j mod 16) / 4 - 2: min -2 (f16 0xC000), max 1.75, so
+    // d = 3.75 / 15 = 0.25 (0x3400) and q = trunc((x + 2) * 4 + 0.5) = j mod 16.
+    let x: Vec<f32> = (0..32).map(|j| (j % 16) as f32 * 0.25 - 2.0).collect();
+    let mut q = vec![0u8; 20];
+    quantize_row(DType::Q4_1, &x, &mut q).expect("quantize");
+    assert_eq!(&q[0..4], &[0x00, 0x34, 0x00, 0xC0]);
+    for j in 0..16 {
+        assert_eq!(q[4 + j], j as u8 | ((j as u8) << 4), "byte {j}");
+    }
+    assert_bits(&deq(DType::Q4_1, &q, 32), &x);
+}
+
+#[test]
+fn q4_zero_blocks() {
+    let x = [0f32; 32];
+    let mut q = vec![0u8; 18];
+    quantize_row_q4_0(&x, &mut q).expect("q4_0");
+    // d = 0 / -8 = -0.0 (f16 0x8000), exactly as ggml stores it; q = trunc(8.5) = 8.
+    assert_eq!(&q[0..2], &[0x00, 0x80]);
+    assert!(q[2..].iter().all(|&b| b == 0x88));
+    assert!(deq(DType::Q4_0, &q, 32).iter().all(|&v| v == 0.0));
+    let mut q = vec![0u8; 20];
+    quantize_row_q4_1(&x, &mut q).expect("q4_1");
+    assert_eq!(q, vec![0u8; 20]); // d = 0, m = 0, q = trunc(0.5) = 0
+}
+
+#[test]
+fn q4_round_trip_errors_are_within_half_a_step() {
+    // Blocks of very different magnitudes, as for Q8_0 above.
+    let mut x = lcg_floats(5, 32 * 8);
+    for (b, scale) in [1.0f32, 1e-3, 100.0, 3.7, 1e4, 0.5, 2e-2, 42.0]
+        .iter()
+        .enumerate()
+    {
+        for v in &mut x[b * 32..(b + 1) * 32] {
+            *v *= scale;
+        }
+    }
+    let mut q0 = vec![0u8; 8 * 18];
+    quantize_row_q4_0(&x, &mut q0).expect("q4_0");
+    let back0 = deq(DType::Q4_0, &q0, x.len());
+    let mut q1 = vec![0u8; 8 * 20];
+    quantize_row_q4_1(&x, &mut q1).expect("q4_1");
+    let back1 = deq(DType::Q4_1, &q1, x.len());
+    for (b, block) in x.chunks_exact(32).enumerate() {
+        // Q4_0: d_exact = max / -8; q = round(x / d) + 8 except x / d = 8
+        // (an element of the extreme's magnitude, opposite sign), clamped
+        // to 15: one whole step. The f16 scale adds |q - 8| * |d - d_exact|.
+        let qb = &q0[b * 18..(b + 1) * 18];
+        let d = f16_at(qb, 0);
+        let max = block.iter().fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
+        let d_exact = max / -8.0;
+        for j in 0..32 {
+            let clamped = block[j] / d_exact > 7.5;
+            let steps = if clamped { 1.0 } else { 0.5 };
+            let bound = steps * d_exact.abs() + 8.0 * (d - d_exact).abs() + max.abs() * 1e-6;
+            let err = (block[j] - back0[b * 32 + j]).abs();
+            assert!(err <= bound, "q4_0 block {b} elem {j}: {err} > {bound}");
+        }
+        // Q4_1: d_exact = (max - min) / 15, every x within half a step,
+        // plus the f16 rounding of d (times q <= 15) and of m.
+        let qb = &q1[b * 20..(b + 1) * 20];
+        let (d, m) = (f16_at(qb, 0), f16_at(qb, 2));
+        let lo = block.iter().copied().fold(f32::MAX, f32::min);
+        let hi = block.iter().copied().fold(-f32::MAX, f32::max);
+        let d_exact = (hi - lo) / 15.0;
+        for j in 0..32 {
+            let bound = 0.5 * d_exact
+                + 15.0 * (d - d_exact).abs()
+                + (m - lo).abs()
+                + (hi - lo) * 1e-6;
+            let err = (block[j] - back1[b * 32 + j]).abs();
+            assert!(err <= bound, "q4_1 block {b} elem {j}: {err} > {bound}");
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,137 @@
+//! Which backend runs: the one place the CLI names a backend.
+//!
+//! The engine is generic over `B: Backend`; this file turns `--backend NAME`
+//! into a concrete backend with one `match` ([`with_backend!`]). Every
+//! backend Pagoda knows is in [`KNOWN_BACKENDS`]; only those compiled into
+//! this binary are [`BackendKind`] variants, so `--help` lists just those,
+//! and naming a known backend that is not compiled in is one clear error
+//! (`the cuda backend is not compiled into this binary (rebuild with
+//! --features cuda)`), not clap's list of possible values.
+//!
+//! Adding a backend (say CUDA): a `cuda = ["dep:pagoda-cuda"]` feature in
+//! `engine/Cargo.toml`, a `#[cfg(feature = "cuda")] Cuda` variant below (and
+//! in [`BackendKind::value_variants`]), and one arm in [`with_backend!`].
+
+use clap::ValueEnum;
+use clap::builder::{EnumValueParser, PossibleValue, TypedValueParser};
+
+/// Every backend Pagoda knows, compiled in or not: (name, cargo feature).
+pub const KNOWN_BACKENDS: &[(&str, &str)] = &[("cpu", "cpu"), ("cuda", "cuda"), ("wgpu", "wgpu")];
+
+/// A backend compiled into this binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The CPU reference backend (always compiled in).
+    Cpu,
+}
+
+impl BackendKind {
+    /// The name `--backend` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+        }
+    }
+}
+
+impl ValueEnum for BackendKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[BackendKind::Cpu]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            BackendKind::Cpu => PossibleValue::new("cpu").help("the CPU reference backend"),
+        })
+    }
+}
+
+/// What `--backend` named: a compiled-in backend, or a known one that is not
+/// compiled in (an error when a command needs it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendArg {
+    /// Compiled in.
+    Compiled(BackendKind),
+    /// Known but not compiled in.
+    NotCompiled {
+        /// Its name.
+        name: &'static str,
+        /// The cargo feature that compiles it in.
+        feature: &'static str,
+    },
+}
+
+impl BackendArg {
+    /// The compiled-in backend, or the error that says how to get it.
+    pub fn kind(self) -> anyhow::Result<BackendKind> {
+        match self {
+            BackendArg::Compiled(k) => Ok(k),
+            BackendArg::NotCompiled { name, feature } => Err(not_compiled(name, feature)),
+        }
+    }
+}
+
+/// The error for a known backend that is not compiled in.
+pub fn not_compiled(name: &str, feature: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the {name} backend is not compiled into this binary (rebuild with --features {feature})"
+    )
+}
+
+/// Known backends that are not compiled in: (name, feature).
+pub fn not_compiled_backends() -> impl Iterator<Item = (&'static str, &'static str)> {
+    KNOWN_BACKENDS
+        .iter()
+        .copied()
+        .filter(|(n, _)| !BackendKind::value_variants().iter().any(|k| k.name() == *n))
+}
+
+/// Parses `--backend`: compiled-in names through clap's enum parser (so
+/// unknown names get clap's usual error), known-but-absent ones to
+/// [`BackendArg::NotCompiled`].
+#[derive(Debug, Clone, Copy)]
+pub struct BackendParser;
+
+impl TypedValueParser for BackendParser {
+    type Value = BackendArg;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<BackendArg, clap::Error> {
+        if let Some(text) = value.to_str()
+            && let Some((name, feature)) =
+                not_compiled_backends().find(|(n, _)| n.eq_ignore_ascii_case(text))
+        {
+            return Ok(BackendArg::NotCompiled { name, feature });
+        }
+        EnumValueParser::<BackendKind>::new()
+            .parse_ref(cmd, arg, value)
+            .map(BackendArg::Compiled)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            BackendKind::value_variants()
+                .iter()
+                .filter_map(ValueEnum::to_possible_value),
+        ))
+    }
+}
+
+/// Runs `$body` with `$b` bound to an `Arc` of the backend `$kind` names,
+/// built with `$threads` CPU threads. The one `match` on the backend; `$body`
+/// is compiled once per backend (it is generic code over `B: Backend`).
+/// Needs a function returning `anyhow::Result`.
+macro_rules! with_backend {
+    ($kind:expr, $threads:expr, |$b:ident| $body:expr) => {
+        match $kind {
+            $crate::backend::BackendKind::Cpu => {
+                let $b = ::std::sync::Arc::new(::pagoda_cpu::CpuBackend::new($threads)?);
+                $body
+            }
+        }
+    };
+}

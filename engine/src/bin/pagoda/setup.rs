@@ -1,0 +1,288 @@
+//! Helpers every command shares: where the model comes from, engine settings
+//! from flags, building an engine, prompts and sampling flags.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use pagoda::engine::{Engine, EngineConfig};
+use pagoda::gguf::GgufFile;
+use pagoda::model::synthetic::{SyntheticSpec, synthetic_gguf_file};
+use pagoda::model::{LlamaConfig, LlamaWeights};
+use pagoda::plan::{Budget, human, parse_bytes};
+use pagoda::sampler::SamplingParams;
+use pagoda::sequence::FinishReason;
+use pagoda_backend::{Backend, DType, DeviceMemory};
+
+use crate::cli::{BudgetArgs, Common, MemoryArgs, PromptArgs, SamplingArgs};
+
+/// Where the model comes from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A GGUF file on disk.
+    File(PathBuf),
+    /// `--dummy-weights NAME`: a named shape with seeded random weights, built in memory.
+    Dummy {
+        /// The shape's name.
+        name: String,
+        /// The shape, with `--dummy-dtype` applied.
+        spec: SyntheticSpec,
+    },
+}
+
+impl ModelSource {
+    /// The model as `--model`/`--dummy-weights` name it: a path, or the dummy
+    /// shape's name.
+    pub fn name(&self) -> String {
+        match self {
+            ModelSource::File(p) => p.display().to_string(),
+            ModelSource::Dummy { name, .. } => name.clone(),
+        }
+    }
+
+    /// `file` or `dummy`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelSource::File(_) => "file",
+            ModelSource::Dummy { .. } => "dummy",
+        }
+    }
+
+    /// The GGUF header: metadata (hyper-parameters, tokenizer) and tensor
+    /// infos. Cheap: a memory map of the file, or for a dummy model a file
+    /// with the metadata only (no weights are generated).
+    pub fn header(&self) -> Result<GgufFile> {
+        Ok(match self {
+            ModelSource::File(p) => GgufFile::open(p)?,
+            ModelSource::Dummy { spec, .. } => spec.header_file()?,
+        })
+    }
+
+    /// The hyper-parameters and the exact bytes the weights will take.
+    pub fn shape(&self) -> Result<(LlamaConfig, u64)> {
+        let f = self.header()?;
+        let cfg = LlamaConfig::from_gguf(&f)?;
+        let bytes = match self {
+            ModelSource::File(_) => LlamaWeights::gguf_bytes(&f, &cfg)?,
+            ModelSource::Dummy { spec, .. } => spec.weights_bytes(),
+        };
+        Ok((cfg, bytes))
+    }
+
+    /// The matrices' weight type (that of `blk.0.attn_q.weight`).
+    pub fn weight_dtype(&self) -> Result<DType> {
+        match self {
+            ModelSource::Dummy { spec, .. } => Ok(spec.weight_dtype),
+            ModelSource::File(_) => {
+                let f = self.header()?;
+                let t = f
+                    .tensor("blk.0.attn_q.weight")
+                    .ok_or_else(|| anyhow!("{}: no tensor blk.0.attn_q.weight", self.name()))?;
+                Ok(t.dtype)
+            }
+        }
+    }
+}
+
+/// The model `--model` / `--dummy-weights` name (default: the default model,
+/// fetched on first use).
+pub fn model_source(common: &Common) -> Result<ModelSource> {
+    if let Some(name) = &common.dummy_weights {
+        let spec = SyntheticSpec::named(name).ok_or_else(|| {
+            anyhow!(
+                "unknown dummy model `{name}` (known: {})",
+                SyntheticSpec::NAMES.join(", ")
+            )
+        })?;
+        let dtype = match common.dummy_dtype.as_deref() {
+            None => spec.weight_dtype,
+            Some(text) => match DType::from_name(text) {
+                Some(d) if DType::WEIGHT_TYPES.contains(&d) => d,
+                _ => bail!(
+                    "unknown --dummy-dtype `{text}` (expected one of {})",
+                    DType::WEIGHT_TYPES.map(DType::name).join(", ")
+                ),
+            },
+        };
+        let spec = SyntheticSpec {
+            weight_dtype: dtype,
+            ..spec
+        };
+        spec.validate()?;
+        return Ok(ModelSource::Dummy {
+            name: name.clone(),
+            spec,
+        });
+    }
+    match &common.model {
+        Some(p) => {
+            if !p.exists() {
+                bail!("model file {} does not exist", p.display());
+            }
+            Ok(ModelSource::File(p.clone()))
+        }
+        None => Ok(ModelSource::File(pagoda::fetch::default_model_path()?)),
+    }
+}
+
+/// Parses `--kv-dtype`.
+pub fn kv_dtype(name: &str) -> Result<DType> {
+    match DType::from_name(name) {
+        Some(d @ (DType::F32 | DType::F16 | DType::Q8_0)) => Ok(d),
+        _ => bail!("unknown KV dtype `{name}` (expected f32, f16 or q8_0)"),
+    }
+}
+
+/// The budget `--memory-budget` / `--gpu-memory-utilization` give (default 0.90).
+pub fn budget(m: &BudgetArgs) -> Result<Budget> {
+    if let Some(b) = &m.memory_budget {
+        let bytes = parse_bytes(b)
+            .ok_or_else(|| anyhow!("cannot parse memory budget `{b}` (try 8GiB or 512MiB)"))?;
+        return Ok(Budget::Bytes(bytes));
+    }
+    let u = m.gpu_memory_utilization.unwrap_or(0.9);
+    if !(u > 0.0 && u <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1], got {u}");
+    }
+    Ok(Budget::Utilization(u))
+}
+
+/// Engine settings from the memory flags: 8 sequences unless a byte budget
+/// without `--max-seqs` asks to derive them.
+pub fn engine_config(m: &MemoryArgs) -> Result<EngineConfig> {
+    let budget = budget(&m.budget)?;
+    let derive = matches!(budget, Budget::Bytes(_)) && m.max_seqs.is_none();
+    Ok(EngineConfig {
+        ctx: m.ctx,
+        max_seqs: if derive {
+            None
+        } else {
+            Some(m.max_seqs.unwrap_or(8))
+        },
+        kv_dtype: kv_dtype(&m.kv_dtype)?,
+        budget,
+        ..EngineConfig::default()
+    })
+}
+
+/// Plans, then loads (or for a dummy model generates) the model and builds
+/// the engine, logging what it took to stderr. A dummy model is planned from
+/// its shape first, so one that does not fit is refused before any weight
+/// is generated.
+pub fn build<B: Backend>(
+    source: &ModelSource,
+    backend: Arc<B>,
+    cfg: EngineConfig,
+) -> Result<Engine<B>> {
+    let t = Instant::now();
+    let builder = Engine::builder().backend(backend.clone()).config(cfg.clone());
+    let builder = match source {
+        ModelSource::File(path) => builder.model(path),
+        ModelSource::Dummy { name, spec } => {
+            let (model_cfg, weights_bytes) = source.shape()?;
+            let device = planning_memory(source, backend.as_ref())?;
+            cfg.plan(&model_cfg, weights_bytes, device, backend.info())?;
+            eprintln!(
+                "pagoda: generating dummy weights {name} ({}, {}) ...",
+                spec.weight_dtype,
+                human(weights_bytes)
+            );
+            let g = Instant::now();
+            let gguf = synthetic_gguf_file(spec)?;
+            eprintln!(
+                "pagoda: generated {} in {:.2}s",
+                human(gguf.file_bytes()),
+                g.elapsed().as_secs_f64()
+            );
+            builder.gguf(gguf)
+        }
+    };
+    let engine = builder.build()?;
+    let p = engine.memory_plan();
+    eprintln!(
+        "pagoda: loaded {} in {:.2}s ({} backend: {})",
+        source.name(),
+        t.elapsed().as_secs_f64(),
+        engine.runner().backend().info().name,
+        engine.runner().backend().info().device
+    );
+    eprintln!(
+        "pagoda: memory plan: weights {} + activations {} + KV {} ({} pages of {} tokens, {}) + headroom {} = {} of {} budget",
+        human(p.weights_bytes),
+        human(p.workspace_bytes),
+        human(p.kv_bytes),
+        p.num_pages,
+        p.page_size,
+        p.kv_dtype,
+        human(p.headroom_bytes),
+        human(p.total_bytes),
+        human(p.budget_bytes)
+    );
+    Ok(engine)
+}
+
+/// The device memory to plan against. For a dummy model on a backend whose
+/// memory is host RAM, the generated file lives in that RAM beside the
+/// weights loaded from it until the engine is built, so it is counted as
+/// taken.
+pub fn planning_memory<B: Backend>(source: &ModelSource, backend: &B) -> Result<DeviceMemory> {
+    let mut device = backend.memory()?;
+    if let ModelSource::Dummy { spec, .. } = source
+        && backend.info().host_memory
+    {
+        device.free_bytes = device.free_bytes.saturating_sub(spec.file_bytes()?);
+    }
+    Ok(device)
+}
+
+/// The prompt `--prompt` / `--file` give.
+pub fn read_prompt(p: &PromptArgs) -> Result<String> {
+    read_prompt_parts(p.prompt.as_deref(), p.file.as_deref())
+}
+
+/// The prompt text, or the exact bytes of the prompt file (UTF-8).
+pub fn read_prompt_parts(prompt: Option<&str>, file: Option<&Path>) -> Result<String> {
+    match (prompt, file) {
+        (Some(t), _) => Ok(t.to_string()),
+        (None, Some(f)) => {
+            let bytes = std::fs::read(f)
+                .with_context(|| format!("cannot read prompt file {}", f.display()))?;
+            String::from_utf8(bytes)
+                .map_err(|e| anyhow!("prompt file {} is not UTF-8: {e}", f.display()))
+        }
+        (None, None) => bail!("give --prompt or --file"),
+    }
+}
+
+/// Sampling parameters from the flags (llama.cpp's defaults where unset).
+pub fn sampling(s: &SamplingArgs) -> SamplingParams {
+    if s.greedy {
+        return SamplingParams {
+            seed: s.seed,
+            repeat_penalty: s.repeat_penalty.unwrap_or(1.0),
+            ..SamplingParams::greedy()
+        };
+    }
+    let d = SamplingParams::default();
+    SamplingParams {
+        temperature: s.temperature.unwrap_or(d.temperature),
+        top_k: s.top_k.unwrap_or(d.top_k),
+        top_p: s.top_p.unwrap_or(d.top_p),
+        min_p: s.min_p.unwrap_or(d.min_p),
+        repeat_penalty: s.repeat_penalty.unwrap_or(d.repeat_penalty),
+        repeat_last_n: d.repeat_last_n,
+        seed: s.seed,
+    }
+}
+
+/// The JSON name of a finish reason.
+pub fn reason_str(r: &FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Eog => "eog",
+        FinishReason::Stop => "stop",
+        FinishReason::Aborted => "aborted",
+        FinishReason::Error(_) => "error",
+    }
+}
