@@ -426,7 +426,7 @@ fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
     let kq = scratch("kquant.gguf");
     let mut w = GgufWriter::new();
     w.metadata("general.architecture", Value::String("llama".into()));
-    w.tensor_raw("blk.0.attn_q.weight", &[256, 4], 12, &[0u8; 4 * 144]);
+    w.tensor_raw("blk.0.attn_q.weight", &[256, 4], 12, [0u8; 4 * 144]);
     w.write_to(&kq).unwrap();
     let out = generate_hi_with(&kq);
     assert_clean_failure(&out, "Q4_K");
@@ -452,7 +452,10 @@ fn assert_one_error_line(out: &Output, line: &str) {
 #[test]
 fn uncompiled_backend_is_one_clear_error_line() {
     for (name, args) in [
-        ("cuda", &["generate", "--prompt", "hi", "--backend", "cuda"][..]),
+        (
+            "cuda",
+            &["generate", "--prompt", "hi", "--backend", "cuda"][..],
+        ),
         ("wgpu", &["bench", "--backend", "wgpu"][..]),
         ("cuda", &["plan", "--backend", "cuda"][..]),
         ("cuda", &["devices", "--backend", "cuda"][..]),
@@ -468,14 +471,20 @@ fn uncompiled_backend_is_one_clear_error_line() {
     let out = pagoda(&["plan", "--backend", "tpu"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("invalid value 'tpu'") && err.contains("[possible values: cpu]"), "{err}");
+    assert!(
+        err.contains("invalid value 'tpu'") && err.contains("[possible values: cpu]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn devices_lists_every_backend_and_the_cpu_device() {
     let doc = stdout_json(&pagoda(&["devices", "--json"]));
     let backends = doc["backends"].as_array().unwrap();
-    let names: Vec<&str> = backends.iter().map(|b| b["backend"].as_str().unwrap()).collect();
+    let names: Vec<&str> = backends
+        .iter()
+        .map(|b| b["backend"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["cpu", "cuda", "wgpu"]);
     let cpu = &backends[0];
     assert_eq!(cpu["compiled"], true);
@@ -489,9 +498,16 @@ fn devices_lists_every_backend_and_the_cpu_device() {
     assert!(total > 0 && free <= total, "{d}");
     assert_eq!(d["host_memory"], true);
     let list = |k: &str| -> Vec<String> {
-        d[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        d[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
     };
-    assert_eq!(list("weight_dtypes"), ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]);
+    assert_eq!(
+        list("weight_dtypes"),
+        ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+    );
     assert!(list("kv_dtypes").contains(&"q8_0".to_string()));
     assert_eq!(d["can_grow_kv"], true);
     assert_eq!(d["supports_graphs"], false);
@@ -499,22 +515,42 @@ fn devices_lists_every_backend_and_the_cpu_device() {
     for b in &backends[1..] {
         assert_eq!(b["compiled"], false);
         assert!(b["devices"].as_array().unwrap().is_empty());
-        assert!(b["error"].as_str().unwrap().contains("not compiled into this binary"));
+        assert!(
+            b["error"]
+                .as_str()
+                .unwrap()
+                .contains("not compiled into this binary")
+        );
     }
 
     let out = pagoda(&["devices"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("cpu:0: "), "{text}");
-    for needle in ["memory:", "weight dtypes: f32", "kv dtypes:", "can_grow_kv: true", "alignment:"] {
+    for needle in [
+        "memory:",
+        "weight dtypes: f32",
+        "kv dtypes:",
+        "can_grow_kv: true",
+        "alignment:",
+    ] {
         assert!(text.contains(needle), "lacks {needle:?}: {text}");
     }
-    assert!(text.contains("cuda: not compiled in (rebuild with --features cuda)"), "{text}");
+    assert!(
+        text.contains("cuda: not compiled in (rebuild with --features cuda)"),
+        "{text}"
+    );
 }
 
 /// `pagoda bench ... --json`: the array of per-batch objects.
 fn bench_json(args: &[&str]) -> Vec<serde_json::Value> {
-    let out = pagoda(&[&["bench", "--reps", "1", "--warmup", "0", "--json"][..], args].concat());
+    let out = pagoda(
+        &[
+            &["bench", "--reps", "1", "--warmup", "0", "--json"][..],
+            args,
+        ]
+        .concat(),
+    );
     stdout_json(&out).as_array().expect("a JSON array").clone()
 }
 
@@ -530,7 +566,10 @@ fn bench_reports_one_object_per_batch_size() {
         assert!(d["model"].as_str().unwrap().ends_with(".gguf"), "{d}");
         assert_eq!(d["weight_dtype"], "q4_1");
         assert_eq!(d["kv_dtype"], "f32");
-        assert_eq!((d["prompt_len"].as_u64(), d["gen_len"].as_u64()), (Some(8), Some(4)));
+        assert_eq!(
+            (d["prompt_len"].as_u64(), d["gen_len"].as_u64()),
+            (Some(8), Some(4))
+        );
         assert_eq!(d["prefill_tokens"].as_u64(), Some(8 * b));
         assert_eq!(d["decode_tokens"].as_u64(), Some(4 * b));
         for k in [
@@ -546,16 +585,23 @@ fn bench_reports_one_object_per_batch_size() {
         }
         assert!(d["decode_step_ms_p50"].as_f64() <= d["decode_step_ms_p99"].as_f64());
         let peak = d["peak_pool_allocated_bytes"].as_u64().unwrap();
-        assert!(peak > 0 && peak <= d["pool_reserved_bytes"].as_u64().unwrap(), "{d}");
+        assert!(
+            peak > 0 && peak <= d["pool_reserved_bytes"].as_u64().unwrap(),
+            "{d}"
+        );
         assert_eq!(d["preemptions"], 0);
         assert!(d["threads"].as_u64().unwrap() >= 1);
         let commit = d["commit"].as_str().unwrap();
         assert!(
-            commit == "unknown" || (commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+            commit == "unknown"
+                || (commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit())),
             "{commit}"
         );
         let date = d["date"].as_str().unwrap();
-        let shape: String = date.chars().map(|c| if c.is_ascii_digit() { '0' } else { c }).collect();
+        let shape: String = date
+            .chars()
+            .map(|c| if c.is_ascii_digit() { '0' } else { c })
+            .collect();
         assert_eq!(shape, "0000-00-00T00:00:00Z", "{date}");
     }
     // Prefill only.
@@ -568,14 +614,35 @@ fn bench_reports_one_object_per_batch_size() {
 #[test]
 fn bench_human_table_has_a_row_per_batch_size() {
     let out = pagoda(&[
-        "bench", "--batch", "1,3", "--prompt-len", "4", "--gen-len", "2", "--reps", "1", "--warmup", "0",
+        "bench",
+        "--batch",
+        "1,3",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("pp tok/s") && text.contains("tg tok/s"), "{text}");
+    assert!(
+        text.contains("pp tok/s") && text.contains("tg tok/s"),
+        "{text}"
+    );
     let rows: Vec<&str> = text
         .lines()
-        .filter(|l| l.split_whitespace().next().is_some_and(|w| w.parse::<u32>().is_ok()))
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<u32>().is_ok())
+        })
         .collect();
     assert_eq!(rows.len(), 2, "{text}");
 }
@@ -583,7 +650,14 @@ fn bench_human_table_has_a_row_per_batch_size() {
 #[test]
 fn bench_runs_the_default_models_shape_with_dummy_weights() {
     let docs = bench_json(&[
-        "--dummy-weights", "smollm2-135m", "--batch", "2", "--prompt-len", "4", "--gen-len", "2",
+        "--dummy-weights",
+        "smollm2-135m",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "2",
     ]);
     let d = &docs[0];
     assert_eq!(d["model"], "smollm2-135m");
@@ -592,47 +666,92 @@ fn bench_runs_the_default_models_shape_with_dummy_weights() {
     assert_eq!(d["decode_tokens"], 4);
     // Same shape as the real model: same KV page and workspace sizes (the
     // weights differ: the real file keeps its embedding in Q8_0).
-    let dummy = stdout_json(&pagoda(&["plan", "--dummy-weights", "smollm2-135m", "--json"]));
+    let dummy = stdout_json(&pagoda(&[
+        "plan",
+        "--dummy-weights",
+        "smollm2-135m",
+        "--json",
+    ]));
     let real = stdout_json(&pagoda(&["plan", "--json"]));
     assert_eq!(dummy["fits"], true);
     for k in ["page_bytes", "workspace_bytes", "ctx"] {
         assert_eq!(dummy[k], real[k], "{k}");
     }
-    assert_clean_failure(&pagoda(&["plan", "--dummy-weights", "llama-9000"]), "unknown dummy model");
+    assert_clean_failure(
+        &pagoda(&["plan", "--dummy-weights", "llama-9000"]),
+        "unknown dummy model",
+    );
     assert_clean_failure(
         &pagoda(&["plan", "--dummy-weights", "tiny", "--dummy-dtype", "q5_k"]),
         "--dummy-dtype",
     );
     let both = pagoda(&["plan", "--dummy-weights", "tiny", "--model", "x.gguf"]);
-    assert!(!both.status.success() && String::from_utf8_lossy(&both.stderr).contains("cannot be used"));
+    assert!(
+        !both.status.success() && String::from_utf8_lossy(&both.stderr).contains("cannot be used")
+    );
 }
 
 #[test]
 fn llama2_7b_dummy_plans_refuses_early_and_runs_two_tokens() {
     // The plan comes from the shape alone: exact Q4_0 weight bytes, nothing generated.
     let plan = stdout_json(&pagoda(&[
-        "plan", "--dummy-weights", "llama2-7b", "--dummy-dtype", "q4_0", "--ctx", "64", "--max-seqs", "1",
+        "plan",
+        "--dummy-weights",
+        "llama2-7b",
+        "--dummy-dtype",
+        "q4_0",
+        "--ctx",
+        "64",
+        "--max-seqs",
+        "1",
         "--json",
     ]));
     let per_layer: u64 = 4 * 4096 * 4096 + 3 * 4096 * 11008;
     let matrices = 32 * per_layer + 2 * 32000 * 4096;
-    assert_eq!(plan["weights_bytes"].as_u64(), Some(matrices / 32 * 18 + 65 * 4096 * 4));
+    assert_eq!(
+        plan["weights_bytes"].as_u64(),
+        Some(matrices / 32 * 18 + 65 * 4096 * 4)
+    );
     // f16 weights (12.6 GiB) over a 4 GiB budget: refused before generating a weight.
     let t = std::time::Instant::now();
     let out = pagoda(&[
-        "bench", "--dummy-weights", "llama2-7b", "--dummy-dtype", "f16", "--memory-budget", "4GiB",
-        "--batch", "1", "--prompt-len", "2", "--gen-len", "1",
+        "bench",
+        "--dummy-weights",
+        "llama2-7b",
+        "--dummy-dtype",
+        "f16",
+        "--memory-budget",
+        "4GiB",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "2",
+        "--gen-len",
+        "1",
     ]);
     assert_clean_failure(&out, "refused");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("generating"));
     assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
     // A 7B Q4_0 shape generates, loads and decodes on the CPU.
     let d = &bench_json(&[
-        "--dummy-weights", "llama2-7b", "--dummy-dtype", "q4_0", "--batch", "1", "--prompt-len", "2",
-        "--gen-len", "2", "--threads", "0",
+        "--dummy-weights",
+        "llama2-7b",
+        "--dummy-dtype",
+        "q4_0",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "2",
+        "--gen-len",
+        "2",
+        "--threads",
+        "0",
     ])[0];
     assert_eq!(d["model"], "llama2-7b");
     assert_eq!(d["weight_dtype"], "q4_0");
     assert_eq!(d["decode_tokens"], 2);
-    assert!(d["peak_pool_allocated_bytes"].as_u64().unwrap() > 3 << 30, "{d}");
+    assert!(
+        d["peak_pool_allocated_bytes"].as_u64().unwrap() > 3 << 30,
+        "{d}"
+    );
 }

@@ -37,7 +37,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pagoda_backend::DType;
 use pagoda_backend::quant::quantize_row;
@@ -535,22 +534,18 @@ pub fn synthetic_gguf_file(spec: &SyntheticSpec) -> Result<GgufFile> {
     let specs = spec.tensor_specs();
     let seed = spec.seed;
     let bytes = w.to_shared_bytes(|slices: Vec<&mut [u8]>| -> Result<()> {
+        // Smallest first, so `pop` hands out the largest tensor left.
         let mut jobs: Vec<(usize, &mut [u8])> = slices.into_iter().enumerate().collect();
-        jobs.sort_by_key(|(_, s)| std::cmp::Reverse(s.len()));
-        let jobs: Vec<Mutex<Option<(usize, &mut [u8])>>> =
-            jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
-        let next = AtomicUsize::new(0);
+        jobs.sort_by_key(|(_, s)| s.len());
+        let queue = Mutex::new(jobs);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let work = || -> Result<()> {
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = jobs.get(i) else {
+                let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some((index, dst)) = job else {
                     return Ok(());
                 };
-                let taken = job.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some((index, dst)) = taken {
-                    fill_tensor(seed, index, &specs[index], dst)?;
-                }
+                fill_tensor(seed, index, &specs[index], dst)?;
             }
         };
         std::thread::scope(|s| {
@@ -568,7 +563,10 @@ pub fn synthetic_gguf_file(spec: &SyntheticSpec) -> Result<GgufFile> {
         })
     })?;
     Ok(GgufFile::from_bytes(
-        format!("<synthetic {}x{} {}>", spec.num_layers, spec.hidden_dim, spec.weight_dtype),
+        format!(
+            "<synthetic {}x{} {}>",
+            spec.num_layers, spec.hidden_dim, spec.weight_dtype
+        ),
         bytes,
     )?)
 }

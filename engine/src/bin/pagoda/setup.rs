@@ -176,7 +176,9 @@ pub fn build<B: Backend>(
     cfg: EngineConfig,
 ) -> Result<Engine<B>> {
     let t = Instant::now();
-    let builder = Engine::builder().backend(backend.clone()).config(cfg.clone());
+    let builder = Engine::builder()
+        .backend(backend.clone())
+        .config(cfg.clone());
     let builder = match source {
         ModelSource::File(path) => builder.model(path),
         ModelSource::Dummy { name, spec } => {

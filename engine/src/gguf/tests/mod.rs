@@ -807,7 +807,10 @@ fn deferred_tensors_are_filled_in_the_shared_buffer() {
     // Through to_shared_bytes, fill writes them in place, given ones are copied.
     let shared = w
         .to_shared_bytes(|slices: Vec<&mut [u8]>| -> Result<(), GgufError> {
-            assert_eq!(slices.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![16, 102, 20]);
+            assert_eq!(
+                slices.iter().map(|s| s.len()).collect::<Vec<_>>(),
+                vec![16, 102, 20]
+            );
             assert!(slices[0].iter().all(|&b| b == 7));
             for (i, s) in slices.into_iter().enumerate().skip(1) {
                 s.fill(i as u8);
@@ -826,8 +829,14 @@ fn deferred_tensors_are_filled_in_the_shared_buffer() {
     let err = w.to_shared_bytes(|_| -> Result<(), crate::EngineError> {
         Err(crate::EngineError::InvalidInput("fill failed".into()))
     });
-    assert!(err.err().is_some_and(|e| e.to_string().contains("fill failed")));
+    assert!(
+        err.err()
+            .is_some_and(|e| e.to_string().contains("fill failed"))
+    );
     let mut bad = GgufWriter::new();
     bad.tensor_deferred("odd", &[33], DType::Q4_0);
-    assert!(bad.to_shared_bytes(|_| -> Result<(), GgufError> { Ok(()) }).is_err());
+    assert!(
+        bad.to_shared_bytes(|_| -> Result<(), GgufError> { Ok(()) })
+            .is_err()
+    );
 }

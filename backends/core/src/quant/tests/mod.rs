@@ -346,7 +346,9 @@ fn q4_round_trip_errors_are_within_half_a_step() {
         // to 15: one whole step. The f16 scale adds |q - 8| * |d - d_exact|.
         let qb = &q0[b * 18..(b + 1) * 18];
         let d = f16_at(qb, 0);
-        let max = block.iter().fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
+        let max = block
+            .iter()
+            .fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
         let d_exact = max / -8.0;
         for j in 0..32 {
             let clamped = block[j] / d_exact > 7.5;
@@ -363,10 +365,8 @@ fn q4_round_trip_errors_are_within_half_a_step() {
         let hi = block.iter().copied().fold(-f32::MAX, f32::max);
         let d_exact = (hi - lo) / 15.0;
         for j in 0..32 {
-            let bound = 0.5 * d_exact
-                + 15.0 * (d - d_exact).abs()
-                + (m - lo).abs()
-                + (hi - lo) * 1e-6;
+            let bound =
+                0.5 * d_exact + 15.0 * (d - d_exact).abs() + (m - lo).abs() + (hi - lo) * 1e-6;
             let err = (block[j] - back1[b * 32 + j]).abs();
             assert!(err <= bound, "q4_1 block {b} elem {j}: {err} > {bound}");
         }

@@ -87,9 +87,7 @@ pub fn exec(a: Args) -> Result<()> {
     }
     let kind = a.common.backend.kind()?;
     let source = model_source(&a.common)?;
-    with_backend!(kind, a.common.threads, |b| run(
-        &a, &source, b
-    ))
+    with_backend!(kind, a.common.threads, |b| run(&a, &source, b))
 }
 
 /// One measured run at one batch size.
@@ -165,11 +163,11 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
             "warmup": a.warmup,
             "ubatch": ubatch,
             "prefill_tokens": prefill_tokens,
-            "prefill_s": median(&mut runs.iter().map(|r| r.prefill_s).collect()),
+            "prefill_s": median(&mut runs.iter().map(|r| r.prefill_s).collect::<Vec<_>>()),
             "prefill_tokens_per_s": median(&mut pp),
             "prefill_runs_tokens_per_s": pp,
             "decode_tokens": runs.first().map_or(0, |r| r.decode_tokens),
-            "decode_s": decoding.then(|| median(&mut runs.iter().map(|r| r.decode_s).collect())),
+            "decode_s": decoding.then(|| median(&mut runs.iter().map(|r| r.decode_s).collect::<Vec<_>>())),
             "decode_tokens_per_s": decoding.then(|| median(&mut tg)),
             "decode_runs_tokens_per_s": if decoding { json!(tg) } else { json!([]) },
             "decode_step_ms_mean": ms(mean),
@@ -207,7 +205,13 @@ fn run_once<B: Backend>(engine: &mut Engine<B>, a: &Args, b: usize) -> Result<Ru
     let t0 = Instant::now();
     let mut started = HashSet::new();
     while started.len() < b && engine.has_unfinished() {
-        started.extend(engine.step()?.iter().filter(|e| e.token.is_some()).map(|e| e.id));
+        started.extend(
+            engine
+                .step()?
+                .iter()
+                .filter(|e| e.token.is_some())
+                .map(|e| e.id),
+        );
     }
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut step_s = Vec::with_capacity(a.gen_len);
@@ -256,7 +260,7 @@ fn prompt(s: u64, len: usize, vocab: u64) -> Vec<u32> {
 }
 
 /// Median (upper middle for an even count); 0 when empty.
-fn median(v: &mut Vec<f64>) -> f64 {
+fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

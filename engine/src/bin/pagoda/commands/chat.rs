@@ -41,9 +41,7 @@ pub struct Args {
 pub fn exec(a: Args) -> Result<()> {
     let kind = a.common.backend.kind()?;
     let source = model_source(&a.common)?;
-    with_backend!(kind, a.common.threads, |b| run(
-        &a, &source, b
-    ))
+    with_backend!(kind, a.common.threads, |b| run(&a, &source, b))
 }
 
 fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()> {

@@ -116,17 +116,30 @@ fn print_backend(b: &Value) {
     }
     let list = |v: &Value| {
         v.as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "))
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .unwrap_or_default()
     };
     for d in devices {
         let bytes = |k: &str| human(d[k].as_u64().unwrap_or(0));
-        println!("{}: {}", d["name"].as_str().unwrap_or("?"), d["device"].as_str().unwrap_or("?"));
+        println!(
+            "{}: {}",
+            d["name"].as_str().unwrap_or("?"),
+            d["device"].as_str().unwrap_or("?")
+        );
         println!(
             "  memory: {} total, {} free{}",
             bytes("total_memory_bytes"),
             bytes("free_memory_bytes"),
-            if d["host_memory"] == true { " (host RAM)" } else { "" }
+            if d["host_memory"] == true {
+                " (host RAM)"
+            } else {
+                ""
+            }
         );
         println!("  weight dtypes: {}", list(&d["weight_dtypes"]));
         println!("  kv dtypes: {}", list(&d["kv_dtypes"]));

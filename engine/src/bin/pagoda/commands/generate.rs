@@ -90,9 +90,7 @@ pub fn exec(a: Args) -> Result<()> {
     }
     let kind = a.common.backend.kind()?;
     let source = model_source(&a.common)?;
-    with_backend!(kind, a.common.threads, |b| run(
-        &a, &source, prompts, b
-    ))
+    with_backend!(kind, a.common.threads, |b| run(&a, &source, prompts, b))
 }
 
 fn run<B: Backend>(

@@ -35,9 +35,7 @@ pub fn exec(a: Args) -> Result<()> {
     }
     let kind = a.common.backend.kind()?;
     let source = model_source(&a.common)?;
-    with_backend!(kind, a.common.threads, |b| run(
-        &a, &source, &text, b
-    ))
+    with_backend!(kind, a.common.threads, |b| run(&a, &source, &text, b))
 }
 
 fn run<B: Backend>(a: &Args, source: &ModelSource, text: &str, backend: Arc<B>) -> Result<()> {

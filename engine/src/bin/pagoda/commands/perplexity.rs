@@ -42,9 +42,7 @@ pub fn exec(a: Args) -> Result<()> {
         String::from_utf8(bytes).map_err(|e| anyhow!("{} is not UTF-8: {e}", a.file.display()))?;
     let kind = a.common.backend.kind()?;
     let source = model_source(&a.common)?;
-    with_backend!(kind, a.common.threads, |b| run(
-        &a, &source, &text, b
-    ))
+    with_backend!(kind, a.common.threads, |b| run(&a, &source, &text, b))
 }
 
 fn run<B: Backend>(a: &Args, source: &ModelSource, text: &str, backend: Arc<B>) -> Result<()> {

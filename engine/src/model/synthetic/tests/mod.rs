@@ -193,7 +193,8 @@ fn tiny_variants() -> Vec<SyntheticSpec> {
 fn in_memory_file_equals_the_written_one() {
     for spec in tiny_variants() {
         let w = synthetic_gguf(&spec).expect("writer");
-        let written = GgufFile::from_bytes("written", w.to_bytes().expect("bytes")).expect("parses");
+        let written =
+            GgufFile::from_bytes("written", w.to_bytes().expect("bytes")).expect("parses");
         let mem = synthetic_gguf_file(&spec).expect("in memory");
         assert_eq!(mem.file_bytes(), written.file_bytes(), "{spec:?}");
         assert_eq!(mem.file_bytes(), spec.file_bytes().expect("file bytes"));
@@ -225,10 +226,18 @@ fn named_shapes_have_their_published_dimensions() {
     let s = SyntheticSpec::named("llama2-7b").expect("llama2-7b");
     let cfg = LlamaConfig::from_gguf(&s.header_file().expect("header")).expect("config");
     assert_eq!(
-        (cfg.num_layers, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads),
+        (
+            cfg.num_layers,
+            cfg.hidden_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads
+        ),
         (32, 4096, 32, 32)
     );
-    assert_eq!((cfg.ffn_dim, cfg.vocab_size, cfg.context_len, cfg.head_dim), (11008, 32000, 4096, 128));
+    assert_eq!(
+        (cfg.ffn_dim, cfg.vocab_size, cfg.context_len, cfg.head_dim),
+        (11008, 32000, 4096, 128)
+    );
     // Q4_0: 18 bytes per 32 weights; 7 matrices per layer, embedding and
     // output 32000 x 4096; 65 f32 norms of 4096.
     let per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008;
@@ -239,10 +248,18 @@ fn named_shapes_have_their_published_dimensions() {
     let s = SyntheticSpec::named("smollm2-135m").expect("smollm2-135m");
     let cfg = LlamaConfig::from_gguf(&s.header_file().expect("header")).expect("config");
     assert_eq!(
-        (cfg.num_layers, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads),
+        (
+            cfg.num_layers,
+            cfg.hidden_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads
+        ),
         (30, 576, 9, 3)
     );
-    assert_eq!((cfg.ffn_dim, cfg.vocab_size, cfg.context_len, cfg.head_dim), (1536, 49152, 8192, 64));
+    assert_eq!(
+        (cfg.ffn_dim, cfg.vocab_size, cfg.context_len, cfg.head_dim),
+        (1536, 49152, 8192, 64)
+    );
     assert!(s.tie_embeddings);
     for name in SyntheticSpec::NAMES {
         let spec = SyntheticSpec::named(name).expect("named");
@@ -278,7 +295,10 @@ fn every_weight_type_builds_in_memory_and_generates() {
         // Untied, the model looks at its input. (Tied random embeddings
         // make a token's own row its best logit, so it repeats.)
         let distinct: std::collections::HashSet<_> = toks.iter().collect();
-        assert!(spec.tie_embeddings || distinct.len() > 1, "{spec:?}: {toks:?}");
+        assert!(
+            spec.tie_embeddings || distinct.len() > 1,
+            "{spec:?}: {toks:?}"
+        );
     }
 }
 
@@ -302,7 +322,13 @@ fn random_matrices_span_their_scale_with_uniform_variance() {
         let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / x.len() as f32;
         let want = scale * scale / 3.0;
         // Q4_0's grid d * (q - 8), q in 0..=15, is centred at -d/2 = -scale/16.
-        assert!(mean.abs() < scale / 16.0 + 0.02 * scale, "{dtype}: mean {mean}");
-        assert!((var / want - 1.0).abs() < 0.15, "{dtype}: variance {var} vs {want}");
+        assert!(
+            mean.abs() < scale / 16.0 + 0.02 * scale,
+            "{dtype}: mean {mean}"
+        );
+        assert!(
+            (var / want - 1.0).abs() < 0.15,
+            "{dtype}: variance {var} vs {want}"
+        );
     }
 }
