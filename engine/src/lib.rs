@@ -16,6 +16,7 @@ pub mod model;
 pub mod model_runner;
 pub mod perplexity;
 pub mod plan;
+pub mod prefix_hash;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

@@ -20,6 +20,7 @@ pub mod dtype;
 pub mod error;
 pub mod fault;
 pub mod kv_cache;
+pub mod memory_tag;
 pub mod pool;
 pub mod quant;
 
@@ -31,7 +32,7 @@ pub use dtype::DType;
 pub use error::{BackendError, Result};
 pub use fault::FaultInjector;
 pub use kv_cache::{KvLayerRef, KvLayout};
+pub use memory_tag::MemoryTag;
 pub use pool::{
-    Block, BufRef, MemoryTag, Pool, PoolConfig, PoolSnapshot, PoolStats, RawAllocator, RawSegment,
-    SegmentId,
+    Block, BufRef, Pool, PoolConfig, PoolSnapshot, PoolStats, RawAllocator, RawSegment, SegmentId,
 };
