@@ -112,18 +112,18 @@ impl<B: Backend> EngineBuilder<B> {
         let cfg = self.config;
         let gguf = GgufFile::open(&path)?;
         let model_cfg = LlamaConfig::from_gguf(&gguf)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
         let chat = match gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
             Some(src) => {
                 let text = |id: Option<u32>| {
                     id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
                         .unwrap_or_default()
                 };
-                Some(ChatTemplate::new(
+                Some(Arc::new(ChatTemplate::new(
                     src,
                     &text(tokenizer.bos_id()),
                     &text(tokenizer.eos_id()),
-                )?)
+                )?))
             }
             None => None,
         };
@@ -290,8 +290,9 @@ struct RequestState {
 pub struct Engine<B: Backend> {
     runner: ModelRunner<B>,
     scheduler: Scheduler,
-    tokenizer: Tokenizer,
-    chat: Option<ChatTemplate>,
+    /// Shared with every [`crate::EngineHandle`] clone, so callers tokenize on their own threads.
+    tokenizer: Arc<Tokenizer>,
+    chat: Option<Arc<ChatTemplate>>,
     requests: HashMap<SeqId, RequestState>,
     plan: MemoryPlan,
     ctx: usize,
@@ -323,6 +324,17 @@ impl<B: Backend> Engine<B> {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The tokenizer, shareable with other threads.
+    pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
+    }
+
+    /// The model's chat template, shareable with other threads (`None` when
+    /// the model has none).
+    pub fn shared_chat_template(&self) -> Option<Arc<ChatTemplate>> {
+        self.chat.clone()
     }
 
     /// The model's hyper-parameters.
@@ -357,12 +369,7 @@ impl<B: Backend> Engine<B> {
 
     /// Tokenizes prompt text: special tokens parsed, BOS only when the model asks.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
-        let mut ids = Vec::new();
-        if let (true, Some(bos)) = (self.tokenizer.add_bos(), self.tokenizer.bos_id()) {
-            ids.push(bos);
-        }
-        ids.extend(self.tokenizer.encode(text, true));
-        ids
+        self.tokenizer.encode_prompt(text)
     }
 
     /// Renders chat messages with the model's template.
@@ -453,13 +460,71 @@ impl<B: Backend> Engine<B> {
         Ok((id, rx))
     }
 
-    /// Cancels a request; its pages are freed at once.
+    /// Cancels a request; its pages are freed at once. A request with a
+    /// stream gets a last event with `finished: Aborted`. A request that has
+    /// already finished keeps its first reason.
     pub fn abort(&mut self, id: SeqId) -> Result<()> {
-        self.scheduler.abort(id)?;
-        if let Some(r) = self.requests.get_mut(&id) {
-            r.finished = Some(FinishReason::Aborted);
+        self.end_request(id, FinishReason::Aborted)
+    }
+
+    /// Ends an unfinished request now with `reason` (its pages are freed at
+    /// once) and sends the final event to its stream, if it has one.
+    fn end_request(&mut self, id: SeqId, reason: FinishReason) -> Result<()> {
+        self.scheduler.finish(id, reason.clone())?;
+        if let Some(r) = self.requests.get_mut(&id)
+            && r.finished.is_none()
+        {
+            r.finished = Some(reason.clone());
+            if let Some(tx) = r.stream.as_ref() {
+                let _ = tx.send(RequestOutput {
+                    id,
+                    token: None,
+                    text: String::new(),
+                    finished: Some(reason),
+                });
+            }
         }
         Ok(())
+    }
+
+    /// Ends every unfinished request with `reason` (shutdown, or an error
+    /// that poisons a whole step); each stream gets its final event.
+    pub fn finish_all(&mut self, reason: FinishReason) {
+        let ids: Vec<SeqId> = self
+            .scheduler
+            .running_ids()
+            .iter()
+            .copied()
+            .chain(self.scheduler.waiting_ids())
+            .collect();
+        for id in ids {
+            let _ = self.end_request(id, reason.clone());
+        }
+    }
+
+    /// Removes every finished request (its state here and its sequence in the
+    /// scheduler) and returns their ids and reasons, by id. What a server
+    /// loop calls after each step, so memory does not grow with the number of
+    /// requests served; results of removed requests are gone (streams already
+    /// carried them).
+    pub fn remove_finished(&mut self) -> Vec<(SeqId, FinishReason)> {
+        let mut done: Vec<(SeqId, FinishReason)> = self
+            .requests
+            .iter()
+            .filter_map(|(&id, r)| r.finished.clone().map(|f| (id, f)))
+            .collect();
+        done.sort_by_key(|(id, _)| *id);
+        for (id, _) in &done {
+            self.requests.remove(id);
+            let _ = self.scheduler.remove(*id);
+        }
+        done
+    }
+
+    /// Requests the engine holds state for: unfinished ones plus finished
+    /// ones whose completion has not been taken or removed.
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
     }
 
     /// Whether any request is unfinished.
