@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
-use pagoda_backend::{Backend, DType, FaultInjector, KvLayout, Pool, PoolConfig};
+use pagoda_backend::{Backend, DType, DeviceMemory, FaultInjector, KvLayout, Pool, PoolConfig};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::model::{LlamaConfig, LlamaWeights};
 use crate::model_runner::ModelRunner;
-use crate::plan::{Budget, MemoryPlan, PlanRequest, plan, workspace_dims};
+use crate::plan::{Budget, MemoryPlan, PlanRequest, plan};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, SeqId, SeqParams};
@@ -73,12 +73,51 @@ impl Default for EngineConfig {
 /// Default context cap when none is given (the model's may be huge).
 pub const DEFAULT_MAX_CTX: usize = 4096;
 
+impl EngineConfig {
+    /// What to plan for this configuration on a model: the one translation
+    /// from settings to a [`PlanRequest`], used by [`EngineBuilder::build`]
+    /// and [`EngineBuilder::plan`]. Resolves the context (`None` = the
+    /// model's, at most [`DEFAULT_MAX_CTX`]) and refuses one longer than the
+    /// model's or shorter than 2.
+    pub fn plan_request(&self, model: &LlamaConfig) -> Result<PlanRequest> {
+        let ctx = self.ctx.unwrap_or(model.context_len.min(DEFAULT_MAX_CTX));
+        if ctx > model.context_len {
+            return Err(EngineError::InvalidInput(format!(
+                "context {ctx} is longer than the model's training context {}",
+                model.context_len
+            )));
+        }
+        if ctx < 2 {
+            return Err(EngineError::InvalidInput(format!(
+                "context {ctx} is too short"
+            )));
+        }
+        Ok(PlanRequest {
+            ctx: Some(ctx),
+            max_seqs: self.max_seqs,
+            kv_dtype: self.kv_dtype,
+            page_size: self.page_size,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_logits_rows: self.max_logits_rows,
+            budget: self.budget,
+        })
+    }
+}
+
 /// Builds an [`Engine`].
 #[derive(Debug, Default)]
 pub struct EngineBuilder<B: Backend> {
     model: Option<PathBuf>,
     backend: Option<Arc<B>>,
     config: EngineConfig,
+    device_memory: Option<DeviceMemory>,
+}
+
+/// What planning found out, for building.
+struct Planned {
+    gguf: GgufFile,
+    model_cfg: LlamaConfig,
+    plan: MemoryPlan,
 }
 
 impl<B: Backend> EngineBuilder<B> {
@@ -100,18 +139,76 @@ impl<B: Backend> EngineBuilder<B> {
         self
     }
 
-    /// Plans memory (refusing before any weight is loaded when it does not
-    /// fit), loads the model and allocates the workspace and KV cache.
-    pub fn build(self) -> Result<Engine<B>> {
+    /// Plans against this device memory instead of what the backend reports
+    /// (tests; planning for another machine).
+    pub fn device_memory(mut self, device: DeviceMemory) -> Self {
+        self.device_memory = Some(device);
+        self
+    }
+
+    fn parts(&self) -> Result<(&Path, &Arc<B>)> {
         let path = self
             .model
+            .as_deref()
             .ok_or_else(|| EngineError::InvalidInput("no model given".into()))?;
         let backend = self
             .backend
+            .as_ref()
             .ok_or_else(|| EngineError::InvalidInput("no backend given".into()))?;
-        let cfg = self.config;
-        let gguf = GgufFile::open(&path)?;
+        Ok((path, backend))
+    }
+
+    /// The memory plan [`EngineBuilder::build`] would use, without loading
+    /// any weight (what `pagoda plan` prints). Refuses exactly when `build`
+    /// would refuse to plan.
+    pub fn plan(&self) -> Result<MemoryPlan> {
+        Ok(self.planned()?.plan)
+    }
+
+    fn planned(&self) -> Result<Planned> {
+        let (path, backend) = self.parts()?;
+        let cfg = &self.config;
+        let gguf = GgufFile::open(path)?;
         let model_cfg = LlamaConfig::from_gguf(&gguf)?;
+        let info = backend.info();
+        if !info.supports_kv(cfg.kv_dtype) {
+            return Err(EngineError::InvalidInput(format!(
+                "the {} backend cannot store KV as {}",
+                info.name, cfg.kv_dtype
+            )));
+        }
+        let req = cfg.plan_request(&model_cfg)?;
+        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg)?;
+        let device = match self.device_memory {
+            Some(d) => d,
+            None => backend.memory()?,
+        };
+        let mut mem_plan = plan(&model_cfg, weights_bytes, &req, device, info, |g| {
+            backend.graph_memory_bytes(g)
+        })?;
+        if let Some(n) = cfg.num_pages {
+            mem_plan
+                .set_num_pages(n)
+                .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
+        }
+        Ok(Planned {
+            gguf,
+            model_cfg,
+            plan: mem_plan,
+        })
+    }
+
+    /// Plans memory (refusing before any weight is loaded when it does not
+    /// fit), loads the model and allocates the workspace and KV cache.
+    pub fn build(self) -> Result<Engine<B>> {
+        let Planned {
+            gguf,
+            model_cfg,
+            plan: mem_plan,
+        } = self.planned()?;
+        let (path, backend) = self.parts()?;
+        let (path, backend) = (path.to_path_buf(), backend.clone());
+        let cfg = self.config;
         let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
         let chat = match gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
             Some(src) => {
@@ -127,50 +224,13 @@ impl<B: Backend> EngineBuilder<B> {
             }
             None => None,
         };
-        let info = backend.info().clone();
-        if !info.supports_kv(cfg.kv_dtype) {
-            return Err(EngineError::InvalidInput(format!(
-                "the {} backend cannot store KV as {}",
-                info.name, cfg.kv_dtype
-            )));
-        }
-        let ctx = cfg
-            .ctx
-            .unwrap_or(model_cfg.context_len.min(DEFAULT_MAX_CTX));
-        if ctx > model_cfg.context_len {
-            return Err(EngineError::InvalidInput(format!(
-                "context {ctx} is longer than the model's training context {}",
-                model_cfg.context_len
-            )));
-        }
-        if ctx < 2 {
-            return Err(EngineError::InvalidInput(format!(
-                "context {ctx} is too short"
-            )));
-        }
-        let req = PlanRequest {
-            ctx: Some(ctx),
-            max_seqs: cfg.max_seqs,
-            kv_dtype: cfg.kv_dtype,
-            page_size: cfg.page_size,
-            max_num_batched_tokens: cfg.max_num_batched_tokens,
-            max_logits_rows: cfg.max_logits_rows,
-            budget: cfg.budget,
-        };
-        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg)?;
-        let mut mem_plan = plan(&model_cfg, weights_bytes, &req, backend.memory()?, &info)?;
-        if let Some(n) = cfg.num_pages {
-            mem_plan
-                .set_num_pages(n)
-                .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
-        }
-
         let pool_cfg = PoolConfig {
             budget_bytes: Some(mem_plan.budget_bytes),
             ..PoolConfig::default()
         };
         let pool = Pool::new(backend.raw_allocator(), pool_cfg, cfg.faults.clone());
-        let dims = workspace_dims(&req, mem_plan.max_seqs, ctx);
+        let dims = mem_plan.workspace_dims;
+        let ctx = mem_plan.ctx;
         let layout = KvLayout {
             num_layers: model_cfg.num_layers,
             num_pages: mem_plan.num_pages,
@@ -318,6 +378,7 @@ impl<B: Backend> Engine<B> {
             model: None,
             backend: None,
             config: EngineConfig::default(),
+            device_memory: None,
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::graph::GraphPlanInput;
 use crate::kv_cache::KvLayerRef;
 use crate::pool::{BufRef, RawAllocator};
 
@@ -204,6 +205,10 @@ pub trait Backend: TensorOps + KvCacheOps + AttentionOps + Send + Sync + 'static
     fn memory(&self) -> Result<DeviceMemory>;
     /// The raw segment source the engine's pool is built on.
     fn raw_allocator(&self) -> Arc<dyn RawAllocator>;
+    /// Bytes the backend's captured graphs will take for `input` (the memory
+    /// plan's `graphs` line, allocated under `MemoryTag::Graph`); 0 on a
+    /// backend that does not capture graphs.
+    fn graph_memory_bytes(&self, input: &GraphPlanInput) -> u64;
     /// Copies host bytes into device memory. `src.len()` must equal `dst.bytes`;
     /// zero bytes copies nothing.
     fn upload(&self, dst: BufRef, src: &[u8]) -> Result<()>;

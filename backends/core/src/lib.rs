@@ -19,6 +19,7 @@ pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod fault;
+pub mod graph;
 pub mod kv_cache;
 pub mod memory_tag;
 pub mod pool;
@@ -31,6 +32,7 @@ pub use backend::{
 pub use dtype::DType;
 pub use error::{BackendError, Result};
 pub use fault::FaultInjector;
+pub use graph::{GraphPlanInput, decode_graph_batch_sizes};
 pub use kv_cache::{KvLayerRef, KvLayout};
 pub use memory_tag::MemoryTag;
 pub use pool::{

@@ -24,7 +24,8 @@ mod tensor_ops;
 use std::sync::{Arc, Mutex};
 
 use pagoda_backend::{
-    Backend, BackendError, BackendInfo, BufRef, DType, DeviceMemory, RawAllocator, Result,
+    Backend, BackendError, BackendInfo, BufRef, DType, DeviceMemory, GraphPlanInput, RawAllocator,
+    Result,
 };
 
 pub use memory::HostMemory;
@@ -191,6 +192,11 @@ impl Backend for CpuBackend {
 
     fn raw_allocator(&self) -> Arc<dyn RawAllocator> {
         self.mem.clone()
+    }
+
+    /// The CPU runs every step directly: no graphs, no graph memory.
+    fn graph_memory_bytes(&self, _input: &GraphPlanInput) -> u64 {
+        0
     }
 
     fn upload(&self, dst: BufRef, src: &[u8]) -> Result<()> {

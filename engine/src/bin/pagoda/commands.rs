@@ -6,16 +6,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
+use pagoda::EngineError;
 use pagoda::chat::Message;
 use pagoda::engine::{Engine, EngineConfig, GenerationParams};
 use pagoda::gguf::GgufFile;
-use pagoda::model::{LlamaConfig, LlamaWeights};
 use pagoda::perplexity::{log_sum_exp, perplexity_config};
-use pagoda::plan::{Budget, PlanRequest, human, parse_bytes, plan, table};
+use pagoda::plan::{Budget, MemoryPlan, human, parse_bytes, table};
 use pagoda::sampler::SamplingParams;
 use pagoda::sequence::FinishReason;
 use pagoda::tokenizer::Tokenizer;
-use pagoda_backend::{Backend, DType};
+use pagoda_backend::{Backend, DType, MemoryTag};
 use pagoda_cpu::CpuBackend;
 use serde_json::json;
 
@@ -168,6 +168,7 @@ fn build(common: &Common, cfg: EngineConfig) -> Result<Engine<Cpu>> {
         human(p.total_bytes),
         human(p.budget_bytes)
     );
+    print_warnings(p);
     Ok(engine)
 }
 
@@ -340,6 +341,7 @@ fn generate(
             "text": c.text,
             "stop_reason": reason_str(&c.finish_reason),
             "tokens_per_s": tps,
+            "memory": memory_json(&engine),
         });
         if completions.len() > 1 {
             doc["requests"] = json!(
@@ -649,33 +651,20 @@ fn plan_cmd(
     json_out: bool,
 ) -> Result<()> {
     let path = model_path(common)?;
-    let f = GgufFile::open(&path)?;
-    let cfg = LlamaConfig::from_gguf(&f)?;
-    let weights = LlamaWeights::planned_bytes(&f, &cfg)?;
     let backend = backend(common)?;
-    let budget = budget(m)?;
-    let req = PlanRequest {
-        ctx: Some(m.ctx.unwrap_or(cfg.context_len)),
-        max_seqs: match (budget, m.max_seqs) {
-            (Budget::Bytes(_), None) => None,
-            (_, s) => Some(s.unwrap_or(8)),
-        },
-        kv_dtype: kv_dtype(&m.kv_dtype)?,
-        page_size: 16,
+    let cfg = EngineConfig {
         max_num_batched_tokens: max_batched_tokens,
-        max_logits_rows: m.max_seqs.unwrap_or(8),
-        budget,
+        ..engine_config(m)?
     };
-    if let Some(c) = m.ctx
-        && c > cfg.context_len
-    {
-        bail!(
-            "--ctx {c} is longer than the model's training context {}",
-            cfg.context_len
-        );
-    }
-    match plan(&cfg, weights, &req, backend.memory()?, backend.info()) {
+    // The same planning `build` does, without loading a weight.
+    let planned = Engine::builder()
+        .model(&path)
+        .backend(backend.clone())
+        .config(cfg)
+        .plan();
+    match planned {
         Ok(p) => {
+            print_warnings(&p);
             if json_out {
                 let mut doc = serde_json::to_value(&p)?;
                 doc["fits"] = json!(true);
@@ -691,7 +680,7 @@ fn plan_cmd(
             }
             Ok(())
         }
-        Err(e) => {
+        Err(EngineError::Plan(e)) => {
             if json_out {
                 let mut doc = serde_json::to_value(&*e.plan)?;
                 doc["fits"] = json!(false);
@@ -700,5 +689,31 @@ fn plan_cmd(
             }
             Err(anyhow!(e.message))
         }
+        Err(e) => Err(e.into()),
     }
+}
+
+/// Prints the plan's warnings to stderr.
+fn print_warnings(p: &MemoryPlan) {
+    for w in &p.warnings {
+        eprintln!("pagoda: warning: {w}");
+    }
+}
+
+/// The plan next to what the pool requested and holds per tag (`--json`).
+fn memory_json(engine: &Engine<Cpu>) -> serde_json::Value {
+    let p = engine.memory_plan();
+    let stats = engine.runner().pool().stats();
+    let by_tag = |f: &dyn Fn(MemoryTag) -> u64| {
+        MemoryTag::ALL
+            .iter()
+            .map(|&t| (t.name().to_string(), json!(f(t))))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    json!({
+        "plan": p,
+        "pool_requested_by_tag": by_tag(&|t| stats.requested(t)),
+        "pool_allocated_by_tag": by_tag(&|t| stats.allocated(t)),
+        "pool_reserved_bytes": stats.reserved_bytes,
+    })
 }
