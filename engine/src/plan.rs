@@ -125,7 +125,9 @@ pub struct PlanError {
 /// Formats bytes as GiB/MiB.
 pub fn human(bytes: u64) -> String {
     let b = bytes as f64;
-    if b >= GIB {
+    if b >= GIB * 1024.0 {
+        format!("{:.2} TiB", b / (GIB * 1024.0))
+    } else if b >= GIB {
         format!("{:.2} GiB", b / GIB)
     } else if b >= MIB || bytes == 0 {
         format!("{:.1} MiB", b / MIB)
@@ -191,7 +193,7 @@ fn resolve_budget(
     let (total, free) = (device.total_bytes, device.free_bytes);
     match budget {
         Budget::Bytes(b) if b > total => Err(format!(
-            "the memory budget of {} is more than the {} total of {} ({b} > {total} bytes)",
+            "the memory budget of {} is more than the {what} in total on this {} device, {} ({b} > {total} bytes)",
             human(b),
             info.name,
             human(total)
