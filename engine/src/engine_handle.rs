@@ -272,7 +272,9 @@ impl EngineHandle {
     /// Returns its id and the stream of its outputs (the last has `finished`
     /// set); a request the engine refuses (empty prompt, too long, bad
     /// sampling settings, ...) is an error here, nothing is queued. Dropping
-    /// the receiver aborts the request.
+    /// the receiver aborts the request. Streams carry tokens and text, not
+    /// logits: for `want_all_logits` / `want_first_logits`, drive an
+    /// [`Engine`] directly and take its [`crate::Completion`].
     pub fn submit(
         &self,
         prompt: impl Into<Prompt>,
