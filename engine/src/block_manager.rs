@@ -27,7 +27,7 @@
 //! page), so push, pop and unlink are O(1) and memory is O(num_pages).
 //!
 //! ## Prefix cache
-//! Hash: [`hash_page`], a hand-rolled 64-bit mix (splitmix64 finaliser per
+//! Hash: [`hash_page`] (in [`crate::prefix_hash`]), a hand-rolled 64-bit mix (splitmix64 finaliser per
 //! token), stable across runs and platforms. A lookup walks a sequence's
 //! full-page hashes in order and stops at the first miss; each hit is verified
 //! against the stored tokens and parent hash, so a false hit needs a 64-bit
@@ -55,27 +55,7 @@ use pagoda_backend::FaultInjector;
 use crate::error::{EngineError, Result};
 use crate::sequence::{PageId, Sequence, TokenId};
 
-/// Stable 64-bit hash of one full page under its parent page's hash.
-///
-/// `parent` is `None` for the first page of a sequence. The same
-/// `(parent, tokens)` always gives the same value, in any process.
-pub fn hash_page(parent: Option<u64>, tokens: &[TokenId]) -> u64 {
-    /// splitmix64's finaliser: a bijective, well-mixing 64-bit permutation.
-    fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h = match parent {
-        None => mix(GOLDEN),
-        Some(p) => mix(p ^ 0x5851_f42d_4c95_7f2d),
-    };
-    for &t in tokens {
-        h = mix(h.wrapping_add(GOLDEN) ^ u64::from(t));
-    }
-    mix(h ^ (tokens.len() as u64))
-}
+pub use crate::prefix_hash::hash_page;
 
 /// What a page holds in the prefix cache.
 #[derive(Debug, Clone)]

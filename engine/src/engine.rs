@@ -11,14 +11,16 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
-use pagoda_backend::{Backend, BackendInfo, DType, DeviceMemory, FaultInjector, Pool, PoolConfig};
+use pagoda_backend::{
+    Backend, DType, DeviceMemory, FaultInjector, Pool, PoolConfig, decode_graph_batch_sizes,
+};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::model::{LlamaConfig, LlamaWeights};
 use crate::model_runner::{ModelRunner, RowNeed};
-use crate::plan::{Budget, MemoryPlan, PlanRequest, plan, workspace_dims};
+use crate::plan::{Budget, MemoryPlan, PlanRequest, plan};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::step_plan::StepPlan;
@@ -79,6 +81,68 @@ impl Default for EngineConfig {
 /// Default context cap when none is given (the model's may be huge).
 pub const DEFAULT_MAX_CTX: usize = 4096;
 
+impl EngineConfig {
+    /// What to plan for this configuration on a model: the one translation
+    /// from settings to a [`PlanRequest`], used by [`EngineBuilder::build`],
+    /// [`EngineBuilder::plan`] and [`EngineConfig::plan`]. Resolves the
+    /// context (`None` = the model's, at most [`DEFAULT_MAX_CTX`]) and
+    /// refuses one longer than the model's or shorter than 2.
+    pub fn plan_request(&self, model: &LlamaConfig) -> Result<PlanRequest> {
+        let ctx = self.ctx.unwrap_or(model.context_len.min(DEFAULT_MAX_CTX));
+        if ctx > model.context_len {
+            return Err(EngineError::InvalidInput(format!(
+                "context {ctx} is longer than the model's training context {}",
+                model.context_len
+            )));
+        }
+        if ctx < 2 {
+            return Err(EngineError::InvalidInput(format!(
+                "context {ctx} is too short"
+            )));
+        }
+        Ok(PlanRequest {
+            ctx: Some(ctx),
+            max_seqs: self.max_seqs,
+            kv_dtype: self.kv_dtype,
+            page_size: self.page_size,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_logits_rows: self.max_logits_rows,
+            budget: self.budget,
+        })
+    }
+
+    /// The memory plan an engine with these settings would make for a model
+    /// of `model_cfg` whose weights take `weights_bytes`, on a device with
+    /// `device` memory: what [`EngineBuilder::build`] checks before loading
+    /// anything. Refuses a context longer than the model's, a KV dtype the
+    /// backend cannot store, and a plan over the budget.
+    pub fn plan<B: Backend>(
+        &self,
+        model_cfg: &LlamaConfig,
+        weights_bytes: u64,
+        device: DeviceMemory,
+        backend: &B,
+    ) -> Result<MemoryPlan> {
+        let info = backend.info();
+        if !info.supports_kv(self.kv_dtype) {
+            return Err(EngineError::InvalidInput(format!(
+                "the {} backend cannot store KV as {}",
+                info.name, self.kv_dtype
+            )));
+        }
+        let req = self.plan_request(model_cfg)?;
+        let mut mem_plan = plan(model_cfg, weights_bytes, &req, device, info, |g| {
+            backend.graph_memory_bytes(g)
+        })?;
+        if let Some(n) = self.num_pages {
+            mem_plan
+                .set_num_pages(n)
+                .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
+        }
+        Ok(mem_plan)
+    }
+}
+
 /// Where the builder's model comes from.
 #[derive(Debug)]
 enum ModelSource {
@@ -94,70 +158,7 @@ pub struct EngineBuilder<B: Backend> {
     model: Option<ModelSource>,
     backend: Option<Arc<B>>,
     config: EngineConfig,
-}
-
-impl EngineConfig {
-    /// The memory plan an engine with these settings would make for a model
-    /// of `model_cfg` whose weights take `weights_bytes`, on a device with
-    /// `device` memory: what [`EngineBuilder::build`] checks before loading
-    /// anything. Refuses a context longer than the model's, a KV dtype the
-    /// backend cannot store, and a plan over the budget.
-    pub fn plan(
-        &self,
-        model_cfg: &LlamaConfig,
-        weights_bytes: u64,
-        device: DeviceMemory,
-        info: &BackendInfo,
-    ) -> Result<MemoryPlan> {
-        Ok(self.resolve(model_cfg, weights_bytes, device, info)?.2)
-    }
-
-    /// Context length, plan request and plan (see [`EngineConfig::plan`]).
-    fn resolve(
-        &self,
-        model_cfg: &LlamaConfig,
-        weights_bytes: u64,
-        device: DeviceMemory,
-        info: &BackendInfo,
-    ) -> Result<(usize, PlanRequest, MemoryPlan)> {
-        let cfg = self;
-        if !info.supports_kv(cfg.kv_dtype) {
-            return Err(EngineError::InvalidInput(format!(
-                "the {} backend cannot store KV as {}",
-                info.name, cfg.kv_dtype
-            )));
-        }
-        let ctx = cfg
-            .ctx
-            .unwrap_or(model_cfg.context_len.min(DEFAULT_MAX_CTX));
-        if ctx > model_cfg.context_len {
-            return Err(EngineError::InvalidInput(format!(
-                "context {ctx} is longer than the model's training context {}",
-                model_cfg.context_len
-            )));
-        }
-        if ctx < 2 {
-            return Err(EngineError::InvalidInput(format!(
-                "context {ctx} is too short"
-            )));
-        }
-        let req = PlanRequest {
-            ctx: Some(ctx),
-            max_seqs: cfg.max_seqs,
-            kv_dtype: cfg.kv_dtype,
-            page_size: cfg.page_size,
-            max_num_batched_tokens: cfg.max_num_batched_tokens,
-            max_logits_rows: cfg.max_logits_rows,
-            budget: cfg.budget,
-        };
-        let mut mem_plan = plan(model_cfg, weights_bytes, &req, device, info)?;
-        if let Some(n) = cfg.num_pages {
-            mem_plan
-                .set_num_pages(n)
-                .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
-        }
-        Ok((ctx, req, mem_plan))
-    }
+    device_memory: Option<DeviceMemory>,
 }
 
 impl<B: Backend> EngineBuilder<B> {
@@ -187,42 +188,73 @@ impl<B: Backend> EngineBuilder<B> {
         self
     }
 
+    /// Plans against this device memory instead of what the backend reports
+    /// (tests; planning for another machine).
+    pub fn device_memory(mut self, device: DeviceMemory) -> Self {
+        self.device_memory = Some(device);
+        self
+    }
+
+    fn backend_ref(&self) -> Result<&Arc<B>> {
+        self.backend
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidInput("no backend given".into()))
+    }
+
+    /// The plan of `gguf` (parsed) with this builder's settings.
+    fn plan_of(&self, gguf: &GgufFile) -> Result<(LlamaConfig, MemoryPlan)> {
+        let backend = self.backend_ref()?;
+        let model_cfg = LlamaConfig::from_gguf(gguf)?;
+        let weights_bytes = LlamaWeights::planned_bytes(gguf, &model_cfg, backend.as_ref())?;
+        let device = match self.device_memory {
+            Some(d) => d,
+            None => backend.memory()?,
+        };
+        let p = self
+            .config
+            .plan(&model_cfg, weights_bytes, device, backend.as_ref())?;
+        Ok((model_cfg, p))
+    }
+
+    /// The memory plan [`EngineBuilder::build`] would use, without loading
+    /// any weight (what `pagoda plan` prints). Refuses exactly when `build`
+    /// would refuse to plan.
+    pub fn plan(&self) -> Result<MemoryPlan> {
+        match &self.model {
+            Some(ModelSource::Path(p)) => Ok(self.plan_of(&GgufFile::open(p)?)?.1),
+            Some(ModelSource::Gguf(f)) => Ok(self.plan_of(f)?.1),
+            None => Err(EngineError::InvalidInput("no model given".into())),
+        }
+    }
+
     /// Plans memory (refusing before any weight is loaded when it does not
     /// fit), loads the model and allocates the workspace and KV cache.
-    pub fn build(self) -> Result<Engine<B>> {
-        let model = self
-            .model
-            .ok_or_else(|| EngineError::InvalidInput("no model given".into()))?;
-        let backend = self
-            .backend
-            .ok_or_else(|| EngineError::InvalidInput("no backend given".into()))?;
-        let cfg = self.config;
-        let gguf = match model {
-            ModelSource::Path(path) => GgufFile::open(&path)?,
-            ModelSource::Gguf(file) => file,
+    pub fn build(mut self) -> Result<Engine<B>> {
+        let gguf = match self.model.take() {
+            Some(ModelSource::Path(path)) => GgufFile::open(&path)?,
+            Some(ModelSource::Gguf(file)) => file,
+            None => return Err(EngineError::InvalidInput("no model given".into())),
         };
+        let backend = self.backend_ref()?.clone();
+        let (model_cfg, mem_plan) = self.plan_of(&gguf)?;
+        let cfg = self.config;
         let path = gguf.path().to_path_buf();
-        let model_cfg = LlamaConfig::from_gguf(&gguf)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf)?);
         let chat = match gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
             Some(src) => {
                 let text = |id: Option<u32>| {
                     id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
                         .unwrap_or_default()
                 };
-                Some(ChatTemplate::new(
+                Some(Arc::new(ChatTemplate::new(
                     src,
                     &text(tokenizer.bos_id()),
                     &text(tokenizer.eos_id()),
-                )?)
+                )?))
             }
             None => None,
         };
         let info = backend.info().clone();
-        let weights_bytes = LlamaWeights::planned_bytes(&gguf, &model_cfg, backend.as_ref())?;
-        let (ctx, req, mem_plan) =
-            cfg.resolve(&model_cfg, weights_bytes, backend.memory()?, &info)?;
-
         let geometry = mem_plan.kv_limits.geometry(mem_plan.num_pages).ok_or_else(|| {
             EngineError::InvalidInput(format!(
                 "a KV arena of {} pages does not fit the {} device's buffer limits",
@@ -236,10 +268,11 @@ impl<B: Backend> EngineBuilder<B> {
             ..PoolConfig::default()
         };
         let pool = Pool::new(backend.raw_allocator(), pool_cfg, cfg.faults.clone());
-        let dims = workspace_dims(&req, mem_plan.max_seqs, ctx);
+        let dims = mem_plan.workspace_dims;
+        let ctx = mem_plan.ctx;
         let buckets = cfg.decode_buckets.clone().unwrap_or_else(|| {
             if info.supports_graphs {
-                crate::model_runner::default_decode_buckets(mem_plan.max_seqs)
+                decode_graph_batch_sizes(mem_plan.max_seqs)
             } else {
                 Vec::new()
             }
@@ -366,8 +399,9 @@ struct RequestState {
 pub struct Engine<B: Backend> {
     runner: ModelRunner<B>,
     scheduler: Scheduler,
-    tokenizer: Tokenizer,
-    chat: Option<ChatTemplate>,
+    /// Shared with every [`crate::EngineHandle`] clone, so callers tokenize on their own threads.
+    tokenizer: Arc<Tokenizer>,
+    chat: Option<Arc<ChatTemplate>>,
     requests: HashMap<SeqId, RequestState>,
     plan: MemoryPlan,
     ctx: usize,
@@ -395,12 +429,24 @@ impl<B: Backend> Engine<B> {
             model: None,
             backend: None,
             config: EngineConfig::default(),
+            device_memory: None,
         }
     }
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The tokenizer, shareable with other threads.
+    pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
+    }
+
+    /// The model's chat template, shareable with other threads (`None` when
+    /// the model has none).
+    pub fn shared_chat_template(&self) -> Option<Arc<ChatTemplate>> {
+        self.chat.clone()
     }
 
     /// The model's hyper-parameters.
@@ -435,12 +481,7 @@ impl<B: Backend> Engine<B> {
 
     /// Tokenizes prompt text: special tokens parsed, BOS only when the model asks.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
-        let mut ids = Vec::new();
-        if let (true, Some(bos)) = (self.tokenizer.add_bos(), self.tokenizer.bos_id()) {
-            ids.push(bos);
-        }
-        ids.extend(self.tokenizer.encode(text, true));
-        ids
+        self.tokenizer.encode_prompt(text)
     }
 
     /// Renders chat messages with the model's template.
@@ -531,13 +572,71 @@ impl<B: Backend> Engine<B> {
         Ok((id, rx))
     }
 
-    /// Cancels a request; its pages are freed at once.
+    /// Cancels a request; its pages are freed at once. A request with a
+    /// stream gets a last event with `finished: Aborted`. A request that has
+    /// already finished keeps its first reason.
     pub fn abort(&mut self, id: SeqId) -> Result<()> {
-        self.scheduler.abort(id)?;
-        if let Some(r) = self.requests.get_mut(&id) {
-            r.finished = Some(FinishReason::Aborted);
+        self.end_request(id, FinishReason::Aborted)
+    }
+
+    /// Ends an unfinished request now with `reason` (its pages are freed at
+    /// once) and sends the final event to its stream, if it has one.
+    fn end_request(&mut self, id: SeqId, reason: FinishReason) -> Result<()> {
+        self.scheduler.finish(id, reason.clone())?;
+        if let Some(r) = self.requests.get_mut(&id)
+            && r.finished.is_none()
+        {
+            r.finished = Some(reason.clone());
+            if let Some(tx) = r.stream.as_ref() {
+                let _ = tx.send(RequestOutput {
+                    id,
+                    token: None,
+                    text: String::new(),
+                    finished: Some(reason),
+                });
+            }
         }
         Ok(())
+    }
+
+    /// Ends every unfinished request with `reason` (shutdown, or an error
+    /// that poisons a whole step); each stream gets its final event.
+    pub fn finish_all(&mut self, reason: FinishReason) {
+        let ids: Vec<SeqId> = self
+            .scheduler
+            .running_ids()
+            .iter()
+            .copied()
+            .chain(self.scheduler.waiting_ids())
+            .collect();
+        for id in ids {
+            let _ = self.end_request(id, reason.clone());
+        }
+    }
+
+    /// Removes every finished request (its state here and its sequence in the
+    /// scheduler) and returns their ids and reasons, by id. What a server
+    /// loop calls after each step, so memory does not grow with the number of
+    /// requests served; results of removed requests are gone (streams already
+    /// carried them).
+    pub fn remove_finished(&mut self) -> Vec<(SeqId, FinishReason)> {
+        let mut done: Vec<(SeqId, FinishReason)> = self
+            .requests
+            .iter()
+            .filter_map(|(&id, r)| r.finished.clone().map(|f| (id, f)))
+            .collect();
+        done.sort_by_key(|(id, _)| *id);
+        for (id, _) in &done {
+            self.requests.remove(id);
+            let _ = self.scheduler.remove(*id);
+        }
+        done
+    }
+
+    /// Requests the engine holds state for: unfinished ones plus finished
+    /// ones whose completion has not been taken or removed.
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
     }
 
     /// Whether any request is unfinished.

@@ -86,4 +86,11 @@ pub enum EngineError {
     /// An operation that needs a finished sequence got a live one.
     #[error("sequence {0} has not finished")]
     NotFinished(SeqId),
+    /// The engine thread behind an [`crate::EngineHandle`] has stopped
+    /// (shut down, or it panicked: the text says which).
+    #[error("the engine has stopped: {0}")]
+    Stopped(String),
+    /// The engine thread could not be started.
+    #[error("cannot start the engine thread: {0}")]
+    Thread(#[source] std::io::Error),
 }

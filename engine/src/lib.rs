@@ -8,6 +8,7 @@
 pub mod block_manager;
 pub mod chat;
 pub mod engine;
+pub mod engine_handle;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod model_runner;
 pub mod perplexity;
 pub mod plan;
+pub mod prefix_hash;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
@@ -27,6 +29,7 @@ pub mod tokenizer;
 pub use engine::{
     Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, RequestOutput,
 };
+pub use engine_handle::{EngineHandle, EngineInfo, EngineStats, Prompt};
 pub use error::{EngineError, Result};
 pub use fetch::FetchError;
 pub use scheduler::{Scheduler, SchedulerConfig};

@@ -106,18 +106,6 @@ impl<B: Backend> std::fmt::Debug for ModelRunner<B> {
     }
 }
 
-/// Batch buckets `1, 2, 4, … < max_seqs`, then `max_seqs`.
-pub fn default_decode_buckets(max_seqs: usize) -> Vec<usize> {
-    let mut v = Vec::new();
-    let mut b = 1;
-    while b < max_seqs {
-        v.push(b);
-        b *= 2;
-    }
-    v.push(max_seqs.max(1));
-    v
-}
-
 impl<B: Backend> ModelRunner<B> {
     /// Uploads the weights and allocates the workspace and KV cache from
     /// `pool`. `decode_buckets`: the padded decode batch sizes (empty for

@@ -2,14 +2,28 @@
 //! is loaded, against a budget, with a clear refusal when it does not fit.
 //!
 //! total = weights + activation workspace (largest step) + KV pages + graph
-//! memory (0 on backends without graphs) + headroom. Headroom is 5% of the
-//! budget (at least 64 MiB): pool rounding (256-byte blocks, 2 MiB segments),
-//! host-side buffers and allocator slack. Nothing is ever offloaded silently:
-//! when the weights do not fit, the plan refuses.
+//! memory (what the backend says its graphs take: 0 on the CPU) + headroom.
+//! Headroom is 5% of the budget (at least 64 MiB): pool rounding (256-byte
+//! blocks, 2 MiB segments), host-side buffers and allocator slack. Nothing is
+//! ever offloaded silently: when the weights do not fit, the plan refuses.
+//!
+//! The byte counts of weights, workspace, KV and graphs are exactly what the
+//! engine will request from its pool under each tag (`PoolStats::requested`);
+//! the workspace is built from [`MemoryPlan::workspace_dims`], so the plan is
+//! the one source of the workspace's size. (What the pool *holds* per tag is
+//! larger by its block rounding, which the headroom covers.)
+//!
+//! Budget: `Utilization(f)` is `f ×` the device's total, capped by what is
+//! free now. `Bytes(b)` above the device's total is refused; above what is
+//! free (but within the total) it is accepted with a warning
+//! ([`MemoryPlan::warnings`]).
 
 use std::fmt::Write as _;
 
-use pagoda_backend::{BackendInfo, DType, DeviceMemory, KvGeometry, KvLayout};
+use pagoda_backend::{
+    BackendInfo, DType, DeviceMemory, GraphPlanInput, KvGeometry, KvLayout,
+    decode_graph_batch_sizes,
+};
 
 use crate::model::{LlamaConfig, Workspace, WorkspaceDims};
 
@@ -90,6 +104,13 @@ pub struct MemoryPlan {
     pub kv_tokens: usize,
     /// Workspace sizing.
     pub max_num_batched_tokens: usize,
+    /// Logits rows per step the workspace holds.
+    pub max_logits_rows: usize,
+    /// The workspace the engine builds: the one source of its size.
+    #[serde(skip)]
+    pub workspace_dims: WorkspaceDims,
+    /// Things the plan accepted but a person should know (printed by the CLI).
+    pub warnings: Vec<String>,
     /// The KV arena geometry inputs (device limits), to recompute `kv_bytes`.
     #[serde(skip)]
     pub kv_limits: KvLimits,
@@ -160,7 +181,9 @@ pub struct PlanError {
 /// Formats bytes as GiB/MiB.
 pub fn human(bytes: u64) -> String {
     let b = bytes as f64;
-    if b >= GIB {
+    if b >= GIB * 1024.0 {
+        format!("{:.2} TiB", b / (GIB * 1024.0))
+    } else if b >= GIB {
         format!("{:.2} GiB", b / GIB)
     } else if b >= MIB || bytes == 0 {
         format!("{:.1} MiB", b / MIB)
@@ -201,8 +224,8 @@ fn kv_layout(cfg: &LlamaConfig, dtype: DType, page_size: usize, num_pages: usize
     }
 }
 
-/// The workspace dimensions a plan implies.
-pub fn workspace_dims(req: &PlanRequest, max_seqs: usize, ctx: usize) -> WorkspaceDims {
+/// The workspace dimensions for `max_seqs` sequences of `ctx` tokens.
+fn workspace_dims(req: &PlanRequest, max_seqs: usize, ctx: usize) -> WorkspaceDims {
     WorkspaceDims {
         max_tokens: req.max_num_batched_tokens.max(max_seqs),
         max_seqs,
@@ -212,43 +235,120 @@ pub fn workspace_dims(req: &PlanRequest, max_seqs: usize, ctx: usize) -> Workspa
     }
 }
 
+/// The budget in bytes, how it was derived, and warnings; refuses a budget
+/// the device cannot hold.
+fn resolve_budget(
+    budget: Budget,
+    device: DeviceMemory,
+    info: &BackendInfo,
+) -> Result<(u64, String, Vec<String>), String> {
+    let what = if info.host_memory {
+        "host RAM"
+    } else {
+        "device memory"
+    };
+    let (total, free) = (device.total_bytes, device.free_bytes);
+    match budget {
+        Budget::Bytes(b) if b > total => Err(format!(
+            "the memory budget of {} is more than the {what} in total on this {} device, {} ({b} > {total} bytes)",
+            human(b),
+            info.name,
+            human(total)
+        )),
+        Budget::Bytes(b) => {
+            let mut warnings = Vec::new();
+            if b > free {
+                warnings.push(format!(
+                    "the memory budget of {} is more than the {} free now ({} of {}); allocations may fail",
+                    human(b),
+                    what,
+                    human(free),
+                    human(total)
+                ));
+            }
+            Ok((b, format!("--memory-budget {}", human(b)), warnings))
+        }
+        Budget::Utilization(u) if !(u > 0.0 && u <= 1.0) => Err(format!(
+            "--gpu-memory-utilization must be in (0, 1], got {u}"
+        )),
+        Budget::Utilization(u) => {
+            let want = (total as f64 * u) as u64;
+            if want > free {
+                Ok((
+                    free,
+                    format!("{what} free ({} of {u:.2} × {})", human(free), human(total)),
+                    Vec::new(),
+                ))
+            } else {
+                Ok((
+                    want,
+                    format!("{u:.2} × {} {what}", human(total)),
+                    Vec::new(),
+                ))
+            }
+        }
+    }
+}
+
 /// Computes the plan; refuses with numbers and advice when it does not fit.
+///
+/// `graph_memory` is the backend's answer to "how much do your graphs take
+/// for this workspace" ([`pagoda_backend::Backend::graph_memory_bytes`]).
 pub fn plan(
     cfg: &LlamaConfig,
     weights_bytes: u64,
     req: &PlanRequest,
     device: DeviceMemory,
     info: &BackendInfo,
+    graph_memory: impl Fn(&GraphPlanInput) -> u64,
 ) -> Result<MemoryPlan, PlanError> {
-    let (budget_bytes, budget_source) = match req.budget {
-        Budget::Bytes(b) => (b, format!("--memory-budget {}", human(b))),
-        Budget::Utilization(u) => {
-            let b = (device.total_bytes as f64 * u) as u64;
-            let what = if info.host_memory {
-                "host RAM"
-            } else {
-                "device memory"
-            };
-            if info.host_memory && b > device.free_bytes {
-                (
-                    device.free_bytes,
-                    format!(
-                        "{what} available ({} of {u:.2} × {})",
-                        human(device.free_bytes),
-                        human(device.total_bytes)
-                    ),
-                )
-            } else {
-                (b, format!("{u:.2} × {} {what}", human(device.total_bytes)))
-            }
-        }
-    };
     let ctx = req.ctx.unwrap_or(cfg.context_len);
-    let headroom = ((budget_bytes as f64 * HEADROOM_FRACTION) as u64).max(MIN_HEADROOM_BYTES);
-    let graph_bytes = 0; // Graph capture is not part of this backend set yet; counted here when it is.
     let page_bytes = kv_layout(cfg, req.kv_dtype, req.page_size, 1).page_bytes_all_layers() as u64;
     let pages_per_seq = ctx.div_ceil(req.page_size);
-    let seqs_for_ws = req.max_seqs.unwrap_or(1).max(1);
+    let budget = resolve_budget(req.budget, device, info);
+    let (budget_bytes, budget_source, warnings) = match &budget {
+        Ok(b) => b.clone(),
+        Err(_) => (0, String::new(), Vec::new()),
+    };
+    let headroom = ((budget_bytes as f64 * HEADROOM_FRACTION) as u64).max(MIN_HEADROOM_BYTES);
+    // Workspace and graphs for `seqs` concurrent sequences.
+    let fixed_for = |seqs: usize| {
+        let dims = workspace_dims(req, seqs, ctx);
+        let ws = Workspace::planned_bytes(cfg, &dims);
+        let graphs = graph_memory(&GraphPlanInput {
+            batch_sizes: decode_graph_batch_sizes(seqs),
+            max_tokens: dims.max_tokens,
+            num_layers: cfg.num_layers,
+            workspace_bytes: ws,
+        });
+        (dims, ws, graphs)
+    };
+    let pages_left = |ws: u64, graphs: u64| {
+        let fixed = weights_bytes + ws + graphs + headroom;
+        (budget_bytes.saturating_sub(fixed) / page_bytes.max(1)) as usize
+    };
+    let (seqs, num_pages, (dims, workspace_bytes, graph_bytes)) = match req.max_seqs {
+        Some(seqs) => (seqs, seqs * pages_per_seq, fixed_for(seqs)),
+        None => {
+            // Derive: every byte left after the fixed parts becomes KV pages,
+            // and the workspace must hold as many sequences as those pages do.
+            // The workspace grows with the sequence count, so: size it for one
+            // sequence, derive the count, size it for that count, derive again
+            // (never more than before); the second count with its workspace is
+            // consistent (a smaller workspace leaves at least as many pages).
+            let one = fixed_for(1);
+            let first = (pages_left(one.1, one.2) / pages_per_seq.max(1)).max(1);
+            let at_first = fixed_for(first);
+            let seqs = (pages_left(at_first.1, at_first.2) / pages_per_seq.max(1)).clamp(1, first);
+            let fixed = fixed_for(seqs);
+            let pages = pages_left(fixed.1, fixed.2);
+            (seqs, pages, fixed)
+        }
+    };
+    debug_assert_eq!(
+        dims.max_seqs, seqs,
+        "the workspace holds the planned sequences"
+    );
     let mut p = MemoryPlan {
         backend: info.name.clone(),
         device_total_bytes: device.total_bytes,
@@ -256,45 +356,50 @@ pub fn plan(
         budget_bytes,
         budget_source,
         weights_bytes,
-        workspace_bytes: Workspace::planned_bytes(cfg, &workspace_dims(req, seqs_for_ws, ctx)),
-        kv_bytes: 0,
+        workspace_bytes,
+        kv_bytes: num_pages as u64 * page_bytes,
         graph_bytes,
         headroom_bytes: headroom,
         total_bytes: 0,
-        num_pages: 0,
+        num_pages,
         page_size: req.page_size,
         page_bytes,
         kv_dtype: req.kv_dtype.name().into(),
         ctx,
-        max_seqs: seqs_for_ws,
-        kv_tokens: 0,
-        max_num_batched_tokens: req.max_num_batched_tokens,
+        max_seqs: seqs,
+        kv_tokens: num_pages * req.page_size,
+        max_num_batched_tokens: dims.max_tokens,
+        max_logits_rows: dims.max_logits_rows,
+        workspace_dims: dims,
+        warnings,
         kv_limits: KvLimits::new(info, kv_layout(cfg, req.kv_dtype, req.page_size, 1)),
     };
     let fixed = p.weights_bytes + p.workspace_bytes + p.graph_bytes + p.headroom_bytes;
-    match req.max_seqs {
-        Some(seqs) => {
-            p.num_pages = seqs * pages_per_seq;
+    if req.max_seqs.is_none() {
+        // The null page, the page tables and granule rounding come on top of
+        // the pages: take the most pages whose reservation fits what is left.
+        let left = budget_bytes.saturating_sub(fixed);
+        let mut n = p.num_pages;
+        while n > 0 && p.kv_limits.kv_bytes(n) > left {
+            let over = p.kv_limits.kv_bytes(n).saturating_sub(left);
+            n = n.saturating_sub((over / page_bytes.max(1)).max(1) as usize);
         }
-        None => {
-            // Derive: every byte left after the fixed parts becomes KV pages.
-            let left = budget_bytes.saturating_sub(fixed);
-            let mut n = (left / page_bytes.max(1)) as usize;
-            // The null page, the page tables and granule rounding come on top.
-            while n > 0 && p.kv_limits.kv_bytes(n) > left {
-                let over = p.kv_limits.kv_bytes(n).saturating_sub(left);
-                n = n.saturating_sub((over / page_bytes.max(1)).max(1) as usize);
-            }
-            while p.kv_limits.kv_bytes(n + 1) <= left {
-                n += 1;
-            }
-            p.num_pages = n;
-            p.max_seqs = (p.num_pages / pages_per_seq.max(1)).max(1);
+        while p.kv_limits.kv_bytes(n + 1) <= left {
+            n += 1;
         }
+        p.num_pages = n;
+        p.kv_tokens = n * req.page_size;
     }
     p.kv_bytes = p.kv_limits.kv_bytes(p.num_pages);
-    p.kv_tokens = p.num_pages * req.page_size;
     p.total_bytes = fixed.saturating_add(p.kv_bytes);
+    if let Err(why) = budget {
+        return Err(PlanError {
+            message: format!(
+                "memory plan refused: {why}.\nTry a smaller --memory-budget, or --gpu-memory-utilization.\nNothing was loaded."
+            ),
+            plan: Box::new(p),
+        });
+    }
 
     let mut problems = Vec::new();
     if p.weights_bytes + p.headroom_bytes > budget_bytes {

@@ -648,6 +648,12 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// Sequences held in any state (waiting, running, or finished and not
+    /// yet removed).
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
     /// Sequences waiting for admission.
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()

@@ -14,11 +14,11 @@
 //! - `page_hashes.len() == tokens.len() / page_size`: the prefix-cache hash of
 //!   every *full* page of `tokens`, whether its K/V is computed or not, kept up
 //!   to date in O(page_size) per appended page (see
-//!   [`crate::block_manager::hash_page`]).
+//!   [`crate::prefix_hash::hash_page`]).
 
 use std::fmt;
 
-use crate::block_manager::hash_page;
+use crate::prefix_hash::hash_page;
 
 /// A token id of the model's vocabulary.
 pub type TokenId = u32;

@@ -755,3 +755,113 @@ fn llama2_7b_dummy_plans_refuses_early_and_runs_two_tokens() {
         "{d}"
     );
 }
+
+/// The plan's weights / activations / KV / graphs next to what the pool
+/// requested under each tag, from a `generate --json` document.
+fn assert_generate_pool_matches_plan(doc: &serde_json::Value) {
+    let m = &doc["memory"];
+    let plan = &m["plan"];
+    // KV: the arena reservation (outside the pool) plus the page tables (pool blocks, tag kv).
+    assert_eq!(
+        plan["kv_bytes"].as_u64().unwrap(),
+        m["kv_reserved_bytes"].as_u64().unwrap() + m["pool_requested_by_tag"]["kv"].as_u64().unwrap(),
+        "kv: {m}"
+    );
+    for (field, tag) in [
+        ("weights_bytes", "weights"),
+        ("workspace_bytes", "activations"),
+        ("graph_bytes", "graph"),
+    ] {
+        assert_eq!(
+            plan[field].as_u64().unwrap(),
+            m["pool_requested_by_tag"][tag].as_u64().unwrap(),
+            "{field} vs the pool's {tag}: {m}"
+        );
+    }
+    // The pool holds more than it was asked for (block rounding); the headroom covers it.
+    let held: u64 = ["weights", "activations", "kv", "graph"]
+        .iter()
+        .map(|t| m["pool_allocated_by_tag"][t].as_u64().unwrap())
+        .sum::<u64>()
+        + m["kv_reserved_bytes"].as_u64().unwrap();
+    let asked: u64 = [
+        "weights_bytes",
+        "workspace_bytes",
+        "kv_bytes",
+        "graph_bytes",
+    ]
+    .iter()
+    .map(|f| plan[f].as_u64().unwrap())
+    .sum();
+    assert!(held >= asked);
+    assert!(
+        held - asked <= plan["headroom_bytes"].as_u64().unwrap(),
+        "{m}"
+    );
+}
+
+/// The default `generate` (one prompt, so one sequence and one logits row)
+/// allocates exactly what it planned, tag by tag; and `pagoda plan` with the
+/// same settings prints the plan `generate` builds.
+#[test]
+fn cli_defaults_allocate_what_they_plan() {
+    let out = pagoda(&["generate", "--prompt", "Hi", "--max-tokens", "2", "--json"]);
+    let doc = stdout_json(&out);
+    assert_generate_pool_matches_plan(&doc);
+    assert_eq!(doc["memory"]["plan"]["max_seqs"], 1);
+    // Eight sequences (the `plan` default) on both sides.
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "2",
+        "--max-seqs",
+        "8",
+        "--json",
+    ]);
+    let gen_doc = stdout_json(&out);
+    assert_generate_pool_matches_plan(&gen_doc);
+    let plan_doc = stdout_json(&pagoda(&["plan", "--json"]));
+    for field in [
+        "weights_bytes",
+        "workspace_bytes",
+        "kv_bytes",
+        "graph_bytes",
+        "num_pages",
+        "ctx",
+        "max_seqs",
+    ] {
+        assert_eq!(
+            plan_doc[field], gen_doc["memory"]["plan"][field],
+            "`pagoda plan` and `generate` disagree on {field}"
+        );
+    }
+    // A byte budget with no --max-seqs derives the count; still exact.
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "2",
+        "--ctx",
+        "256",
+        "--memory-budget",
+        "1GiB",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_generate_pool_matches_plan(&doc);
+    assert!(doc["memory"]["plan"]["max_seqs"].as_u64().unwrap() > 1);
+}
+
+#[test]
+fn a_budget_above_the_machine_is_refused_with_both_numbers() {
+    let out = pagoda(&["plan", "--memory-budget", "1000TiB"]);
+    assert_clean_failure(&out, "more than");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1000.00 TiB") && err.contains("in total") && err.contains("GiB"),
+        "{err}"
+    );
+}

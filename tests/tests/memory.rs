@@ -1,11 +1,158 @@
 //! The memory model on the real engine: pool totals equal the plan, no heap
 //! allocation in the decode step, and quantized KV pages.
 
+use std::sync::Arc;
+
 use pagoda::model::WorkspaceDims;
+use pagoda::plan::{Budget, MemoryPlan};
 use pagoda::sampler::SamplingParams;
-use pagoda::{EngineConfig, GenerationParams};
-use pagoda_backend::{DType, MemoryTag};
+use pagoda::{Engine, EngineConfig, GenerationParams};
+use pagoda_backend::{DType, DeviceMemory, MemoryTag, PoolStats};
+use pagoda_cpu::CpuBackend;
 use pagoda_tests::{cpu_engine, cpu_runner, ids, load_fixture, single_prefill};
+
+/// Every tag the pool requested is exactly the plan's figure for it, and the
+/// pool's rounding (what it holds beyond the requests) fits the headroom.
+///
+/// KV is the arena's reservation (outside the pool, `kv_reserved`) plus the
+/// page tables (pool blocks tagged `kv`).
+fn assert_pool_matches_plan(what: &str, plan: &MemoryPlan, stats: &PoolStats, kv_reserved: u64) {
+    let tags = [
+        (MemoryTag::Weights, plan.weights_bytes),
+        (MemoryTag::Activations, plan.workspace_bytes),
+        (MemoryTag::Kv, plan.kv_bytes - kv_reserved),
+        (MemoryTag::Graph, plan.graph_bytes),
+        (MemoryTag::Scratch, 0),
+    ];
+    for (tag, planned) in tags {
+        assert_eq!(stats.requested(tag), planned, "{what}: {tag}");
+    }
+    let rounding: u64 = stats.allocated_bytes - stats.requested_by_tag.iter().sum::<u64>();
+    assert!(
+        rounding <= plan.headroom_bytes,
+        "{what}: pool rounding {rounding} exceeds headroom {}",
+        plan.headroom_bytes
+    );
+    assert!(plan.total_bytes <= plan.budget_bytes, "{what}");
+}
+
+fn engine_with(
+    cfg: EngineConfig,
+    device: Option<DeviceMemory>,
+) -> pagoda::Result<Engine<CpuBackend>> {
+    let mut b = Engine::builder()
+        .model(pagoda_tests::model_path())
+        .backend(Arc::new(CpuBackend::new(0).unwrap()))
+        .config(cfg);
+    if let Some(d) = device {
+        b = b.device_memory(d);
+    }
+    b.build()
+}
+
+const GIB: u64 = 1 << 30;
+
+/// A machine of 4 GiB, 3 GiB of it free: the same numbers everywhere.
+const SMALL_DEVICE: DeviceMemory = DeviceMemory {
+    total_bytes: 4 * GIB,
+    free_bytes: 3 * GIB,
+};
+
+/// The plan counts what the engine allocates on every path: the library
+/// defaults, a sequence count derived from a byte budget (its workspace was
+/// once sized for one sequence), explicit odd sizes, and a utilization
+/// budget on an injected device.
+#[test]
+fn pool_tag_totals_equal_the_plan_on_every_path() {
+    let cases: Vec<(&str, EngineConfig)> = vec![
+        ("library defaults", EngineConfig::default()),
+        (
+            "derived max_seqs",
+            EngineConfig {
+                ctx: Some(256),
+                max_seqs: None,
+                budget: Budget::Bytes(GIB),
+                ..EngineConfig::default()
+            },
+        ),
+        (
+            "explicit ctx and max_seqs",
+            EngineConfig {
+                ctx: Some(300),
+                max_seqs: Some(3),
+                max_num_batched_tokens: 100,
+                max_logits_rows: 2,
+                ..EngineConfig::default()
+            },
+        ),
+        (
+            "utilization of an injected device",
+            EngineConfig {
+                budget: Budget::Utilization(0.5),
+                ..EngineConfig::default()
+            },
+        ),
+    ];
+    for (what, cfg) in cases {
+        let engine = engine_with(cfg, Some(SMALL_DEVICE)).unwrap();
+        let plan = engine.memory_plan().clone();
+        let kv_reserved = engine.runner().kv_cache().reserved_bytes();
+        assert!(kv_reserved >= (plan.num_pages as u64 + 1) * plan.page_bytes, "{what}");
+        assert_pool_matches_plan(what, &plan, &engine.runner().pool().stats(), kv_reserved);
+        let dims = engine.runner().workspace_dims();
+        assert_eq!(
+            dims, plan.workspace_dims,
+            "{what}: the workspace the plan sized"
+        );
+        assert_eq!(dims.max_seqs, plan.max_seqs, "{what}");
+        assert_eq!(
+            engine.scheduler().config().max_num_seqs,
+            plan.max_seqs,
+            "{what}"
+        );
+        assert_eq!(plan.graph_bytes, 0, "{what}: the CPU captures no graphs");
+        if what == "derived max_seqs" {
+            assert!(
+                plan.max_seqs > 1,
+                "a 1 GiB budget holds many 256-token sequences"
+            );
+            assert!(plan.num_pages >= plan.max_seqs * 16);
+        }
+        if what == "utilization of an injected device" {
+            assert_eq!(plan.budget_bytes, 2 * GIB, "0.5 x the injected total");
+        }
+    }
+}
+
+/// A byte budget above the device's total is refused before anything is
+/// loaded, with both numbers; between free and total it is built with a warning.
+#[test]
+fn budgets_are_checked_against_the_device() {
+    let cfg = |b: u64| EngineConfig {
+        budget: Budget::Bytes(b),
+        ..EngineConfig::default()
+    };
+    let backend = Arc::new(CpuBackend::new(1).unwrap());
+    let err = Engine::builder()
+        .model(pagoda_tests::model_path())
+        .backend(backend.clone())
+        .config(cfg(8 * GIB))
+        .device_memory(SMALL_DEVICE)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("8.00 GiB") && err.contains("4.00 GiB"),
+        "{err}"
+    );
+    assert_eq!(backend.live_segments(), 0, "nothing was allocated");
+    let engine = engine_with(cfg(7 * GIB / 2), Some(SMALL_DEVICE)).unwrap();
+    let w = &engine.memory_plan().warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("free"), "{}", w[0]);
+    let engine = engine_with(cfg(2 * GIB), Some(SMALL_DEVICE)).unwrap();
+    assert!(engine.memory_plan().warnings.is_empty());
+}
 
 /// Pins failure 5: the pool's per-tag totals are exactly the plan's numbers
 /// (requested bytes), and pool rounding stays inside the planned headroom.

@@ -46,6 +46,7 @@ use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::graph::GraphPlanInput;
 use crate::kv_cache::KvLayerRef;
 use crate::pool::{BufRef, RawAllocator, RawSegment};
 
@@ -453,6 +454,10 @@ pub trait Backend:
     fn memory(&self) -> Result<DeviceMemory>;
     /// The raw segment source the engine's pool is built on.
     fn raw_allocator(&self) -> Arc<dyn RawAllocator>;
+    /// Bytes the backend's captured graphs will take for `input` (the memory
+    /// plan's `graphs` line, allocated under `MemoryTag::Graph`); 0 on a
+    /// backend that does not capture graphs.
+    fn graph_memory_bytes(&self, input: &GraphPlanInput) -> u64;
     /// Copies host bytes into device memory. `src.len()` must equal `dst.bytes`;
     /// zero bytes copies nothing. The source has been copied (into the
     /// device or a staging buffer of the backend's own) when this returns,

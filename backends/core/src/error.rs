@@ -1,6 +1,6 @@
 //! The one error enum of the backend crates.
 
-use crate::pool::MemoryTag;
+use crate::memory_tag::MemoryTag;
 
 /// Result alias for backend operations.
 pub type Result<T> = std::result::Result<T, BackendError>;

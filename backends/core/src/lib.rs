@@ -19,7 +19,9 @@ pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod fault;
+pub mod graph;
 pub mod kv_cache;
+pub mod memory_tag;
 pub mod pool;
 pub mod quant;
 
@@ -31,8 +33,9 @@ pub use backend::{
 pub use dtype::DType;
 pub use error::{BackendError, Result};
 pub use fault::FaultInjector;
+pub use graph::{GraphPlanInput, decode_graph_batch_sizes};
 pub use kv_cache::{KvGeometry, KvLayerRef, KvLayout, MAX_KV_PIECES};
+pub use memory_tag::MemoryTag;
 pub use pool::{
-    Block, BufRef, MemoryTag, Pool, PoolConfig, PoolSnapshot, PoolStats, RawAllocator, RawSegment,
-    SegmentId,
+    Block, BufRef, Pool, PoolConfig, PoolSnapshot, PoolStats, RawAllocator, RawSegment, SegmentId,
 };

@@ -28,8 +28,8 @@ mod tensor_ops;
 use std::sync::{Arc, Mutex};
 
 use pagoda_backend::{
-    Backend, BackendError, BackendInfo, BufRef, DType, DeviceMemory, GraphOps, KvArenaOps,
-    RawAllocator, RawSegment, Result,
+    Backend, BackendError, BackendInfo, BufRef, DType, DeviceMemory, GraphOps, GraphPlanInput,
+    KvArenaOps, RawAllocator, RawSegment, Result,
 };
 
 pub use memory::HostMemory;
@@ -225,6 +225,11 @@ impl Backend for CpuBackend {
 
     fn raw_allocator(&self) -> Arc<dyn RawAllocator> {
         self.mem.clone()
+    }
+
+    /// The CPU runs every step directly: no graphs, no graph memory.
+    fn graph_memory_bytes(&self, _input: &GraphPlanInput) -> u64 {
+        0
     }
 
     fn upload(&self, dst: BufRef, src: &[u8]) -> Result<()> {

@@ -557,6 +557,18 @@ impl Tokenizer {
         out
     }
 
+    /// Tokenizes prompt text the way the engine does: control-token text is
+    /// parsed, BOS is prepended only when the model asks ([`Tokenizer::add_bos`]),
+    /// no EOS is added.
+    pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(text.len() / 3 + 2);
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        ids.extend(self.encode(text, true));
+        ids
+    }
+
     /// Tokenizes like `llama_tokenize(text, add_special, parse_special)`:
     /// with `add_special`, BOS is prepended if [`Tokenizer::add_bos`] and
     /// EOS appended if [`Tokenizer::add_eos`].

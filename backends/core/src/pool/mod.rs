@@ -79,6 +79,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{BackendError, Result};
 use crate::fault::FaultInjector;
+pub use crate::memory_tag::MemoryTag;
 
 use self::state::{FreeKey, SizeClass, State};
 
@@ -121,54 +122,6 @@ pub trait RawAllocator: Send + Sync {
     fn wait_idle(&self) -> Result<()>;
     /// Alignment of every segment base, in bytes (a power of two).
     fn alignment(&self) -> u64;
-}
-
-/// What a block holds; the pool reports totals per tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum MemoryTag {
-    /// Model weights.
-    Weights,
-    /// Activation workspace.
-    Activations,
-    /// KV-cache pages.
-    Kv,
-    /// CUDA graph memory.
-    Graph,
-    /// Short-lived scratch (uploads, staging).
-    Scratch,
-}
-
-impl MemoryTag {
-    /// All tags, in report order.
-    pub const ALL: [MemoryTag; 5] = [
-        MemoryTag::Weights,
-        MemoryTag::Activations,
-        MemoryTag::Kv,
-        MemoryTag::Graph,
-        MemoryTag::Scratch,
-    ];
-
-    /// Index into per-tag arrays.
-    pub const fn index(self) -> usize {
-        self as usize
-    }
-
-    /// Lower-case name.
-    pub const fn name(self) -> &'static str {
-        match self {
-            MemoryTag::Weights => "weights",
-            MemoryTag::Activations => "activations",
-            MemoryTag::Kv => "kv",
-            MemoryTag::Graph => "graph",
-            MemoryTag::Scratch => "scratch",
-        }
-    }
-}
-
-impl fmt::Display for MemoryTag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
 }
 
 /// A reference to a byte range of device memory, what ops take as arguments.

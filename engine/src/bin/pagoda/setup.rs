@@ -10,10 +10,10 @@ use pagoda::engine::{Engine, EngineConfig};
 use pagoda::gguf::GgufFile;
 use pagoda::model::synthetic::{SyntheticSpec, synthetic_gguf_file};
 use pagoda::model::{LlamaConfig, LlamaWeights};
-use pagoda::plan::{Budget, human, parse_bytes};
+use pagoda::plan::{Budget, MemoryPlan, human, parse_bytes};
 use pagoda::sampler::SamplingParams;
 use pagoda::sequence::FinishReason;
-use pagoda_backend::{Backend, DType, DeviceMemory};
+use pagoda_backend::{Backend, DType, DeviceMemory, MemoryTag};
 
 use crate::cli::{BudgetArgs, Common, MemoryArgs, PromptArgs, SamplingArgs};
 
@@ -59,12 +59,14 @@ impl ModelSource {
         })
     }
 
-    /// The hyper-parameters and the exact bytes the weights will take.
-    pub fn shape(&self) -> Result<(LlamaConfig, u64)> {
+    /// The hyper-parameters and the exact bytes the weights will take on `backend`.
+    pub fn shape<B: Backend>(&self, backend: &B) -> Result<(LlamaConfig, u64)> {
         let f = self.header()?;
         let cfg = LlamaConfig::from_gguf(&f)?;
         let bytes = match self {
-            ModelSource::File(_) => LlamaWeights::gguf_bytes(&f, &cfg)?,
+            ModelSource::File(_) => LlamaWeights::planned_bytes(&f, &cfg, backend)?,
+            // The generated file holds GGUF blocks; a backend that repacks
+            // weights would differ here, and `build` re-plans with the file.
             ModelSource::Dummy { spec, .. } => spec.weights_bytes(),
         };
         Ok((cfg, bytes))
@@ -182,9 +184,9 @@ pub fn build<B: Backend>(
     let builder = match source {
         ModelSource::File(path) => builder.model(path),
         ModelSource::Dummy { name, spec } => {
-            let (model_cfg, weights_bytes) = source.shape()?;
+            let (model_cfg, weights_bytes) = source.shape(backend.as_ref())?;
             let device = planning_memory(source, backend.as_ref())?;
-            cfg.plan(&model_cfg, weights_bytes, device, backend.info())?;
+            cfg.plan(&model_cfg, weights_bytes, device, backend.as_ref())?;
             eprintln!(
                 "pagoda: generating dummy weights {name} ({}, {}) ...",
                 spec.weight_dtype,
@@ -221,7 +223,38 @@ pub fn build<B: Backend>(
         human(p.total_bytes),
         human(p.budget_bytes)
     );
+    print_warnings(p);
     Ok(engine)
+}
+
+/// Prints the plan's warnings to stderr.
+pub fn print_warnings(p: &MemoryPlan) {
+    for w in &p.warnings {
+        eprintln!("pagoda: warning: {w}");
+    }
+}
+
+/// The plan next to what the engine requested and holds per tag (`--json`):
+/// pool blocks by tag, and the KV arena's reservation (outside the pool)
+/// with what of it is committed.
+pub fn memory_json<B: Backend>(engine: &Engine<B>) -> serde_json::Value {
+    let p = engine.memory_plan();
+    let stats = engine.runner().pool().stats();
+    let by_tag = |f: &dyn Fn(MemoryTag) -> u64| {
+        MemoryTag::ALL
+            .iter()
+            .map(|&t| (t.name().to_string(), serde_json::json!(f(t))))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let kv = engine.runner().kv_cache().stats();
+    serde_json::json!({
+        "plan": p,
+        "pool_requested_by_tag": by_tag(&|t| stats.requested(t)),
+        "pool_allocated_by_tag": by_tag(&|t| stats.allocated(t)),
+        "pool_reserved_bytes": stats.reserved_bytes,
+        "kv_reserved_bytes": kv.reserved_bytes,
+        "kv_committed_bytes": kv.committed_bytes,
+    })
 }
 
 /// The device memory to plan against. For a dummy model on a backend whose

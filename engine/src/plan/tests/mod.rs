@@ -62,6 +62,7 @@ fn plan_refuses_oom_before_loading_with_advice() {
         &req(Some(8192), Some(64), DType::F16, 8 << 30),
         DEV,
         &info(),
+        |_| 0,
     )
     .unwrap_err();
     assert!(err.message.contains("refused"), "{}", err.message);
@@ -75,6 +76,7 @@ fn plan_refuses_oom_before_loading_with_advice() {
         &req(Some(8192), Some(64), DType::Q8_0, 8 << 30),
         DEV,
         &info(),
+        |_| 0,
     )
     .unwrap();
     assert_eq!(ok.page_bytes, 16 * 30 * 2 * 3 * 68);
@@ -89,6 +91,7 @@ fn plan_refuses_when_weights_do_not_fit() {
         &req(Some(512), Some(1), DType::F16, 8 << 30),
         DEV,
         &info(),
+        |_| 0,
     )
     .unwrap_err();
     assert!(err.message.contains("weights alone"), "{}", err.message);
@@ -103,6 +106,7 @@ fn budget_only_derives_page_count() {
         &req(Some(8192), None, DType::F16, 2 << 30),
         DEV,
         &info(),
+        |_| 0,
     )
     .unwrap();
     let fixed = p.weights_bytes + p.workspace_bytes + p.headroom_bytes;
@@ -124,6 +128,7 @@ fn explicit_page_count_keeps_the_plan_consistent() {
         &req(Some(512), Some(8), DType::F16, 2 << 30),
         DEV,
         &info(),
+        |_| 0,
     )
     .unwrap();
     assert_eq!(p.num_pages, 8 * 32);
@@ -152,4 +157,110 @@ fn parses_sizes() {
     assert_eq!(parse_bytes("512 MiB"), Some(512 << 20));
     assert_eq!(parse_bytes("1000"), Some(1000));
     assert_eq!(parse_bytes("lots"), None);
+}
+
+fn plan0(req: &PlanRequest, dev: DeviceMemory) -> Result<MemoryPlan, PlanError> {
+    plan(&cfg(), 98 << 20, req, dev, &info(), |_| 0)
+}
+
+fn with_budget(budget: Budget) -> PlanRequest {
+    PlanRequest {
+        budget,
+        ..req(Some(1024), Some(4), DType::F16, 0)
+    }
+}
+
+#[test]
+fn utilization_is_a_fraction_of_total_capped_by_free() {
+    let p = plan0(&with_budget(Budget::Utilization(0.5)), DEV).unwrap();
+    assert_eq!(p.budget_bytes, 16 << 30);
+    assert!(p.warnings.is_empty());
+    // 0.95 × 32 GiB = 30.4 GiB, but only 30 GiB is free.
+    let p = plan0(&with_budget(Budget::Utilization(0.95)), DEV).unwrap();
+    assert_eq!(p.budget_bytes, 30 << 30);
+    assert!(p.budget_source.contains("free"), "{}", p.budget_source);
+    // Also on a device that is not host memory.
+    let gpu = BackendInfo {
+        host_memory: false,
+        ..info()
+    };
+    let p = plan(
+        &cfg(),
+        98 << 20,
+        &with_budget(Budget::Utilization(0.95)),
+        DEV,
+        &gpu,
+        |_| 0,
+    )
+    .unwrap();
+    assert_eq!(p.budget_bytes, 30 << 30);
+    assert!(plan0(&with_budget(Budget::Utilization(1.5)), DEV).is_err());
+    assert!(plan0(&with_budget(Budget::Utilization(0.0)), DEV).is_err());
+}
+
+#[test]
+fn an_explicit_budget_above_the_device_total_is_refused_with_both_numbers() {
+    let err = plan0(&with_budget(Budget::Bytes(40 << 30)), DEV).unwrap_err();
+    assert!(err.message.contains("40.00 GiB"), "{}", err.message);
+    assert!(err.message.contains("32.00 GiB"), "{}", err.message);
+    assert!(
+        err.message.contains("Nothing was loaded"),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn an_explicit_budget_above_free_is_accepted_with_a_warning() {
+    let p = plan0(&with_budget(Budget::Bytes(31 << 30)), DEV).unwrap();
+    assert_eq!(p.budget_bytes, 31 << 30);
+    assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+    assert!(p.warnings[0].contains("free"), "{}", p.warnings[0]);
+    let p = plan0(&with_budget(Budget::Bytes(8 << 30)), DEV).unwrap();
+    assert!(p.warnings.is_empty());
+}
+
+#[test]
+fn graph_memory_is_what_the_backend_says() {
+    let seen = std::cell::RefCell::new(Vec::new());
+    let p = plan(
+        &cfg(),
+        98 << 20,
+        &req(Some(1024), Some(12), DType::F16, 8 << 30),
+        DEV,
+        &info(),
+        |g| {
+            seen.borrow_mut().push(g.clone());
+            (g.batch_sizes.len() as u64) << 20
+        },
+    )
+    .unwrap();
+    let last = seen.borrow().last().cloned().unwrap();
+    assert_eq!(last.batch_sizes, vec![1, 2, 4, 8, 12]);
+    assert_eq!(last.workspace_bytes, p.workspace_bytes);
+    assert_eq!(last.num_layers, 30);
+    assert_eq!(p.graph_bytes, 5 << 20);
+    assert_eq!(
+        p.total_bytes,
+        p.weights_bytes + p.workspace_bytes + p.kv_bytes + p.graph_bytes + p.headroom_bytes
+    );
+    assert!(table(&p).contains("captured decode graphs"));
+}
+
+#[test]
+fn a_derived_sequence_count_gets_a_workspace_for_that_many() {
+    // ctx 256 = 16 pages per sequence: a 2 GiB budget holds dozens.
+    let p = plan0(&req(Some(256), None, DType::F16, 2 << 30), DEV).unwrap();
+    assert!(p.max_seqs > 8, "{}", p.max_seqs);
+    let d = p.workspace_dims;
+    assert_eq!(d.max_seqs, p.max_seqs);
+    assert_eq!(d.max_logits_rows, p.max_seqs.max(16));
+    assert_eq!(d.max_tokens, p.max_seqs.max(512));
+    assert_eq!(d.max_blocks_per_seq, 16);
+    assert_eq!(p.workspace_bytes, Workspace::planned_bytes(&cfg(), &d));
+    assert!(
+        p.num_pages >= p.max_seqs * 16,
+        "the pages hold every sequence"
+    );
+    assert!(p.total_bytes <= p.budget_bytes);
 }

@@ -419,3 +419,21 @@ fn from_gguf_errors_name_the_key() {
     ]);
     assert!(m.contains("tokenizer.ggml.bos_token_id"), "{m}");
 }
+
+#[test]
+fn tokenizer_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    let tok = std::sync::Arc::new(smollm());
+    let want = tok.encode("hello world", true);
+    let got: Vec<Vec<u32>> = (0..4)
+        .map(|_| {
+            let t = tok.clone();
+            std::thread::spawn(move || t.encode("hello world", true))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(got.iter().all(|g| *g == want), "{got:?} vs {want:?}");
+}

@@ -182,6 +182,7 @@ fn run<B: Backend>(
             "text": c.text,
             "stop_reason": reason_str(&c.finish_reason),
             "tokens_per_s": tps,
+            "memory": crate::setup::memory_json(&engine),
         });
         if completions.len() > 1 {
             doc["requests"] = json!(

@@ -3,13 +3,15 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, anyhow, bail};
-use pagoda::plan::{Budget, PlanRequest, plan, table};
+use anyhow::{Result, anyhow};
+use pagoda::EngineError;
+use pagoda::engine::EngineConfig;
+use pagoda::plan::table;
 use pagoda_backend::Backend;
 use serde_json::json;
 
 use crate::cli::{Common, MemoryArgs};
-use crate::setup::{ModelSource, budget, kv_dtype, model_source, planning_memory};
+use crate::setup::{ModelSource, engine_config, model_source, planning_memory, print_warnings};
 
 /// Flags of `pagoda plan`.
 #[derive(Debug, clap::Args)]
@@ -34,32 +36,16 @@ pub fn exec(a: Args) -> Result<()> {
 }
 
 fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()> {
-    let m = &a.memory;
-    let (cfg, weights) = source.shape()?;
-    let budget = budget(&m.budget)?;
-    let req = PlanRequest {
-        ctx: Some(m.ctx.unwrap_or(cfg.context_len)),
-        max_seqs: match (budget, m.max_seqs) {
-            (Budget::Bytes(_), None) => None,
-            (_, s) => Some(s.unwrap_or(8)),
-        },
-        kv_dtype: kv_dtype(&m.kv_dtype)?,
-        page_size: 16,
+    let (model_cfg, weights) = source.shape(backend.as_ref())?;
+    // The same settings and the same planning `generate` uses.
+    let cfg = EngineConfig {
         max_num_batched_tokens: a.max_batched_tokens,
-        max_logits_rows: m.max_seqs.unwrap_or(8),
-        budget,
+        ..engine_config(&a.memory)?
     };
-    if let Some(c) = m.ctx
-        && c > cfg.context_len
-    {
-        bail!(
-            "--ctx {c} is longer than the model's training context {}",
-            cfg.context_len
-        );
-    }
     let device = planning_memory(source, backend.as_ref())?;
-    match plan(&cfg, weights, &req, device, backend.info()) {
+    match cfg.plan(&model_cfg, weights, device, backend.as_ref()) {
         Ok(p) => {
+            print_warnings(&p);
             if a.json {
                 let mut doc = serde_json::to_value(&p)?;
                 doc["fits"] = json!(true);
@@ -75,7 +61,7 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
             }
             Ok(())
         }
-        Err(e) => {
+        Err(EngineError::Plan(e)) => {
             if a.json {
                 let mut doc = serde_json::to_value(&*e.plan)?;
                 doc["fits"] = json!(false);
@@ -84,5 +70,6 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
             }
             Err(anyhow!(e.message))
         }
+        Err(e) => Err(e.into()),
     }
 }
