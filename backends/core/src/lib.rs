@@ -32,6 +32,6 @@ pub use error::{BackendError, Result};
 pub use fault::FaultInjector;
 pub use kv_cache::{KvLayerRef, KvLayout};
 pub use pool::{
-    Block, BufRef, MemoryTag, Pool, PoolConfig, PoolSnapshot, PoolStats, RawAllocator, RawSegment,
-    SegmentId,
+    Block, BufRef, MemoryTag, Pool, PoolChanges, PoolConfig, PoolSnapshot, PoolStats, RawAllocator,
+    RawSegment, SegmentId,
 };
