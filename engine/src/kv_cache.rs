@@ -18,8 +18,9 @@ impl KvCache {
     /// Allocates `layout.num_layers` arenas from `pool`.
     pub fn new(layout: KvLayout, pool: &Pool) -> Result<KvCache> {
         let mut layers = Vec::with_capacity(layout.num_layers);
-        for _ in 0..layout.num_layers {
-            layers.push(pool.alloc(layout.layer_bytes() as u64, MemoryTag::Kv)?);
+        for l in 0..layout.num_layers {
+            let label = format!("kv.layer.{l}");
+            layers.push(pool.alloc_labeled(layout.layer_bytes() as u64, MemoryTag::Kv, &label)?);
         }
         Ok(KvCache { layout, layers })
     }
@@ -30,5 +31,23 @@ impl KvCache {
             buf: self.layers[l].buf(),
             layout: self.layout,
         }
+    }
+
+    /// Where `page` lives, for telemetry: `(piece, offset_bytes)`, the arena
+    /// piece holding it and its byte offset inside that piece, the same in
+    /// every layer. Today one arena per layer: piece 0, `page * page_bytes`.
+    pub fn page_location(&self, page: u32) -> (u32, u64) {
+        (0, page as u64 * self.layout.page_bytes() as u64)
+    }
+
+    /// Bytes of address space held for KV pages, all layers.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.layers.iter().map(|b| b.bytes()).sum()
+    }
+
+    /// Bytes of KV pages backed by memory (VMM mapped), all layers; equal
+    /// to [`KvCache::reserved_bytes`] while the arenas are plain blocks.
+    pub fn committed_bytes(&self) -> u64 {
+        self.reserved_bytes()
     }
 }

@@ -93,6 +93,11 @@ impl<B: Backend> ModelRunner<B> {
         &self.pool
     }
 
+    /// The KV cache (telemetry: page locations, reserved/committed bytes).
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.kv
+    }
+
     /// The KV layout.
     pub fn kv_layout(&self) -> KvLayout {
         self.kv.layout

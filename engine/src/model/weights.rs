@@ -129,7 +129,7 @@ impl LlamaWeights {
                     },
                 ));
             }
-            let block = pool.alloc(t.bytes as u64, MemoryTag::Weights)?;
+            let block = pool.alloc_labeled(t.bytes as u64, MemoryTag::Weights, name)?;
             backend.upload(block.buf(), f.tensor_data(t))?;
             Ok(Tensor {
                 block,
