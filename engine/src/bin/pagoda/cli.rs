@@ -110,7 +110,7 @@ pub enum Command {
         /// Run N copies of the prompt at once and report aggregate throughput.
         #[arg(long, default_value_t = 1)]
         parallel: usize,
-        /// Record StepStats and MemorySnapshots as JSON lines (docs/trace-schema.md).
+        /// Record step stats and memory keyframes/deltas as JSON lines (docs/trace-schema.md).
         #[arg(long)]
         trace: Option<PathBuf>,
         #[command(flatten)]
