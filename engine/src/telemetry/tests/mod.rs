@@ -171,14 +171,18 @@ fn a_subscriber_that_dropped_a_memory_event_gets_a_keyframe_next() {
 
 // --- on a real engine --------------------------------------------------------
 
+/// The synthetic tiny model, written once per test process (tests run in
+/// parallel: none may read it half-written).
 fn tiny_model() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pagoda-telemetry-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("tiny.gguf");
-    if !path.exists() {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pagoda-telemetry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("tiny.gguf");
         write_synthetic_gguf(&SyntheticSpec::tiny(), &path).expect("writes");
-    }
-    path
+        path
+    })
+    .clone()
 }
 
 fn engine(path: &Path, num_pages: usize, page_size: usize) -> Engine<CpuBackend> {
