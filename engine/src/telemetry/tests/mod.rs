@@ -12,7 +12,7 @@ use super::trace::Trace;
 use super::*;
 use crate::model::synthetic::{SyntheticSpec, write_synthetic_gguf};
 use crate::sampler::SamplingParams;
-use crate::{Engine, EngineConfig, GenerationParams};
+use crate::{Engine, EngineConfig, GenerationParams, SeqId};
 
 fn stats(step: u64) -> StepStats {
     StepStats {
@@ -464,4 +464,103 @@ fn the_state_names_blocks_and_places_pages() {
     assert_eq!(w.requested_bytes, plan.weights_bytes);
     assert!(w.live_blocks > 10);
     assert!(m.totals.pool.peak_allocated_bytes >= m.totals.pool.allocated_bytes);
+}
+
+/// One request of a random workload.
+#[derive(Debug, Clone)]
+struct Req {
+    arrive: usize,
+    shared_prefix: bool,
+    suffix: Vec<u32>,
+    max_tokens: usize,
+    abort_after: Option<usize>,
+}
+
+fn req_strategy() -> impl proptest::strategy::Strategy<Value = Req> {
+    use proptest::prelude::*;
+    (
+        0usize..6,
+        any::<bool>(),
+        prop::collection::vec(1u32..290, 1..20),
+        1usize..24,
+        prop::option::weighted(0.2, 0usize..6),
+    )
+        .prop_map(
+            |(arrive, shared_prefix, suffix, max_tokens, abort_after)| Req {
+                arrive,
+                shared_prefix,
+                suffix,
+                max_tokens,
+                abort_after,
+            },
+        )
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// Random arrivals, shared prefixes, aborts, page counts, keyframe
+    /// intervals and channel sizes: every subscriber's replay equals a full
+    /// capture whenever it has read everything sent to it.
+    #[test]
+    fn random_workloads_replay_to_full_captures(
+        reqs in proptest::collection::vec(req_strategy(), 1..7),
+        num_pages in 16usize..40,
+        interval in 1u64..9,
+        slow_capacity in 2usize..12,
+    ) {
+        let path = tiny_model();
+        let mut e = engine(&path, num_pages, 4);
+        e.telemetry().set_keyframe_interval(interval);
+        let fast = e.telemetry().subscribe(1 << 16, true);
+        let slow = e.telemetry().subscribe(slow_capacity, true);
+        let (mut t_fast, mut t_slow) = (Trace::default(), Trace::default());
+        let prefix: Vec<u32> = (30..42).collect();
+        let mut pending: Vec<&Req> = reqs.iter().collect();
+        let mut aborts: Vec<(usize, SeqId)> = Vec::new();
+        let mut step = 0;
+        while e.has_unfinished() || !pending.is_empty() {
+            pending.retain(|q| {
+                if q.arrive > step {
+                    return true;
+                }
+                let mut prompt = if q.shared_prefix { prefix.clone() } else { vec![] };
+                prompt.extend(&q.suffix);
+                let id = e.add_request(prompt, params(q.max_tokens, step as u64)).unwrap();
+                if let Some(a) = q.abort_after {
+                    aborts.push((step + a, id));
+                }
+                false
+            });
+            for &(at, id) in &aborts {
+                if at == step {
+                    let _ = e.abort(id);
+                }
+            }
+            if e.has_unfinished() {
+                e.step().unwrap();
+            }
+            step += 1;
+            proptest::prop_assert!(step < 2000, "no progress");
+            let full = without_live_readings(e.memory_state());
+            let mut published = false;
+            for ev in fast.try_iter() {
+                t_fast.push(ev).unwrap();
+                published = true;
+            }
+            // (Aborts and arrivals change pages between steps: compare only
+            // right after a step published.)
+            if published {
+                let (_, got) = t_fast.replay().unwrap().pop().expect("a memory event");
+                proptest::prop_assert_eq!(&without_live_readings(got), &full);
+            }
+            if step % 3 == 0 {
+                for ev in slow.try_iter() {
+                    t_slow.push(ev).unwrap();
+                }
+            }
+        }
+        // Whatever the slow subscriber got replays without a gap.
+        t_slow.replay().unwrap();
+    }
 }
