@@ -43,8 +43,16 @@
 //! position, is not safe: another sequence admitted in the same step may
 //! claim the page and read it while it is written.
 //!
+//! ## Telemetry
+//! Every page remembers its holders (sequence id and index in its block
+//! table, by arrival), and every change to a page's refcount, holders or
+//! cached content marks it *dirty*: a set of at most `num_pages` entries
+//! (a flag per page and a list), so a telemetry delta reads only the pages
+//! changed since the last one ([`BlockManager::take_dirty_pages`]). The
+//! scheduler also marks pages whose written-token count moved.
+//!
 //! ## Costs
-//! Allocation, free and revival: O(1) per page. Lookup: O(page_size) per hit
+//! Allocation, free and revival: O(1) per page (plus O(holders) of a shared page). Lookup: O(page_size) per hit
 //! page (token verification). Registration: O(page_size) per newly full page.
 //! Every fresh page allocation is a fault site (`faults.check("kv page")`).
 
@@ -53,7 +61,7 @@ use std::collections::HashMap;
 use pagoda_backend::FaultInjector;
 
 use crate::error::{EngineError, Result};
-use crate::sequence::{PageId, Sequence, TokenId};
+use crate::sequence::{PageId, SeqId, Sequence, TokenId};
 
 pub use crate::prefix_hash::hash_page;
 
@@ -70,6 +78,38 @@ struct CachedContent {
 struct Page {
     refcount: u32,
     cached: Option<CachedContent>,
+    /// (refcount) holders: sequence and index of the page in its block
+    /// table, sorted by sequence id (= arrival).
+    holders: Vec<(SeqId, u32)>,
+}
+
+/// Pages changed since the last [`BlockManager::take_dirty_pages`]: a flag
+/// per page so a page is listed once, the list in marking order.
+#[derive(Debug, Clone)]
+struct DirtyPages {
+    /// (num_pages)
+    flag: Vec<bool>,
+    /// At most num_pages entries (reserved up front).
+    list: Vec<u32>,
+}
+
+impl DirtyPages {
+    /// Every page dirty: nobody has seen any yet.
+    fn all(num_pages: u32) -> DirtyPages {
+        DirtyPages {
+            flag: vec![true; num_pages as usize],
+            list: (0..num_pages).collect(),
+        }
+    }
+
+    fn mark(&mut self, p: u32) {
+        if let Some(f) = self.flag.get_mut(p as usize)
+            && !*f
+        {
+            *f = true;
+            self.list.push(p);
+        }
+    }
 }
 
 /// Intrusive doubly-linked list of free pages: O(1) push-back, pop-front and
@@ -192,6 +232,7 @@ pub struct BlockManager {
     free: FreeList,
     /// hash -> page holding that content.
     cache: HashMap<u64, PageId>,
+    dirty: DirtyPages,
 }
 
 impl BlockManager {
@@ -225,6 +266,7 @@ impl BlockManager {
             pages: vec![Page::default(); num_pages],
             free: FreeList::full(num_pages_u32),
             cache: HashMap::new(),
+            dirty: DirtyPages::all(num_pages_u32),
         })
     }
 
@@ -264,6 +306,37 @@ impl BlockManager {
     /// Sequences holding `page`.
     pub fn refcount(&self, page: PageId) -> u32 {
         self.pages.get(page.index()).map_or(0, |p| p.refcount)
+    }
+
+    /// The sequences holding `page` with the page's index in each one's
+    /// block table, by arrival. Empty for a free or unknown page.
+    pub fn holders(&self, page: PageId) -> &[(SeqId, u32)] {
+        self.pages.get(page.index()).map_or(&[], |p| &p.holders)
+    }
+
+    /// Whether `page` holds registered prefix-cache content.
+    pub fn is_cached(&self, page: PageId) -> bool {
+        self.pages
+            .get(page.index())
+            .is_some_and(|p| p.cached.is_some())
+    }
+
+    /// Marks `page` changed for telemetry (the scheduler calls this when
+    /// tokens written into it move). O(1); a page is listed once.
+    pub fn mark_dirty(&mut self, page: PageId) {
+        self.dirty.mark(page.0);
+    }
+
+    /// Moves the pages changed since the last call (all pages on the first
+    /// call) into `out`, in marking order, and clears the set.
+    /// O(pages changed).
+    pub fn take_dirty_pages(&mut self, out: &mut Vec<PageId>) {
+        for p in self.dirty.list.drain(..) {
+            if let Some(f) = self.dirty.flag.get_mut(p as usize) {
+                *f = false;
+            }
+            out.push(PageId(p));
+        }
     }
 
     /// Every page's refcount and cache hash, in page order. O(num_pages).
@@ -381,7 +454,7 @@ impl BlockManager {
             "{} admitted while holding pages",
             seq.id
         );
-        for &page in &hit.pages {
+        for (i, &page) in hit.pages.iter().enumerate() {
             let p = &mut self.pages[page.index()];
             debug_assert!(
                 p.cached.is_some(),
@@ -391,6 +464,8 @@ impl BlockManager {
                 self.free.unlink(page.0);
             }
             p.refcount += 1;
+            add_holder(&mut p.holders, seq.id, i as u32);
+            self.dirty.mark(page.0);
         }
         seq.num_registered_pages = hit.pages.len();
         seq.block_table = hit.pages;
@@ -415,8 +490,8 @@ impl BlockManager {
         if num_new_tokens > 0 && self.needs_copy_on_write(seq) {
             let idx = seq.num_computed_tokens / ps;
             let src = seq.block_table[idx];
-            let dst = self.allocate_page()?;
-            self.release(src);
+            let dst = self.allocate_page(seq.id, idx as u32)?;
+            self.release(src, seq.id);
             seq.block_table[idx] = dst;
             // The copy is private and unregistered: the original stays the
             // cache's page (back on the free list if we were its only holder).
@@ -425,7 +500,7 @@ impl BlockManager {
         }
         let needed = (seq.num_computed_tokens + num_new_tokens).div_ceil(ps);
         while seq.block_table.len() < needed {
-            let page = self.allocate_page()?;
+            let page = self.allocate_page(seq.id, seq.block_table.len() as u32)?;
             seq.block_table.push(page);
         }
         Ok(copy)
@@ -454,6 +529,7 @@ impl BlockManager {
                 tokens: seq.tokens[i * ps..(i + 1) * ps].into(),
             });
             self.cache.insert(hash, page);
+            self.dirty.mark(page.0);
         }
         seq.num_registered_pages = seq.num_registered_pages.max(num_full);
     }
@@ -463,15 +539,15 @@ impl BlockManager {
     /// refcount 0 join the back of the free list, keeping cached content.
     pub fn free(&mut self, seq: &mut Sequence) {
         for &page in seq.block_table.iter().rev() {
-            self.release(page);
+            self.release(page, seq.id);
         }
         seq.block_table.clear();
         seq.num_registered_pages = 0;
     }
 
-    /// Takes a fresh page from the front of the free list, evicting its
-    /// cached content. A fault site.
-    fn allocate_page(&mut self) -> Result<PageId> {
+    /// Takes a fresh page from the front of the free list for `owner` (at
+    /// `index` of its block table), evicting its cached content. A fault site.
+    fn allocate_page(&mut self, owner: SeqId, index: u32) -> Result<PageId> {
         self.faults.check("kv page")?;
         let Some(p) = self.free.pop_front() else {
             return Err(EngineError::OutOfKvPages {
@@ -491,16 +567,21 @@ impl BlockManager {
             self.cache.remove(&content.hash);
         }
         page.refcount = 1;
+        add_holder(&mut page.holders, owner, index);
+        self.dirty.mark(p);
         Ok(PageId(p))
     }
 
-    fn release(&mut self, page: PageId) {
+    /// `owner` lets go of `page`.
+    fn release(&mut self, page: PageId, owner: SeqId) {
         let p = &mut self.pages[page.index()];
         debug_assert!(p.refcount > 0, "{page} released with refcount 0");
         p.refcount = p.refcount.saturating_sub(1);
+        p.holders.retain(|&(s, _)| s != owner);
         if p.refcount == 0 {
             self.free.push_back(page.0);
         }
+        self.dirty.mark(page.0);
     }
 
     /// Checks the module invariants; returns the first violation. O(num_pages).
@@ -522,6 +603,14 @@ impl BlockManager {
             ));
         }
         for (i, page) in self.pages.iter().enumerate() {
+            if page.holders.len() != page.refcount as usize
+                || page.holders.windows(2).any(|w| w[0].0 >= w[1].0)
+            {
+                return Err(format!(
+                    "page {i}: refcount {} but holders {:?}",
+                    page.refcount, page.holders
+                ));
+            }
             if (page.refcount == 0) != self.free.linked[i] {
                 return Err(format!(
                     "page {i}: refcount {} but linked={}",
@@ -545,6 +634,12 @@ impl BlockManager {
         }
         Ok(())
     }
+}
+
+/// Adds `(owner, index)` to `holders`, keeping them sorted by sequence id.
+fn add_holder(holders: &mut Vec<(SeqId, u32)>, owner: SeqId, index: u32) {
+    let at = holders.partition_point(|&(s, _)| s < owner);
+    holders.insert(at, (owner, index));
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::step_plan::StepPlan;
 use crate::sequence::{FinishReason, SeqId, SeqParams};
-use crate::telemetry::{StepStats, Telemetry};
+use crate::telemetry::{EngineMemory, MemoryState, StepStats, Telemetry};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Engine settings. `Default` is a small interactive setup.
@@ -474,9 +474,15 @@ impl<B: Backend> Engine<B> {
         &self.runner
     }
 
-    /// Telemetry publisher (subscribe for `StepStats` / `MemorySnapshot`).
+    /// Telemetry publisher (subscribe for step stats and memory events).
     pub fn telemetry(&mut self) -> &mut Telemetry {
         &mut self.telemetry
+    }
+
+    /// The whole memory state now (what a telemetry keyframe holds).
+    /// `O(segments + blocks + pages)`.
+    pub fn memory_state(&self) -> MemoryState {
+        MemoryState::capture(&self.runner, &self.scheduler, &self.plan)
     }
 
     /// Tokenizes prompt text: special tokens parsed, BOS only when the model asks.
@@ -665,6 +671,10 @@ impl<B: Backend> Engine<B> {
             self.forward_to_streams(&events);
             return Ok(events);
         };
+        // Blocks allocated from here on are stamped with this step (their age).
+        self.runner
+            .pool()
+            .set_step(self.scheduler.stats().num_steps);
         let t_sched = t0.elapsed();
         let vocab = self.runner.config.vocab_size;
         self.fill_needs(&plan);
@@ -777,7 +787,7 @@ impl<B: Backend> Engine<B> {
         self.forward_to_streams(&events);
         self.telemetry.publish_step(
             StepStats::from_plan(&plan, &self.scheduler, t_sched, t_fwd, t0.elapsed()),
-            || crate::telemetry::MemorySnapshot::capture(&self.runner, &self.scheduler),
+            &mut EngineMemory::new(&self.runner, &mut self.scheduler, &self.plan),
         );
         Ok(events)
     }

@@ -288,8 +288,9 @@ impl<B: Backend> KvCache<B> {
             })
             .collect();
         let mut page_tables = Vec::with_capacity(layout.num_layers);
-        for _ in 0..layout.num_layers {
-            let b = pool.alloc(geometry.page_table_bytes(), MemoryTag::Kv)?;
+        for l in 0..layout.num_layers {
+            let label = format!("kv.layer.{l}.page_table");
+            let b = pool.alloc_labeled(geometry.page_table_bytes(), MemoryTag::Kv, &label)?;
             backend.upload(b.buf(), bytemuck::cast_slice(&table))?;
             page_tables.push(b);
         }
@@ -324,6 +325,14 @@ impl<B: Backend> KvCache<B> {
         let (piece, idx) = self.geometry.locate(page);
         let pb = self.layout.page_bytes() as u64;
         Ok(self.piece_bufs[l][piece].slice(idx as u64 * pb, pb)?)
+    }
+
+    /// Where `page` lives, for telemetry: `(piece, offset_bytes)`, the arena
+    /// piece holding it and its byte offset inside that piece, the same in
+    /// every layer.
+    pub fn page_location(&self, page: u32) -> (u32, u64) {
+        let (piece, idx) = self.geometry.locate(page as usize);
+        (piece as u32, idx as u64 * self.layout.page_bytes() as u64)
     }
 
     /// The handle the block manager commits and releases units through.

@@ -557,6 +557,12 @@ impl Scheduler {
                 });
                 continue;
             }
+            // Telemetry: the pages whose written-token count moves.
+            let ps = self.config.page_size;
+            let moved = seq.num_computed_tokens / ps..end.div_ceil(ps).min(seq.block_table.len());
+            for &page in seq.block_table.get(moved).unwrap_or(&[]) {
+                self.block_manager.mark_dirty(page);
+            }
             seq.num_computed_tokens = end;
             self.block_manager.register_full_pages(seq);
             let mut update = SeqUpdate {
@@ -687,6 +693,45 @@ impl Scheduler {
     /// The KV page allocator (balance checks, telemetry).
     pub fn block_manager(&self) -> &BlockManager {
         &self.block_manager
+    }
+
+    /// One KV page with its owners, use and sharing (what
+    /// [`Scheduler::kv_page_map`] lists for it); `None` outside the cache.
+    /// O(holders of the page).
+    pub fn kv_page_info(&self, page: PageId) -> Option<KvPageInfo> {
+        if page.index() >= self.block_manager.num_pages() {
+            return None;
+        }
+        let ps = self.config.page_size;
+        let bm = &self.block_manager;
+        let cached = bm.is_cached(page);
+        let refcount = bm.refcount(page);
+        let holders = bm.holders(page);
+        let mut tokens_used = if cached { ps } else { 0 };
+        for &(id, index) in holders {
+            if let Some(seq) = self.seqs.get(&id) {
+                let used = seq
+                    .num_computed_tokens
+                    .saturating_sub(index as usize * ps)
+                    .min(ps);
+                tokens_used = tokens_used.max(used);
+            }
+        }
+        Some(KvPageInfo {
+            page,
+            owners: holders.iter().map(|&(id, _)| id).collect(),
+            tokens_used,
+            refcount,
+            shared: refcount > 1,
+            cached,
+        })
+    }
+
+    /// Moves the KV pages changed since the last call (every page on the
+    /// first call) into `out`, for telemetry deltas: read them with
+    /// [`Scheduler::kv_page_info`]. O(pages changed).
+    pub fn take_kv_changes(&mut self, out: &mut Vec<PageId>) {
+        self.block_manager.take_dirty_pages(out);
     }
 
     /// Every KV page with its owners, use and sharing, in page order.

@@ -285,7 +285,7 @@ fn generate_parallel_reports_aggregate_throughput() {
 }
 
 #[test]
-fn trace_file_has_documented_step_and_memory_lines() {
+fn trace_file_is_a_replayable_keyframe_and_delta_stream() {
     let trace = scratch("trace.jsonl");
     let out = pagoda(&[
         "generate",
@@ -307,10 +307,11 @@ fn trace_file_has_documented_step_and_memory_lines() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let steps: Vec<_> = lines.iter().filter(|l| l["type"] == "step").collect();
-    let mems: Vec<_> = lines.iter().filter(|l| l["type"] == "memory").collect();
+    let mems: Vec<_> = lines.iter().filter(|l| l["type"] != "step").collect();
     assert!(steps.len() >= 4 && steps.len() == mems.len());
     for key in [
-        "step",
+        "step_id",
+        "t_us",
         "batch_size",
         "num_tokens",
         "num_prefill_tokens",
@@ -332,35 +333,38 @@ fn trace_file_has_documented_step_and_memory_lines() {
         steps[0]["num_tokens"].as_u64().unwrap()
     );
     assert_eq!(steps.last().unwrap()["batch_size"], 2);
-    let m = mems[0];
-    for key in [
-        "device_total_bytes",
-        "pool_reserved_bytes",
-        "pool_allocated_bytes",
-        "pool_fragmentation",
-        "allocated_by_tag",
-        "segments",
-        "kv_pages",
-    ] {
-        assert!(m.get(key).is_some(), "memory lacks {key}");
+    // A keyframe first, then deltas, each right after its step.
+    assert_eq!(mems[0]["type"], "keyframe");
+    assert_eq!(mems[0]["schema"], pagoda::telemetry::SCHEMA);
+    assert!(mems[1..].iter().all(|m| m["type"] == "delta"));
+    for (s, m) in steps.iter().zip(&mems) {
+        assert_eq!(s["step_id"], m["step_id"]);
     }
-    // Blocks cover each segment exactly.
-    for seg in m["segments"].as_array().unwrap() {
-        let sum: u64 = seg["blocks"]
-            .as_array()
-            .unwrap()
+    let m = &mems[0]["memory"];
+    for key in ["totals", "plan", "segments", "kv_pages"] {
+        assert!(m.get(key).is_some(), "keyframe memory lacks {key}");
+    }
+    // The reader replays it: the state at every step.
+    let replay = pagoda::telemetry::trace::Trace::read(text.as_bytes()).unwrap();
+    let last = steps.last().unwrap()["step_id"].as_u64().unwrap();
+    let state = replay.memory_at(last).unwrap().expect("a state");
+    for seg in &state.segments {
+        let sum: u64 = seg.blocks.iter().map(|b| b.bytes).sum();
+        assert_eq!(sum, seg.bytes, "blocks cover each segment exactly");
+        assert_ne!(seg.base_addr, 0);
+    }
+    assert!(
+        state
+            .segments
             .iter()
-            .map(|b| b["bytes"].as_u64().unwrap())
-            .sum();
-        assert_eq!(sum, seg["bytes"].as_u64().unwrap());
-    }
-    let kv_used: u64 = m["kv_pages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| !p["owners"].as_array().unwrap().is_empty())
-        .count() as u64;
-    assert!(kv_used >= 1);
+            .flat_map(|s| &s.blocks)
+            .any(|b| b.label == "kv.layer.0.page_table")
+    );
+    assert_eq!(state.kv_pages.len() as u64, state.totals.kv.num_pages);
+    let first = steps[0]["step_id"].as_u64().unwrap();
+    let at_first = replay.memory_at(first).unwrap().expect("a state");
+    assert!(at_first.kv_pages.iter().any(|p| !p.owners.is_empty()));
+    assert_eq!(replay.replay().unwrap().len(), mems.len());
 }
 
 #[test]

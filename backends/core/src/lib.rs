@@ -37,5 +37,6 @@ pub use graph::{GraphPlanInput, decode_graph_batch_sizes};
 pub use kv_cache::{KvGeometry, KvLayerRef, KvLayout, MAX_KV_PIECES};
 pub use memory_tag::MemoryTag;
 pub use pool::{
-    Block, BufRef, Pool, PoolConfig, PoolSnapshot, PoolStats, RawAllocator, RawSegment, SegmentId,
+    Block, BufRef, Pool, PoolChanges, PoolConfig, PoolSnapshot, PoolStats, RawAllocator,
+    RawSegment, SegmentId,
 };

@@ -190,7 +190,7 @@ impl LlamaWeights {
             let mut pieces = Vec::new();
             for (first_row, rows) in pieces_of(t.dtype, &t.shape, info.max_binding_bytes) {
                 let bytes = prepared_bytes(backend, name, t.dtype, &[cols, rows])?;
-                let block = pool.alloc(bytes, MemoryTag::Weights)?;
+                let block = pool.alloc_labeled(bytes, MemoryTag::Weights, name)?;
                 let src = &data[first_row * row_bytes..(first_row + rows) * row_bytes];
                 backend.upload_weight(block.buf(), src, t.dtype, rows, cols)?;
                 pieces.push(WeightPiece {

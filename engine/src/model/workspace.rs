@@ -165,8 +165,9 @@ impl Workspace {
     pub fn new(cfg: &LlamaConfig, dims: WorkspaceDims, pool: &Pool) -> Result<Workspace> {
         let s = sizes(cfg, &dims);
         let mut blocks = Vec::with_capacity(s.len());
-        for (_, bytes) in s {
-            blocks.push(pool.alloc(bytes, MemoryTag::Activations)?);
+        for (name, bytes) in s {
+            let label = format!("ws.{name}");
+            blocks.push(pool.alloc_labeled(bytes, MemoryTag::Activations, &label)?);
         }
         let mut it = blocks.into_iter();
         let mut next = || {

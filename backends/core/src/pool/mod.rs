@@ -60,12 +60,22 @@
 //! block size. Fragmentation is `1 - largest_free / total_free`, per segment and
 //! over all segments, 0 when nothing is free.
 //!
+//! # Telemetry
+//!
+//! Each live block keeps a label ([`Pool::alloc_labeled`], interned to a
+//! `u32`), its requested size, and the engine step and time of its
+//! allocation. Every change to a segment's blocks bumps the pool's
+//! generation and stamps the segment with it, so [`Pool::changes_since`]
+//! returns only the segments changed since an earlier snapshot: a viewer
+//! polling ten times a second never copies the whole pool map.
+//!
 //! # Costs
 //!
 //! With `F` free blocks, `B` blocks in the segment concerned and `S` segments:
 //! an allocation served from the cache is `O(log F + log B)`; one that grows
 //! the pool adds one backend call; a drop is `O(log F + log B)`; [`Pool::stats`]
 //! is `O(log F)`; [`Pool::snapshot`] is `O(S + total blocks)`;
+//! [`Pool::changes_since`] is `O(S + blocks of the changed segments)`;
 //! [`Pool::empty_cache`] is `O(S + F log F)` plus one backend call per freed
 //! segment. One mutex guards the state; backend calls are made while holding
 //! it, so a [`RawAllocator`] must not call back into the pool.
@@ -75,13 +85,15 @@ mod state;
 mod tests;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use crate::error::{BackendError, Result};
 use crate::fault::FaultInjector;
 pub use crate::memory_tag::MemoryTag;
 
-use self::state::{FreeKey, SizeClass, State};
+use self::state::{FreeKey, Meta, SizeClass, State};
 
 /// Smallest block alignment in bytes, whatever the backend asks for.
 pub const MIN_ALIGNMENT_BYTES: u64 = 256;
@@ -227,6 +239,8 @@ pub struct PoolStats {
     /// Requested (unrounded) bytes of live blocks per tag: what a memory plan
     /// computes; `allocated_by_tag` minus this is the pool's rounding.
     pub requested_by_tag: [u64; 5],
+    /// Live blocks per tag (for `graph`: captured graphs, one block each).
+    pub live_blocks_by_tag: [usize; 5],
 }
 
 impl PoolStats {
@@ -246,10 +260,18 @@ impl PoolStats {
 pub struct BlockInfo {
     /// Offset inside the segment.
     pub offset: u64,
-    /// Size in bytes.
+    /// Size in bytes (the block size, see [`Block::block_bytes`]).
     pub bytes: u64,
     /// Tag of a live block, `None` when free.
     pub tag: Option<MemoryTag>,
+    /// Label given to [`Pool::alloc_labeled`] (empty for free blocks and [`Pool::alloc`]).
+    pub label: Arc<str>,
+    /// Requested (unrounded) bytes of a live block, 0 when free.
+    pub requested_bytes: u64,
+    /// Engine step current when the block was allocated ([`Pool::set_step`]); 0 when free.
+    pub alloc_step: u64,
+    /// Microseconds from the pool's creation to the allocation; 0 when free.
+    pub alloc_us: u64,
 }
 
 /// One segment in a [`PoolSnapshot`].
@@ -257,12 +279,20 @@ pub struct BlockInfo {
 pub struct SegmentInfo {
     /// Segment id.
     pub id: SegmentId,
+    /// Base address ([`RawSegment::addr`]).
+    pub addr: u64,
     /// Size in bytes.
     pub bytes: u64,
     /// Blocks in address order, covering the segment exactly.
     pub blocks: Vec<BlockInfo>,
+    /// Bytes in free blocks of this segment.
+    pub free_bytes: u64,
+    /// Largest free block of this segment.
+    pub largest_free_bytes: u64,
     /// `1 - largest_free / total_free` in this segment.
     pub fragmentation: f64,
+    /// Pool generation of the segment's last change ([`Pool::changes_since`]).
+    pub changed_at: u64,
 }
 
 /// The pool's full layout, for telemetry and the viewer.
@@ -272,6 +302,27 @@ pub struct PoolSnapshot {
     pub segments: Vec<SegmentInfo>,
     /// Totals.
     pub stats: PoolStats,
+    /// Generation the snapshot was taken at: pass it to [`Pool::changes_since`].
+    pub generation: u64,
+}
+
+/// What changed in the pool since a generation ([`Pool::changes_since`]):
+/// the unit of change is a segment, sent with all its blocks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolChanges {
+    /// The generation asked about.
+    pub since: u64,
+    /// The generation now: the `since` of the next call.
+    pub generation: u64,
+    /// Ids of every segment now, in id order (those missing from an earlier
+    /// list were given back to the backend).
+    pub segment_ids: Vec<SegmentId>,
+    /// Segments added or changed after `since`, in id order.
+    pub changed: Vec<SegmentInfo>,
+    /// Totals now.
+    pub stats: PoolStats,
+    /// Blocks read to build `changed` (the cost: unchanged segments cost none).
+    pub blocks_visited: usize,
 }
 
 struct Shared {
@@ -280,6 +331,10 @@ struct Shared {
     faults: FaultInjector,
     /// Block alignment: a power of two, at least [`MIN_ALIGNMENT_BYTES`].
     align: u64,
+    /// The engine step new blocks are stamped with ([`Pool::set_step`]).
+    step: AtomicU64,
+    /// When the pool was made; block ages are measured from it.
+    epoch: Instant,
     state: Mutex<State>,
 }
 
@@ -536,6 +591,8 @@ impl Pool {
                 config,
                 faults,
                 align,
+                step: AtomicU64::new(0),
+                epoch: Instant::now(),
                 state: Mutex::new(State::new(align)),
             }),
         }
@@ -566,6 +623,16 @@ impl Pool {
     /// segment, nor a new segment after [`Pool::empty_cache`] can serve it
     /// (see the module documentation).
     pub fn alloc(&self, bytes: u64, tag: MemoryTag) -> Result<Block> {
+        self.alloc_labeled(bytes, tag, "")
+    }
+
+    /// [`Pool::alloc`] with a short label naming what the block holds
+    /// (`blk.3.attn_q.weight`, `kv.layer.7`, `ws.logits`), shown by telemetry
+    /// with the block's allocation step and time. Labels are interned: a new
+    /// label allocates once, a known one never, and freeing a block never
+    /// touches the heap. Give labels per purpose, not per instance (at most
+    /// 65536 distinct labels are kept; later ones read `(too many labels)`).
+    pub fn alloc_labeled(&self, bytes: u64, tag: MemoryTag, label: &str) -> Result<Block> {
         if bytes == 0 {
             return Ok(Block {
                 shared: self.shared.clone(),
@@ -586,7 +653,13 @@ impl Pool {
             Some(key) => key,
             None => shared.grow(&mut st, bytes, rounded, class, tag, true)?,
         };
-        let Some(carved) = st.carve(key, rounded, tag) else {
+        let meta = Meta {
+            label: st.intern(label),
+            requested: bytes,
+            step: shared.step.load(Ordering::Relaxed),
+            t_us: shared.epoch.elapsed().as_micros() as u64,
+        };
+        let Some(carved) = st.carve(key, rounded, tag, meta) else {
             let why = format!("internal error: free block {key:?} cannot hold {rounded} B");
             return Err(shared.oom(&st, tag, bytes, why));
         };
@@ -641,7 +714,24 @@ impl Pool {
         PoolSnapshot {
             segments: st.segment_infos(),
             stats: st.stats(),
+            generation: st.generation(),
         }
+    }
+
+    /// The segments changed after generation `since` (from an earlier
+    /// [`PoolSnapshot::generation`] or [`PoolChanges::generation`]), each with
+    /// all its blocks, plus every segment id and the totals, at one moment.
+    /// Applying them to the earlier snapshot's segments (replace the changed
+    /// ones, drop the ids no longer listed) gives [`Pool::snapshot`]'s.
+    /// `O(S + blocks of the changed segments)`: unchanged segments are not read.
+    pub fn changes_since(&self, since: u64) -> PoolChanges {
+        self.shared.lock().changes_since(since)
+    }
+
+    /// Sets the engine step that new blocks are stamped with (their age in
+    /// telemetry). Lock-free.
+    pub fn set_step(&self, step: u64) {
+        self.shared.step.store(step, Ordering::Relaxed);
     }
 
     /// Returns every segment with no live block to the backend.

@@ -7,11 +7,21 @@
 //! (arithmetic that could only underflow on a broken invariant saturates), so
 //! a `Block` drop that reaches [`State::release`] cannot panic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::{
-    BlockInfo, MemoryTag, PoolStats, RawSegment, SMALL_REQUEST_MAX_BYTES, SegmentId, SegmentInfo,
+    BlockInfo, MemoryTag, PoolChanges, PoolStats, RawSegment, SMALL_REQUEST_MAX_BYTES, SegmentId,
+    SegmentInfo,
 };
+
+/// Most distinct block labels the pool interns; later new labels share
+/// [`OVERFLOW_LABEL`]. Labels name a purpose (`blk.3.attn_q.weight`,
+/// `kv.layer.7`), not an instance, so real runs stay far below this.
+pub(super) const MAX_LABELS: usize = 1 << 16;
+
+/// The label of blocks allocated once [`MAX_LABELS`] labels exist.
+pub(super) const OVERFLOW_LABEL: &str = "(too many labels)";
 
 /// Which segments may serve a request: small requests (at most
 /// [`SMALL_REQUEST_MAX_BYTES`] after rounding) only use small segments, larger
@@ -55,11 +65,81 @@ impl SizeClass {
 /// the lowest segment id, then the lowest offset (deterministic placement).
 pub(super) type FreeKey = (u64, SegmentId, u64);
 
-/// One block of a segment: live (tagged) or free.
+/// Who asked for a live block and when (telemetry: hover label and age).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Meta {
+    /// Interned label id (0 = no label).
+    pub(super) label: u32,
+    /// Requested (unrounded) bytes.
+    pub(super) requested: u64,
+    /// Engine step current at allocation ([`super::Pool::set_step`]).
+    pub(super) step: u64,
+    /// Microseconds since the pool was made, at allocation.
+    pub(super) t_us: u64,
+}
+
+/// One block of a segment: live (tagged) or free (`tag: None`, default meta).
 #[derive(Debug, Clone, Copy)]
 struct Span {
     bytes: u64,
     tag: Option<MemoryTag>,
+    meta: Meta,
+}
+
+impl Span {
+    fn free(bytes: u64) -> Span {
+        Span {
+            bytes,
+            tag: None,
+            meta: Meta::default(),
+        }
+    }
+}
+
+/// Interned block labels: a `u32` per span instead of a string, so a span
+/// stays `Copy` and freeing a block never touches the heap. Never shrinks.
+#[derive(Debug)]
+struct Labels {
+    /// Id -> label; id 0 is the empty label.
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+}
+
+impl Labels {
+    fn new() -> Labels {
+        let empty: Arc<str> = Arc::from("");
+        Labels {
+            names: vec![empty.clone()],
+            ids: HashMap::from([(empty, 0)]),
+        }
+    }
+
+    /// The id of `label`, adding it when new (allocates only then).
+    fn intern(&mut self, label: &str) -> u32 {
+        if let Some(&id) = self.ids.get(label) {
+            return id;
+        }
+        let label = if self.names.len() >= MAX_LABELS {
+            OVERFLOW_LABEL
+        } else {
+            label
+        };
+        if let Some(&id) = self.ids.get(label) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        let name: Arc<str> = Arc::from(label);
+        self.names.push(name.clone());
+        self.ids.insert(name, id);
+        id
+    }
+
+    fn name(&self, id: u32) -> Arc<str> {
+        self.names
+            .get(id as usize)
+            .unwrap_or(&self.names[0])
+            .clone()
+    }
 }
 
 #[derive(Debug)]
@@ -73,6 +153,8 @@ struct Segment {
     spans: BTreeMap<u64, Span>,
     /// Number of live spans.
     live: usize,
+    /// [`State::generation`] of the last change to the segment's blocks.
+    changed_at: u64,
 }
 
 /// A block just handed out by [`State::carve`].
@@ -101,8 +183,14 @@ pub(super) struct State {
     peak: u64,
     live_blocks: usize,
     by_tag: [u64; 5],
+    /// Live blocks per tag.
+    live_by_tag: [usize; 5],
     /// Requested (unrounded) bytes of live blocks per tag.
     pub(super) requested_by_tag: [u64; 5],
+    /// Bumped by every change to any segment's blocks (and by adding or
+    /// removing a segment); each segment remembers the value of its last change.
+    generation: u64,
+    labels: Labels,
 }
 
 /// `1 - largest / total`, 0 when nothing is free.
@@ -126,8 +214,28 @@ impl State {
             peak: 0,
             live_blocks: 0,
             by_tag: [0; 5],
+            live_by_tag: [0; 5],
             requested_by_tag: [0; 5],
+            generation: 0,
+            labels: Labels::new(),
         }
+    }
+
+    /// The interned id of a block label.
+    pub(super) fn intern(&mut self, label: &str) -> u32 {
+        self.labels.intern(label)
+    }
+
+    /// The current generation: changes since an earlier value are exactly the
+    /// segments whose `changed_at` is larger.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Next generation, for a change being made now.
+    fn bump(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
     }
 
     /// Bytes held in segments.
@@ -164,7 +272,8 @@ impl State {
     /// returns its key. The caller checked that the id is new.
     pub(super) fn add_segment(&mut self, raw: RawSegment, bytes: u64, class: SizeClass) -> FreeKey {
         let mut spans = BTreeMap::new();
-        spans.insert(0, Span { bytes, tag: None });
+        spans.insert(0, Span::free(bytes));
+        let changed_at = self.bump();
         self.segments.insert(
             raw.id,
             Segment {
@@ -173,6 +282,7 @@ impl State {
                 class,
                 spans,
                 live: 0,
+                changed_at,
             },
         );
         let key = (bytes, raw.id, 0);
@@ -182,11 +292,17 @@ impl State {
     }
 
     /// Turns the free block `key` into a live block of `bytes` (a multiple of
-    /// the alignment, at most the free block's size) tagged `tag`, splitting
+    /// the alignment, at most the free block's size) tagged `tag` with `meta`, splitting
     /// the remainder off as a free block when it is at least the class's
     /// minimum split. `None` (and no change) when `key` is not a free block
     /// large enough. `O(log F + log B)`.
-    pub(super) fn carve(&mut self, key: FreeKey, bytes: u64, tag: MemoryTag) -> Option<Carved> {
+    pub(super) fn carve(
+        &mut self,
+        key: FreeKey,
+        bytes: u64,
+        tag: MemoryTag,
+        meta: Meta,
+    ) -> Option<Carved> {
         let (size, id, offset) = key;
         let min_split = self.min_split(self.segments.get(&id)?.class);
         let seg = self.segments.get_mut(&id)?;
@@ -194,18 +310,14 @@ impl State {
         if span.tag.is_some() || span.bytes != size || size < bytes {
             return None;
         }
+        self.generation += 1;
+        seg.changed_at = self.generation;
         let free = &mut self.free[seg.class.index()];
         free.remove(&key);
         let remainder = size - bytes;
         let block = if remainder >= min_split {
             let rest = offset + bytes;
-            seg.spans.insert(
-                rest,
-                Span {
-                    bytes: remainder,
-                    tag: None,
-                },
-            );
+            seg.spans.insert(rest, Span::free(remainder));
             free.insert((remainder, id, rest));
             bytes
         } else {
@@ -216,6 +328,7 @@ impl State {
             Span {
                 bytes: block,
                 tag: Some(tag),
+                meta,
             },
         );
         seg.live += 1;
@@ -223,6 +336,7 @@ impl State {
         self.allocated = self.allocated.saturating_add(block);
         self.peak = self.peak.max(self.allocated);
         self.by_tag[tag.index()] = self.by_tag[tag.index()].saturating_add(block);
+        self.live_by_tag[tag.index()] += 1;
         self.live_blocks += 1;
         Some(Carved {
             segment: id,
@@ -243,6 +357,8 @@ impl State {
             return false;
         };
         let Some(tag) = span.tag else { return false };
+        self.generation += 1;
+        seg.changed_at = self.generation;
         let free = &mut self.free[seg.class.index()];
 
         let mut start = offset;
@@ -263,12 +379,13 @@ impl State {
             seg.spans.remove(&next_off);
             bytes = bytes.saturating_add(next.bytes);
         }
-        seg.spans.insert(start, Span { bytes, tag: None });
+        seg.spans.insert(start, Span::free(bytes));
         free.insert((bytes, id, start));
         seg.live = seg.live.saturating_sub(1);
 
         self.allocated = self.allocated.saturating_sub(span.bytes);
         self.by_tag[tag.index()] = self.by_tag[tag.index()].saturating_sub(span.bytes);
+        self.live_by_tag[tag.index()] = self.live_by_tag[tag.index()].saturating_sub(1);
         self.live_blocks = self.live_blocks.saturating_sub(1);
         true
     }
@@ -295,6 +412,9 @@ impl State {
             self.reserved = self.reserved.saturating_sub(seg.bytes);
             out.push(seg.raw);
         }
+        if !out.is_empty() {
+            self.bump();
+        }
         out
     }
 
@@ -319,39 +439,68 @@ impl State {
             num_live_blocks: self.live_blocks,
             allocated_by_tag: self.by_tag,
             requested_by_tag: self.requested_by_tag,
+            live_blocks_by_tag: self.live_by_tag,
         }
     }
 
     /// Every segment with its blocks, in id order. `O(S + B)` over all blocks.
     pub(super) fn segment_infos(&self) -> Vec<SegmentInfo> {
-        self.segments
-            .values()
-            .map(|seg| {
-                let mut total_free = 0u64;
-                let mut largest_free = 0u64;
-                let blocks = seg
-                    .spans
-                    .iter()
-                    .map(|(&offset, span)| {
-                        if span.tag.is_none() {
-                            total_free += span.bytes;
-                            largest_free = largest_free.max(span.bytes);
-                        }
-                        BlockInfo {
-                            offset,
-                            bytes: span.bytes,
-                            tag: span.tag,
-                        }
-                    })
-                    .collect();
-                SegmentInfo {
-                    id: seg.raw.id,
-                    bytes: seg.bytes,
-                    blocks,
-                    fragmentation: fragmentation(largest_free, total_free),
+        self.segments.values().map(|seg| self.info(seg)).collect()
+    }
+
+    /// The segments changed after generation `since` (in id order, with all
+    /// their blocks), and the ids of all segments. `O(S + B)` over the
+    /// changed segments' blocks only.
+    pub(super) fn changes_since(&self, since: u64) -> PoolChanges {
+        let mut changed = Vec::new();
+        let mut blocks_visited = 0;
+        for seg in self.segments.values().filter(|s| s.changed_at > since) {
+            blocks_visited += seg.spans.len();
+            changed.push(self.info(seg));
+        }
+        PoolChanges {
+            since,
+            generation: self.generation,
+            segment_ids: self.segments.keys().copied().collect(),
+            changed,
+            stats: self.stats(),
+            blocks_visited,
+        }
+    }
+
+    /// One segment with its blocks. `O(B)` over its blocks.
+    fn info(&self, seg: &Segment) -> SegmentInfo {
+        let mut total_free = 0u64;
+        let mut largest_free = 0u64;
+        let blocks = seg
+            .spans
+            .iter()
+            .map(|(&offset, span)| {
+                if span.tag.is_none() {
+                    total_free += span.bytes;
+                    largest_free = largest_free.max(span.bytes);
+                }
+                BlockInfo {
+                    offset,
+                    bytes: span.bytes,
+                    tag: span.tag,
+                    label: self.labels.name(span.meta.label),
+                    requested_bytes: span.meta.requested,
+                    alloc_step: span.meta.step,
+                    alloc_us: span.meta.t_us,
                 }
             })
-            .collect()
+            .collect();
+        SegmentInfo {
+            id: seg.raw.id,
+            addr: seg.raw.addr,
+            bytes: seg.bytes,
+            blocks,
+            free_bytes: total_free,
+            largest_free_bytes: largest_free,
+            fragmentation: fragmentation(largest_free, total_free),
+            changed_at: seg.changed_at,
+        }
     }
 
     /// Checks what the public snapshot cannot show: the free index holds
@@ -386,5 +535,12 @@ impl State {
         assert_eq!(self.reserved, reserved);
         assert_eq!(self.allocated, allocated);
         assert_eq!(self.live_blocks, live_total);
+        assert_eq!(self.live_by_tag.iter().sum::<usize>(), live_total);
+        assert!(
+            self.segments
+                .values()
+                .all(|s| s.changed_at <= self.generation),
+            "a segment changed after the current generation"
+        );
     }
 }

@@ -135,6 +135,9 @@ fn reference(prompt: &[u32], params: &SeqParams) -> Vec<u32> {
 
 /// Checks the scheduler invariants of the module docs (and the plan's).
 fn check(s: &Scheduler, plan: Option<&StepPlan>) {
+    for info in s.kv_page_map() {
+        assert_eq!(s.kv_page_info(info.page).as_ref(), Some(&info));
+    }
     let bm = s.block_manager();
     let ps = s.config.page_size;
     bm.check_invariants().unwrap();
@@ -242,6 +245,18 @@ fn drive(
     max_extra_steps: usize,
 ) -> Finished {
     let mut step = 0;
+    // What a telemetry subscriber sees: the page map rebuilt from changes only.
+    let mut mirror: Vec<Option<KvPageInfo>> = vec![None; s.block_manager().num_pages()];
+    let mut changed = Vec::new();
+    let mut check_mirror = |s: &mut Scheduler| {
+        changed.clear();
+        s.take_kv_changes(&mut changed);
+        for &p in &changed {
+            mirror[p.index()] = s.kv_page_info(p);
+        }
+        let full: Vec<Option<KvPageInfo>> = s.kv_page_map().into_iter().map(Some).collect();
+        assert_eq!(mirror, full, "page map from changes vs full page map");
+    };
     loop {
         before_step(step, s);
         if !s.has_unfinished() && step >= max_extra_steps {
@@ -251,6 +266,7 @@ fn drive(
         assert!(step < 50_000, "no progress");
         let out = s.schedule();
         check(s, out.plan.as_ref());
+        check_mirror(s);
         for f in &out.failed {
             assert!(s.get(f.seq_id).unwrap().is_finished());
         }
@@ -263,8 +279,10 @@ fn drive(
                 }
             }
             check(s, None);
+            check_mirror(s);
         }
     }
+    check_mirror(s);
     s.take_finished()
         .into_iter()
         .map(|q| {

@@ -194,6 +194,8 @@ fn check_invariants(pool: &Pool, raw: &FakeRaw, held: &[Block]) {
             .get(&seg.id)
             .expect("segment unknown to the backend");
         assert!(raw_seg.bytes >= seg.bytes);
+        assert_eq!(seg.addr, raw_seg.addr, "segment base address");
+        assert!(seg.changed_at <= snap.generation);
         reserved += seg.bytes;
         let (mut end, mut prev_free, mut seg_free, mut seg_largest) = (0u64, false, 0u64, 0u64);
         for b in &seg.blocks {
@@ -210,6 +212,7 @@ fn check_invariants(pool: &Pool, raw: &FakeRaw, held: &[Block]) {
                         seg.id, seg.blocks
                     );
                     prev_free = true;
+                    assert_eq!((&*b.label, b.requested_bytes, b.alloc_step), ("", 0, 0));
                     seg_free += b.bytes;
                     seg_largest = seg_largest.max(b.bytes);
                 }
@@ -218,11 +221,14 @@ fn check_invariants(pool: &Pool, raw: &FakeRaw, held: &[Block]) {
                     allocated += b.bytes;
                     by_tag[tag.index()] += b.bytes;
                     used += 1;
+                    assert!(b.requested_bytes > 0 && b.requested_bytes <= b.bytes);
                     used_blocks.insert((seg.id, b.offset), (b.bytes, tag));
                 }
             }
         }
         assert_eq!(end, seg.bytes, "blocks do not cover segment {:?}", seg.id);
+        assert_eq!(seg.free_bytes, seg_free);
+        assert_eq!(seg.largest_free_bytes, seg_largest);
         assert_eq!(
             seg.fragmentation,
             state::fragmentation(seg_largest, seg_free)
@@ -255,6 +261,7 @@ fn check_invariants(pool: &Pool, raw: &FakeRaw, held: &[Block]) {
     assert_eq!(s.num_segments, snap.segments.len());
     assert_eq!(s.num_live_blocks, used);
     assert_eq!(s.allocated_by_tag, by_tag);
+    assert_eq!(s.live_blocks_by_tag.iter().sum::<usize>(), used);
     assert_eq!(by_tag.iter().sum::<u64>(), allocated);
     for tag in MemoryTag::ALL {
         assert_eq!(s.allocated(tag), by_tag[tag.index()]);
@@ -453,13 +460,11 @@ fn split_leaves_remainder_free() {
     assert_eq!(whole.block_bytes(), 4 * MIB);
     let snap = pool.snapshot();
     assert_eq!(snap.segments.len(), 2);
+    let b = &snap.segments[1].blocks;
+    assert_eq!(b.len(), 1);
     assert_eq!(
-        snap.segments[1].blocks,
-        vec![BlockInfo {
-            offset: 0,
-            bytes: 4 * MIB,
-            tag: Some(MemoryTag::Weights)
-        }]
+        (b[0].offset, b[0].bytes, b[0].tag, b[0].requested_bytes),
+        (0, 4 * MIB, Some(MemoryTag::Weights), 3 * MIB)
     );
     check_invariants(&pool, &raw, &[big, whole]);
 }
@@ -855,6 +860,118 @@ enum Op {
     EmptyCache,
 }
 
+/// Applies [`PoolChanges`] to an earlier snapshot.
+fn apply_changes(snap: &mut PoolSnapshot, changes: PoolChanges) {
+    assert_eq!(changes.since, snap.generation, "changes from another base");
+    snap.segments
+        .retain(|s| changes.segment_ids.contains(&s.id));
+    for seg in changes.changed {
+        match snap.segments.binary_search_by_key(&seg.id, |s| s.id) {
+            Ok(i) => snap.segments[i] = seg,
+            Err(i) => snap.segments.insert(i, seg),
+        }
+    }
+    snap.stats = changes.stats;
+    snap.generation = changes.generation;
+}
+
+#[test]
+fn labels_steps_and_base_addresses_reach_the_snapshot() {
+    let raw = FakeRaw::new();
+    let pool = new_pool(&raw);
+    pool.set_step(7);
+    let q = pool
+        .alloc_labeled(1000, MemoryTag::Weights, "blk.0.attn_q.weight")
+        .unwrap();
+    pool.set_step(9);
+    let kv = pool
+        .alloc_labeled(3 * MIB, MemoryTag::Kv, "kv.layer.0")
+        .unwrap();
+    let plain = pool.alloc(10, MemoryTag::Scratch).unwrap();
+    let again = pool
+        .alloc_labeled(1000, MemoryTag::Weights, "blk.0.attn_q.weight")
+        .unwrap();
+    let snap = pool.snapshot();
+    let find = |b: &Block| {
+        let buf = b.buf();
+        let seg = snap
+            .segments
+            .iter()
+            .find(|s| Some(s.id) == buf.segment)
+            .unwrap();
+        assert_eq!(seg.addr + buf.offset, buf.addr, "base address + offset");
+        seg.blocks
+            .iter()
+            .find(|x| x.offset == buf.offset)
+            .unwrap()
+            .clone()
+    };
+    let (bq, bkv, bp, ba) = (find(&q), find(&kv), find(&plain), find(&again));
+    assert_eq!(
+        (&*bq.label, bq.alloc_step, bq.requested_bytes),
+        ("blk.0.attn_q.weight", 7, 1000)
+    );
+    assert_eq!((&*bkv.label, bkv.alloc_step), ("kv.layer.0", 9));
+    assert_eq!((&*bp.label, bp.alloc_step), ("", 9));
+    // One interned copy of a repeated label.
+    assert!(Arc::ptr_eq(&bq.label, &ba.label));
+    assert!(bq.alloc_us <= bkv.alloc_us);
+    assert_eq!(snap.stats.live_blocks_by_tag[MemoryTag::Weights.index()], 2);
+    check_invariants(&pool, &raw, &[q, kv, plain, again]);
+}
+
+#[test]
+fn too_many_labels_share_one_overflow_label() {
+    let raw = FakeRaw::new();
+    let pool = new_pool(&raw);
+    let mut st = pool.shared.lock();
+    for i in 1..state::MAX_LABELS {
+        assert_eq!(st.intern(&format!("l{i}")), i as u32);
+    }
+    let a = st.intern("one more");
+    let b = st.intern("and another");
+    assert_eq!(a, b, "labels past the cap share the overflow label");
+    assert_eq!(st.intern("l5"), 5, "known labels keep their id");
+    drop(st);
+    let blk = pool
+        .alloc_labeled(1, MemoryTag::Scratch, "yet another")
+        .unwrap();
+    let label = pool.snapshot().segments[0].blocks[0].label.clone();
+    assert_eq!(&*label, state::OVERFLOW_LABEL);
+    drop(blk);
+}
+
+#[test]
+fn changes_since_lists_only_changed_segments() {
+    let raw = FakeRaw::new();
+    let pool = new_pool(&raw);
+    // Many blocks in small segments that then stay put.
+    let stable: Vec<Block> = (0..200)
+        .map(|_| pool.alloc(20 * KIB, MemoryTag::Weights).unwrap())
+        .collect();
+    let big = pool.alloc(5 * MIB, MemoryTag::Kv).unwrap();
+    let base = pool.snapshot();
+    assert!(base.segments.len() > 2);
+    let nothing = pool.changes_since(base.generation);
+    assert!(nothing.changed.is_empty());
+    assert_eq!(nothing.blocks_visited, 0);
+    assert_eq!(nothing.generation, base.generation);
+    // A change in the large segment: only it is read.
+    drop(big);
+    let one = pool.changes_since(base.generation);
+    assert_eq!(one.changed.len(), 1);
+    assert_eq!(one.blocks_visited, 1);
+    // Giving the free large segment back lists it as gone.
+    pool.empty_cache();
+    let gone = pool.changes_since(one.generation);
+    assert!(gone.changed.is_empty());
+    assert_eq!(gone.segment_ids.len(), base.segments.len() - 1);
+    let mut mirror = base.clone();
+    apply_changes(&mut mirror, pool.changes_since(base.generation));
+    assert_eq!(mirror, pool.snapshot());
+    drop(stable);
+}
+
 fn size_strategy() -> impl Strategy<Value = u64> {
     prop_oneof![
         1 => Just(0u64),
@@ -887,6 +1004,7 @@ proptest! {
         let pool = pool_over(&raw, PoolConfig { budget_bytes: budget, ..PoolConfig::default() });
         let mut held: Vec<Block> = Vec::new();
         let mut peak = 0u64;
+        let mut mirror = pool.snapshot();
         for op in ops {
             match op {
                 Op::Alloc { bytes, tag } => match pool.alloc(bytes, MemoryTag::ALL[tag]) {
@@ -916,6 +1034,21 @@ proptest! {
                 prop_assert!(stats.reserved_bytes <= budget);
             }
             check_invariants(&pool, &raw, &held);
+            // Changes since the last look, applied to what was seen then,
+            // give the layout now; unchanged segments are not read.
+            let changes = pool.changes_since(mirror.generation);
+            let unchanged_blocks: usize = mirror
+                .segments
+                .iter()
+                .filter(|s| changes.segment_ids.contains(&s.id))
+                .filter(|s| !changes.changed.iter().any(|c| c.id == s.id))
+                .map(|s| s.blocks.len())
+                .sum();
+            apply_changes(&mut mirror, changes.clone());
+            let now = pool.snapshot();
+            prop_assert_eq!(&mirror, &now);
+            let total_blocks: usize = now.segments.iter().map(|s| s.blocks.len()).sum();
+            prop_assert_eq!(changes.blocks_visited + unchanged_blocks, total_blocks);
         }
         drop(pool);
         drop(held);
