@@ -12,6 +12,7 @@ pub mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod kv_cache;
+pub mod kv_commit;
 pub mod model;
 pub mod model_runner;
 pub mod perplexity;
