@@ -20,7 +20,7 @@ use crate::model::{LlamaConfig, LlamaWeights};
 use crate::model_runner::ModelRunner;
 use crate::plan::{Budget, MemoryPlan, PlanRequest, plan, workspace_dims};
 use crate::sampler::{Sampler, SamplingParams};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig, SwapConfig};
 use crate::sequence::{FinishReason, SeqId, SeqParams};
 use crate::telemetry::{StepStats, Telemetry};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -51,6 +51,9 @@ pub struct EngineConfig {
     pub num_pages: Option<usize>,
     /// Fault injection shared by the pool and the block manager.
     pub faults: FaultInjector,
+    /// Host bytes for swapped-out KV pages (`--swap-space`); 0 = preempted
+    /// sequences are always recomputed.
+    pub swap_space_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             budget: Budget::Utilization(0.9),
             num_pages: None,
             faults: FaultInjector::from_env(),
+            swap_space_bytes: 0,
         }
     }
 }
@@ -188,6 +192,11 @@ impl<B: Backend> EngineBuilder<B> {
                 max_num_batched_tokens: dims.max_tokens,
                 max_model_len: ctx,
                 enable_prefix_caching: cfg.enable_prefix_caching,
+                swap: SwapConfig {
+                    space_bytes: cfg.swap_space_bytes,
+                    page_bytes: layout.page_bytes_all_layers() as u64,
+                    ..SwapConfig::default()
+                },
             },
             cfg.faults.clone(),
         )?;

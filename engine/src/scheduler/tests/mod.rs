@@ -26,6 +26,7 @@ fn cfg(
         max_num_batched_tokens,
         max_model_len: 4096,
         enable_prefix_caching: caching,
+        swap: SwapConfig::default(),
     }
 }
 
@@ -307,6 +308,8 @@ fn one_prompt_prefill_then_decode_has_exact_arrays() {
         logits_indices: vec![4],
         sample_rows: vec![Some(0)],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: 5,
         num_decode_tokens: 0,
     };
@@ -335,6 +338,8 @@ fn one_prompt_prefill_then_decode_has_exact_arrays() {
         logits_indices: vec![0],
         sample_rows: vec![Some(0)],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: 0,
         num_decode_tokens: 1,
     };
@@ -372,6 +377,8 @@ fn decode_runs_before_prefill_in_a_mixed_step() {
         logits_indices: vec![0, 5],
         sample_rows: vec![Some(0), Some(1)],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: 5,
         num_decode_tokens: 1,
     };
@@ -577,16 +584,19 @@ fn freed_cached_pages_are_revived_by_a_later_identical_prefix() {
     assert_eq!(&plan.block_table(1)[..2], &[4, 5]);
     s.postprocess(&plan, &[Some(1), Some(1)]);
     assert_all_pages_free(&s);
-    // Freed tail first: b's pages 3, 2, 0 then c's 5, 4 join the back.
+    // Clean pages first (never used 6, 7, then b's freed uncached 3, 2),
+    // then the cached ones least recently freed first: 1 (freed at b's
+    // copy-on-write), b's 0, c's 5, 4 (tail first).
     assert_eq!(
         s.block_manager().free_pages_in_lru_order(),
-        [6, 7, 1, 3, 2, 0, 5, 4].map(PageId).to_vec()
+        [6, 7, 3, 2, 1, 0, 5, 4].map(PageId).to_vec()
     );
-    // Eviction follows that order: 5 pages for a new prompt take 6, 7,
-    // 1 (evicting the cached copy of tokens 5..8), 3, 2; page 0 stays cached.
+    // Fresh pages follow that order: 5 pages for a new prompt take the four
+    // clean pages, then evict 1 (the cached copy of tokens 5..8); page 0
+    // stays cached.
     let d = s.add((200..220).collect(), p(1)).unwrap();
     let plan = s.schedule().plan.unwrap();
-    assert_eq!(plan.block_table(0), &[6, 7, 1, 3, 2]);
+    assert_eq!(plan.block_table(0), &[6, 7, 3, 2, 1]);
     s.postprocess(&plan, &[Some(1)]);
     s.remove(d).unwrap();
     let e = s.add(prompt.clone(), p(1)).unwrap();
@@ -1126,7 +1136,7 @@ proptest! {
         fault_at in prop::option::weighted(0.3, 1u64..60),
         reqs in prop::collection::vec(req_strategy(), 1..8),
     ) {
-        let c = SchedulerConfig { page_size, num_pages, max_num_seqs, max_num_batched_tokens: budget, max_model_len: 64, enable_prefix_caching: caching };
+        let c = SchedulerConfig { page_size, num_pages, max_num_seqs, max_num_batched_tokens: budget, max_model_len: 64, enable_prefix_caching: caching, swap: SwapConfig::default() };
         let prefixes: [Vec<u32>; 4] = [vec![], vec![7; 5], (1..9).collect(), (1..13).collect()];
         let faults = FaultInjector::new();
         faults.fail_at(fault_at.unwrap_or(0));
