@@ -938,9 +938,9 @@ impl Scheduler {
         self.config.swap.num_slots()
     }
 
-    /// Host slots holding a swapped sequence's page (or freed this step).
+    /// Host slots holding a swapped sequence's page.
     pub fn num_host_slots_in_use(&self) -> usize {
-        self.num_host_slots() - self.host_free.len()
+        self.num_host_slots() - self.host_free.len() - self.host_freed.len()
     }
 
     /// Host bytes holding swapped K/V: slots in use × page bytes.

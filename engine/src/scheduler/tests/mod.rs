@@ -68,6 +68,8 @@ struct FakeRunner {
     page_size: usize,
     /// (num_pages * page_size)
     kv: Vec<Option<FakeKv>>,
+    /// Host slot -> the page_size slots of one swapped-out page.
+    host: HashMap<u32, Vec<Option<FakeKv>>>,
 }
 
 impl FakeRunner {
@@ -75,15 +77,41 @@ impl FakeRunner {
         Self {
             page_size: c.page_size,
             kv: vec![None; c.num_pages * c.page_size],
+            host: HashMap::new(),
         }
     }
 
+    /// Forgets the content of every page whose commit unit is released, so
+    /// reading one later panics.
+    fn wipe_uncommitted(&mut self, bm: &BlockManager) {
+        let ps = self.page_size;
+        for p in 0..bm.num_pages() {
+            if !bm.is_committed(PageId(p as u32)) {
+                self.kv[p * ps..(p + 1) * ps].fill(None);
+            }
+        }
+    }
+
+    /// Runs the copies in the plan's order (swap-out, copy-on-write,
+    /// swap-in), then the rows.
     fn execute(&mut self, plan: &StepPlan) -> Vec<Option<u32>> {
         let ps = self.page_size;
+        for &(page, slot) in &plan.swap_out {
+            let s = page as usize * ps;
+            self.host.insert(slot, self.kv[s..s + ps].to_vec());
+        }
         for &(src, dst) in &plan.copy_pages {
             let (s, d) = (src as usize * ps, dst as usize * ps);
             let page: Vec<_> = self.kv[s..s + ps].to_vec();
             self.kv[d..d + ps].copy_from_slice(&page);
+        }
+        for &(slot, page) in &plan.swap_in {
+            let content = self
+                .host
+                .remove(&slot)
+                .unwrap_or_else(|| panic!("host slot {slot} swapped in but never out"));
+            let d = page as usize * ps;
+            self.kv[d..d + ps].copy_from_slice(&content);
         }
         for i in 0..plan.num_seqs() {
             let table = plan.block_table(i).to_vec();
@@ -176,7 +204,29 @@ fn check(s: &Scheduler, plan: Option<&StepPlan>) {
     }
     for q in s.seqs.values().filter(|q| q.is_finished()) {
         assert!(q.block_table.is_empty(), "finished {} holds pages", q.id);
+        assert!(q.host_slots.is_empty(), "finished {} holds host slots", q.id);
     }
+    let mut host_slots: Vec<u32> = s.host_free.iter().chain(&s.host_freed).copied().collect();
+    for w in s.swapped.iter().zip(s.swapped.iter().skip(1)) {
+        assert!(s.seqs[w.0].arrival < s.seqs[w.1].arrival, "swapped not sorted by arrival");
+    }
+    for id in &s.swapped {
+        let q = &s.seqs[id];
+        assert_eq!(q.status, SeqStatus::Swapped);
+        assert!(q.block_table.is_empty(), "swapped {id} holds device pages");
+        assert!(q.num_computed_tokens > 0 && q.num_computed_tokens < q.len());
+        assert_eq!(q.host_slots.len(), q.num_computed_tokens.div_ceil(ps), "{id} host slots");
+        host_slots.extend(&q.host_slots);
+    }
+    for q in s.seqs.values().filter(|q| q.status != SeqStatus::Swapped) {
+        assert!(q.host_slots.is_empty(), "{} holds host slots while {:?}", q.id, q.status);
+    }
+    host_slots.sort_unstable();
+    assert_eq!(
+        host_slots,
+        (0..s.num_host_slots() as u32).collect::<Vec<_>>(),
+        "every host slot is free or held by exactly one swapped sequence"
+    );
     for st in bm.page_states() {
         assert_eq!(
             st.refcount,
@@ -214,6 +264,13 @@ fn check(s: &Scheduler, plan: Option<&StepPlan>) {
         }
         for &(_, dst) in &plan.copy_pages {
             assert_eq!(bm.refcount(PageId(dst)), 1, "copy target must be private");
+        }
+        for &(_, dst) in &plan.swap_in {
+            assert_eq!(bm.refcount(PageId(dst)), 1, "swap-in target must be private");
+            assert!(bm.is_committed(PageId(dst)), "swap-in into an uncommitted page");
+        }
+        for &slot in &plan.slot_mapping {
+            assert!(bm.is_committed(PageId(slot / ps as u32)), "write into an uncommitted page");
         }
         let decode_rows = plan.num_decode_tokens;
         for i in 0..plan.num_seqs() {
@@ -265,6 +322,7 @@ fn drive(
             }
             check(s, None);
         }
+        r.wipe_uncommitted(s.block_manager());
     }
     s.take_finished()
         .into_iter()
@@ -1042,6 +1100,7 @@ fn run_workload(
             s.postprocess(&plan, &sm);
             check(&s, None);
         }
+        r.wipe_uncommitted(s.block_manager());
     }
     let done: Finished = s
         .take_finished()
@@ -1186,3 +1245,5 @@ proptest! {
         }
     }
 }
+
+mod kv_tiers;
