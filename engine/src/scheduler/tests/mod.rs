@@ -1194,12 +1194,26 @@ proptest! {
         caching in any::<bool>(),
         fault_at in prop::option::weighted(0.3, 1u64..60),
         reqs in prop::collection::vec(req_strategy(), 1..8),
+        host_slots in prop::option::weighted(0.4, 0u64..12),
+        pages_per_unit in prop::option::weighted(0.5, 1usize..4),
+        idle_steps in 0u64..4,
     ) {
-        let c = SchedulerConfig { page_size, num_pages, max_num_seqs, max_num_batched_tokens: budget, max_model_len: 64, enable_prefix_caching: caching, swap: SwapConfig::default() };
+        // Swap on: every preemption with enough free host slots swaps.
+        let swap = match host_slots {
+            Some(n) => SwapConfig { space_bytes: n, page_bytes: 1, latency_us: 0, ..SwapConfig::default() },
+            None => SwapConfig::default(),
+        };
+        let c = SchedulerConfig { page_size, num_pages, max_num_seqs, max_num_batched_tokens: budget, max_model_len: 64, enable_prefix_caching: caching, swap };
         let prefixes: [Vec<u32>; 4] = [vec![], vec![7; 5], (1..9).collect(), (1..13).collect()];
         let faults = FaultInjector::new();
         faults.fail_at(fault_at.unwrap_or(0));
-        let mut s = Scheduler::new(c.clone(), faults.clone()).unwrap();
+        let commit = pages_per_unit.map(|ppu| Arc::new(crate::kv_commit::RecordingCommit::new(ppu, None, FaultInjector::new())));
+        let mut s = Scheduler::with_kv_commit(
+            c.clone(),
+            faults.clone(),
+            commit.clone().map(|c| c as Arc<dyn KvCommit>),
+        ).unwrap();
+        s.block_manager.set_cache_idle_steps(idle_steps);
         let mut r = FakeRunner::new(&c);
         let mut added: Vec<(SeqId, Vec<u32>, SeqParams, Option<usize>)> = Vec::new();
         let mut pending: Vec<&Req> = reqs.iter().collect();
@@ -1227,6 +1241,11 @@ proptest! {
             }
         }, last_arrival + 1);
         assert_all_pages_free(&s);
+        prop_assert_eq!(s.num_host_slots_in_use(), 0);
+        if let Some(commit) = &commit {
+            prop_assert_eq!(commit.violation(), None);
+            prop_assert_eq!(commit.committed_units().len(), s.block_manager().num_committed_units());
+        }
         let num_errors = done.values().filter(|d| matches!(d.1, FinishReason::Error(_))).count() as u64;
         prop_assert_eq!(num_errors, faults.faults_fired(), "one failed request per fired fault");
         prop_assert!(faults.faults_fired() <= 1);
