@@ -183,7 +183,14 @@ impl<B: Backend> EngineBuilder<B> {
             head_dim: model_cfg.head_dim,
             dtype: cfg.kv_dtype,
         };
-        let runner = ModelRunner::new(backend, pool, &gguf, model_cfg.clone(), dims, layout)?;
+        let mut runner = ModelRunner::new(backend, pool, &gguf, model_cfg.clone(), dims, layout)?;
+        let swap = SwapConfig {
+            space_bytes: cfg.swap_space_bytes,
+            page_bytes: layout.page_bytes_all_layers() as u64,
+            ..SwapConfig::default()
+        };
+        runner.set_swap_slots(swap.num_slots())?;
+        mem_plan.set_swap_slots(swap.num_slots());
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 page_size: cfg.page_size,
@@ -192,11 +199,7 @@ impl<B: Backend> EngineBuilder<B> {
                 max_num_batched_tokens: dims.max_tokens,
                 max_model_len: ctx,
                 enable_prefix_caching: cfg.enable_prefix_caching,
-                swap: SwapConfig {
-                    space_bytes: cfg.swap_space_bytes,
-                    page_bytes: layout.page_bytes_all_layers() as u64,
-                    ..SwapConfig::default()
-                },
+                swap,
             },
             cfg.faults.clone(),
         )?;

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod host_kv_tier;
 pub mod kv_cache;
 pub mod kv_commit;
 pub mod model;

@@ -7,6 +7,7 @@ use pagoda_backend::{Backend, KvLayout, Pool};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::host_kv_tier::HostKvTier;
 use crate::kv_cache::KvCache;
 use crate::model::{LlamaConfig, LlamaWeights, Workspace, WorkspaceDims, forward};
 use crate::step_plan::StepPlan;
@@ -20,6 +21,9 @@ pub struct ModelRunner<B: Backend> {
     weights: LlamaWeights,
     workspace: Workspace,
     kv: KvCache,
+    /// Host page slots for swap-to-host preemption (none until
+    /// [`ModelRunner::set_swap_slots`]).
+    host_tier: HostKvTier,
     /// (max_logits_rows, vocab) host copy of the last step's logits.
     logits_host: Vec<f32>,
 }
@@ -61,13 +65,45 @@ impl<B: Backend> ModelRunner<B> {
             weights,
             workspace,
             kv,
+            host_tier: HostKvTier::default(),
             logits_host,
         })
+    }
+
+    /// Gives the runner `num_slots` host page slots for swapped-out pages
+    /// (the scheduler's `SwapConfig::num_slots`).
+    pub fn set_swap_slots(&mut self, num_slots: usize) -> Result<()> {
+        self.host_tier = HostKvTier::new(&self.kv.layout, num_slots)?;
+        Ok(())
     }
 
     /// Runs one step; returns (num_logits, vocab) logits, row `i` for token row `plan.logits_indices[i]`.
     pub fn execute(&mut self, plan: &StepPlan) -> Result<&[f32]> {
         let b = self.backend.as_ref();
+        // Page copies in the plan's order: swap-out, copy-on-write, swap-in
+        // (see `step_plan`). `forward` does the copy-on-write itself, so when
+        // there is a swap-in it runs here first and `forward` gets none.
+        self.host_tier.swap_out(b, &self.kv, &plan.swap_out)?;
+        let without_copies;
+        let plan = if plan.swap_in.is_empty() {
+            plan
+        } else {
+            if !plan.copy_pages.is_empty() {
+                for l in 0..self.kv.layout.num_layers {
+                    b.copy_pages(self.kv.layer(l), &plan.copy_pages)?;
+                }
+            }
+            self.host_tier.swap_in(b, &self.kv, &plan.swap_in)?;
+            without_copies = StepPlan {
+                copy_pages: Vec::new(),
+                ..plan.clone()
+            };
+            &without_copies
+        };
+        if plan.num_tokens() == 0 {
+            // Copies only (a sequence swapped itself out and nothing ran).
+            return Ok(&self.logits_host[..0]);
+        }
         forward(
             b,
             &self.config,

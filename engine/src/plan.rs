@@ -90,6 +90,11 @@ pub struct MemoryPlan {
     pub kv_tokens: usize,
     /// Workspace sizing.
     pub max_num_batched_tokens: usize,
+    /// Host page slots for swapped-out KV pages (`--swap-space`).
+    pub swap_slots: usize,
+    /// Host bytes of those slots: `swap_slots * page_bytes`. Host memory,
+    /// outside the device budget and `total_bytes`.
+    pub swap_bytes: u64,
 }
 
 /// The plan does not fit: numbers and advice in the message.
@@ -213,6 +218,8 @@ pub fn plan(
         max_seqs: seqs_for_ws,
         kv_tokens: 0,
         max_num_batched_tokens: req.max_num_batched_tokens,
+        swap_slots: 0,
+        swap_bytes: 0,
     };
     let fixed = p.weights_bytes + p.workspace_bytes + p.graph_bytes + p.headroom_bytes;
     match req.max_seqs {
@@ -320,6 +327,18 @@ pub fn plan(
 }
 
 impl MemoryPlan {
+    /// The host swap tier: `num_slots` page slots of `page_bytes` each.
+    pub fn set_swap_slots(&mut self, num_slots: usize) {
+        self.swap_slots = num_slots;
+        self.swap_bytes = num_slots as u64 * self.page_bytes;
+    }
+
+    /// The host swap tier of `swap_space_bytes` (`--swap-space`): whole
+    /// page slots only.
+    pub fn set_swap_space(&mut self, swap_space_bytes: u64) {
+        self.set_swap_slots((swap_space_bytes / self.page_bytes.max(1)) as usize);
+    }
+
     /// Replaces the derived KV page count with an explicit one, keeping the
     /// plan consistent (`kv_bytes`, `kv_tokens`, `total_bytes`). Refuses
     /// fewer pages than one sequence of `ctx` tokens needs, and a total over
@@ -401,6 +420,17 @@ pub fn table(p: &MemoryPlan) -> String {
     );
     row(&mut s, "total", String::new(), p.total_bytes);
     row(&mut s, "budget", p.budget_source.clone(), p.budget_bytes);
+    if p.swap_slots > 0 {
+        row(
+            &mut s,
+            "host swap",
+            format!(
+                "{} page slots in host memory (not in the total)",
+                p.swap_slots
+            ),
+            p.swap_bytes,
+        );
+    }
     let _ = writeln!(
         s,
         "  KV holds {} tokens: {} sequences × {} context",

@@ -51,6 +51,10 @@ pub struct MemoryArgs {
     /// Absolute memory budget, e.g. 8GiB.
     #[arg(long)]
     pub memory_budget: Option<String>,
+    /// Host memory for swapped-out KV pages, e.g. 4GiB (0 = preempted
+    /// sequences are recomputed).
+    #[arg(long)]
+    pub swap_space: Option<String>,
 }
 
 /// Where the prompt comes from.

@@ -124,6 +124,14 @@ fn budget(m: &MemoryArgs) -> Result<Budget> {
     Ok(Budget::Utilization(u))
 }
 
+fn swap_space(m: &MemoryArgs) -> Result<u64> {
+    match &m.swap_space {
+        None => Ok(0),
+        Some(s) => parse_bytes(s)
+            .ok_or_else(|| anyhow!("cannot parse swap space `{s}` (try 4GiB or 512MiB)")),
+    }
+}
+
 fn engine_config(m: &MemoryArgs) -> Result<EngineConfig> {
     let budget = budget(m)?;
     let derive = matches!(budget, Budget::Bytes(_)) && m.max_seqs.is_none();
@@ -136,6 +144,7 @@ fn engine_config(m: &MemoryArgs) -> Result<EngineConfig> {
         },
         kv_dtype: kv_dtype(&m.kv_dtype)?,
         budget,
+        swap_space_bytes: swap_space(m)?,
         ..EngineConfig::default()
     })
 }
@@ -674,8 +683,10 @@ fn plan_cmd(
             cfg.context_len
         );
     }
+    let swap_bytes = swap_space(m)?;
     match plan(&cfg, weights, &req, backend.memory()?, backend.info()) {
-        Ok(p) => {
+        Ok(mut p) => {
+            p.set_swap_space(swap_bytes);
             if json_out {
                 let mut doc = serde_json::to_value(&p)?;
                 doc["fits"] = json!(true);
