@@ -7,26 +7,78 @@
 //! prefix reuses the page instead of recomputing it.
 //!
 //! ## Invariants
-//! - A page is in the free list if and only if its refcount is 0.
+//! - A page is on a free list if and only if its refcount is 0 and its
+//!   commit unit is committed. Clean free pages (no cached content) are on
+//!   their unit's clean list; free pages with cached content are on the one
+//!   cached list.
 //! - A page has cached content (hash, parent hash, tokens) if and only if the
 //!   hash map points to it. Freed pages *keep* their content, so a later
 //!   request can revive them; the content is dropped only when the page is
-//!   handed out again as a fresh page (eviction).
+//!   handed out again as a fresh page, or by the idle rule below (eviction).
 //! - A page registered in the prefix cache is immutable: it is never written.
 //!   [`BlockManager::allocate_slots`] copies it first (copy-on-write). Only
 //!   registered pages are ever shared, so no page with refcount > 1 is
 //!   written either.
+//! - Page ids never move: growing or shrinking the committed memory never
+//!   relocates a live page (no compaction).
 //!
-//! ## Free list and LRU
-//! One free list, ordered by the time pages were freed: pages freed go to the
-//! back, fresh pages are taken from the front, so cached content is evicted in
-//! least-recently-freed order (never-used pages start at the front, in page
-//! order). A sequence frees its pages last page first, so the tail of a prompt
-//! is evicted before the shared head. A prefix-cache hit on a free page unlinks
-//! it from the middle of the list. The list is intrusive (prev/next indices per
-//! page), so push, pop and unlink are O(1) and memory is O(num_pages).
+//! ## Free lists and LRU
+//! A fresh page is, in this order:
+//! 1. a *clean* free page (never used, or freed without cached content) of
+//!    the lowest committed unit that has one, front of that unit's list
+//!    (freed pages go to the back: FIFO within a unit);
+//! 2. else the *least recently freed cached* page, whose content is evicted;
+//! 3. else none: the caller grows first ([`BlockManager::grow_for`]).
 //!
-//! ## Prefix cache
+//! So cached content is evicted only when no clean page is left, and then in
+//! least-recently-freed order. A sequence frees its pages last page first,
+//! so the tail of a prompt is evicted before the shared head. A prefix-cache
+//! hit on a free page unlinks it from the middle of the cached list. The
+//! lists are intrusive (prev/next indices per page), so push, pop and unlink
+//! are O(1) and memory is O(num_pages). (Before growable KV there was one
+//! list mixing clean and cached pages by free time, so an old cached page was
+//! evicted before a newer clean one; now clean pages go first.)
+//!
+//! ## Growable KV: commit units
+//! `num_pages` is the *reservation* (the plan's KV figure). With a
+//! [`KvCommit`] ([`BlockManager::with_commit`]), physical memory is committed
+//! in units of `pages_per_unit` consecutive page ids (unit `u` = pages
+//! `u * ppu .. (u + 1) * ppu`, the last one possibly shorter); without one
+//! ([`BlockManager::new`]) everything is one committed unit, never released.
+//! - **Only committed pages are handed out.** Pages of an uncommitted unit
+//!   are on no list; [`BlockManager::num_available_pages`] counts the free
+//!   pages of committed units, and every scheduling decision
+//!   ([`BlockManager::can_allocate`], [`BlockManager::max_new_tokens`]) uses
+//!   it.
+//! - **Grow before preempting.** [`BlockManager::grow_for`]`(n)` commits the
+//!   lowest uncommitted units until `n` pages are available; the scheduler
+//!   calls it before deciding that pages are short. Cached free pages count
+//!   as available, so the cache is evicted (LRU) before memory is grown. A
+//!   refused commit (device full, budget, injected fault) is an `Err`; the
+//!   units committed before it stay, nothing leaks, and the scheduler
+//!   preempts, waits, or fails a sequence that has nothing to wait for.
+//! - **Placement so units can empty.** Fresh pages come from the lowest
+//!   committed unit with a clean page, so the load packs into low units and
+//!   high units are the first to empty. (Fullest-unit-first would pack
+//!   tighter but needs a priority queue keyed by fill, updated on every free;
+//!   lowest-first costs O(log num_units) and approximates it, since low units
+//!   are filled first.)
+//! - **Release.** A unit is *live* while a page of it is held (refcount > 0)
+//!   or holds cached content. A unit with no live page is released by the
+//!   next [`BlockManager::end_step`] — at the end of the scheduler's
+//!   `postprocess`, after the step's plan ran, because that plan's swap-out
+//!   copies may still read a page freed while it was scheduled. The
+//!   committer defers the actual free until queued device work is done.
+//! - **Eviction of idle cached pages.** A cached free page keeps its unit
+//!   committed. A unit whose pages are all free but some cached (no page
+//!   held) for `cache_idle_steps` steps ([`DEFAULT_CACHE_IDLE_STEPS`] = 64,
+//!   [`BlockManager::set_cache_idle_steps`]) has its cached pages evicted
+//!   (dropped from the prefix cache, out of LRU order) and is released at
+//!   that `end_step`. Reviving one of its pages makes it live again and
+//!   restarts the count. Under memory pressure cached pages are evicted
+//!   earlier, by reuse (rule 2 above), before any growth.
+//!
+//! //! ## Prefix cache
 //! Hash: [`hash_page`], a hand-rolled 64-bit mix (splitmix64 finaliser per
 //! token), stable across runs and platforms. A lookup walks a sequence's
 //! full-page hashes in order and stops at the first miss; each hit is verified
@@ -44,9 +96,15 @@
 //! claim the page and read it while it is written.
 //!
 //! ## Costs
-//! Allocation, free and revival: O(1) per page. Lookup: O(page_size) per hit
-//! page (token verification). Registration: O(page_size) per newly full page.
-//! Every fresh page allocation is a fault site (`faults.check("kv page")`).
+//! Allocation, free and revival: O(log num_units) per page (O(1) list work
+//! plus the ordered set of units with clean pages). Lookup: O(page_size) per
+//! hit page (token verification). Registration: O(page_size) per newly full
+//! page. Commit: O(pages_per_unit + log num_units) per unit; release and idle
+//! eviction: O(pages_per_unit + log num_units) per unit released;
+//! `end_step` does no work for units that stay live. Every fresh page
+//! allocation is a fault site (`faults.check("kv page")`); every commit is a
+//! fault site of the committer (`faults.check("kv grow")` in the test
+//! double).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

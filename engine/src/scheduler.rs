@@ -5,47 +5,85 @@
 //! `schedule() -> runner executes the StepPlan -> postprocess()`.
 //!
 //! ## Policy (vLLM v1 style)
-//! Each step has a budget of `max_num_batched_tokens` token rows.
+//! Each step has a budget of `max_num_batched_tokens` token rows. "Free
+//! pages" below means pages available in committed memory; before any
+//! decision that pages are short, the block manager *grows* (commits KV
+//! units, see [`crate::block_manager`]) up to the reservation.
 //! 1. **Decode first.** Every running sequence that has its whole context
 //!    computed but for the last sampled token gets one row, oldest first. When
-//!    it needs a page and none is free, the most recently arrived running
-//!    sequence not yet scheduled this step is *preempted* (recompute: its pages
-//!    are freed, `num_computed_tokens` is reset to 0 and it goes back to the
-//!    waiting queue in arrival order); when no newer sequence is left, the
-//!    sequence preempts itself. A sequence that cannot get a page even when it
-//!    holds the only pages fails with [`EngineError::OutOfKvPages`]
-//!    (unreachable when `add` accepted it, kept as a clear answer).
+//!    it needs a page and none is free (even after growing), the most
+//!    recently arrived running sequence not yet scheduled this step is
+//!    *preempted* (swap or recompute, see below); when no newer sequence is
+//!    left, the sequence preempts itself. A sequence that cannot get a page
+//!    even when it holds the only pages fails: with the committer's error when
+//!    a grow was refused (nothing else holds pages it could wait for), else
+//!    with [`EngineError::OutOfKvPages`] (unreachable when `add` accepted it,
+//!    kept as a clear answer).
 //! 2. **Chunked prefill of running sequences**, oldest first: as many prompt
 //!    (or recompute) tokens as the budget and the free pages allow, preempting
 //!    newer unscheduled sequences when not even one token fits. A sequence
 //!    whose newer rivals are already scheduled waits (it keeps its pages).
-//! 3. **Admission** of waiting sequences in arrival order while the budget,
+//! 3. **Resumption** of swapped sequences in arrival order, unless a
+//!    sequence was preempted or left waiting for pages this step: fresh pages
+//!    for every host slot (copied back by `swap_in` before the forward) and
+//!    for its next tokens; the first that does not fit stops resumption.
+//! 4. **Admission** of waiting sequences in arrival order while the budget,
 //!    `max_num_seqs` and the free pages allow, unless a running sequence was
-//!    preempted or left waiting for pages this step (newcomers must not take
-//!    pages older sequences need). Admission consults the prefix cache: cached
-//!    full pages are claimed (shared, refcount > 1) and only the suffix is
-//!    computed. The first waiting sequence that does not fit stops admission
-//!    (first come, first served).
+//!    preempted or left waiting for pages this step or a swapped sequence is
+//!    left (newcomers must not take pages older sequences need). Admission
+//!    consults the prefix cache: cached full pages are claimed (shared,
+//!    refcount > 1) and only the suffix is computed. The first waiting
+//!    sequence that does not fit stops admission (first come, first served);
+//!    one whose grow is refused while nothing runs fails with that error.
+//!
+//! ## Preemption: swap or recompute
+//! A preempted sequence with `t` computed tokens in `n = ceil(t / page_size)`
+//! pages is *swapped* when swap space is configured
+//! ([`SchedulerConfig::swap`]), `n` host slots are free, and
+//! ```text
+//! 2 * (latency + n * page_bytes / bandwidth)   <   t / recompute_tokens_per_s
+//! ```
+//! (copy out and back in, versus prefilling its tokens again); otherwise it
+//! is *recomputed* (pages freed, `num_computed_tokens` reset to 0, back to
+//! the waiting queue in arrival order). vLLM's reasoning, with numbers: the
+//! defaults (10 GB/s, 1 ms per transfer, 4096 tokens/s) on a SmolLM2-135M f32
+//! page of 16 tokens (720 KiB) recompute up to 8 tokens and swap from 9 on;
+//! a GPU with a fast prefill should set its measured `recompute_tokens_per_s`.
+//! A swapped sequence keeps `num_computed_tokens`, holds host slots and no
+//! device page, and waits in the swapped queue. Its pages are freed at once
+//! and may be reused in the same step: the plan's `swap_out` copies run first
+//! (the runner's order is `swap_out`, `copy_pages`, `swap_in`, forward), and
+//! a host slot freed by a resume is reusable only from the next step (its
+//! `swap_in` may not have run yet). Commit units emptied in a step are
+//! released only at the end of `postprocess`, after the plan ran. A plan may
+//! carry only swap-out copies and no token rows (a sequence swapped itself
+//! out and nothing else ran); the runner must still execute it.
 //!
 //! A fault (`BackendError::FaultInjected`) or `OutOfKvPages` while taking
 //! pages for a sequence ends *that* sequence with [`FinishReason::Error`],
 //! frees its pages and reports it in [`ScheduleOutput::failed`]; the step goes
-//! on for the others.
+//! on for the others. A fault at a *grow* only makes pages short: the
+//! scheduler preempts or waits as above.
 //!
 //! ## Invariants
-//! - `running` and `waiting` are sorted by arrival and disjoint; finished
-//!   sequences are in neither. Waiting sequences hold no pages.
+//! - `running`, `waiting` and `swapped` are sorted by arrival and disjoint;
+//!   finished sequences are in none. Waiting and swapped sequences hold no
+//!   device pages; a swapped sequence holds one host slot per computed page,
+//!   and every host slot is free or held by exactly one swapped sequence.
 //! - Each page's refcount equals the number of running block tables holding it;
 //!   a page in two block tables is a full, registered prefix-cache page.
-//! - No step writes a slot of a page with refcount > 1 or of a page
-//!   registered in the prefix cache (cached pages are immutable).
-//! - When nothing is unfinished, every page is free.
+//! - No step writes a slot of a page with refcount > 1, of a page registered
+//!   in the prefix cache (cached pages are immutable), or of an uncommitted
+//!   page.
+//! - When nothing is unfinished, every page and host slot is free, and every
+//!   unit still committed holds only cached free pages.
 //!
 //! ## Costs
 //! `schedule`: O(num_running + scheduled tokens + pages taken), plus
-//! O(page_size) per prefix-cache hit page. `postprocess`: O(num_seqs in the
-//! plan + page_size per newly full page). Preemption and finishing:
-//! O(num_running + pages of the sequence).
+//! O(page_size) per prefix-cache hit page and O(pages_per_unit) per unit
+//! committed. `postprocess`: O(num_seqs in the plan + page_size per newly
+//! full page + pages_per_unit per unit released). Preemption and finishing:
+//! O(num_running + pages of the sequence); a swap adds one host slot per page.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
