@@ -184,7 +184,10 @@ impl PageLists {
 
     fn push_back(&mut self, l: usize, p: u32) {
         let i = p as usize;
-        debug_assert!(self.list[i].is_none(), "page {p} pushed to a free list twice");
+        debug_assert!(
+            self.list[i].is_none(),
+            "page {p} pushed to a free list twice"
+        );
         self.prev[i] = self.tail[l];
         self.next[i] = None;
         match self.tail[l] {
@@ -863,7 +866,11 @@ impl BlockManager {
 
     /// Releases empty unit `u`: its pages leave the clean list.
     fn release_unit(&mut self, u: usize, commit: &dyn KvCommit) {
-        debug_assert_eq!(self.units[u].state, UnitState::Empty, "unit {u} released while not empty");
+        debug_assert_eq!(
+            self.units[u].state,
+            UnitState::Empty,
+            "unit {u} released while not empty"
+        );
         for p in self.unit_pages(u) {
             self.lists.unlink(p);
             self.num_clean -= 1;
@@ -1051,7 +1058,10 @@ impl BlockManager {
                 UnitState::Live => (false, false, false),
             };
             if listed != expected {
-                return Err(format!("unit {u} in {:?} is listed as {listed:?}", unit.state));
+                return Err(format!(
+                    "unit {u} in {:?} is listed as {listed:?}",
+                    unit.state
+                ));
             }
             if self.commit.is_some() && committed {
                 let want = if unit.held > 0 {
@@ -1062,7 +1072,10 @@ impl BlockManager {
                     unit.state == UnitState::Empty
                 };
                 if !want {
-                    return Err(format!("unit {u} state {:?} disagrees with its counts", unit.state));
+                    return Err(format!(
+                        "unit {u} state {:?} disagrees with its counts",
+                        unit.state
+                    ));
                 }
             }
         }

@@ -91,8 +91,8 @@ use std::sync::Arc;
 use pagoda_backend::FaultInjector;
 
 use crate::block_manager::{BlockManager, KvCommitStats};
-use crate::kv_commit::KvCommit;
 use crate::error::{EngineError, Result};
+use crate::kv_commit::KvCommit;
 use crate::sequence::{FinishReason, PageId, SeqId, SeqParams, SeqStatus, Sequence, TokenId};
 use crate::step_plan::{StepPlan, pad_block_tables};
 
@@ -216,9 +216,7 @@ impl SchedulerConfig {
         let swap = &self.swap;
         if swap.is_enabled() {
             if swap.bandwidth_bytes_per_s == 0 || swap.recompute_tokens_per_s == 0 {
-                return bad(
-                    "swap needs a positive host bandwidth and recompute throughput".into(),
-                );
+                return bad("swap needs a positive host bandwidth and recompute throughput".into());
             }
             if u32::try_from(swap.num_slots()).is_err() {
                 return bad(format!(

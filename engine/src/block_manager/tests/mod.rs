@@ -304,7 +304,10 @@ fn growth_under_a_rising_load_commits_one_unit_at_a_time_lowest_first() {
         take(&mut m, s, 4); // two pages = one unit each
         assert_eq!(m.num_committed_units(), i + 1, "after sequence {i}");
         assert_eq!(m.num_committed_pages(), 2 * (i + 1));
-        assert_eq!(s.block_table, vec![PageId(2 * i as u32), PageId(2 * i as u32 + 1)]);
+        assert_eq!(
+            s.block_table,
+            vec![PageId(2 * i as u32), PageId(2 * i as u32 + 1)]
+        );
         m.check_invariants().unwrap();
     }
     assert_eq!(
@@ -313,7 +316,10 @@ fn growth_under_a_rising_load_commits_one_unit_at_a_time_lowest_first() {
     );
     assert!(!m.grow_for(1).unwrap(), "the reservation is exhausted");
     let st = m.commit_stats();
-    assert_eq!((st.num_grows, st.peak_committed_pages, st.reserved_pages), (4, 8, 8));
+    assert_eq!(
+        (st.num_grows, st.peak_committed_pages, st.reserved_pages),
+        (4, 8, 8)
+    );
     assert_eq!(c.violation(), None);
 }
 
@@ -341,7 +347,11 @@ fn a_unit_is_released_when_its_pages_free_while_another_unit_stays() {
     assert_eq!(other.block_table, [4, 5].map(PageId).to_vec());
     m.free(&mut long);
     m.end_step();
-    assert_eq!(c.committed_units(), vec![2], "units 0 and 1 emptied; unit 2 is live");
+    assert_eq!(
+        c.committed_units(),
+        vec![2],
+        "units 0 and 1 emptied; unit 2 is live"
+    );
     assert_eq!(m.num_committed_units(), 1);
     assert!(m.is_committed(PageId(4)) && !m.is_committed(PageId(0)));
     m.check_invariants().unwrap();
@@ -381,7 +391,11 @@ fn cached_pages_are_evicted_before_a_new_unit_is_committed() {
     assert_eq!(m.num_committed_units(), 1, "cached pages keep their unit");
     let mut b = seq(1, &[7; 2], 2);
     take(&mut m, &mut b, 2);
-    assert_eq!(b.block_table, vec![PageId(1)], "LRU cached page (the tail) reused");
+    assert_eq!(
+        b.block_table,
+        vec![PageId(1)],
+        "LRU cached page (the tail) reused"
+    );
     assert_eq!(c.events(), vec![CommitEvent::Commit(0)], "no growth");
     m.check_invariants().unwrap();
 }
@@ -411,7 +425,11 @@ fn a_unit_of_only_cached_pages_is_released_after_the_idle_steps_and_revival_rese
     m.end_step();
     assert_eq!(m.num_committed_units(), 0, "idle cached unit released");
     assert_eq!(c.events().last(), Some(&CommitEvent::Release(0)));
-    assert!(m.lookup_prefix(&seq(2, &[1, 2, 3, 4, 5], 2)).pages.is_empty());
+    assert!(
+        m.lookup_prefix(&seq(2, &[1, 2, 3, 4, 5], 2))
+            .pages
+            .is_empty()
+    );
     assert_eq!(m.commit_stats().num_idle_evictions, 2);
     assert_eq!(m.num_cached_free_pages(), 0);
     m.check_invariants().unwrap();
@@ -423,8 +441,15 @@ fn a_refused_commit_is_an_error_that_keeps_every_page_accounted_for() {
     let mut s = seq(0, &[1; 6], 2);
     let err = m.grow_for(3).unwrap_err();
     assert!(err.to_string().contains("cap"), "{err}");
-    assert_eq!(m.num_available_pages(), 2, "the unit committed before the refusal stays");
-    assert_eq!(c.events(), vec![CommitEvent::Commit(0), CommitEvent::Refused(1)]);
+    assert_eq!(
+        m.num_available_pages(),
+        2,
+        "the unit committed before the refusal stays"
+    );
+    assert_eq!(
+        c.events(),
+        vec![CommitEvent::Commit(0), CommitEvent::Refused(1)]
+    );
     assert_eq!(m.max_new_tokens(&s), 4);
     m.allocate_slots(&mut s, 4).unwrap();
     assert_eq!(m.commit_stats().num_grow_failures, 1);

@@ -151,7 +151,10 @@ fn swap_space_is_whole_host_page_slots_outside_the_device_total() {
     )
     .unwrap();
     let total = p.total_bytes;
-    assert!(!table(&p).contains("host swap"), "no line without swap space");
+    assert!(
+        !table(&p).contains("host swap"),
+        "no line without swap space"
+    );
     // One f32 page of this model: 16 tokens × 30 layers × 3 heads × 64 × 2 × 4 B.
     assert_eq!(p.page_bytes, 737_280);
     p.set_swap_space(4 << 30);
@@ -161,5 +164,8 @@ fn swap_space_is_whole_host_page_slots_outside_the_device_total() {
     assert_eq!(p.total_bytes, total, "host swap is not device memory");
     let t = table(&p);
     let line = t.lines().find(|l| l.contains("host swap")).unwrap();
-    assert!(line.contains("5825 page slots") && line.contains("4.00 GiB"), "{line}");
+    assert!(
+        line.contains("5825 page slots") && line.contains("4.00 GiB"),
+        "{line}"
+    );
 }

@@ -75,16 +75,24 @@ fn run_arrivals(s: &mut Scheduler, reqs: &[Arrival]) -> Run {
     run
 }
 
-fn growable(c: &SchedulerConfig, ppu: usize, cap: Option<usize>) -> (Scheduler, Arc<RecordingCommit>) {
+fn growable(
+    c: &SchedulerConfig,
+    ppu: usize,
+    cap: Option<usize>,
+) -> (Scheduler, Arc<RecordingCommit>) {
     let commit = Arc::new(RecordingCommit::new(ppu, cap, FaultInjector::new()));
-    let s = Scheduler::with_kv_commit(c.clone(), FaultInjector::new(), Some(commit.clone()))
-        .unwrap();
+    let s =
+        Scheduler::with_kv_commit(c.clone(), FaultInjector::new(), Some(commit.clone())).unwrap();
     (s, commit)
 }
 
 fn assert_outputs_match_solo_runs(run: &Run, reqs: &[Arrival]) {
     for (id, (_, q, prm)) in run.ids.iter().zip(reqs) {
-        assert_eq!(run.done[id], (reference(q, prm), FinishReason::Length), "{id}");
+        assert_eq!(
+            run.done[id],
+            (reference(q, prm), FinishReason::Length),
+            "{id}"
+        );
     }
 }
 
@@ -129,7 +137,10 @@ fn growth_under_a_rising_load_commits_units_step_by_step() {
     assert!(rising.windows(2).all(|w| w[0] <= w[1]), "{rising:?}");
     let mut levels = rising.to_vec();
     levels.dedup();
-    assert!(levels.len() >= 5, "committed units rise step by step: {rising:?}");
+    assert!(
+        levels.len() >= 5,
+        "committed units rise step by step: {rising:?}"
+    );
     assert_eq!(levels[0], 1, "the first step commits one unit");
     let commits: Vec<usize> = commit
         .events()
@@ -142,7 +153,10 @@ fn growth_under_a_rising_load_commits_units_step_by_step() {
         .collect();
     assert_eq!(commits, (0..commits.len()).collect::<Vec<_>>());
     let peak = s.kv_commit_stats().peak_committed_pages;
-    assert!((12..32).contains(&peak), "memory follows the load, not the reservation: {peak}");
+    assert!(
+        (12..32).contains(&peak),
+        "memory follows the load, not the reservation: {peak}"
+    );
     assert_eq!(s.stats().num_preemptions, 0);
     assert_balance_zero(&mut s, &commit);
 }
@@ -151,7 +165,10 @@ fn growth_under_a_rising_load_commits_units_step_by_step() {
 fn a_unit_is_released_when_a_short_request_finishes_while_a_long_one_runs() {
     let c = cfg(4, 32, 64, false);
     let (mut s, commit) = growable(&c, 2, None);
-    let reqs: Vec<Arrival> = vec![(0, (1..=8).collect(), p(30)), (0, (21..=28).collect(), p(4))];
+    let reqs: Vec<Arrival> = vec![
+        (0, (1..=8).collect(), p(30)),
+        (0, (21..=28).collect(), p(4)),
+    ];
     let run = run_arrivals(&mut s, &reqs);
     assert_outputs_match_solo_runs(&run, &reqs);
     let (long, short) = (run.ids[0], run.ids[1]);
@@ -161,10 +178,16 @@ fn a_unit_is_released_when_a_short_request_finishes_while_a_long_one_runs() {
         .iter()
         .position(|u| u == &vec![long])
         .unwrap();
-    assert!(run.releases[step] >= 1, "a unit of the short request was released");
+    assert!(
+        run.releases[step] >= 1,
+        "a unit of the short request was released"
+    );
     assert!(run.committed[step] >= 1, "the long request's units stay");
     let events = commit.events();
-    let release = events.iter().position(|e| *e == CommitEvent::Release(1)).unwrap();
+    let release = events
+        .iter()
+        .position(|e| *e == CommitEvent::Release(1))
+        .unwrap();
     assert!(
         !events[..release].contains(&CommitEvent::Release(0)),
         "unit 0 (the long request's prompt) outlives unit 1 (the short one's)"
@@ -185,8 +208,14 @@ fn cached_prefix_pages_keep_their_unit_until_they_are_idle() {
     s.block_manager.set_cache_idle_steps(1_000);
     let run = run_arrivals(&mut s, &reqs);
     assert_outputs_match_solo_runs(&run, &reqs);
-    assert!(s.stats().num_prefix_cache_hit_tokens >= 8, "the second request reused the prefix");
-    assert!(s.block_manager().num_committed_units() >= 1, "cached pages keep unit 0");
+    assert!(
+        s.stats().num_prefix_cache_hit_tokens >= 8,
+        "the second request reused the prefix"
+    );
+    assert!(
+        s.block_manager().num_committed_units() >= 1,
+        "cached pages keep unit 0"
+    );
     assert_balance_zero(&mut s, &commit);
 }
 
@@ -202,7 +231,10 @@ fn a_commit_cap_leads_to_preemption_not_failure() {
     let run = run_arrivals(&mut s, &arrivals);
     assert!(run.failed.is_empty());
     assert_outputs_match_solo_runs(&run, &arrivals);
-    assert!(s.kv_commit_stats().num_grow_failures > 0, "the cap was reached");
+    assert!(
+        s.kv_commit_stats().num_grow_failures > 0,
+        "the cap was reached"
+    );
     assert!(s.stats().num_preemptions > 0);
     assert!(commit.peak_units() <= 3);
     assert_balance_zero(&mut s, &commit);
@@ -287,7 +319,10 @@ fn the_rule_recomputes_short_sequences_and_swaps_long_ones() {
     assert!(sc.prefers_swap(64, 4));
     // Break-even near 9 tokens per 2.15 ms of transfer.
     assert!(!sc.prefers_swap(8, 1) && sc.prefers_swap(9, 1));
-    assert!(!smollm_swap(0).prefers_swap(64, 4), "off without swap space");
+    assert!(
+        !smollm_swap(0).prefers_swap(64, 4),
+        "off without swap space"
+    );
 }
 
 /// A (old, short prompt) decodes into a full cache, so B (newer, `b_prompt`)
@@ -376,12 +411,22 @@ fn swap_out_plan_has_exact_copies_and_runs_before_the_page_is_reused() {
     let plan = s.schedule().plan.unwrap();
     assert_eq!(plan.seq_ids, vec![b]);
     assert_eq!(plan.swap_in.len(), 3);
-    assert_eq!(plan.swap_in.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1, 2]);
-    assert_eq!(plan.positions, vec![12], "only the token after the swapped K/V runs");
+    assert_eq!(
+        plan.swap_in.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        plan.positions,
+        vec![12],
+        "only the token after the swapped K/V runs"
+    );
     let sm = r.execute(&plan);
     s.postprocess(&plan, &sm);
     let mut done = run_all(&mut s, &mut r);
-    assert_eq!(done.remove(&b).unwrap(), (reference(&b_prompt, &p(2)), FinishReason::Length));
+    assert_eq!(
+        done.remove(&b).unwrap(),
+        (reference(&b_prompt, &p(2)), FinishReason::Length)
+    );
     assert_eq!(s.stats().num_swap_in_pages, 3);
     assert_eq!(s.num_host_slots_in_use(), 0);
 }

@@ -204,22 +204,38 @@ fn check(s: &Scheduler, plan: Option<&StepPlan>) {
     }
     for q in s.seqs.values().filter(|q| q.is_finished()) {
         assert!(q.block_table.is_empty(), "finished {} holds pages", q.id);
-        assert!(q.host_slots.is_empty(), "finished {} holds host slots", q.id);
+        assert!(
+            q.host_slots.is_empty(),
+            "finished {} holds host slots",
+            q.id
+        );
     }
     let mut host_slots: Vec<u32> = s.host_free.iter().chain(&s.host_freed).copied().collect();
     for w in s.swapped.iter().zip(s.swapped.iter().skip(1)) {
-        assert!(s.seqs[w.0].arrival < s.seqs[w.1].arrival, "swapped not sorted by arrival");
+        assert!(
+            s.seqs[w.0].arrival < s.seqs[w.1].arrival,
+            "swapped not sorted by arrival"
+        );
     }
     for id in &s.swapped {
         let q = &s.seqs[id];
         assert_eq!(q.status, SeqStatus::Swapped);
         assert!(q.block_table.is_empty(), "swapped {id} holds device pages");
         assert!(q.num_computed_tokens > 0 && q.num_computed_tokens < q.len());
-        assert_eq!(q.host_slots.len(), q.num_computed_tokens.div_ceil(ps), "{id} host slots");
+        assert_eq!(
+            q.host_slots.len(),
+            q.num_computed_tokens.div_ceil(ps),
+            "{id} host slots"
+        );
         host_slots.extend(&q.host_slots);
     }
     for q in s.seqs.values().filter(|q| q.status != SeqStatus::Swapped) {
-        assert!(q.host_slots.is_empty(), "{} holds host slots while {:?}", q.id, q.status);
+        assert!(
+            q.host_slots.is_empty(),
+            "{} holds host slots while {:?}",
+            q.id,
+            q.status
+        );
     }
     host_slots.sort_unstable();
     assert_eq!(
@@ -266,11 +282,21 @@ fn check(s: &Scheduler, plan: Option<&StepPlan>) {
             assert_eq!(bm.refcount(PageId(dst)), 1, "copy target must be private");
         }
         for &(_, dst) in &plan.swap_in {
-            assert_eq!(bm.refcount(PageId(dst)), 1, "swap-in target must be private");
-            assert!(bm.is_committed(PageId(dst)), "swap-in into an uncommitted page");
+            assert_eq!(
+                bm.refcount(PageId(dst)),
+                1,
+                "swap-in target must be private"
+            );
+            assert!(
+                bm.is_committed(PageId(dst)),
+                "swap-in into an uncommitted page"
+            );
         }
         for &slot in &plan.slot_mapping {
-            assert!(bm.is_committed(PageId(slot / ps as u32)), "write into an uncommitted page");
+            assert!(
+                bm.is_committed(PageId(slot / ps as u32)),
+                "write into an uncommitted page"
+            );
         }
         let decode_rows = plan.num_decode_tokens;
         for i in 0..plan.num_seqs() {
