@@ -22,7 +22,7 @@ use crate::model::{LlamaConfig, LlamaWeights};
 use crate::model_runner::{ModelRunner, RowNeed};
 use crate::plan::{Budget, MemoryPlan, PlanRequest, plan};
 use crate::sampler::{Sampler, SamplingParams};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig, SwapConfig};
 use crate::step_plan::StepPlan;
 use crate::sequence::{FinishReason, SeqId, SeqParams};
 use crate::telemetry::{EngineMemory, MemoryState, StepStats, Telemetry};
@@ -58,6 +58,9 @@ pub struct EngineConfig {
     /// backend with graphs, no padding otherwise; `Some(v)`: exactly these
     /// (a decode step of `s` sequences runs as the smallest bucket `>= s`).
     pub decode_buckets: Option<Vec<usize>>,
+    /// Host bytes for swapped-out KV pages (`--swap-space`); 0 = preempted
+    /// sequences are always recomputed.
+    pub swap_space_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +77,7 @@ impl Default for EngineConfig {
             num_pages: None,
             faults: FaultInjector::from_env(),
             decode_buckets: None,
+            swap_space_bytes: 0,
         }
     }
 }
@@ -139,6 +143,7 @@ impl EngineConfig {
                 .set_num_pages(n)
                 .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
         }
+        mem_plan.set_swap_space(self.swap_space_bytes);
         Ok(mem_plan)
     }
 }
@@ -287,8 +292,22 @@ impl<B: Backend> EngineBuilder<B> {
             buckets,
             cfg.faults.clone(),
         )?;
-        runner.kv_cache().commit_all()?;
-        let scheduler = Scheduler::new(
+        let swap = SwapConfig {
+            space_bytes: cfg.swap_space_bytes,
+            page_bytes: geometry.layout.page_bytes_all_layers() as u64,
+            ..SwapConfig::default()
+        };
+        let mut runner = runner;
+        runner.set_swap_slots(swap.num_slots())?;
+        // Growable KV: the block manager commits and releases units of the
+        // arena as pages are needed; a backend that cannot grow commits all.
+        let commit = if info.can_grow_kv {
+            Some(runner.kv_cache().commit_handle())
+        } else {
+            runner.kv_cache().commit_all()?;
+            None
+        };
+        let scheduler = Scheduler::with_kv_commit(
             SchedulerConfig {
                 page_size: cfg.page_size,
                 num_pages: mem_plan.num_pages,
@@ -296,8 +315,10 @@ impl<B: Backend> EngineBuilder<B> {
                 max_num_batched_tokens: dims.max_tokens,
                 max_model_len: ctx,
                 enable_prefix_caching: cfg.enable_prefix_caching,
+                swap,
             },
             cfg.faults.clone(),
+            commit,
         )?;
         Ok(Engine {
             runner,

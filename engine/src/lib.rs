@@ -12,6 +12,7 @@ pub mod engine_handle;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod host_kv_tier;
 pub mod kv_cache;
 pub mod kv_commit;
 pub mod model;

@@ -24,6 +24,7 @@ use pagoda_backend::{Backend, GraphId, KvGeometry, Pool};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::host_kv_tier::HostKvTier;
 use crate::kv_cache::KvCache;
 use crate::model::{
     LlamaConfig, LlamaWeights, StepArgsLayout, StepShape, Workspace, WorkspaceDims, forward,
@@ -96,6 +97,9 @@ pub struct ModelRunner<B: Backend> {
     num_uploads: u64,
     /// Reused by [`Self::logits`].
     full_needs: Vec<RowNeed>,
+    /// Host page slots for swap-to-host preemption (none until
+    /// [`ModelRunner::set_swap_slots`]).
+    host_tier: HostKvTier,
 }
 
 impl<B: Backend> std::fmt::Debug for ModelRunner<B> {
@@ -169,7 +173,15 @@ impl<B: Backend> ModelRunner<B> {
             out,
             num_uploads: 0,
             full_needs: Vec::with_capacity(dims.max_logits_rows),
+            host_tier: HostKvTier::default(),
         })
+    }
+
+    /// Gives the runner `num_slots` host page slots for swapped-out pages
+    /// (the scheduler's `SwapConfig::num_slots`).
+    pub fn set_swap_slots(&mut self, num_slots: usize) -> Result<()> {
+        self.host_tier = HostKvTier::new(&self.kv.layout, num_slots)?;
+        Ok(())
     }
 
     /// The padded shape of `plan`.
@@ -245,11 +257,20 @@ impl<B: Backend> ModelRunner<B> {
         let dst = self.workspace.step_args.buf().slice(0, bytes.len() as u64)?;
         self.backend.upload(dst, bytes)?;
         self.num_uploads += 1;
+        self.copy_pages(plan)
+    }
+
+    /// The step's page copies, in the plan's order (see [`StepPlan`]):
+    /// swap-out to host slots, copy-on-write, swap-in from host slots.
+    fn copy_pages(&mut self, plan: &StepPlan) -> Result<()> {
+        let b = self.backend.as_ref();
+        self.host_tier.swap_out(b, &self.kv, &plan.swap_out)?;
         if !plan.copy_pages.is_empty() {
             for layer in 0..self.config.num_layers {
-                self.backend.copy_pages(self.kv.layer(layer), &plan.copy_pages)?;
+                b.copy_pages(self.kv.layer(layer), &plan.copy_pages)?;
             }
         }
+        self.host_tier.swap_in(b, &self.kv, &plan.swap_in)?;
         Ok(())
     }
 
@@ -350,6 +371,14 @@ impl<B: Backend> ModelRunner<B> {
                 needs.len(),
                 plan.logits_indices.len()
             )));
+        }
+        if plan.num_tokens() == 0 {
+            // Copies only (a sequence swapped itself out and nothing ran).
+            self.copy_pages(plan)?;
+            self.backend.synchronize()?;
+            self.kv.flush_releases();
+            self.out.num_logits = 0;
+            return Ok(&self.out);
         }
         let shape = self.shape_of(plan);
         self.prepare(plan, shape)?;

@@ -114,6 +114,11 @@ pub struct MemoryPlan {
     /// The KV arena geometry inputs (device limits), to recompute `kv_bytes`.
     #[serde(skip)]
     pub kv_limits: KvLimits,
+    /// Host page slots for swapped-out KV pages (`--swap-space`).
+    pub swap_slots: usize,
+    /// Host bytes of those slots: `swap_slots * page_bytes`. Host memory,
+    /// outside the device budget and `total_bytes`.
+    pub swap_bytes: u64,
 }
 
 /// Target bytes of one KV commit unit per layer (CUDA maps 2 MiB VMM chunks).
@@ -373,6 +378,8 @@ pub fn plan(
         workspace_dims: dims,
         warnings,
         kv_limits: KvLimits::new(info, kv_layout(cfg, req.kv_dtype, req.page_size, 1)),
+        swap_slots: 0,
+        swap_bytes: 0,
     };
     let fixed = p.weights_bytes + p.workspace_bytes + p.graph_bytes + p.headroom_bytes;
     if req.max_seqs.is_none() {
@@ -491,6 +498,18 @@ pub fn plan(
 }
 
 impl MemoryPlan {
+    /// The host swap tier: `num_slots` page slots of `page_bytes` each.
+    pub fn set_swap_slots(&mut self, num_slots: usize) {
+        self.swap_slots = num_slots;
+        self.swap_bytes = num_slots as u64 * self.page_bytes;
+    }
+
+    /// The host swap tier of `swap_space_bytes` (`--swap-space`): whole
+    /// page slots only.
+    pub fn set_swap_space(&mut self, swap_space_bytes: u64) {
+        self.set_swap_slots((swap_space_bytes / self.page_bytes.max(1)) as usize);
+    }
+
     /// Replaces the derived KV page count with an explicit one, keeping the
     /// plan consistent (`kv_bytes`, `kv_tokens`, `total_bytes`). Refuses
     /// fewer pages than one sequence of `ctx` tokens needs, and a total over
@@ -572,6 +591,17 @@ pub fn table(p: &MemoryPlan) -> String {
     );
     row(&mut s, "total", String::new(), p.total_bytes);
     row(&mut s, "budget", p.budget_source.clone(), p.budget_bytes);
+    if p.swap_slots > 0 {
+        row(
+            &mut s,
+            "host swap",
+            format!(
+                "{} page slots in host memory (not in the total)",
+                p.swap_slots
+            ),
+            p.swap_bytes,
+        );
+    }
     let _ = writeln!(
         s,
         "  KV holds {} tokens: {} sequences × {} context",

@@ -5,54 +5,94 @@
 //! `schedule() -> runner executes the StepPlan -> postprocess()`.
 //!
 //! ## Policy (vLLM v1 style)
-//! Each step has a budget of `max_num_batched_tokens` token rows.
+//! Each step has a budget of `max_num_batched_tokens` token rows. "Free
+//! pages" below means pages available in committed memory; before any
+//! decision that pages are short, the block manager *grows* (commits KV
+//! units, see [`crate::block_manager`]) up to the reservation.
 //! 1. **Decode first.** Every running sequence that has its whole context
 //!    computed but for the last sampled token gets one row, oldest first. When
-//!    it needs a page and none is free, the most recently arrived running
-//!    sequence not yet scheduled this step is *preempted* (recompute: its pages
-//!    are freed, `num_computed_tokens` is reset to 0 and it goes back to the
-//!    waiting queue in arrival order); when no newer sequence is left, the
-//!    sequence preempts itself. A sequence that cannot get a page even when it
-//!    holds the only pages fails with [`EngineError::OutOfKvPages`]
-//!    (unreachable when `add` accepted it, kept as a clear answer).
+//!    it needs a page and none is free (even after growing), the most
+//!    recently arrived running sequence not yet scheduled this step is
+//!    *preempted* (swap or recompute, see below); when no newer sequence is
+//!    left, the sequence preempts itself. A sequence that cannot get a page
+//!    even when it holds the only pages fails: with the committer's error when
+//!    a grow was refused (nothing else holds pages it could wait for), else
+//!    with [`EngineError::OutOfKvPages`] (unreachable when `add` accepted it,
+//!    kept as a clear answer).
 //! 2. **Chunked prefill of running sequences**, oldest first: as many prompt
 //!    (or recompute) tokens as the budget and the free pages allow, preempting
 //!    newer unscheduled sequences when not even one token fits. A sequence
 //!    whose newer rivals are already scheduled waits (it keeps its pages).
-//! 3. **Admission** of waiting sequences in arrival order while the budget,
+//! 3. **Resumption** of swapped sequences in arrival order, unless a
+//!    sequence was preempted or left waiting for pages this step: fresh pages
+//!    for every host slot (copied back by `swap_in` before the forward) and
+//!    for its next tokens; the first that does not fit stops resumption.
+//! 4. **Admission** of waiting sequences in arrival order while the budget,
 //!    `max_num_seqs` and the free pages allow, unless a running sequence was
-//!    preempted or left waiting for pages this step (newcomers must not take
-//!    pages older sequences need). Admission consults the prefix cache: cached
-//!    full pages are claimed (shared, refcount > 1) and only the suffix is
-//!    computed. The first waiting sequence that does not fit stops admission
-//!    (first come, first served).
+//!    preempted or left waiting for pages this step or a swapped sequence is
+//!    left (newcomers must not take pages older sequences need). Admission
+//!    consults the prefix cache: cached full pages are claimed (shared,
+//!    refcount > 1) and only the suffix is computed. The first waiting
+//!    sequence that does not fit stops admission (first come, first served);
+//!    one whose grow is refused while nothing runs fails with that error.
+//!
+//! ## Preemption: swap or recompute
+//! A preempted sequence with `t` computed tokens in `n = ceil(t / page_size)`
+//! pages is *swapped* when swap space is configured
+//! ([`SchedulerConfig::swap`]), `n` host slots are free, and
+//! ```text
+//! 2 * (latency + n * page_bytes / bandwidth)   <   t / recompute_tokens_per_s
+//! ```
+//! (copy out and back in, versus prefilling its tokens again); otherwise it
+//! is *recomputed* (pages freed, `num_computed_tokens` reset to 0, back to
+//! the waiting queue in arrival order). vLLM's reasoning, with numbers: the
+//! defaults (10 GB/s, 1 ms per transfer, 4096 tokens/s) on a SmolLM2-135M f32
+//! page of 16 tokens (720 KiB) recompute up to 8 tokens and swap from 9 on;
+//! a GPU with a fast prefill should set its measured `recompute_tokens_per_s`.
+//! A swapped sequence keeps `num_computed_tokens`, holds host slots and no
+//! device page, and waits in the swapped queue. Its pages are freed at once
+//! and may be reused in the same step: the plan's `swap_out` copies run first
+//! (the runner's order is `swap_out`, `copy_pages`, `swap_in`, forward), and
+//! a host slot freed by a resume is reusable only from the next step (its
+//! `swap_in` may not have run yet). Commit units emptied in a step are
+//! released only at the end of `postprocess`, after the plan ran. A plan may
+//! carry only swap-out copies and no token rows (a sequence swapped itself
+//! out and nothing else ran); the runner must still execute it.
 //!
 //! A fault (`BackendError::FaultInjected`) or `OutOfKvPages` while taking
 //! pages for a sequence ends *that* sequence with [`FinishReason::Error`],
 //! frees its pages and reports it in [`ScheduleOutput::failed`]; the step goes
-//! on for the others.
+//! on for the others. A fault at a *grow* only makes pages short: the
+//! scheduler preempts or waits as above.
 //!
 //! ## Invariants
-//! - `running` and `waiting` are sorted by arrival and disjoint; finished
-//!   sequences are in neither. Waiting sequences hold no pages.
+//! - `running`, `waiting` and `swapped` are sorted by arrival and disjoint;
+//!   finished sequences are in none. Waiting and swapped sequences hold no
+//!   device pages; a swapped sequence holds one host slot per computed page,
+//!   and every host slot is free or held by exactly one swapped sequence.
 //! - Each page's refcount equals the number of running block tables holding it;
 //!   a page in two block tables is a full, registered prefix-cache page.
-//! - No step writes a slot of a page with refcount > 1 or of a page
-//!   registered in the prefix cache (cached pages are immutable).
-//! - When nothing is unfinished, every page is free.
+//! - No step writes a slot of a page with refcount > 1, of a page registered
+//!   in the prefix cache (cached pages are immutable), or of an uncommitted
+//!   page.
+//! - When nothing is unfinished, every page and host slot is free, and every
+//!   unit still committed holds only cached free pages.
 //!
 //! ## Costs
 //! `schedule`: O(num_running + scheduled tokens + pages taken), plus
-//! O(page_size) per prefix-cache hit page. `postprocess`: O(num_seqs in the
-//! plan + page_size per newly full page). Preemption and finishing:
-//! O(num_running + pages of the sequence).
+//! O(page_size) per prefix-cache hit page and O(pages_per_unit) per unit
+//! committed. `postprocess`: O(num_seqs in the plan + page_size per newly
+//! full page + pages_per_unit per unit released). Preemption and finishing:
+//! O(num_running + pages of the sequence); a swap adds one host slot per page.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use pagoda_backend::FaultInjector;
 
-use crate::block_manager::BlockManager;
+use crate::block_manager::{BlockManager, KvCommitStats};
 use crate::error::{EngineError, Result};
+use crate::kv_commit::KvCommit;
 use crate::sequence::{FinishReason, PageId, SeqId, SeqParams, SeqStatus, Sequence, TokenId};
 use crate::step_plan::{StepPlan, pad_block_tables};
 
@@ -71,6 +111,85 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     /// Share full pages between sequences with the same prefix.
     pub enable_prefix_caching: bool,
+    /// Swap-to-host preemption (off by default).
+    pub swap: SwapConfig,
+}
+
+/// Swap-to-host preemption: the host tier's size and the constants of the
+/// swap-or-recompute rule (see the module docs). Swap is off when
+/// `space_bytes` or `page_bytes` is 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapConfig {
+    /// Host bytes for swapped-out KV pages (`--swap-space`); 0 = recompute only.
+    pub space_bytes: u64,
+    /// Bytes of one KV page over all layers: what one host slot holds.
+    pub page_bytes: u64,
+    /// Host <-> device copy bandwidth, bytes per second.
+    pub bandwidth_bytes_per_s: u64,
+    /// Fixed cost of one swap transfer (out or in), microseconds.
+    pub latency_us: u64,
+    /// Prefill throughput when recomputing a preempted sequence, tokens per second.
+    pub recompute_tokens_per_s: u64,
+}
+
+/// Default host copy bandwidth: 10 GB/s (a host memcpy; pinned PCIe 4 x16
+/// is about 25 GB/s).
+pub const DEFAULT_SWAP_BANDWIDTH_BYTES_PER_S: u64 = 10_000_000_000;
+/// Default fixed cost of one swap transfer: 1 ms (one blocking copy round in
+/// the step, plus bookkeeping).
+pub const DEFAULT_SWAP_LATENCY_US: u64 = 1_000;
+/// Default recompute (prefill) throughput: 4096 tokens/s, a CPU-backend
+/// figure for a small model; set the measured one for a GPU.
+pub const DEFAULT_RECOMPUTE_TOKENS_PER_S: u64 = 4_096;
+
+impl Default for SwapConfig {
+    fn default() -> Self {
+        Self {
+            space_bytes: 0,
+            page_bytes: 0,
+            bandwidth_bytes_per_s: DEFAULT_SWAP_BANDWIDTH_BYTES_PER_S,
+            latency_us: DEFAULT_SWAP_LATENCY_US,
+            recompute_tokens_per_s: DEFAULT_RECOMPUTE_TOKENS_PER_S,
+        }
+    }
+}
+
+impl SwapConfig {
+    /// Host page slots: `space_bytes / page_bytes` (0 when off).
+    pub fn num_slots(&self) -> usize {
+        if self.page_bytes == 0 {
+            return 0;
+        }
+        usize::try_from(self.space_bytes / self.page_bytes).unwrap_or(usize::MAX)
+    }
+
+    /// Whether swapping can happen at all.
+    pub fn is_enabled(&self) -> bool {
+        self.num_slots() > 0
+    }
+
+    /// Nanoseconds to copy `num_pages` pages out and back in:
+    /// `2 * (latency + num_pages * page_bytes / bandwidth)`.
+    pub fn swap_cost_ns(&self, num_pages: usize) -> u128 {
+        let bytes = num_pages as u128 * u128::from(self.page_bytes);
+        let copy = bytes * 1_000_000_000 / u128::from(self.bandwidth_bytes_per_s.max(1));
+        2 * (u128::from(self.latency_us) * 1_000 + copy)
+    }
+
+    /// Nanoseconds to recompute `num_tokens` tokens of K/V:
+    /// `num_tokens / recompute_tokens_per_s`.
+    pub fn recompute_cost_ns(&self, num_tokens: usize) -> u128 {
+        num_tokens as u128 * 1_000_000_000 / u128::from(self.recompute_tokens_per_s.max(1))
+    }
+
+    /// The rule: swap a preempted sequence with `num_tokens` computed tokens
+    /// in `num_pages` pages when swapping is on and copying its pages out and
+    /// back costs less than recomputing its tokens.
+    pub fn prefers_swap(&self, num_tokens: usize, num_pages: usize) -> bool {
+        self.is_enabled()
+            && num_pages > 0
+            && self.swap_cost_ns(num_pages) < self.recompute_cost_ns(num_tokens)
+    }
 }
 
 impl SchedulerConfig {
@@ -94,6 +213,18 @@ impl SchedulerConfig {
         {
             return bad("max_model_len and max_num_batched_tokens must fit in u32".into());
         }
+        let swap = &self.swap;
+        if swap.is_enabled() {
+            if swap.bandwidth_bytes_per_s == 0 || swap.recompute_tokens_per_s == 0 {
+                return bad("swap needs a positive host bandwidth and recompute throughput".into());
+            }
+            if u32::try_from(swap.num_slots()).is_err() {
+                return bad(format!(
+                    "swap space of {} bytes holds more page slots than fit in u32",
+                    swap.space_bytes
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -111,6 +242,15 @@ pub struct SchedulerStats {
     pub num_failed: u64,
     /// Steps that produced a plan.
     pub num_steps: u64,
+    /// Preemptions that swapped the sequence to host slots (also counted in
+    /// `num_preemptions`); the rest recompute.
+    pub num_swap_preemptions: u64,
+    /// Swapped sequences resumed (pages copied back).
+    pub num_swap_resumes: u64,
+    /// Pages copied device -> host.
+    pub num_swap_out_pages: u64,
+    /// Pages copied host -> device.
+    pub num_swap_in_pages: u64,
 }
 
 /// A sequence that failed while the step was being scheduled.
@@ -179,6 +319,14 @@ enum RunOutcome {
     Failed,
 }
 
+/// How resuming a swapped sequence turned out.
+enum Resume {
+    Scheduled(Entry),
+    /// Not enough pages: it stays swapped (and blocks admission).
+    NoRoom,
+    Failed,
+}
+
 /// Owner of all sequences; decides every step. See the module docs.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -189,27 +337,55 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     /// Sorted by arrival.
     running: Vec<SeqId>,
+    /// Swapped out, sorted by arrival; resumed before admission.
+    swapped: VecDeque<SeqId>,
+    /// Free host slots (pop = lowest).
+    host_free: Vec<u32>,
+    /// Host slots freed during this step (their swap-in may not have run
+    /// yet); free for the next step.
+    host_freed: Vec<u32>,
+    /// Swap copies of the step being scheduled.
+    step_swap_out: Vec<(u32, u32)>,
+    step_swap_in: Vec<(u32, u32)>,
     next_id: u64,
     stats: SchedulerStats,
 }
 
 impl Scheduler {
-    /// A scheduler with an empty KV cache. `faults` is shared with the block
-    /// manager (every fresh page is a fault site).
+    /// A scheduler with an empty KV cache, every page committed. `faults`
+    /// is shared with the block manager (every fresh page is a fault site).
     pub fn new(config: SchedulerConfig, faults: FaultInjector) -> Result<Self> {
+        Self::with_kv_commit(config, faults, None)
+    }
+
+    /// A scheduler whose `config.num_pages` pages are a reservation backed
+    /// by `commit` (growable KV, see the module docs); `None` = every page
+    /// committed from the start.
+    pub fn with_kv_commit(
+        config: SchedulerConfig,
+        faults: FaultInjector,
+        commit: Option<Arc<dyn KvCommit>>,
+    ) -> Result<Self> {
         config.validate()?;
-        let block_manager = BlockManager::new(
+        let block_manager = BlockManager::with_commit(
             config.num_pages,
             config.page_size,
             config.enable_prefix_caching,
             faults,
+            commit,
         )?;
+        let num_slots = config.swap.num_slots() as u32;
         Ok(Self {
             config,
             block_manager,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            swapped: VecDeque::new(),
+            host_free: (0..num_slots).rev().collect(),
+            host_freed: Vec::new(),
+            step_swap_out: Vec::new(),
+            step_swap_in: Vec::new(),
             next_id: 0,
             stats: SchedulerStats::default(),
         })
@@ -261,6 +437,11 @@ impl Scheduler {
         let mut copies: Vec<(u32, u32)> = Vec::new();
         let mut scheduled: HashSet<SeqId> = HashSet::new();
         let mut blocked = false;
+        // Host slots whose swap-in ran in an earlier step are free again.
+        self.host_free.append(&mut self.host_freed);
+        self.host_free.sort_unstable_by(|a, b| b.cmp(a));
+        self.step_swap_out.clear();
+        self.step_swap_in.clear();
 
         // 1 and 2: running sequences, decodes first, then prefill chunks.
         let order = self.running.clone();
@@ -292,8 +473,27 @@ impl Scheduler {
             }
         }
 
-        // 3: admission, unless older sequences are short of pages.
-        let blocked = blocked || !out.preempted.is_empty();
+        // 3a: resume swapped sequences, oldest first, unless older sequences
+        // are short of pages.
+        let mut blocked = blocked || !out.preempted.is_empty();
+        while !blocked && budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(&id) = self.swapped.front() else {
+                break;
+            };
+            match self.resume(id, budget, &mut out) {
+                Resume::Scheduled(entry) => {
+                    budget -= entry.num_new;
+                    scheduled.insert(id);
+                    entries.push(entry);
+                }
+                Resume::NoRoom => blocked = true,
+                Resume::Failed => {}
+            }
+        }
+
+        // 3b: admission, unless older sequences are short of pages or
+        // swapped out.
+        let blocked = blocked || !self.swapped.is_empty();
         while !blocked && budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
@@ -306,10 +506,16 @@ impl Scheduler {
             let hit = self.block_manager.lookup_prefix(seq);
             let start = hit.num_cached_tokens;
             let num_new = (seq.len() - start).min(budget);
-            if !self
-                .block_manager
-                .can_allocate(self.block_manager.num_pages_to_admit(seq, &hit, num_new))
-            {
+            let need = self.block_manager.num_pages_to_admit(seq, &hit, num_new);
+            let grown = self.block_manager.grow_for(need);
+            if !self.block_manager.can_allocate(need) {
+                // A refused grow with nothing running can never be waited out.
+                if let Err(e) = grown
+                    && self.running.is_empty()
+                {
+                    self.fail(id, e, &mut out);
+                    continue;
+                }
                 break;
             }
             self.stats.num_prefix_cache_hit_tokens += start as u64;
@@ -324,10 +530,7 @@ impl Scheduler {
             seq.status = SeqStatus::Running;
             let arrival = seq.arrival;
             let result = self.block_manager.allocate_slots(seq, num_new);
-            let pos = self
-                .running
-                .partition_point(|r| self.seqs.get(r).is_some_and(|s| s.arrival < arrival));
-            self.running.insert(pos, id);
+            self.insert_running(id, arrival);
             match result {
                 Ok(copy) => {
                     budget -= num_new;
@@ -344,15 +547,81 @@ impl Scheduler {
             }
         }
 
-        if !entries.is_empty() {
+        if !entries.is_empty() || !self.step_swap_out.is_empty() {
             self.stats.num_steps += 1;
             out.plan = Some(self.build_plan(&entries, copies));
+        } else {
+            // No plan will run: nothing can still read a freed page.
+            self.block_manager.end_step();
         }
         out
     }
 
-    /// Schedules up to `wanted` tokens of running sequence `id`, preempting
-    /// newer unscheduled sequences when not one token fits.
+    /// Inserts `id` into `running`, keeping arrival order.
+    fn insert_running(&mut self, id: SeqId, arrival: u64) {
+        let pos = self
+            .running
+            .partition_point(|r| self.seqs.get(r).is_some_and(|s| s.arrival < arrival));
+        self.running.insert(pos, id);
+    }
+
+    /// Resumes swapped `id` with up to `budget` tokens: fresh device pages
+    /// for its host slots (copied back before the forward) and its next tokens.
+    fn resume(&mut self, id: SeqId, budget: usize, out: &mut ScheduleOutput) -> Resume {
+        let Some(seq) = self.seqs.get(&id) else {
+            self.swapped.pop_front();
+            return Resume::Failed;
+        };
+        let num_new = seq.num_uncomputed_tokens().min(budget);
+        let need = self.block_manager.num_pages_to_allocate(seq, num_new);
+        let grown = self.block_manager.grow_for(need);
+        if !self.block_manager.can_allocate(need) {
+            if let Err(e) = grown
+                && self.running.is_empty()
+            {
+                self.fail(id, e, out);
+                return Resume::Failed;
+            }
+            return Resume::NoRoom;
+        }
+        self.swapped.pop_front();
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return Resume::Failed;
+        };
+        let start = seq.num_computed_tokens;
+        let arrival = seq.arrival;
+        let result = self.block_manager.allocate_slots(seq, num_new);
+        seq.status = SeqStatus::Running;
+        if result.is_ok() {
+            let slots = std::mem::take(&mut seq.host_slots);
+            for (&slot, page) in slots.iter().zip(&seq.block_table) {
+                self.step_swap_in.push((slot, page.0));
+            }
+            self.stats.num_swap_in_pages += slots.len() as u64;
+            self.stats.num_swap_resumes += 1;
+            self.host_freed.extend(slots);
+        }
+        self.insert_running(id, arrival);
+        match result {
+            Ok(copy) => {
+                debug_assert!(copy.is_none(), "a resumed sequence holds no cached page");
+                Resume::Scheduled(Entry {
+                    id,
+                    start,
+                    num_new,
+                    decode: false,
+                })
+            }
+            Err(e) => {
+                self.fail(id, e, out);
+                Resume::Failed
+            }
+        }
+    }
+
+    /// Schedules up to `wanted` tokens of running sequence `id`: grows the
+    /// KV first, then preempts newer unscheduled sequences when not one
+    /// token fits.
     fn schedule_running(
         &mut self,
         id: SeqId,
@@ -365,6 +634,8 @@ impl Scheduler {
             let Some(seq) = self.seqs.get(&id) else {
                 return RunOutcome::Failed;
             };
+            let need = self.block_manager.num_pages_to_allocate(seq, wanted);
+            let grow_error = self.block_manager.grow_for(need).err();
             let num_new = wanted.min(self.block_manager.max_new_tokens(seq));
             if num_new > 0 {
                 let Some(seq) = self.seqs.get_mut(&id) else {
@@ -396,9 +667,13 @@ impl Scheduler {
                 .iter()
                 .all(|r| *r == id || self.seqs.get(r).is_none_or(|s| s.block_table.is_empty()));
             if alone {
-                let requested = self.block_manager.num_pages_to_allocate(seq, wanted.max(1));
-                let free = self.block_manager.num_free_pages();
-                self.fail(id, EngineError::OutOfKvPages { requested, free }, out);
+                // Nothing to wait for: a refused grow, or (unreachable when
+                // `add` accepted it) a cache too small.
+                let error = grow_error.unwrap_or_else(|| EngineError::OutOfKvPages {
+                    requested: self.block_manager.num_pages_to_allocate(seq, wanted.max(1)),
+                    free: self.block_manager.num_available_pages(),
+                });
+                self.fail(id, error, out);
                 return RunOutcome::Failed;
             }
             if decode_phase {
@@ -420,21 +695,50 @@ impl Scheduler {
             .copied()
     }
 
-    /// Frees all pages of running `id` and queues it for recomputation.
+    /// Preempts running `id`: swaps it to host slots when the rule prefers
+    /// it and the slots are there, else frees its pages and queues it for
+    /// recomputation.
     fn preempt(&mut self, id: SeqId, out: &mut ScheduleOutput) {
+        let ps = self.config.page_size;
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
-        self.block_manager.free(seq);
-        seq.num_computed_tokens = 0;
-        seq.num_cached_tokens = 0;
-        seq.status = SeqStatus::Waiting;
+        let num_pages = seq.num_computed_tokens.div_ceil(ps);
+        let swap = num_pages <= seq.block_table.len()
+            && num_pages <= self.host_free.len()
+            && self
+                .config
+                .swap
+                .prefers_swap(seq.num_computed_tokens, num_pages);
         let arrival = seq.arrival;
+        if swap {
+            for &page in &seq.block_table[..num_pages] {
+                let Some(slot) = self.host_free.pop() else {
+                    break;
+                };
+                self.step_swap_out.push((page.0, slot));
+                seq.host_slots.push(slot);
+            }
+            // Freed now; the copies run first in the step, before any reuse.
+            self.block_manager.free(seq);
+            seq.status = SeqStatus::Swapped;
+            self.stats.num_swap_preemptions += 1;
+            self.stats.num_swap_out_pages += num_pages as u64;
+            let pos = self
+                .swapped
+                .partition_point(|w| self.seqs.get(w).is_some_and(|s| s.arrival < arrival));
+            self.swapped.insert(pos, id);
+        } else {
+            self.block_manager.free(seq);
+            seq.num_computed_tokens = 0;
+            seq.num_cached_tokens = 0;
+            seq.status = SeqStatus::Waiting;
+            let pos = self
+                .waiting
+                .partition_point(|w| self.seqs.get(w).is_some_and(|s| s.arrival < arrival));
+            self.waiting.insert(pos, id);
+        }
         self.running.retain(|r| *r != id);
-        let pos = self
-            .waiting
-            .partition_point(|w| self.seqs.get(w).is_some_and(|s| s.arrival < arrival));
-        self.waiting.insert(pos, id);
         self.stats.num_preemptions += 1;
         out.preempted.push(id);
     }
@@ -446,15 +750,18 @@ impl Scheduler {
         out.failed.push(SeqFailure { seq_id: id, error });
     }
 
-    /// Frees `id`'s pages, drops it from the queues and marks it finished.
+    /// Frees `id`'s pages and host slots, drops it from the queues and marks
+    /// it finished.
     fn end(&mut self, id: SeqId, reason: FinishReason) {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
         self.block_manager.free(seq);
+        self.host_freed.append(&mut seq.host_slots);
         seq.status = SeqStatus::Finished(reason);
         self.running.retain(|r| *r != id);
         self.waiting.retain(|w| *w != id);
+        self.swapped.retain(|w| *w != id);
     }
 
     fn build_plan(&self, entries: &[Entry], copy_pages: Vec<(u32, u32)>) -> StepPlan {
@@ -466,6 +773,8 @@ impl Scheduler {
             slot_mapping: Vec::with_capacity(num_tokens),
             query_start_locs: vec![0],
             copy_pages,
+            swap_out: self.step_swap_out.clone(),
+            swap_in: self.step_swap_in.clone(),
             ..StepPlan::default()
         };
         let mut tables: Vec<&[PageId]> = Vec::with_capacity(entries.len());
@@ -594,6 +903,8 @@ impl Scheduler {
             }
             updates.push(update);
         }
+        // The plan has run: units emptied in this step can be released.
+        self.block_manager.end_step();
         updates
     }
 
@@ -649,9 +960,40 @@ impl Scheduler {
         done
     }
 
-    /// Whether any sequence is waiting or running.
+    /// Whether any sequence is waiting, swapped or running.
     pub fn has_unfinished(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || !self.swapped.is_empty()
+    }
+
+    /// Sequences swapped out to host slots.
+    pub fn num_swapped(&self) -> usize {
+        self.swapped.len()
+    }
+
+    /// Swapped sequences, by arrival.
+    pub fn swapped_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.swapped.iter().copied()
+    }
+
+    /// Host page slots of the swap space (0 when swap is off).
+    pub fn num_host_slots(&self) -> usize {
+        self.config.swap.num_slots()
+    }
+
+    /// Host slots holding a swapped sequence's page.
+    pub fn num_host_slots_in_use(&self) -> usize {
+        self.num_host_slots() - self.host_free.len() - self.host_freed.len()
+    }
+
+    /// Host bytes holding swapped K/V: slots in use × page bytes.
+    pub fn host_bytes_in_use(&self) -> u64 {
+        self.num_host_slots_in_use() as u64 * self.config.swap.page_bytes
+    }
+
+    /// Growable-KV counters: reserved / committed / peak pages, grow and
+    /// release events (see [`BlockManager::commit_stats`]).
+    pub fn kv_commit_stats(&self) -> &KvCommitStats {
+        self.block_manager.commit_stats()
     }
 
     /// Sequences held in any state (waiting, running, or finished and not

@@ -11,6 +11,9 @@
 //!   is written by the step that samples the next one), and
 //!   `block_table.len() * page_size >= num_computed_tokens`.
 //! - While waiting: `block_table` is empty and `num_computed_tokens == 0`.
+//! - While swapped: `block_table` is empty, `num_computed_tokens > 0` and
+//!   `host_slots` holds `ceil(num_computed_tokens / page_size)` host slots
+//!   (the K/V of those tokens, page by page); otherwise `host_slots` is empty.
 //! - `page_hashes.len() == tokens.len() / page_size`: the prefix-cache hash of
 //!   every *full* page of `tokens`, whether its K/V is computed or not, kept up
 //!   to date in O(page_size) per appended page (see
@@ -75,6 +78,10 @@ pub enum SeqStatus {
     Waiting,
     /// Admitted: holds pages and is scheduled step by step.
     Running,
+    /// Preempted by swapping: its computed K/V lives in host slots
+    /// (`host_slots`), it holds no device page, and it resumes (pages copied
+    /// back) before newer sequences are admitted.
+    Swapped,
     /// Done; its pages are released.
     Finished(FinishReason),
 }
@@ -128,6 +135,10 @@ pub struct Sequence {
     pub arrival: u64,
     /// Prefix-cache hash of every full page of `tokens`. (len / page_size)
     pub page_hashes: Vec<u64>,
+    /// While swapped out: the host slot holding each of the first
+    /// `ceil(num_computed_tokens / page_size)` pages' K/V, in position order.
+    /// Empty otherwise. (ceil(num_computed_tokens / page_size))
+    pub host_slots: Vec<u32>,
     /// Leading pages of `block_table` already offered to the prefix cache.
     pub(crate) num_registered_pages: usize,
     page_size: usize,
@@ -154,6 +165,7 @@ impl Sequence {
             params,
             arrival,
             page_hashes: Vec::new(),
+            host_slots: Vec::new(),
             num_registered_pages: 0,
             page_size: page_size.max(1),
         };

@@ -20,6 +20,13 @@
 //! - `logits_indices` is strictly increasing and `sample_rows[i]` points at the
 //!   last row of sequence `i`.
 //!
+//! Page copies run before the forward pass in this order: `swap_out`
+//! (device page -> host slot), `copy_pages` (copy-on-write), `swap_in`
+//! (host slot -> device page). A page freed by swap-out or copy-on-write may
+//! be the destination of a later copy or a write in the same step, so every
+//! read comes before any write to it. A plan may hold copies and no token
+//! rows (a sequence swapped itself out and nothing else ran).
+//!
 //! Cost: building is O(num_tokens + num_seqs * max_blocks_per_seq).
 
 use crate::sequence::{PageId, SeqId, TokenId};
@@ -53,6 +60,16 @@ pub struct StepPlan {
     /// Copy-on-write page copies `(src, dst)` to do, in order, before the
     /// forward pass writes any K/V. (num_copies)
     pub copy_pages: Vec<(u32, u32)>,
+    /// Swap-out copies `(device page, host slot)`: every layer's K/V of the
+    /// page goes to the host slot. Done first in the step, before
+    /// `copy_pages`, `swap_in` and the forward, because the page is already
+    /// free in the block manager and may be reused by this very step.
+    /// (num_swap_out)
+    pub swap_out: Vec<(u32, u32)>,
+    /// Swap-in copies `(host slot, device page)`: the host slot's K/V goes
+    /// back to a fresh device page. Done after `swap_out` and `copy_pages`,
+    /// before the forward reads it. (num_swap_in)
+    pub swap_in: Vec<(u32, u32)>,
     /// Token rows belonging to prefill chunks.
     pub num_prefill_tokens: usize,
     /// Token rows belonging to decoding sequences (one each).
@@ -215,6 +232,8 @@ mod tests {
             logits_indices: vec![1],
             sample_rows: vec![Some(0)],
             copy_pages: vec![],
+            swap_out: vec![],
+            swap_in: vec![],
             num_prefill_tokens: 2,
             num_decode_tokens: 0,
         };

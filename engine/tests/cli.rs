@@ -261,6 +261,32 @@ fn plan_refuses_with_numbers_and_advice_then_fits_with_q8_0() {
 }
 
 #[test]
+fn plan_shows_the_host_swap_tier_and_refuses_a_bad_swap_size() {
+    let args = [
+        "plan",
+        "--ctx",
+        "1024",
+        "--max-seqs",
+        "4",
+        "--memory-budget",
+        "2GiB",
+    ];
+    let json = pagoda(&[&args[..], &["--swap-space", "1GiB", "--json"]].concat());
+    let doc = stdout_json(&json);
+    let page = doc["page_bytes"].as_u64().unwrap();
+    assert_eq!(doc["swap_slots"].as_u64().unwrap(), (1u64 << 30) / page);
+    assert_eq!(
+        doc["swap_bytes"].as_u64().unwrap(),
+        (1u64 << 30) / page * page
+    );
+    let text = pagoda(&[&args[..], &["--swap-space", "1GiB"]].concat());
+    let out = String::from_utf8_lossy(&text.stdout);
+    assert!(out.contains("host swap"), "{out}");
+    let bad = pagoda(&[&args[..], &["--swap-space", "lots"]].concat());
+    assert_clean_failure(&bad, "swap space");
+}
+
+#[test]
 fn generate_parallel_reports_aggregate_throughput() {
     let out = pagoda(&[
         "generate",

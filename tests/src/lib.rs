@@ -59,6 +59,8 @@ pub fn single_prefill(
         },
         sample_rows: vec![Some(if all_logits { n as u32 - 1 } else { 0 })],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: n,
         num_decode_tokens: 0,
     }

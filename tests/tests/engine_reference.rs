@@ -331,6 +331,64 @@ fn preemption_with_too_few_pages_keeps_outputs() {
     }
 }
 
+/// Too few KV pages with swap space: long preempted sequences are swapped to
+/// host memory and back (their K/V copied, not recomputed), and every
+/// request's greedy output equals the request run alone with a roomy cache.
+#[test]
+fn swapped_and_resumed_requests_match_uninterrupted_runs() {
+    let cfg = EngineConfig {
+        ctx: Some(128),
+        max_seqs: Some(4),
+        num_pages: Some(9),
+        enable_prefix_caching: false,
+        swap_space_bytes: 64 << 20,
+        ..EngineConfig::default()
+    };
+    let mut tight = cpu_engine(cfg.clone());
+    let slots = tight.scheduler().num_host_slots();
+    assert!(slots >= 16, "64 MiB holds {slots} pages");
+    assert_eq!(tight.memory_plan().swap_slots, slots);
+    assert_eq!(
+        tight.memory_plan().swap_bytes,
+        slots as u64 * tight.memory_plan().page_bytes
+    );
+    let prompts: Vec<Vec<u32>> = [
+        "The old lighthouse keeper climbed the stairs every night to light the lamp",
+        "In 1450, Gutenberg built a printing press in Mainz that used movable type",
+        "Paper was invented in China during the Han dynasty, made from bark and rags",
+        "A quick brown fox jumps over the lazy dog while the farmer sleeps in the sun",
+    ]
+    .iter()
+    .map(|p| tight.tokenize(p))
+    .collect();
+    let params = GenerationParams {
+        ignore_eog: true,
+        ..greedy(40)
+    };
+    let together = tight.generate(prompts.clone(), params.clone()).unwrap();
+    let st = tight.scheduler().stats().clone();
+    assert!(st.num_swap_preemptions >= 1, "no swap happened: {st:?}");
+    assert_eq!(st.num_swap_resumes, st.num_swap_preemptions);
+    assert_eq!(st.num_swap_in_pages, st.num_swap_out_pages);
+    assert_eq!(tight.scheduler().num_host_slots_in_use(), 0);
+    assert_eq!(tight.scheduler().block_manager().num_free_pages(), 9);
+    let mut roomy = cpu_engine(EngineConfig {
+        num_pages: None,
+        swap_space_bytes: 0,
+        ..cfg
+    });
+    for (p, t) in prompts.iter().zip(&together) {
+        let alone = roomy
+            .generate(vec![p.clone()], params.clone())
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(t.generated_tokens.len(), 40);
+        assert_eq!(alone.generated_tokens, t.generated_tokens);
+    }
+    assert_eq!(roomy.scheduler().stats().num_preemptions, 0);
+}
+
 /// Cancellation frees every page of the request at once; the other request
 /// goes on unchanged.
 #[test]

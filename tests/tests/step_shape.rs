@@ -45,6 +45,8 @@ fn decode_of_three() -> StepPlan {
         logits_indices: vec![0, 1, 2],
         sample_rows: vec![Some(0), Some(1), Some(2)],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: 0,
         num_decode_tokens: 3,
     }

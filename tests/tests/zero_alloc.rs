@@ -80,6 +80,7 @@ fn decode_steps_allocate_nothing(threads: usize) {
         max_num_batched_tokens: 64,
         max_model_len: ctx,
         enable_prefix_caching: true,
+        swap: Default::default(),
     };
     let mut sched = Scheduler::new(sc, FaultInjector::new()).unwrap();
     let mut samplers = Vec::new();

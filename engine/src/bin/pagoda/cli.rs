@@ -64,6 +64,10 @@ pub struct MemoryArgs {
     pub kv_dtype: String,
     #[command(flatten)]
     pub budget: BudgetArgs,
+    /// Host memory for swapped-out KV pages, e.g. 4GiB (0 = preempted
+    /// sequences are recomputed).
+    #[arg(long)]
+    pub swap_space: Option<String>,
 }
 
 /// Where the prompt comes from.

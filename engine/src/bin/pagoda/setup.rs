@@ -164,8 +164,18 @@ pub fn engine_config(m: &MemoryArgs) -> Result<EngineConfig> {
         },
         kv_dtype: kv_dtype(&m.kv_dtype)?,
         budget,
+        swap_space_bytes: swap_space(m)?,
         ..EngineConfig::default()
     })
+}
+
+/// `--swap-space` in bytes (0 when not given).
+fn swap_space(m: &MemoryArgs) -> Result<u64> {
+    match &m.swap_space {
+        None => Ok(0),
+        Some(s) => parse_bytes(s)
+            .ok_or_else(|| anyhow!("cannot parse swap space `{s}` (try 4GiB or 512MiB)")),
+    }
 }
 
 /// Plans, then loads (or for a dummy model generates) the model and builds

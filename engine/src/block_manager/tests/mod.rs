@@ -243,3 +243,253 @@ fn bad_geometry_is_refused() {
     assert!(BlockManager::new(16, 0, false, FaultInjector::new()).is_err());
     assert!(BlockManager::new(1 << 30, 16, false, FaultInjector::new()).is_err());
 }
+
+// ---- Growable KV: commit units ----
+
+use crate::kv_commit::{CommitEvent, RecordingCommit};
+
+/// A block manager over `num_pages` reserved pages whose memory comes from a
+/// recording committer with `ppu` pages per unit and an optional cap.
+fn growable(
+    num_pages: usize,
+    ps: usize,
+    ppu: usize,
+    cap: Option<usize>,
+    caching: bool,
+) -> (BlockManager, Arc<RecordingCommit>) {
+    let faults = FaultInjector::new();
+    let c = Arc::new(RecordingCommit::new(ppu, cap, faults.clone()));
+    let m = BlockManager::with_commit(num_pages, ps, caching, faults, Some(c.clone())).unwrap();
+    (m, c)
+}
+
+/// Grows for and allocates `n` more tokens of `s` (as the scheduler does).
+fn take(m: &mut BlockManager, s: &mut Sequence, n: usize) {
+    let need = m.num_pages_to_allocate(s, n);
+    assert!(m.grow_for(need).unwrap(), "growth for {need} pages");
+    m.allocate_slots(s, n).unwrap();
+    s.num_computed_tokens += n;
+}
+
+#[test]
+fn nothing_is_committed_until_pages_are_needed_and_uncommitted_pages_are_never_handed_out() {
+    let (mut m, c) = growable(8, 2, 2, None, false);
+    assert_eq!(m.num_units(), 4);
+    assert_eq!(m.num_committed_units(), 0);
+    assert_eq!(m.num_available_pages(), 0);
+    assert_eq!(m.num_free_pages(), 8, "the reservation is free");
+    let mut s = seq(0, &[1; 4], 2);
+    let err = m.allocate_slots(&mut s, 1).unwrap_err();
+    assert!(matches!(err, EngineError::OutOfKvPages { .. }), "{err}");
+    m.free(&mut s);
+    assert!(c.events().is_empty());
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn growth_under_a_rising_load_commits_one_unit_at_a_time_lowest_first() {
+    let (mut m, c) = growable(8, 2, 2, None, false);
+    let mut seqs: Vec<Sequence> = (0..4).map(|i| seq(i, &[1; 4], 2)).collect();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        take(&mut m, s, 4); // two pages = one unit each
+        assert_eq!(m.num_committed_units(), i + 1, "after sequence {i}");
+        assert_eq!(m.num_committed_pages(), 2 * (i + 1));
+        assert_eq!(
+            s.block_table,
+            vec![PageId(2 * i as u32), PageId(2 * i as u32 + 1)]
+        );
+        m.check_invariants().unwrap();
+    }
+    assert_eq!(
+        c.events(),
+        (0..4).map(CommitEvent::Commit).collect::<Vec<_>>()
+    );
+    assert!(!m.grow_for(1).unwrap(), "the reservation is exhausted");
+    let st = m.commit_stats();
+    assert_eq!(
+        (st.num_grows, st.peak_committed_pages, st.reserved_pages),
+        (4, 8, 8)
+    );
+    assert_eq!(c.violation(), None);
+}
+
+#[test]
+fn a_unit_is_released_when_its_pages_free_while_another_unit_stays() {
+    let (mut m, c) = growable(8, 2, 2, None, false);
+    let mut long = seq(0, &[1; 8], 2);
+    let mut short = seq(1, &[1; 8], 2);
+    take(&mut m, &mut long, 2); // unit 0, page 0
+    take(&mut m, &mut short, 4); // page 1 of unit 0, then unit 1
+    take(&mut m, &mut long, 2); // page 3 of unit 1
+    assert_eq!(long.block_table, [0, 3].map(PageId).to_vec());
+    assert_eq!(short.block_table, [1, 2].map(PageId).to_vec());
+    // Mixed lifetimes: `short` finishes, `long` goes on. No unit is empty
+    // (each holds a page of `long`), so nothing is released.
+    m.free(&mut short);
+    m.end_step();
+    assert_eq!(m.num_committed_units(), 2);
+    // `long` grows into the freed pages, lowest unit first, not a new unit.
+    take(&mut m, &mut long, 4);
+    assert_eq!(long.block_table, [0, 3, 1, 2].map(PageId).to_vec());
+    assert_eq!(m.num_committed_units(), 2);
+    let mut other = seq(2, &[1; 4], 2);
+    take(&mut m, &mut other, 4); // unit 2
+    assert_eq!(other.block_table, [4, 5].map(PageId).to_vec());
+    m.free(&mut long);
+    m.end_step();
+    assert_eq!(
+        c.committed_units(),
+        vec![2],
+        "units 0 and 1 emptied; unit 2 is live"
+    );
+    assert_eq!(m.num_committed_units(), 1);
+    assert!(m.is_committed(PageId(4)) && !m.is_committed(PageId(0)));
+    m.check_invariants().unwrap();
+    m.free(&mut other);
+    m.end_step();
+    assert!(c.committed_units().is_empty());
+    assert_eq!(m.commit_stats().num_releases, 3);
+    assert_eq!(c.violation(), None);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn placement_takes_the_lowest_committed_unit_with_a_clean_page() {
+    let (mut m, _c) = growable(6, 1, 2, None, false);
+    let mut a = seq(0, &[1; 6], 1);
+    take(&mut m, &mut a, 6); // units 0, 1, 2
+    // Free a page in unit 2, then one in unit 0: the next page comes from unit 0.
+    let mut b = seq(1, &[1; 2], 1);
+    let (p5, p1) = (a.block_table[5], a.block_table[1]);
+    a.block_table.retain(|p| *p != p5 && *p != p1);
+    m.release(p5, a.id);
+    m.release(p1, a.id);
+    take(&mut m, &mut b, 2);
+    assert_eq!(b.block_table, vec![p1, p5]);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn cached_pages_are_evicted_before_a_new_unit_is_committed() {
+    let (mut m, c) = growable(8, 2, 2, None, true);
+    let mut a = seq(0, &[1, 2, 3, 4], 2);
+    take(&mut m, &mut a, 4);
+    m.register_full_pages(&mut a);
+    m.free(&mut a);
+    assert_eq!(m.num_cached_free_pages(), 2);
+    m.end_step();
+    assert_eq!(m.num_committed_units(), 1, "cached pages keep their unit");
+    let mut b = seq(1, &[7; 2], 2);
+    take(&mut m, &mut b, 2);
+    assert_eq!(
+        b.block_table,
+        vec![PageId(1)],
+        "LRU cached page (the tail) reused"
+    );
+    assert_eq!(c.events(), vec![CommitEvent::Commit(0)], "no growth");
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_unit_of_only_cached_pages_is_released_after_the_idle_steps_and_revival_resets_them() {
+    let (mut m, c) = growable(4, 2, 2, None, true);
+    m.set_cache_idle_steps(3);
+    let mut a = seq(0, &[1, 2, 3, 4, 5], 2);
+    take(&mut m, &mut a, 4);
+    m.register_full_pages(&mut a);
+    m.free(&mut a);
+    m.end_step();
+    m.end_step();
+    // Revived before the idle steps ran out: the count starts again.
+    let mut b = seq(1, &[1, 2, 3, 4, 5], 2);
+    let hit = m.lookup_prefix(&b);
+    assert_eq!(hit.num_revived, 2);
+    m.admit(&mut b, hit);
+    m.end_step();
+    m.free(&mut b);
+    for _ in 0..2 {
+        m.end_step();
+        assert_eq!(m.num_committed_units(), 1);
+        assert_eq!(m.lookup_prefix(&seq(2, &[1, 2, 3, 4, 5], 2)).pages.len(), 2);
+    }
+    m.end_step();
+    assert_eq!(m.num_committed_units(), 0, "idle cached unit released");
+    assert_eq!(c.events().last(), Some(&CommitEvent::Release(0)));
+    assert!(
+        m.lookup_prefix(&seq(2, &[1, 2, 3, 4, 5], 2))
+            .pages
+            .is_empty()
+    );
+    assert_eq!(m.commit_stats().num_idle_evictions, 2);
+    assert_eq!(m.num_cached_free_pages(), 0);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_refused_commit_is_an_error_that_keeps_every_page_accounted_for() {
+    let (mut m, c) = growable(8, 2, 2, Some(1), false);
+    let mut s = seq(0, &[1; 6], 2);
+    let err = m.grow_for(3).unwrap_err();
+    assert!(err.to_string().contains("cap"), "{err}");
+    assert_eq!(
+        m.num_available_pages(),
+        2,
+        "the unit committed before the refusal stays"
+    );
+    assert_eq!(
+        c.events(),
+        vec![CommitEvent::Commit(0), CommitEvent::Refused(1)]
+    );
+    assert_eq!(m.max_new_tokens(&s), 4);
+    m.allocate_slots(&mut s, 4).unwrap();
+    assert_eq!(m.commit_stats().num_grow_failures, 1);
+    m.free(&mut s);
+    m.end_step();
+    assert_eq!(m.num_committed_units(), 0);
+    assert_eq!(m.num_free_pages(), 8);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn an_injected_fault_at_a_grow_is_an_error_and_the_next_grow_succeeds() {
+    let faults = FaultInjector::new();
+    let c = Arc::new(RecordingCommit::new(2, None, faults.clone()));
+    let mut m = BlockManager::with_commit(8, 2, false, faults.clone(), Some(c.clone())).unwrap();
+    faults.fail_at(1);
+    let err = m.grow_for(1).unwrap_err();
+    assert!(err.to_string().contains("kv grow"), "{err}");
+    assert_eq!(m.num_committed_units(), 0);
+    assert!(m.grow_for(1).unwrap());
+    assert_eq!(c.committed_units(), vec![0]);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_short_last_unit_holds_the_remaining_pages() {
+    let (mut m, _c) = growable(5, 1, 2, None, false);
+    assert_eq!(m.num_units(), 3);
+    let mut s = seq(0, &[1; 5], 1);
+    take(&mut m, &mut s, 5);
+    assert_eq!(m.num_committed_pages(), 5);
+    assert_eq!(m.commit_stats().committed_units, 3);
+    m.free(&mut s);
+    m.end_step();
+    assert_eq!(m.num_committed_pages(), 0);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn without_a_committer_everything_is_committed_and_never_released() {
+    let mut m = bm(4, 2, false);
+    assert_eq!(m.num_committed_pages(), 4);
+    assert_eq!(m.num_units(), 1);
+    let mut s = seq(0, &[1; 4], 2);
+    m.allocate_slots(&mut s, 4).unwrap();
+    m.free(&mut s);
+    m.end_step();
+    assert_eq!(m.num_committed_pages(), 4);
+    assert!(m.grow_for(4).unwrap());
+    assert!(!m.grow_for(5).unwrap());
+    assert_eq!(m.commit_stats().num_releases, 0);
+    m.check_invariants().unwrap();
+}

@@ -264,3 +264,26 @@ fn a_derived_sequence_count_gets_a_workspace_for_that_many() {
     );
     assert!(p.total_bytes <= p.budget_bytes);
 }
+
+#[test]
+fn swap_space_is_whole_host_page_slots_outside_the_device_total() {
+    let mut p = plan0(&req(Some(1024), Some(4), DType::F32, 8 << 30), DEV).unwrap();
+    let total = p.total_bytes;
+    assert!(
+        !table(&p).contains("host swap"),
+        "no line without swap space"
+    );
+    // One f32 page of this model: 16 tokens × 30 layers × 3 heads × 64 × 2 × 4 B.
+    assert_eq!(p.page_bytes, 737_280);
+    p.set_swap_space(4 << 30);
+    assert_eq!(p.swap_slots, (4u64 << 30) as usize / 737_280);
+    assert_eq!(p.swap_slots, 5825);
+    assert_eq!(p.swap_bytes, 5825 * 737_280);
+    assert_eq!(p.total_bytes, total, "host swap is not device memory");
+    let t = table(&p);
+    let line = t.lines().find(|l| l.contains("host swap")).unwrap();
+    assert!(
+        line.contains("5825 page slots") && line.contains("4.00 GiB"),
+        "{line}"
+    );
+}

@@ -26,6 +26,7 @@ fn cfg(
         max_num_batched_tokens,
         max_model_len: 4096,
         enable_prefix_caching: caching,
+        swap: SwapConfig::default(),
     }
 }
 
@@ -67,6 +68,8 @@ struct FakeRunner {
     page_size: usize,
     /// (num_pages * page_size)
     kv: Vec<Option<FakeKv>>,
+    /// Host slot -> the page_size slots of one swapped-out page.
+    host: HashMap<u32, Vec<Option<FakeKv>>>,
 }
 
 impl FakeRunner {
@@ -74,15 +77,41 @@ impl FakeRunner {
         Self {
             page_size: c.page_size,
             kv: vec![None; c.num_pages * c.page_size],
+            host: HashMap::new(),
         }
     }
 
+    /// Forgets the content of every page whose commit unit is released, so
+    /// reading one later panics.
+    fn wipe_uncommitted(&mut self, bm: &BlockManager) {
+        let ps = self.page_size;
+        for p in 0..bm.num_pages() {
+            if !bm.is_committed(PageId(p as u32)) {
+                self.kv[p * ps..(p + 1) * ps].fill(None);
+            }
+        }
+    }
+
+    /// Runs the copies in the plan's order (swap-out, copy-on-write,
+    /// swap-in), then the rows.
     fn execute(&mut self, plan: &StepPlan) -> Vec<Option<u32>> {
         let ps = self.page_size;
+        for &(page, slot) in &plan.swap_out {
+            let s = page as usize * ps;
+            self.host.insert(slot, self.kv[s..s + ps].to_vec());
+        }
         for &(src, dst) in &plan.copy_pages {
             let (s, d) = (src as usize * ps, dst as usize * ps);
             let page: Vec<_> = self.kv[s..s + ps].to_vec();
             self.kv[d..d + ps].copy_from_slice(&page);
+        }
+        for &(slot, page) in &plan.swap_in {
+            let content = self
+                .host
+                .remove(&slot)
+                .unwrap_or_else(|| panic!("host slot {slot} swapped in but never out"));
+            let d = page as usize * ps;
+            self.kv[d..d + ps].copy_from_slice(&content);
         }
         for i in 0..plan.num_seqs() {
             let table = plan.block_table(i).to_vec();
@@ -178,7 +207,45 @@ fn check(s: &Scheduler, plan: Option<&StepPlan>) {
     }
     for q in s.seqs.values().filter(|q| q.is_finished()) {
         assert!(q.block_table.is_empty(), "finished {} holds pages", q.id);
+        assert!(
+            q.host_slots.is_empty(),
+            "finished {} holds host slots",
+            q.id
+        );
     }
+    let mut host_slots: Vec<u32> = s.host_free.iter().chain(&s.host_freed).copied().collect();
+    for w in s.swapped.iter().zip(s.swapped.iter().skip(1)) {
+        assert!(
+            s.seqs[w.0].arrival < s.seqs[w.1].arrival,
+            "swapped not sorted by arrival"
+        );
+    }
+    for id in &s.swapped {
+        let q = &s.seqs[id];
+        assert_eq!(q.status, SeqStatus::Swapped);
+        assert!(q.block_table.is_empty(), "swapped {id} holds device pages");
+        assert!(q.num_computed_tokens > 0 && q.num_computed_tokens < q.len());
+        assert_eq!(
+            q.host_slots.len(),
+            q.num_computed_tokens.div_ceil(ps),
+            "{id} host slots"
+        );
+        host_slots.extend(&q.host_slots);
+    }
+    for q in s.seqs.values().filter(|q| q.status != SeqStatus::Swapped) {
+        assert!(
+            q.host_slots.is_empty(),
+            "{} holds host slots while {:?}",
+            q.id,
+            q.status
+        );
+    }
+    host_slots.sort_unstable();
+    assert_eq!(
+        host_slots,
+        (0..s.num_host_slots() as u32).collect::<Vec<_>>(),
+        "every host slot is free or held by exactly one swapped sequence"
+    );
     for st in bm.page_states() {
         assert_eq!(
             st.refcount,
@@ -216,6 +283,23 @@ fn check(s: &Scheduler, plan: Option<&StepPlan>) {
         }
         for &(_, dst) in &plan.copy_pages {
             assert_eq!(bm.refcount(PageId(dst)), 1, "copy target must be private");
+        }
+        for &(_, dst) in &plan.swap_in {
+            assert_eq!(
+                bm.refcount(PageId(dst)),
+                1,
+                "swap-in target must be private"
+            );
+            assert!(
+                bm.is_committed(PageId(dst)),
+                "swap-in into an uncommitted page"
+            );
+        }
+        for &slot in &plan.slot_mapping {
+            assert!(
+                bm.is_committed(PageId(slot / ps as u32)),
+                "write into an uncommitted page"
+            );
         }
         let decode_rows = plan.num_decode_tokens;
         for i in 0..plan.num_seqs() {
@@ -281,6 +365,7 @@ fn drive(
             check(s, None);
             check_mirror(s);
         }
+        r.wipe_uncommitted(s.block_manager());
     }
     check_mirror(s);
     s.take_finished()
@@ -325,6 +410,8 @@ fn one_prompt_prefill_then_decode_has_exact_arrays() {
         logits_indices: vec![4],
         sample_rows: vec![Some(0)],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: 5,
         num_decode_tokens: 0,
     };
@@ -353,6 +440,8 @@ fn one_prompt_prefill_then_decode_has_exact_arrays() {
         logits_indices: vec![0],
         sample_rows: vec![Some(0)],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: 0,
         num_decode_tokens: 1,
     };
@@ -390,6 +479,8 @@ fn decode_runs_before_prefill_in_a_mixed_step() {
         logits_indices: vec![0, 5],
         sample_rows: vec![Some(0), Some(1)],
         copy_pages: vec![],
+        swap_out: vec![],
+        swap_in: vec![],
         num_prefill_tokens: 5,
         num_decode_tokens: 1,
     };
@@ -595,16 +686,19 @@ fn freed_cached_pages_are_revived_by_a_later_identical_prefix() {
     assert_eq!(&plan.block_table(1)[..2], &[4, 5]);
     s.postprocess(&plan, &[Some(1), Some(1)]);
     assert_all_pages_free(&s);
-    // Freed tail first: b's pages 3, 2, 0 then c's 5, 4 join the back.
+    // Clean pages first (never used 6, 7, then b's freed uncached 3, 2),
+    // then the cached ones least recently freed first: 1 (freed at b's
+    // copy-on-write), b's 0, c's 5, 4 (tail first).
     assert_eq!(
         s.block_manager().free_pages_in_lru_order(),
-        [6, 7, 1, 3, 2, 0, 5, 4].map(PageId).to_vec()
+        [6, 7, 3, 2, 1, 0, 5, 4].map(PageId).to_vec()
     );
-    // Eviction follows that order: 5 pages for a new prompt take 6, 7,
-    // 1 (evicting the cached copy of tokens 5..8), 3, 2; page 0 stays cached.
+    // Fresh pages follow that order: 5 pages for a new prompt take the four
+    // clean pages, then evict 1 (the cached copy of tokens 5..8); page 0
+    // stays cached.
     let d = s.add((200..220).collect(), p(1)).unwrap();
     let plan = s.schedule().plan.unwrap();
-    assert_eq!(plan.block_table(0), &[6, 7, 1, 3, 2]);
+    assert_eq!(plan.block_table(0), &[6, 7, 3, 2, 1]);
     s.postprocess(&plan, &[Some(1)]);
     s.remove(d).unwrap();
     let e = s.add(prompt.clone(), p(1)).unwrap();
@@ -1050,6 +1144,7 @@ fn run_workload(
             s.postprocess(&plan, &sm);
             check(&s, None);
         }
+        r.wipe_uncommitted(s.block_manager());
     }
     let done: Finished = s
         .take_finished()
@@ -1143,12 +1238,26 @@ proptest! {
         caching in any::<bool>(),
         fault_at in prop::option::weighted(0.3, 1u64..60),
         reqs in prop::collection::vec(req_strategy(), 1..8),
+        host_slots in prop::option::weighted(0.4, 0u64..12),
+        pages_per_unit in prop::option::weighted(0.5, 1usize..4),
+        idle_steps in 0u64..4,
     ) {
-        let c = SchedulerConfig { page_size, num_pages, max_num_seqs, max_num_batched_tokens: budget, max_model_len: 64, enable_prefix_caching: caching };
+        // Swap on: every preemption with enough free host slots swaps.
+        let swap = match host_slots {
+            Some(n) => SwapConfig { space_bytes: n, page_bytes: 1, latency_us: 0, ..SwapConfig::default() },
+            None => SwapConfig::default(),
+        };
+        let c = SchedulerConfig { page_size, num_pages, max_num_seqs, max_num_batched_tokens: budget, max_model_len: 64, enable_prefix_caching: caching, swap };
         let prefixes: [Vec<u32>; 4] = [vec![], vec![7; 5], (1..9).collect(), (1..13).collect()];
         let faults = FaultInjector::new();
         faults.fail_at(fault_at.unwrap_or(0));
-        let mut s = Scheduler::new(c.clone(), faults.clone()).unwrap();
+        let commit = pages_per_unit.map(|ppu| Arc::new(crate::kv_commit::RecordingCommit::new(ppu, None, FaultInjector::new())));
+        let mut s = Scheduler::with_kv_commit(
+            c.clone(),
+            faults.clone(),
+            commit.clone().map(|c| c as Arc<dyn KvCommit>),
+        ).unwrap();
+        s.block_manager.set_cache_idle_steps(idle_steps);
         let mut r = FakeRunner::new(&c);
         let mut added: Vec<(SeqId, Vec<u32>, SeqParams, Option<usize>)> = Vec::new();
         let mut pending: Vec<&Req> = reqs.iter().collect();
@@ -1176,6 +1285,11 @@ proptest! {
             }
         }, last_arrival + 1);
         assert_all_pages_free(&s);
+        prop_assert_eq!(s.num_host_slots_in_use(), 0);
+        if let Some(commit) = &commit {
+            prop_assert_eq!(commit.violation(), None);
+            prop_assert_eq!(commit.committed_units().len(), s.block_manager().num_committed_units());
+        }
         let num_errors = done.values().filter(|d| matches!(d.1, FinishReason::Error(_))).count() as u64;
         prop_assert_eq!(num_errors, faults.faults_fired(), "one failed request per fired fault");
         prop_assert!(faults.faults_fired() <= 1);
@@ -1194,3 +1308,5 @@ proptest! {
         }
     }
 }
+
+mod kv_tiers;
