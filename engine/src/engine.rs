@@ -61,6 +61,9 @@ pub struct EngineConfig {
     /// Host bytes for swapped-out KV pages (`--swap-space`); 0 = preempted
     /// sequences are always recomputed.
     pub swap_space_bytes: u64,
+    /// Target bytes per layer of one KV commit unit (the granule in which the
+    /// KV arena grows and shrinks); default [`crate::plan::KV_COMMIT_UNIT_BYTES`].
+    pub kv_commit_unit_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +81,7 @@ impl Default for EngineConfig {
             faults: FaultInjector::from_env(),
             decode_buckets: None,
             swap_space_bytes: 0,
+            kv_commit_unit_bytes: crate::plan::KV_COMMIT_UNIT_BYTES,
         }
     }
 }
@@ -142,6 +146,11 @@ impl EngineConfig {
             mem_plan
                 .set_num_pages(n)
                 .map_err(|e| EngineError::InvalidInput(format!("num_pages: {e}")))?;
+        }
+        if self.kv_commit_unit_bytes != mem_plan.kv_limits.unit_bytes {
+            mem_plan
+                .set_kv_commit_unit_bytes(self.kv_commit_unit_bytes)
+                .map_err(|e| EngineError::InvalidInput(format!("kv commit unit: {e}")))?;
         }
         mem_plan.set_swap_space(self.swap_space_bytes);
         Ok(mem_plan)

@@ -135,6 +135,8 @@ pub struct KvLimits {
     pub granularity: u64,
     /// The layout with one page (shape and dtype).
     pub layout: Option<KvLayout>,
+    /// Target bytes of one commit unit per layer ([`KV_COMMIT_UNIT_BYTES`]).
+    pub unit_bytes: u64,
 }
 
 impl KvLimits {
@@ -145,6 +147,7 @@ impl KvLimits {
             max_binding_bytes: info.max_binding_bytes,
             granularity: info.kv_commit_granularity,
             layout: Some(layout),
+            unit_bytes: KV_COMMIT_UNIT_BYTES,
         }
     }
 
@@ -159,7 +162,7 @@ impl KvLimits {
             self.max_buffer_bytes,
             self.max_binding_bytes,
             self.granularity,
-            KV_COMMIT_UNIT_BYTES,
+            self.unit_bytes,
         )
     }
 
@@ -508,6 +511,20 @@ impl MemoryPlan {
     /// page slots only.
     pub fn set_swap_space(&mut self, swap_space_bytes: u64) {
         self.set_swap_slots((swap_space_bytes / self.page_bytes.max(1)) as usize);
+    }
+
+    /// Commit units of `unit_bytes` per layer instead of the default
+    /// ([`KV_COMMIT_UNIT_BYTES`]); recomputes the KV reservation (pieces hold
+    /// whole units) and refuses one over the budget.
+    pub fn set_kv_commit_unit_bytes(&mut self, unit_bytes: u64) -> Result<(), String> {
+        let old = self.kv_limits;
+        self.kv_limits.unit_bytes = unit_bytes.max(1);
+        let n = self.num_pages;
+        if let Err(e) = self.set_num_pages(n) {
+            self.kv_limits = old;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Replaces the derived KV page count with an explicit one, keeping the

@@ -281,14 +281,14 @@ fn totals<B: Backend>(
         graphs: match runner.backend().graphs() {
             Some(g) => GraphTotals {
                 count: g.num_graphs() as u64,
-                bytes: g.graph_memory_bytes(),
+                bytes: g.memory_bytes(),
             },
             None => GraphTotals {
                 count: pool.live_blocks_by_tag[MemoryTag::Graph.index()] as u64,
                 bytes: pool.requested(MemoryTag::Graph),
             },
         },
-        host_swap_bytes: 0,
+        host_swap_bytes: s.host_bytes_in_use(),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Shared helpers for Pagoda's integration tests.
 
+pub mod recording;
+
 use std::path::PathBuf;
 
 use pagoda::{SeqId, StepPlan};

@@ -416,7 +416,7 @@ pub trait GraphOps {
     /// Graphs captured so far.
     fn num_graphs(&self) -> usize;
     /// Device memory held by the captured graphs (one shared pool).
-    fn graph_memory_bytes(&self) -> u64;
+    fn memory_bytes(&self) -> u64;
 }
 
 /// Attention over the paged KV cache.
