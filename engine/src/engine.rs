@@ -698,6 +698,8 @@ impl<B: Backend> Engine<B> {
             });
         }
         let Some(plan) = out.plan else {
+            // Units the block manager released are unused by any queued work.
+            self.runner.flush_kv_releases();
             self.forward_to_streams(&events);
             return Ok(events);
         };
@@ -814,6 +816,9 @@ impl<B: Backend> Engine<B> {
                 finished,
             });
         }
+        // Units released by postprocess: the step's work was read back, so
+        // nothing queued can touch them; give them back now, not a step later.
+        self.runner.flush_kv_releases();
         self.forward_to_streams(&events);
         self.telemetry.publish_step(
             StepStats::from_plan(&plan, &self.scheduler, t_sched, t_fwd, t0.elapsed()),

@@ -407,6 +407,12 @@ impl<B: Backend> ModelRunner<B> {
         Ok(&self.out.logits[..len])
     }
 
+    /// Gives KV units released since the last step back to the device. Call
+    /// only after the last step's read-back (no queued work may touch them).
+    pub fn flush_kv_releases(&mut self) {
+        self.kv.flush_releases();
+    }
+
     /// The backend.
     pub fn backend(&self) -> &Arc<B> {
         &self.backend

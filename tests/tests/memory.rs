@@ -327,3 +327,51 @@ fn engine_refuses_before_loading_when_the_plan_does_not_fit() {
     assert!(err.contains("Nothing was loaded"), "{err}");
     assert_eq!(backend.live_segments(), 0, "no memory was allocated");
 }
+
+/// Item 6 on the real engine: the KV arena commits memory as the load rises
+/// and gives it back as requests finish, down to the null page, with every
+/// grow and release balanced; nothing is committed before use.
+#[test]
+fn the_kv_arena_grows_with_the_load_and_shrinks_after() {
+    let mut e = cpu_engine(EngineConfig {
+        ctx: Some(1024),
+        max_seqs: Some(4),
+        kv_commit_unit_bytes: 64 << 10,
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    });
+    let kv = |e: &Engine<CpuBackend>| e.runner().kv_cache().stats();
+    let idle = kv(&e);
+    assert!(idle.committed_bytes < idle.reserved_bytes / 10, "{idle:?}");
+    assert_eq!(idle.committed_units, 0, "only the null page is committed at start");
+    let greedy = |n| GenerationParams {
+        max_tokens: n,
+        sampling: SamplingParams::greedy(),
+        ignore_eog: true,
+        ..GenerationParams::default()
+    };
+    // Mixed lifetimes: two short requests and a long one.
+    let short = [e.add_request((1..40).collect(), greedy(8)).unwrap(),
+        e.add_request((50..90).collect(), greedy(8)).unwrap()];
+    let long = e.add_request((100..160).collect(), greedy(200)).unwrap();
+    let mut committed = Vec::new();
+    while e.has_unfinished() {
+        e.step().unwrap();
+        committed.push(kv(&e).committed_bytes);
+    }
+    let peak = *committed.iter().max().unwrap();
+    assert!(peak > idle.committed_bytes, "the arena grew");
+    // It grew in several steps as the long request's context rose.
+    let rises = committed.windows(2).filter(|w| w[1] > w[0]).count();
+    assert!(rises >= 3, "{rises} growth steps: {committed:?}");
+    let end = kv(&e);
+    assert_eq!(end.committed_units, 0, "{end:?}");
+    assert_eq!(end.committed_bytes, idle.committed_bytes, "balance zero");
+    assert_eq!(end.num_grows, end.num_releases);
+    assert!(end.peak_committed_units >= 3);
+    for id in short.into_iter().chain([long]) {
+        let c = e.take_completion(id).unwrap();
+        assert!(matches!(c.finish_reason, pagoda::FinishReason::Length));
+    }
+    e.scheduler().block_manager().check_invariants().unwrap();
+}
