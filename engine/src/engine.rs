@@ -23,8 +23,8 @@ use crate::model_runner::{ModelRunner, RowNeed};
 use crate::plan::{Budget, MemoryPlan, PlanRequest, plan};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig, SwapConfig};
-use crate::step_plan::StepPlan;
 use crate::sequence::{FinishReason, SeqId, SeqParams};
+use crate::step_plan::StepPlan;
 use crate::telemetry::{EngineMemory, MemoryState, StepStats, Telemetry};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -269,15 +269,22 @@ impl<B: Backend> EngineBuilder<B> {
             None => None,
         };
         let info = backend.info().clone();
-        let geometry = mem_plan.kv_limits.geometry(mem_plan.num_pages).ok_or_else(|| {
-            EngineError::InvalidInput(format!(
-                "a KV arena of {} pages does not fit the {} device's buffer limits",
-                mem_plan.num_pages, info.name
-            ))
-        })?;
+        let geometry = mem_plan
+            .kv_limits
+            .geometry(mem_plan.num_pages)
+            .ok_or_else(|| {
+                EngineError::InvalidInput(format!(
+                    "a KV arena of {} pages does not fit the {} device's buffer limits",
+                    mem_plan.num_pages, info.name
+                ))
+            })?;
         // The KV arena is reserved outside the pool; the pool holds the rest.
         let pool_cfg = PoolConfig {
-            budget_bytes: Some(mem_plan.budget_bytes.saturating_sub(geometry.reserved_bytes())),
+            budget_bytes: Some(
+                mem_plan
+                    .budget_bytes
+                    .saturating_sub(geometry.reserved_bytes()),
+            ),
             max_segment_bytes: info.max_buffer_bytes,
             ..PoolConfig::default()
         };
@@ -843,8 +850,8 @@ impl<B: Backend> Engine<B> {
                 continue;
             };
             let p = r.sampler.params();
-            let wants_row = r.prompt_logits.is_some()
-                || r.first_logits.as_ref().is_some_and(|f| f.is_empty());
+            let wants_row =
+                r.prompt_logits.is_some() || r.first_logits.as_ref().is_some_and(|f| f.is_empty());
             let penalize = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
             self.needs[row as usize] = if wants_row || penalize {
                 RowNeed::Full

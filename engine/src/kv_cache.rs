@@ -74,7 +74,11 @@ impl<B: Backend> Inner<B> {
         let first = range.start / g * g;
         let mut granule = first;
         while granule < range.end {
-            let users = st.granule_users.get(&(piece, granule)).copied().unwrap_or(0);
+            let users = st
+                .granule_users
+                .get(&(piece, granule))
+                .copied()
+                .unwrap_or(0);
             if users == 0 {
                 for (l, layer) in self.pieces.iter().enumerate() {
                     if let Err(e) = self.backend.commit(layer[piece], granule, g) {
@@ -98,7 +102,11 @@ impl<B: Backend> Inner<B> {
         let g = self.geometry.granularity;
         let mut granule = range.start / g * g;
         while granule < range.end {
-            let users = st.granule_users.get(&(piece, granule)).copied().unwrap_or(0);
+            let users = st
+                .granule_users
+                .get(&(piece, granule))
+                .copied()
+                .unwrap_or(0);
             if users <= 1 {
                 st.granule_users.remove(&(piece, granule));
                 if users == 1 {
@@ -345,7 +353,7 @@ impl<B: Backend> KvCache<B> {
         for u in 0..self.geometry.num_units() {
             self.inner
                 .commit_unit(u)
-                .map_err(|e| EngineError::Backend(e))?;
+                .map_err(EngineError::Backend)?;
         }
         Ok(())
     }

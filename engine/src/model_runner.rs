@@ -114,6 +114,7 @@ impl<B: Backend> ModelRunner<B> {
     /// Uploads the weights and allocates the workspace and KV cache from
     /// `pool`. `decode_buckets`: the padded decode batch sizes (empty for
     /// none; each at most `dims.max_seqs`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         backend: Arc<B>,
         pool: Pool,
@@ -142,8 +143,13 @@ impl<B: Backend> ModelRunner<B> {
         let weights = LlamaWeights::load(gguf, &config, backend.as_ref(), &pool)?;
         let workspace = Workspace::new(&config, dims, &pool)?;
         let kv = KvCache::new(kv_geometry, backend.clone(), &pool, faults)?;
-        let words =
-            StepArgsLayout::new(dims.max_tokens, dims.max_seqs, dims.max_logits_rows, dims.max_blocks_per_seq).words;
+        let words = StepArgsLayout::new(
+            dims.max_tokens,
+            dims.max_seqs,
+            dims.max_logits_rows,
+            dims.max_blocks_per_seq,
+        )
+        .words;
         let l = dims.max_logits_rows;
         let k = dims.max_top_k;
         let out = StepOutput {
@@ -186,7 +192,11 @@ impl<B: Backend> ModelRunner<B> {
 
     /// The padded shape of `plan`.
     fn shape_of(&self, plan: &StepPlan) -> StepShape {
-        let (n, s, l) = (plan.num_tokens(), plan.num_seqs(), plan.logits_indices.len());
+        let (n, s, l) = (
+            plan.num_tokens(),
+            plan.num_seqs(),
+            plan.logits_indices.len(),
+        );
         let decode_only = plan.is_decode_only();
         if decode_only && let Some(&p) = self.decode_buckets.iter().find(|&&b| b >= s) {
             return StepShape {
@@ -208,7 +218,11 @@ impl<B: Backend> ModelRunner<B> {
     /// enqueues the page copies.
     fn prepare(&mut self, plan: &StepPlan, shape: StepShape) -> Result<()> {
         let width = self.workspace.dims.max_blocks_per_seq;
-        let (n, s, l) = (plan.num_tokens(), plan.num_seqs(), plan.logits_indices.len());
+        let (n, s, l) = (
+            plan.num_tokens(),
+            plan.num_seqs(),
+            plan.logits_indices.len(),
+        );
         if plan.max_blocks_per_seq > width {
             return Err(EngineError::InvalidInput(format!(
                 "a sequence of the step needs {} pages; block tables hold {width}",
@@ -231,17 +245,30 @@ impl<B: Backend> ModelRunner<B> {
             dst[src.len()..].fill(fill);
         };
         pad(&mut w[lay.ids..lay.ids + pn], &plan.input_ids, 0);
-        pad(&mut w[lay.positions..lay.positions + pn], &plan.positions, 0);
-        pad(&mut w[lay.slots..lay.slots + pn], &plan.slot_mapping, null_slot);
+        pad(
+            &mut w[lay.positions..lay.positions + pn],
+            &plan.positions,
+            0,
+        );
+        pad(
+            &mut w[lay.slots..lay.slots + pn],
+            &plan.slot_mapping,
+            null_slot,
+        );
         let bt = &mut w[lay.block_tables..lay.block_tables + ps * width];
         bt.fill(null_page);
         let pw = plan.max_blocks_per_seq;
         for i in 0..s {
             // Only the pages a sequence owns; the rest of the row is the null page.
             let pages = (plan.context_lens[i] as usize).div_ceil(layout.page_size);
-            bt[i * width..i * width + pages].copy_from_slice(&plan.block_tables[i * pw..i * pw + pages]);
+            bt[i * width..i * width + pages]
+                .copy_from_slice(&plan.block_tables[i * pw..i * pw + pages]);
         }
-        pad(&mut w[lay.context_lens..lay.context_lens + ps], &plan.context_lens, 1);
+        pad(
+            &mut w[lay.context_lens..lay.context_lens + ps],
+            &plan.context_lens,
+            1,
+        );
         let qsl = &mut w[lay.query_start_locs..lay.query_start_locs + ps + 1];
         qsl[..s + 1].copy_from_slice(&plan.query_start_locs);
         for (j, q) in qsl.iter_mut().enumerate().skip(s + 1) {
@@ -254,7 +281,11 @@ impl<B: Backend> ModelRunner<B> {
             *x = (n + (j - l)).min(pn.saturating_sub(1)) as u32;
         }
         let bytes = bytemuck::cast_slice(&self.staging[..lay.words]);
-        let dst = self.workspace.step_args.buf().slice(0, bytes.len() as u64)?;
+        let dst = self
+            .workspace
+            .step_args
+            .buf()
+            .slice(0, bytes.len() as u64)?;
         self.backend.upload(dst, bytes)?;
         self.num_uploads += 1;
         self.copy_pages(plan)
@@ -329,8 +360,14 @@ impl<B: Backend> ModelRunner<B> {
             let vals = ws.topk_values.buf().slice(0, (rows * k) as u64 * 4)?;
             let ids = ws.topk_ids.buf().slice(0, (rows * k) as u64 * 4)?;
             b.top_k_rows(logits, vals, ids, rows, vocab, k)?;
-            b.download(vals, bytemuck::cast_slice_mut(&mut self.out.topk_values[..rows * k]))?;
-            b.download(ids, bytemuck::cast_slice_mut(&mut self.out.topk_ids[..rows * k]))?;
+            b.download(
+                vals,
+                bytemuck::cast_slice_mut(&mut self.out.topk_values[..rows * k]),
+            )?;
+            b.download(
+                ids,
+                bytemuck::cast_slice_mut(&mut self.out.topk_ids[..rows * k]),
+            )?;
         }
         let mut r = 0;
         while r < rows {
@@ -398,7 +435,8 @@ impl<B: Backend> ModelRunner<B> {
     /// vocab) f32, row `i` for token row `plan.logits_indices[i]`.
     pub fn logits(&mut self, plan: &StepPlan) -> Result<&[f32]> {
         self.full_needs.clear();
-        self.full_needs.resize(plan.logits_indices.len(), RowNeed::Full);
+        self.full_needs
+            .resize(plan.logits_indices.len(), RowNeed::Full);
         let needs = std::mem::take(&mut self.full_needs);
         let r = self.execute(plan, &needs).map(|_| ());
         self.full_needs = needs;

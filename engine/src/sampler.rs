@@ -181,7 +181,11 @@ impl Sampler {
             return ids.first().copied().unwrap_or(0);
         }
         self.cand.clear();
-        let k = if p.top_k == 0 { ids.len() } else { p.top_k.min(ids.len()) };
+        let k = if p.top_k == 0 {
+            ids.len()
+        } else {
+            p.top_k.min(ids.len())
+        };
         self.cand
             .extend(ids.iter().copied().zip(values.iter().copied()).take(k));
         if self.cand.is_empty() {

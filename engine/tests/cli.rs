@@ -542,6 +542,14 @@ fn devices_lists_every_backend_and_the_cpu_device() {
     assert_eq!(d["can_grow_kv"], true);
     assert_eq!(d["supports_graphs"], false);
     assert!(d["alignment"].as_u64().unwrap().is_power_of_two());
+    assert_eq!(d["max_top_k"], 1024);
+    assert!(d["max_binding_bytes"].as_u64().unwrap() > 0);
+    assert!(
+        d["kv_commit_granularity_bytes"]
+            .as_u64()
+            .unwrap()
+            .is_power_of_two()
+    );
     for b in &backends[1..] {
         assert_eq!(b["compiled"], false);
         assert!(b["devices"].as_array().unwrap().is_empty());
@@ -563,6 +571,7 @@ fn devices_lists_every_backend_and_the_cpu_device() {
         "kv dtypes:",
         "can_grow_kv: true",
         "alignment:",
+        "largest binding: none",
     ] {
         assert!(text.contains(needle), "lacks {needle:?}: {text}");
     }
@@ -794,7 +803,8 @@ fn assert_generate_pool_matches_plan(doc: &serde_json::Value) {
     // KV: the arena reservation (outside the pool) plus the page tables (pool blocks, tag kv).
     assert_eq!(
         plan["kv_bytes"].as_u64().unwrap(),
-        m["kv_reserved_bytes"].as_u64().unwrap() + m["pool_requested_by_tag"]["kv"].as_u64().unwrap(),
+        m["kv_reserved_bytes"].as_u64().unwrap()
+            + m["pool_requested_by_tag"]["kv"].as_u64().unwrap(),
         "kv: {m}"
     );
     for (field, tag) in [

@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use pagoda_backend::{
     AttentionDims, AttentionOps, Backend, BackendError, BackendInfo, BufRef, DType, DeviceMemory,
-    EmbeddingDims, GraphId, GraphOps, GraphPlanInput, KvArenaOps, KvCacheOps, KvLayerRef,
-    KvLayout, MatmulDims, Projection, RawAllocator, RawSegment, Result, RopeDims, RopeKvDims,
-    SamplingOps, TensorOps,
+    EmbeddingDims, GraphId, GraphOps, GraphPlanInput, KvArenaOps, KvCacheOps, KvLayerRef, KvLayout,
+    MatmulDims, Projection, RawAllocator, RawSegment, Result, RopeDims, RopeKvDims, SamplingOps,
+    TensorOps,
 };
 use pagoda_cpu::CpuBackend;
 
@@ -234,9 +234,12 @@ impl TensorOps for RecordingBackend {
         out: BufRef,
         d: EmbeddingDims,
     ) -> Result<()> {
-        self.op("embedding", &[table, ids, out], format!("{dt} {d:?}"), move |b| {
-            b.embedding(table, dt, ids, out, d)
-        })
+        self.op(
+            "embedding",
+            &[table, ids, out],
+            format!("{dt} {d:?}"),
+            move |b| b.embedding(table, dt, ids, out, d),
+        )
     }
     fn matmul(&self, x: BufRef, w: BufRef, dt: DType, out: BufRef, d: MatmulDims) -> Result<()> {
         self.op("matmul", &[x, w, out], format!("{dt} {d:?}"), move |b| {
@@ -252,9 +255,12 @@ impl TensorOps for RecordingBackend {
         dim: usize,
         eps: f32,
     ) -> Result<()> {
-        self.op("rms_norm", &[x, w, out], format!("{n} {dim} {eps}"), move |b| {
-            b.rms_norm(x, w, out, n, dim, eps)
-        })
+        self.op(
+            "rms_norm",
+            &[x, w, out],
+            format!("{n} {dim} {eps}"),
+            move |b| b.rms_norm(x, w, out, n, dim, eps),
+        )
     }
     fn rms_norm_matmul(
         &self,
@@ -269,7 +275,13 @@ impl TensorOps for RecordingBackend {
         let projs = projections.to_vec();
         let mut b = vec![x, w, normed];
         b.extend(projs.iter().flat_map(|p| [p.w, p.out]));
-        let args = format!("{n} {k} {eps} {:?}", projs.iter().map(|p| (p.dtype, p.m, p.out_stride)).collect::<Vec<_>>());
+        let args = format!(
+            "{n} {k} {eps} {:?}",
+            projs
+                .iter()
+                .map(|p| (p.dtype, p.m, p.out_stride))
+                .collect::<Vec<_>>()
+        );
         self.op("rms_norm_matmul", &b, args, move |be| {
             be.rms_norm_matmul(x, w, normed, n, k, eps, &projs)
         })
@@ -290,9 +302,12 @@ impl TensorOps for RecordingBackend {
         })
     }
     fn gather_rows(&self, x: BufRef, idx: BufRef, out: BufRef, m: usize, dim: usize) -> Result<()> {
-        self.op("gather_rows", &[x, idx, out], format!("{m} {dim}"), move |b| {
-            b.gather_rows(x, idx, out, m, dim)
-        })
+        self.op(
+            "gather_rows",
+            &[x, idx, out],
+            format!("{m} {dim}"),
+            move |b| b.gather_rows(x, idx, out, m, dim),
+        )
     }
 }
 
@@ -331,7 +346,12 @@ impl KvCacheOps for RecordingBackend {
     }
     fn copy_pages(&self, cache: KvLayerRef<'_>, pairs: &[(u32, u32)]) -> Result<()> {
         self.no_capture("copy_pages")?;
-        self.log("copy_pages", &OwnedKv::of(&cache).bufs(), format!("{pairs:?}"), false);
+        self.log(
+            "copy_pages",
+            &OwnedKv::of(&cache).bufs(),
+            format!("{pairs:?}"),
+            false,
+        );
         self.inner.copy_pages(cache, pairs)
     }
 }
@@ -352,7 +372,16 @@ impl AttentionOps for RecordingBackend {
         let mut b = c.bufs();
         b.extend([q, positions, block_tables, context_lens, qsl, out]);
         self.op("paged_attention", &b, format!("{d:?}"), move |be| {
-            be.paged_attention(q, c.get(), positions, block_tables, context_lens, qsl, out, d)
+            be.paged_attention(
+                q,
+                c.get(),
+                positions,
+                block_tables,
+                context_lens,
+                qsl,
+                out,
+                d,
+            )
         })
     }
 }
@@ -360,7 +389,12 @@ impl AttentionOps for RecordingBackend {
 impl SamplingOps for RecordingBackend {
     fn argmax_rows(&self, logits: BufRef, ids: BufRef, rows: usize, vocab: usize) -> Result<()> {
         self.no_capture("argmax_rows")?;
-        self.log("argmax_rows", &[logits, ids], format!("{rows} {vocab}"), false);
+        self.log(
+            "argmax_rows",
+            &[logits, ids],
+            format!("{rows} {vocab}"),
+            false,
+        );
         self.inner.argmax_rows(logits, ids, rows, vocab)
     }
     fn top_k_rows(
@@ -373,7 +407,12 @@ impl SamplingOps for RecordingBackend {
         k: usize,
     ) -> Result<()> {
         self.no_capture("top_k_rows")?;
-        self.log("top_k_rows", &[logits, values, ids], format!("{rows} {vocab} {k}"), false);
+        self.log(
+            "top_k_rows",
+            &[logits, values, ids],
+            format!("{rows} {vocab} {k}"),
+            false,
+        );
         self.inner.top_k_rows(logits, values, ids, rows, vocab, k)
     }
 }
@@ -385,11 +424,21 @@ impl KvArenaOps for RecordingBackend {
         Ok(s)
     }
     fn commit(&self, range: RawSegment, offset: u64, bytes: u64) -> Result<()> {
-        self.log("commit", &[], format!("{} {offset} {bytes}", range.addr), false);
+        self.log(
+            "commit",
+            &[],
+            format!("{} {offset} {bytes}", range.addr),
+            false,
+        );
         self.inner.commit(range, offset, bytes)
     }
     fn decommit(&self, range: RawSegment, offset: u64, bytes: u64) -> Result<()> {
-        self.log("decommit", &[], format!("{} {offset} {bytes}", range.addr), false);
+        self.log(
+            "decommit",
+            &[],
+            format!("{} {offset} {bytes}", range.addr),
+            false,
+        );
         self.inner.decommit(range, offset, bytes)
     }
     fn committed_bytes(&self, range: RawSegment) -> u64 {
@@ -421,10 +470,13 @@ impl GraphOps for RecordingBackend {
     }
     fn end_capture(&self) -> Result<GraphId> {
         let mut st = lock(&self.state);
-        let ops = st.capturing.take().ok_or_else(|| BackendError::InvalidArgument {
-            op: "end_capture",
-            detail: "not capturing".into(),
-        })?;
+        let ops = st
+            .capturing
+            .take()
+            .ok_or_else(|| BackendError::InvalidArgument {
+                op: "end_capture",
+                detail: "not capturing".into(),
+            })?;
         st.graphs.push(ops);
         let id = GraphId(st.graphs.len() as u32 - 1);
         st.log.push(Call {
@@ -509,7 +561,12 @@ impl Backend for RecordingBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.log("upload_weight", &[dst], format!("{dtype} {rows} {cols}"), false);
+        self.log(
+            "upload_weight",
+            &[dst],
+            format!("{dtype} {rows} {cols}"),
+            false,
+        );
         self.inner.upload_weight(dst, src, dtype, rows, cols)
     }
 }

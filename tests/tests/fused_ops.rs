@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use pagoda_backend::quant::quantize_row;
 use pagoda_backend::{
-    Backend, BufRef, DType, FaultInjector, KvArenaOps, KvCacheOps, KvLayerRef,
-    KvLayout, MatmulDims, MemoryTag, Pool, PoolConfig, Projection, RopeKvDims, SamplingOps,
-    TensorOps,
+    Backend, BufRef, DType, FaultInjector, KvArenaOps, KvCacheOps, KvLayerRef, KvLayout,
+    MatmulDims, MemoryTag, Pool, PoolConfig, Projection, RopeKvDims, SamplingOps, TensorOps,
 };
 use pagoda_cpu::CpuBackend;
 use rand::{Rng, SeedableRng};
@@ -25,7 +24,11 @@ struct Dev {
 impl Dev {
     fn new() -> Dev {
         let b = Arc::new(CpuBackend::new(0).unwrap());
-        let pool = Pool::new(b.raw_allocator(), PoolConfig::default(), FaultInjector::new());
+        let pool = Pool::new(
+            b.raw_allocator(),
+            PoolConfig::default(),
+            FaultInjector::new(),
+        );
         Dev {
             b,
             pool,
@@ -33,7 +36,10 @@ impl Dev {
         }
     }
     fn buf(&mut self, bytes: &[u8]) -> BufRef {
-        let blk = self.pool.alloc(bytes.len() as u64, MemoryTag::Scratch).unwrap();
+        let blk = self
+            .pool
+            .alloc(bytes.len() as u64, MemoryTag::Scratch)
+            .unwrap();
         let r = blk.buf();
         self.b.upload(r, bytes).unwrap();
         self.blocks.push(blk);
@@ -76,7 +82,14 @@ fn rms_norm_with_projections_equals_norm_then_matmuls() {
         (7, 576, &[1536, 1536]),
         (33, 64, &[32, 96]),
     ];
-    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+    for dtype in [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ] {
         for &(n, k, ms) in cases {
             let mut d = Dev::new();
             let x = d.f32s(&rand_f32(&mut rng, n * k, 2.0));
@@ -101,7 +114,8 @@ fn rms_norm_with_projections_equals_norm_then_matmuls() {
             let h2 = d.f32s(&vec![0.0; n * k]);
             d.b.rms_norm(x, nw, h2, n, k, 1e-5).unwrap();
             for (i, &(w, m, out2)) in unfused.iter().enumerate() {
-                d.b.matmul(h2, w, dtype, out2, MatmulDims::new(n, k, m)).unwrap();
+                d.b.matmul(h2, w, dtype, out2, MatmulDims::new(n, k, m))
+                    .unwrap();
                 assert_eq!(
                     d.read_f32(projs[i].out),
                     d.read_f32(out2),
@@ -129,7 +143,8 @@ fn accumulating_matmul_equals_matmul_then_add() {
                 ..MatmulDims::new(n, k, m)
             };
             d.b.matmul(x, w, dtype, acc, dims).unwrap();
-            d.b.matmul(x, w, dtype, tmp, MatmulDims::new(n, k, m)).unwrap();
+            d.b.matmul(x, w, dtype, tmp, MatmulDims::new(n, k, m))
+                .unwrap();
             d.b.add_assign(base, tmp, n * m).unwrap();
             assert_eq!(d.read_f32(acc), d.read_f32(base), "{dtype} {n} {k} {m}");
             // A strided output: the same product in columns 3.. of a wider buffer.
@@ -143,7 +158,10 @@ fn accumulating_matmul_equals_matmul_then_add() {
             let got = d.read_f32(wide);
             let dense = d.read_f32(tmp);
             for t in 0..n {
-                assert_eq!(&got[t * (m + 7) + 3..t * (m + 7) + 3 + m], &dense[t * m..(t + 1) * m]);
+                assert_eq!(
+                    &got[t * (m + 7) + 3..t * (m + 7) + 3 + m],
+                    &dense[t * m..(t + 1) * m]
+                );
             }
         }
     }
@@ -251,7 +269,11 @@ fn device_sampling_matches_the_host_order() {
     for r in 0..rows {
         let row = &logits[r * vocab..(r + 1) * vocab];
         assert_eq!(got_ids[r], pagoda::sampler::argmax(row), "row {r}");
-        let mut all: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        let mut all: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         for j in 0..k {
             assert_eq!(got_tids[r * k + j], all[j].0, "row {r} rank {j}");
@@ -259,5 +281,8 @@ fn device_sampling_matches_the_host_order() {
         }
     }
     // k above the device limit is refused, not truncated.
-    assert!(d.b.top_k_rows(l, vals, tids, 1, vocab, CpuBackend::MAX_TOP_K + 1).is_err());
+    assert!(
+        d.b.top_k_rows(l, vals, tids, 1, vocab, CpuBackend::MAX_TOP_K + 1)
+            .is_err()
+    );
 }

@@ -97,7 +97,10 @@ fn pool_tag_totals_equal_the_plan_on_every_path() {
         let engine = engine_with(cfg, Some(SMALL_DEVICE)).unwrap();
         let plan = engine.memory_plan().clone();
         let kv_reserved = engine.runner().kv_cache().reserved_bytes();
-        assert!(kv_reserved >= (plan.num_pages as u64 + 1) * plan.page_bytes, "{what}");
+        assert!(
+            kv_reserved >= (plan.num_pages as u64 + 1) * plan.page_bytes,
+            "{what}"
+        );
         assert_pool_matches_plan(what, &plan, &engine.runner().pool().stats(), kv_reserved);
         let dims = engine.runner().workspace_dims();
         assert_eq!(
@@ -188,7 +191,9 @@ fn pool_tag_totals_equal_the_memory_plan() {
         assert_eq!(stats.requested(MemoryTag::Graph), plan.graph_bytes);
         // The reservation holds the pages plus the null page, rounded to granules.
         assert!(kvc.reserved_bytes() >= (plan.num_pages as u64 + 1) * plan.page_bytes);
-        assert!(kvc.reserved_bytes() < (plan.num_pages as u64 + 1) * plan.page_bytes + 30 * (64 << 10));
+        assert!(
+            kvc.reserved_bytes() < (plan.num_pages as u64 + 1) * plan.page_bytes + 30 * (64 << 10)
+        );
         let rounding = stats.reserved_bytes + kvc.reserved_bytes()
             - (plan.weights_bytes + plan.workspace_bytes + plan.kv_bytes);
         assert!(
@@ -343,7 +348,10 @@ fn the_kv_arena_grows_with_the_load_and_shrinks_after() {
     let kv = |e: &Engine<CpuBackend>| e.runner().kv_cache().stats();
     let idle = kv(&e);
     assert!(idle.committed_bytes < idle.reserved_bytes / 10, "{idle:?}");
-    assert_eq!(idle.committed_units, 0, "only the null page is committed at start");
+    assert_eq!(
+        idle.committed_units, 0,
+        "only the null page is committed at start"
+    );
     let greedy = |n| GenerationParams {
         max_tokens: n,
         sampling: SamplingParams::greedy(),
@@ -351,8 +359,10 @@ fn the_kv_arena_grows_with_the_load_and_shrinks_after() {
         ..GenerationParams::default()
     };
     // Mixed lifetimes: two short requests and a long one.
-    let short = [e.add_request((1..40).collect(), greedy(8)).unwrap(),
-        e.add_request((50..90).collect(), greedy(8)).unwrap()];
+    let short = [
+        e.add_request((1..40).collect(), greedy(8)).unwrap(),
+        e.add_request((50..90).collect(), greedy(8)).unwrap(),
+    ];
     let long = e.add_request((100..160).collect(), greedy(200)).unwrap();
     let mut committed = Vec::new();
     while e.has_unfinished() {

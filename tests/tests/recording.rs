@@ -34,14 +34,13 @@ fn params(max_tokens: usize) -> GenerationParams {
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    vec![
-        (1..6).collect(),
-        (100..109).collect(),
-        (200..217).collect(),
-    ]
+    vec![(1..6).collect(), (100..109).collect(), (200..217).collect()]
 }
 
-fn recording_engine(graphs: bool, cfg: EngineConfig) -> (Engine<RecordingBackend>, Arc<RecordingBackend>) {
+fn recording_engine(
+    graphs: bool,
+    cfg: EngineConfig,
+) -> (Engine<RecordingBackend>, Arc<RecordingBackend>) {
     let backend = Arc::new(RecordingBackend::new(CpuBackend::new(0).unwrap(), graphs));
     let engine = Engine::builder()
         .model(model_path())
@@ -97,10 +96,20 @@ fn decode_steps_of_one_padded_size_make_identical_forward_calls() {
             decode_forwards.push(fwd.into_iter().cloned().collect());
         }
     }
-    assert!(decode_forwards.len() >= 60, "{} decode steps", decode_forwards.len());
-    assert!(grew_between_decodes, "the KV arena grew during the decode steps");
+    assert!(
+        decode_forwards.len() >= 60,
+        "{} decode steps",
+        decode_forwards.len()
+    );
+    assert!(
+        grew_between_decodes,
+        "the KV arena grew during the decode steps"
+    );
     for (i, f) in decode_forwards.iter().enumerate() {
-        assert_eq!(f, &decode_forwards[0], "decode step {i} made other forward calls");
+        assert_eq!(
+            f, &decode_forwards[0],
+            "decode step {i} made other forward calls"
+        );
     }
     // Seven ops per layer plus embedding and the head.
     assert_eq!(decode_forwards[0].len(), 7 * layers + 4);
@@ -171,13 +180,18 @@ fn memory_is_given_back_only_after_the_queue_is_idle() {
     let log = b.take_log();
     let decommits = log.iter().filter(|c| c.op == "decommit").count();
     let frees = log.iter().filter(|c| c.op == "free_segment").count();
-    assert!(decommits > 0 && frees > 0, "{decommits} decommits, {frees} frees");
+    assert!(
+        decommits > 0 && frees > 0,
+        "{decommits} decommits, {frees} frees"
+    );
     let blocking = |c: &Call| matches!(c.op, "download" | "synchronize" | "wait_idle");
     for (i, c) in log.iter().enumerate() {
         if !matches!(c.op, "decommit" | "free_segment" | "unreserve") {
             continue;
         }
-        let last_op = log[..i].iter().rposition(|c| c.is_forward_op() || c.op == "copy_pages");
+        let last_op = log[..i]
+            .iter()
+            .rposition(|c| c.is_forward_op() || c.op == "copy_pages");
         let last_wait = log[..i].iter().rposition(blocking);
         assert!(
             last_op.is_none() || last_wait > last_op,

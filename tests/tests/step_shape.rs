@@ -69,9 +69,21 @@ fn run(r: &mut ModelRunner<CpuBackend>) -> Vec<f32> {
 /// null page) gives bit-identical logits for the real rows.
 #[test]
 fn padded_decode_batches_give_identical_logits() {
-    let plain = run(&mut runner_on(CpuBackend::new(0).unwrap(), DType::F32, dims(), 16, vec![]));
+    let plain = run(&mut runner_on(
+        CpuBackend::new(0).unwrap(),
+        DType::F32,
+        dims(),
+        16,
+        vec![],
+    ));
     for bucket in [4, 8] {
-        let mut r = runner_on(CpuBackend::new(0).unwrap(), DType::F32, dims(), 16, vec![bucket]);
+        let mut r = runner_on(
+            CpuBackend::new(0).unwrap(),
+            DType::F32,
+            dims(),
+            16,
+            vec![bucket],
+        );
         let padded = run(&mut r);
         assert_eq!(padded, plain, "padded to {bucket}");
         assert_eq!(r.decode_buckets(), &[bucket]);
@@ -92,10 +104,20 @@ fn a_one_mib_binding_limit_gives_identical_logits() {
         max_logits_rows: 4,
         ..dims()
     };
-    let plain = run(&mut runner_on(CpuBackend::new(0).unwrap(), DType::F32, d, pages, vec![]));
+    let plain = run(&mut runner_on(
+        CpuBackend::new(0).unwrap(),
+        DType::F32,
+        d,
+        pages,
+        vec![],
+    ));
     let small = CpuBackend::with_limits(0, 1 << 20, 1 << 20).unwrap();
     let mut r = runner_on(small, DType::F32, d, pages, vec![]);
-    assert!(r.kv_cache().geometry.num_pieces >= 3, "{:?}", r.kv_cache().geometry);
+    assert!(
+        r.kv_cache().geometry.num_pieces >= 3,
+        "{:?}",
+        r.kv_cache().geometry
+    );
     let pool = r.pool().snapshot();
     assert!(pool.segments.iter().all(|s| s.bytes <= 1 << 20));
     let limited = run(&mut r);

@@ -212,7 +212,11 @@ impl RopeKvDims {
     pub fn rope(&self, kv: bool) -> RopeDims {
         RopeDims {
             num_tokens: self.num_tokens,
-            num_heads: if kv { self.num_kv_heads } else { self.num_heads },
+            num_heads: if kv {
+                self.num_kv_heads
+            } else {
+                self.num_heads
+            },
             head_dim: self.head_dim,
             rope_dim: self.rope_dim,
             freq_base: self.freq_base,

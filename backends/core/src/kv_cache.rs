@@ -199,7 +199,10 @@ impl KvGeometry {
     /// Pages held by piece `i`.
     pub fn piece_pages(&self, i: usize) -> usize {
         let start = i * self.pages_per_piece;
-        self.layout.num_pages.saturating_sub(start).min(self.pages_per_piece)
+        self.layout
+            .num_pages
+            .saturating_sub(start)
+            .min(self.pages_per_piece)
     }
 
     /// Bytes reserved for piece `i`.

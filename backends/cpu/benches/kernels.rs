@@ -112,9 +112,18 @@ fn attention(n: usize) {
         .collect();
     let positions: Vec<u32> = (0..n as u32).collect();
     let table: Vec<u32> = (0..l.num_pages as u32).collect();
+    // One piece; page p at page p of it.
+    let page_table: Vec<u32> = (0..l.num_pages as u32).flat_map(|p| [0, p]).collect();
+    let mut pieces: [&[u8]; pagoda_backend::MAX_KV_PIECES] = [&[]; pagoda_backend::MAX_KV_PIECES];
+    pieces[0] = cache;
     let args = AttentionArgs {
         q: &q,
-        cache,
+        cache: pagoda_cpu::kv_cache::KvPages {
+            pieces,
+            num_pieces: 1,
+            table: &page_table,
+            layout: l,
+        },
         layout: &l,
         positions: &positions,
         block_tables: &table,

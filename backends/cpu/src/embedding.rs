@@ -22,7 +22,11 @@ pub fn embedding(
     if table.len() < d.num_rows * row_bytes {
         return Err(BackendError::InvalidArgument {
             op: "embedding",
-            detail: format!("a table piece of {} bytes for {} rows", table.len(), d.num_rows),
+            detail: format!(
+                "a table piece of {} bytes for {} rows",
+                table.len(),
+                d.num_rows
+            ),
         });
     }
     for (i, &id) in ids.iter().enumerate() {

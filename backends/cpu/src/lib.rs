@@ -65,7 +65,11 @@ impl CpuBackend {
     /// `max_buffer_bytes`, no kernel argument above `max_binding_bytes` (as
     /// lavapipe's 128 MiB bindings), so the engine's splitting of weights and
     /// KV arenas into pieces is exercised on the CPU.
-    pub fn with_limits(threads: usize, max_buffer_bytes: u64, max_binding_bytes: u64) -> Result<Self> {
+    pub fn with_limits(
+        threads: usize,
+        max_buffer_bytes: u64,
+        max_binding_bytes: u64,
+    ) -> Result<Self> {
         let threads = if threads == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())

@@ -11,7 +11,9 @@ use crate::kv_cache::{KvPages, KvPagesMut};
 use crate::matmul::OutPtr;
 use crate::paged_attention::{AttentionArgs, QUERY_TILE, attend};
 use crate::par::{SharedMut, for_ranges};
-use crate::{CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope, sampling};
+use crate::{
+    CpuBackend, disjoint, elementwise, embedding, kv_cache, matmul, rms_norm, rope, sampling,
+};
 
 /// Rows (or tokens) per parallel chunk of the row-wise ops; fewer run inline.
 const ROW_CHUNK: usize = 16;
@@ -233,11 +235,15 @@ impl CpuBackend {
     ) -> Result<KvPagesMut<'a>> {
         self.kv_pieces_ok(cache, op)?;
         for (i, a) in cache.pieces.iter().enumerate() {
-            if cache.pieces[..i].iter().any(|b| crate::overlaps_ref(*a, *b)) {
+            if cache.pieces[..i]
+                .iter()
+                .any(|b| crate::overlaps_ref(*a, *b))
+            {
                 return Err(invalid(op, "two KV pieces overlap".into()));
             }
         }
-        let mut pieces: [&mut [u8]; MAX_KV_PIECES] = std::array::from_fn(|_| <&mut [u8]>::default());
+        let mut pieces: [&mut [u8]; MAX_KV_PIECES] =
+            std::array::from_fn(|_| <&mut [u8]>::default());
         for (i, p) in cache.pieces.iter().enumerate() {
             pieces[i] = self.view_mut::<u8>(*p, p.bytes as usize, op)?;
         }
@@ -324,7 +330,10 @@ impl SamplingOps for CpuBackend {
         if k > vocab || k > self.info.max_top_k {
             return Err(invalid(
                 "top_k_rows",
-                format!("k = {k} above vocab {vocab} or the limit {}", self.info.max_top_k),
+                format!(
+                    "k = {k} above vocab {vocab} or the limit {}",
+                    self.info.max_top_k
+                ),
             ));
         }
         disjoint("top_k_rows", values, &[logits, ids])?;

@@ -217,7 +217,16 @@ pub fn forward<B: Backend>(
             &[(&lw.wq, q), (&lw.wk, k), (&lw.wv, v)],
         )?;
         backend.rope_write_kv(q, k, v, positions, slots, layer, rope)?;
-        backend.paged_attention(q, layer, positions, block_tables, context_lens, qsl, attn, att)?;
+        backend.paged_attention(
+            q,
+            layer,
+            positions,
+            block_tables,
+            context_lens,
+            qsl,
+            attn,
+            att,
+        )?;
         matmul(backend, attn, &lw.wo, x, n, true)?;
         norm_project(
             backend,

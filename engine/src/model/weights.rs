@@ -237,7 +237,12 @@ impl LlamaWeights {
 }
 
 /// Device bytes of a tensor after the backend prepares it, over its pieces.
-fn prepared_bytes<B: Backend>(backend: &B, name: &str, dtype: DType, shape: &[usize]) -> Result<u64> {
+fn prepared_bytes<B: Backend>(
+    backend: &B,
+    name: &str,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<u64> {
     let cols = shape.first().copied().unwrap_or(0);
     let mut total = 0u64;
     for (_, rows) in pieces_of(dtype, shape, backend.info().max_binding_bytes) {

@@ -96,7 +96,11 @@ fn segments_are_freed_only_after_the_queue_is_idle() {
     drop(c);
     drop(pool);
     assert_eq!(raw.frees(), 3);
-    assert_eq!(raw.frees_before_idle(), 0, "a segment was freed while work could be queued");
+    assert_eq!(
+        raw.frees_before_idle(),
+        0,
+        "a segment was freed while work could be queued"
+    );
 }
 
 impl RawAllocator for FakeRaw {

@@ -1,8 +1,8 @@
 //! Unit tests of the parent module.
 
 use super::*;
-use pagoda_backend::MAX_KV_PIECES;
 use crate::kv_cache::{KvPagesMut, write_kv};
+use pagoda_backend::MAX_KV_PIECES;
 use rand::{Rng, SeedableRng};
 
 /// Attention of every query over its sequence, in f64 over the rows as
@@ -112,7 +112,6 @@ fn run_in_pieces(
             .collect();
         write_kv(&mut kv, &k, &v, &slots, |_, _, _| Ok(())).unwrap();
     }
-    drop(kv);
     let mut views: [&[u8]; MAX_KV_PIECES] = [&[]; MAX_KV_PIECES];
     for (i, c) in cache.chunks(pages_per_piece * l.page_bytes()).enumerate() {
         views[i] = c;

@@ -95,6 +95,10 @@ fn describe<B: Backend>(b: Arc<B>) -> Result<Value> {
         "can_grow_kv": info.can_grow_kv,
         "supports_graphs": info.supports_graphs,
         "alignment": info.alignment,
+        "max_buffer_bytes": info.max_buffer_bytes,
+        "max_binding_bytes": info.max_binding_bytes,
+        "max_top_k": info.max_top_k,
+        "kv_commit_granularity_bytes": info.kv_commit_granularity,
     }))
 }
 
@@ -146,6 +150,17 @@ fn print_backend(b: &Value) {
         println!(
             "  can_grow_kv: {}, supports_graphs: {}, alignment: {} bytes",
             d["can_grow_kv"], d["supports_graphs"], d["alignment"]
+        );
+        let limit = |k: &str| match d[k].as_u64() {
+            Some(u64::MAX) | None => "none".to_string(),
+            Some(b) => human(b),
+        };
+        println!(
+            "  largest buffer: {}, largest binding: {}, device top-k: {}, KV commit granule: {}",
+            limit("max_buffer_bytes"),
+            limit("max_binding_bytes"),
+            d["max_top_k"],
+            limit("kv_commit_granularity_bytes")
         );
     }
 }
