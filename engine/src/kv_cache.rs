@@ -45,6 +45,9 @@ struct CommitState {
     /// Grow and release events so far.
     num_grows: u64,
     num_releases: u64,
+    /// Granules committed now (per layer) and at most.
+    committed_granules: usize,
+    peak_committed_granules: usize,
 }
 
 struct Inner<B: Backend> {
@@ -90,6 +93,10 @@ impl<B: Backend> Inner<B> {
                     }
                 }
             }
+            if users == 0 {
+                st.committed_granules += 1;
+                st.peak_committed_granules = st.peak_committed_granules.max(st.committed_granules);
+            }
             st.granule_users.insert((piece, granule), users + 1);
             granule += g;
         }
@@ -110,6 +117,7 @@ impl<B: Backend> Inner<B> {
             if users <= 1 {
                 st.granule_users.remove(&(piece, granule));
                 if users == 1 {
+                    st.committed_granules -= 1;
                     for layer in &self.pieces {
                         let _ = self.backend.decommit(layer[piece], granule, g);
                     }
@@ -194,8 +202,10 @@ impl<B: Backend> KvCommit for KvCommitHandle<B> {
 pub struct KvCommitStats {
     /// Bytes reserved (address space) over all layers.
     pub reserved_bytes: u64,
-    /// Bytes committed (backed by memory) over all layers.
+    /// Bytes committed (backed by memory) over all layers, as the device reports them.
     pub committed_bytes: u64,
+    /// Most bytes committed at once over all layers.
+    pub peak_committed_bytes: u64,
     /// Commit units per layer.
     pub num_units: usize,
     /// Units committed now.
@@ -377,6 +387,9 @@ impl<B: Backend> KvCache<B> {
         KvCommitStats {
             reserved_bytes: self.geometry.reserved_bytes(),
             committed_bytes: committed,
+            peak_committed_bytes: st.peak_committed_granules as u64
+                * self.geometry.granularity
+                * self.layout.num_layers as u64,
             num_units: self.geometry.num_units(),
             committed_units: st.num_committed,
             peak_committed_units: st.peak_committed,

@@ -628,6 +628,14 @@ fn bench_reports_one_object_per_batch_size() {
             peak > 0 && peak <= d["pool_reserved_bytes"].as_u64().unwrap(),
             "{d}"
         );
+        // Peak device memory: the pool plus the KV the arena committed at most,
+        // which is more than the idle null page and at most the reservation.
+        let kv_peak = d["kv_peak_committed_bytes"].as_u64().unwrap();
+        assert!(kv_peak > 0 && kv_peak <= d["kv_reserved_bytes"].as_u64().unwrap(), "{d}");
+        assert_eq!(
+            d["peak_device_bytes"].as_u64().unwrap(),
+            d["pool_reserved_bytes"].as_u64().unwrap() + kv_peak
+        );
         assert_eq!(d["preemptions"], 0);
         assert!(d["threads"].as_u64().unwrap() >= 1);
         let commit = d["commit"].as_str().unwrap();

@@ -132,6 +132,7 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
             bar.inc(1);
         }
         let stats = engine.runner().pool().stats();
+        let kv = engine.runner().kv_cache().stats();
         let prefill_tokens = b * a.prompt_len;
         let mut pp: Vec<f64> = runs
             .iter()
@@ -175,6 +176,10 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
             "decode_step_ms_p99": ms(percentile(&steps, 99.0)),
             "peak_pool_allocated_bytes": stats.peak_allocated_bytes,
             "pool_reserved_bytes": stats.reserved_bytes,
+            "kv_reserved_bytes": kv.reserved_bytes,
+            "kv_peak_committed_bytes": kv.peak_committed_bytes,
+            // Pool segments (never shrunk during a bench) + the most KV committed at once.
+            "peak_device_bytes": stats.reserved_bytes + kv.peak_committed_bytes,
             "plan_total_bytes": engine.memory_plan().total_bytes,
             "preemptions": engine.scheduler().stats().num_preemptions,
         }));
