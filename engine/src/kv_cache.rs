@@ -361,9 +361,7 @@ impl<B: Backend> KvCache<B> {
     /// Commits every unit (for engines whose block manager does not grow).
     pub fn commit_all(&self) -> Result<()> {
         for u in 0..self.geometry.num_units() {
-            self.inner
-                .commit_unit(u)
-                .map_err(EngineError::Backend)?;
+            self.inner.commit_unit(u).map_err(EngineError::Backend)?;
         }
         Ok(())
     }

@@ -631,7 +631,10 @@ fn bench_reports_one_object_per_batch_size() {
         // Peak device memory: the pool plus the KV the arena committed at most,
         // which is more than the idle null page and at most the reservation.
         let kv_peak = d["kv_peak_committed_bytes"].as_u64().unwrap();
-        assert!(kv_peak > 0 && kv_peak <= d["kv_reserved_bytes"].as_u64().unwrap(), "{d}");
+        assert!(
+            kv_peak > 0 && kv_peak <= d["kv_reserved_bytes"].as_u64().unwrap(),
+            "{d}"
+        );
         assert_eq!(
             d["peak_device_bytes"].as_u64().unwrap(),
             d["pool_reserved_bytes"].as_u64().unwrap() + kv_peak
