@@ -73,6 +73,9 @@ pub struct RecordingBackend {
     info: BackendInfo,
     state: Arc<Mutex<State>>,
     raw: Arc<RecordingRaw>,
+    /// Bytes the double's weight preparation adds to every weight piece
+    /// (a stand-in for a backend that repacks into a larger layout).
+    weight_padding: u64,
 }
 
 impl std::fmt::Debug for RecordingBackend {
@@ -146,7 +149,15 @@ impl RecordingBackend {
             info,
             state,
             raw,
+            weight_padding: 0,
         }
+    }
+
+    /// Makes the double's weight preparation add `bytes` to every weight
+    /// piece (the GGUF bytes first, then zeros), as a repacking backend would.
+    pub fn with_weight_padding(mut self, bytes: u64) -> RecordingBackend {
+        self.weight_padding = bytes;
+        self
     }
 
     /// Takes the log so far.
@@ -551,7 +562,7 @@ impl Backend for RecordingBackend {
         }
     }
     fn prepared_weight_bytes(&self, dtype: DType, rows: usize, cols: usize) -> Option<u64> {
-        self.inner.prepared_weight_bytes(dtype, rows, cols)
+        Some(self.inner.prepared_weight_bytes(dtype, rows, cols)? + self.weight_padding)
     }
     fn upload_weight(
         &self,
@@ -567,6 +578,16 @@ impl Backend for RecordingBackend {
             format!("{dtype} {rows} {cols}"),
             false,
         );
-        self.inner.upload_weight(dst, src, dtype, rows, cols)
+        if Some(dst.bytes) != self.prepared_weight_bytes(dtype, rows, cols) {
+            return Err(BackendError::InvalidArgument {
+                op: "upload_weight",
+                detail: format!(
+                    "a {}-byte destination for ({rows}, {cols}) {dtype}",
+                    dst.bytes
+                ),
+            });
+        }
+        let head = dst.slice(0, src.len() as u64)?;
+        self.inner.upload_weight(head, src, dtype, rows, cols)
     }
 }

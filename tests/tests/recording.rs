@@ -200,3 +200,38 @@ fn memory_is_given_back_only_after_the_queue_is_idle() {
         );
     }
 }
+
+/// Item 4: a backend that repacks weights at load states their size, and the
+/// plan counts that size: here every weight piece grows by 4 KiB, and the
+/// plan's weights and the pool's requests both grow by exactly that.
+#[test]
+fn the_plan_counts_the_backends_prepared_weight_bytes() {
+    let plain = pagoda_tests::cpu_engine(cfg());
+    let backend = Arc::new(
+        RecordingBackend::new(CpuBackend::new(0).unwrap(), false).with_weight_padding(4096),
+    );
+    let padded = Engine::builder()
+        .model(model_path())
+        .backend(backend)
+        .config(cfg())
+        .build()
+        .unwrap();
+    let tensors = 2 + 9 * plain.model_config().num_layers as u64; // token_embd, output_norm, 9 per layer
+    assert_eq!(
+        padded.memory_plan().weights_bytes,
+        plain.memory_plan().weights_bytes + tensors * 4096
+    );
+    let requested = padded
+        .runner()
+        .pool()
+        .stats()
+        .requested(pagoda_backend::MemoryTag::Weights);
+    assert_eq!(requested, padded.memory_plan().weights_bytes);
+    // And it still computes the same thing.
+    let p = prompts()[0].clone();
+    let mut a = plain;
+    let mut b = padded;
+    let ta = a.generate(vec![p.clone()], params(8)).unwrap();
+    let tb = b.generate(vec![p], params(8)).unwrap();
+    assert_eq!(ta[0].generated_tokens, tb[0].generated_tokens);
+}
