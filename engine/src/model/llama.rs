@@ -46,33 +46,46 @@ fn words(b: BufRef, at: usize, n: usize) -> Result<BufRef> {
     Ok(b.slice(at as u64 * 4, n as u64 * 4)?)
 }
 
-/// The projections of one weight tensor's pieces into `out` (n, stride) at column `col`.
+/// Most projections (weight pieces) one fused norm + projections call takes.
+const MAX_PROJECTIONS: usize = 8;
+
+/// No projection (a placeholder in the fixed-size list).
+const NO_PROJECTION: Projection = Projection {
+    w: BufRef::EMPTY,
+    dtype: pagoda_backend::DType::F32,
+    m: 0,
+    out: BufRef::EMPTY,
+    out_stride: 0,
+};
+
+/// Appends one projection per row piece of `w`, each writing its columns of
+/// `out` (n, m). Allocation-free: `list` is a fixed array.
 fn push_projections(
     w: &Tensor,
     out: BufRef,
     n: usize,
-    stride: usize,
-    col: usize,
-    dst: &mut [Option<Projection>; 8],
+    list: &mut [Projection; MAX_PROJECTIONS],
     used: &mut usize,
 ) -> Result<()> {
+    let stride = w.shape[1];
     for p in &w.pieces {
         let len = MatmulDims {
             out_stride: stride,
             ..MatmulDims::new(n, w.cols(), p.rows)
         }
         .out_len();
-        let o = out.slice((col + p.first_row) as u64 * 4, len as u64 * 4)?;
-        let slot = dst.get_mut(*used).ok_or_else(|| {
-            EngineError::InvalidInput("a fused projection has more than 8 weight pieces".into())
+        let slot = list.get_mut(*used).ok_or_else(|| {
+            EngineError::InvalidInput(format!(
+                "a fused projection has more than {MAX_PROJECTIONS} weight pieces"
+            ))
         })?;
-        *slot = Some(Projection {
+        *slot = Projection {
             w: p.block.buf(),
             dtype: w.dtype,
             m: p.rows,
-            out: o,
+            out: out.slice(p.first_row as u64 * 4, len as u64 * 4)?,
             out_stride: stride,
-        });
+        };
         *used += 1;
     }
     Ok(())
@@ -113,22 +126,10 @@ fn norm_project<B: Backend>(
     eps: f32,
     outs: &[(&Tensor, BufRef)],
 ) -> Result<()> {
-    let mut projs: [Option<Projection>; 8] = [None; 8];
+    let mut list = [NO_PROJECTION; MAX_PROJECTIONS];
     let mut used = 0;
     for (w, out) in outs {
-        push_projections(w, *out, n, w.shape[1], 0, &mut projs, &mut used)?;
-    }
-    let mut list = [Projection {
-        w: BufRef::EMPTY,
-        dtype: pagoda_backend::DType::F32,
-        m: 0,
-        out: BufRef::EMPTY,
-        out_stride: 0,
-    }; 8];
-    for (d, s) in list.iter_mut().zip(projs.iter()) {
-        if let Some(p) = s {
-            *d = *p;
-        }
+        push_projections(w, *out, n, &mut list, &mut used)?;
     }
     Ok(b.rms_norm_matmul(x, norm.buf(), h, n, k, eps, &list[..used])?)
 }
