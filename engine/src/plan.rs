@@ -343,8 +343,8 @@ pub fn plan(
     let max_derived = crate::engine::MAX_SEQS;
     let (seqs, num_pages, (dims, workspace_bytes, graph_bytes)) = match req.max_seqs {
         Some(seqs) => {
-            // Checked: a count no arena could hold is refused, never wrapped.
-            let pages = seqs.checked_mul(pages_per_seq).unwrap_or(usize::MAX);
+            // Saturating: a count no arena could hold is refused, never wrapped.
+            let pages = seqs.saturating_mul(pages_per_seq);
             (seqs, pages, fixed_for(seqs))
         }
         None => {

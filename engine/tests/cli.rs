@@ -1036,7 +1036,7 @@ fn start_up_commits_nothing_before_use_whatever_the_budget() {
     let par = generate_memory(device, &["--max-tokens", "4", "--parallel", "16"]);
     let plan = &par["plan"];
     assert_eq!(plan["max_seqs"], 16);
-    let one_context = n(plan, "ctx") as u64 / n(plan, "page_size") * n(plan, "page_bytes");
+    let one_context = n(plan, "ctx") / n(plan, "page_size") * n(plan, "page_bytes");
     assert!(n(&par, "kv_reserved_bytes") >= 16 * one_context, "{par}");
     assert!(
         n(&par, "kv_peak_committed_bytes") < one_context,
