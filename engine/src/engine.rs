@@ -89,6 +89,13 @@ impl Default for EngineConfig {
 /// Default context cap when none is given (the model's may be huge).
 pub const DEFAULT_MAX_CTX: usize = 4096;
 
+/// Most concurrent sequences an engine plans for (`max_seqs`); more is
+/// refused, so no size computed from it can overflow.
+pub const MAX_SEQS: usize = 1 << 16;
+
+/// Most tokens (or logits rows) one step may hold.
+pub const MAX_STEP_TOKENS: usize = 1 << 20;
+
 impl EngineConfig {
     /// What to plan for this configuration on a model: the one translation
     /// from settings to a [`PlanRequest`], used by [`EngineBuilder::build`],
@@ -105,9 +112,32 @@ impl EngineConfig {
         }
         if ctx < 2 {
             return Err(EngineError::InvalidInput(format!(
-                "context {ctx} is too short"
+                "a context (--ctx) of {ctx} tokens is too short: it must hold at least 2"
             )));
         }
+        let limit = |what: &str, v: usize, max: usize| {
+            if v == 0 || v > max {
+                Err(EngineError::InvalidInput(format!(
+                    "{what} must be between 1 and {max}, got {v}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(n) = self.max_seqs {
+            limit("the number of sequences (--max-seqs)", n, MAX_SEQS)?;
+        }
+        limit(
+            "the tokens per step (--max-batched-tokens)",
+            self.max_num_batched_tokens,
+            MAX_STEP_TOKENS,
+        )?;
+        limit(
+            "the logits rows per step",
+            self.max_logits_rows,
+            MAX_STEP_TOKENS,
+        )?;
+        limit("the KV page size", self.page_size, MAX_STEP_TOKENS)?;
         Ok(PlanRequest {
             ctx: Some(ctx),
             max_seqs: self.max_seqs,

@@ -332,11 +332,21 @@ pub fn plan(
         (dims, ws, graphs)
     };
     let pages_left = |ws: u64, graphs: u64| {
-        let fixed = weights_bytes + ws + graphs + headroom;
-        (budget_bytes.saturating_sub(fixed) / page_bytes.max(1)) as usize
+        let fixed = weights_bytes
+            .saturating_add(ws)
+            .saturating_add(graphs)
+            .saturating_add(headroom);
+        usize::try_from(budget_bytes.saturating_sub(fixed) / page_bytes.max(1))
+            .unwrap_or(usize::MAX)
     };
+    // Never more sequences than an engine plans for: the counts below cannot overflow.
+    let max_derived = crate::engine::MAX_SEQS;
     let (seqs, num_pages, (dims, workspace_bytes, graph_bytes)) = match req.max_seqs {
-        Some(seqs) => (seqs, seqs * pages_per_seq, fixed_for(seqs)),
+        Some(seqs) => {
+            // Saturating: a count no arena could hold is refused, never wrapped.
+            let pages = seqs.saturating_mul(pages_per_seq);
+            (seqs, pages, fixed_for(seqs))
+        }
         None => {
             // Derive: every byte left after the fixed parts becomes KV pages,
             // and the workspace must hold as many sequences as those pages do.
@@ -345,7 +355,7 @@ pub fn plan(
             // (never more than before); the second count with its workspace is
             // consistent (a smaller workspace leaves at least as many pages).
             let one = fixed_for(1);
-            let first = (pages_left(one.1, one.2) / pages_per_seq.max(1)).max(1);
+            let first = (pages_left(one.1, one.2) / pages_per_seq.max(1)).clamp(1, max_derived);
             let at_first = fixed_for(first);
             let seqs = (pages_left(at_first.1, at_first.2) / pages_per_seq.max(1)).clamp(1, first);
             let fixed = fixed_for(seqs);
@@ -365,7 +375,7 @@ pub fn plan(
         budget_source,
         weights_bytes,
         workspace_bytes,
-        kv_bytes: num_pages as u64 * page_bytes,
+        kv_bytes: (num_pages as u64).saturating_mul(page_bytes),
         graph_bytes,
         headroom_bytes: headroom,
         total_bytes: 0,
@@ -375,7 +385,7 @@ pub fn plan(
         kv_dtype: req.kv_dtype.name().into(),
         ctx,
         max_seqs: seqs,
-        kv_tokens: num_pages * req.page_size,
+        kv_tokens: num_pages.saturating_mul(req.page_size),
         max_num_batched_tokens: dims.max_tokens,
         max_logits_rows: dims.max_logits_rows,
         workspace_dims: dims,
@@ -384,7 +394,11 @@ pub fn plan(
         swap_slots: 0,
         swap_bytes: 0,
     };
-    let fixed = p.weights_bytes + p.workspace_bytes + p.graph_bytes + p.headroom_bytes;
+    let fixed = p
+        .weights_bytes
+        .saturating_add(p.workspace_bytes)
+        .saturating_add(p.graph_bytes)
+        .saturating_add(p.headroom_bytes);
     if req.max_seqs.is_none() {
         // The null page, the page tables and granule rounding come on top of
         // the pages: take the most pages whose reservation fits what is left.
@@ -398,7 +412,7 @@ pub fn plan(
             n += 1;
         }
         p.num_pages = n;
-        p.kv_tokens = n * req.page_size;
+        p.kv_tokens = n.saturating_mul(req.page_size);
     }
     p.kv_bytes = p.kv_limits.kv_bytes(p.num_pages);
     p.total_bytes = fixed.saturating_add(p.kv_bytes);
@@ -412,7 +426,7 @@ pub fn plan(
     }
 
     let mut problems = Vec::new();
-    if p.weights_bytes + p.headroom_bytes > budget_bytes {
+    if p.weights_bytes.saturating_add(p.headroom_bytes) > budget_bytes {
         problems.push(format!(
             "the weights alone need {} (+ {} headroom) but the budget is {}",
             human(p.weights_bytes),
@@ -442,7 +456,7 @@ pub fn plan(
     );
     let avail_kv = budget_bytes.saturating_sub(fixed);
     let tokens_fit = (avail_kv / page_bytes.max(1)) as usize * req.page_size;
-    if p.weights_bytes + p.headroom_bytes > budget_bytes {
+    if p.weights_bytes.saturating_add(p.headroom_bytes) > budget_bytes {
         let _ = writeln!(
             msg,
             "  - a smaller quantization of the model (the weights take {})",
@@ -475,7 +489,7 @@ pub fn plan(
         }
         if req.kv_dtype != DType::Q8_0 && info.supports_kv(DType::Q8_0) {
             let q8 = kv_layout(cfg, DType::Q8_0, req.page_size, 1).page_bytes_all_layers() as u64;
-            let need = fixed + p.num_pages as u64 * q8;
+            let need = fixed.saturating_add((p.num_pages as u64).saturating_mul(q8));
             let verdict = if need <= budget_bytes {
                 "fits"
             } else {
@@ -540,7 +554,10 @@ impl MemoryPlan {
             ));
         }
         let kv_bytes = self.kv_limits.kv_bytes(num_pages);
-        let total = (self.total_bytes - self.kv_bytes).saturating_add(kv_bytes);
+        let total = self
+            .total_bytes
+            .saturating_sub(self.kv_bytes)
+            .saturating_add(kv_bytes);
         if total > self.budget_bytes {
             return Err(format!(
                 "{num_pages} KV pages take {}: the plan would need {} but the budget is {}",
@@ -551,7 +568,7 @@ impl MemoryPlan {
         }
         self.num_pages = num_pages;
         self.kv_bytes = kv_bytes;
-        self.kv_tokens = num_pages * self.page_size;
+        self.kv_tokens = num_pages.saturating_mul(self.page_size);
         self.total_bytes = total;
         Ok(())
     }

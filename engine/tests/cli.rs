@@ -860,7 +860,7 @@ fn cli_defaults_allocate_what_they_plan() {
     let doc = stdout_json(&out);
     assert_generate_pool_matches_plan(&doc);
     assert_eq!(doc["memory"]["plan"]["max_seqs"], 1);
-    // Eight sequences (the `plan` default) on both sides.
+    // Eight sequences on both sides.
     let out = pagoda(&[
         "generate",
         "--prompt",
@@ -873,7 +873,7 @@ fn cli_defaults_allocate_what_they_plan() {
     ]);
     let gen_doc = stdout_json(&out);
     assert_generate_pool_matches_plan(&gen_doc);
-    let plan_doc = stdout_json(&pagoda(&["plan", "--json"]));
+    let plan_doc = stdout_json(&pagoda(&["plan", "--max-seqs", "8", "--json"]));
     for field in [
         "weights_bytes",
         "workspace_bytes",
@@ -915,4 +915,310 @@ fn a_budget_above_the_machine_is_refused_with_both_numbers() {
         err.contains("1000.00 TiB") && err.contains("in total") && err.contains("GiB"),
         "{err}"
     );
+}
+
+/// `pagoda ARGS` planning against an injected device memory
+/// (`PAGODA_DEVICE_MEMORY=TOTAL,FREE`, the binary's test hook), so the
+/// numbers do not depend on this machine's RAM.
+fn pagoda_on(device: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pagoda"))
+        .args(args)
+        .env("PAGODA_DEVICE_MEMORY", device)
+        .output()
+        .expect("pagoda runs")
+}
+
+/// Issue 9 item 1: on a machine of 23.5 GiB, `--memory-budget 100GiB` is
+/// refused before anything is loaded, naming both numbers; a budget above
+/// what is free (but within the total) runs, with a warning naming the
+/// budget, what is free and the total.
+#[test]
+fn a_budget_is_checked_against_the_devices_memory_before_loading() {
+    let machine = "23.5GiB,20GiB";
+    for args in [
+        &["plan", "--memory-budget", "100GiB"][..],
+        &[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+            "--memory-budget",
+            "100GiB",
+        ],
+        &[
+            "generate",
+            "--dummy-weights",
+            "tiny",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+            "--memory-budget",
+            "100GiB",
+        ],
+    ] {
+        let out = pagoda_on(machine, args);
+        assert_clean_failure(&out, "more than the host RAM in total");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("100.00 GiB") && err.contains("23.50 GiB"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("pagoda: loaded") && !err.contains("generating dummy weights"),
+            "refused after loading: {err}"
+        );
+    }
+    // 2 GiB on a machine of 4 GiB with 1 GiB free: accepted, with a warning.
+    let small = "4GiB,1GiB";
+    let warned = |out: &Output| {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        let w = err
+            .lines()
+            .find(|l| l.starts_with("pagoda: warning:"))
+            .unwrap_or_else(|| panic!("no warning: {err}"))
+            .to_string();
+        for n in ["2.00 GiB", "1.00 GiB", "4.00 GiB", "free"] {
+            assert!(w.contains(n), "warning lacks {n}: {w}");
+        }
+    };
+    let out = pagoda_on(
+        small,
+        &[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+            "--memory-budget",
+            "2GiB",
+        ],
+    );
+    warned(&out);
+    let out = pagoda_on(small, &["plan", "--memory-budget", "2GiB", "--json"]);
+    warned(&out);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["device_total_bytes"], 4u64 << 30);
+    assert_eq!(doc["device_free_bytes"], 1u64 << 30);
+    assert_eq!(doc["warnings"].as_array().unwrap().len(), 1, "{doc}");
+    // The hook's own input is checked.
+    assert_clean_failure(&pagoda_on("lots", &["plan"]), "PAGODA_DEVICE_MEMORY");
+}
+
+/// The `memory` object of `generate --json` on the injected device.
+fn generate_memory(device: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["generate", "--prompt", "Hi", "--json"];
+    all.extend_from_slice(args);
+    stdout_json(&pagoda_on(device, &all))["memory"].clone()
+}
+
+/// Issue 9 item 2: start-up cost does not grow with the budget or with
+/// `--parallel`: the KV arena is reserved for the whole plan but memory is
+/// committed only as pages are used, so a short run commits the same small
+/// amount under an 8 GiB budget as under 1 GiB, and 16 sequences do not
+/// commit 16 full contexts.
+#[test]
+fn start_up_commits_nothing_before_use_whatever_the_budget() {
+    let device = "16GiB,16GiB";
+    let small = generate_memory(device, &["--max-tokens", "4", "--memory-budget", "1GiB"]);
+    let big = generate_memory(device, &["--max-tokens", "4", "--memory-budget", "8GiB"]);
+    let n = |m: &serde_json::Value, k: &str| m[k].as_u64().unwrap_or_else(|| panic!("{k}: {m}"));
+    assert!(n(&big, "kv_reserved_bytes") > 6 << 30, "{big}");
+    assert!(n(&big, "kv_reserved_bytes") > 4 * n(&small, "kv_reserved_bytes"));
+    assert_eq!(
+        n(&big, "kv_peak_committed_bytes"),
+        n(&small, "kv_peak_committed_bytes"),
+        "committed memory grew with the budget: {small} vs {big}"
+    );
+    assert!(n(&big, "kv_peak_committed_bytes") < 128 << 20, "{big}");
+    let par = generate_memory(device, &["--max-tokens", "4", "--parallel", "16"]);
+    let plan = &par["plan"];
+    assert_eq!(plan["max_seqs"], 16);
+    let one_context = n(plan, "ctx") / n(plan, "page_size") * n(plan, "page_bytes");
+    assert!(n(&par, "kv_reserved_bytes") >= 16 * one_context, "{par}");
+    assert!(
+        n(&par, "kv_peak_committed_bytes") < one_context,
+        "16 short sequences committed more than one full context: {par}"
+    );
+}
+
+/// The plan `pagoda plan --json` prints, without its `fits` field.
+fn plan_json(device: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["plan", "--json"];
+    all.extend_from_slice(args);
+    let mut doc = stdout_json(&pagoda_on(device, &all));
+    assert_eq!(doc["fits"], true, "{doc}");
+    doc.as_object_mut().unwrap().remove("fits");
+    doc
+}
+
+/// Issue 9 items 3 and 4: `plan` describes what `generate` will do. For each
+/// set of flags, the JSON plan `plan` prints equals the plan `generate`
+/// builds (same defaults, same device memory). The workspace is sized by the
+/// step limits, not by the number of requests (`--parallel 300 --max-seqs 64
+/// --ctx 32` plans 64 sequences); bad limits are refused by both with the
+/// same message, before loading, never overflowing.
+#[test]
+fn plan_prints_the_plan_generate_builds() {
+    let device = "16GiB,16GiB";
+    // (flags both take, flags only generate takes)
+    let cases: &[(&[&str], &[&str])] = &[
+        (&[], &[]),
+        (&["--max-seqs", "64", "--ctx", "32"], &["--parallel", "300"]),
+        (&["--parallel", "16"], &[]),
+        (
+            &["--max-seqs", "4", "--max-batched-tokens", "64"],
+            &["--parallel", "10"],
+        ),
+        (
+            &["--memory-budget", "1GiB", "--ctx", "256"],
+            &["--parallel", "3"],
+        ),
+        (&["--kv-dtype", "q8_0", "--ctx", "1024"], &[]),
+    ];
+    for (both, gen_only) in cases {
+        let planned = plan_json(device, both);
+        let mut args = vec!["--max-tokens", "1"];
+        args.extend_from_slice(both);
+        args.extend_from_slice(gen_only);
+        let built = generate_memory(device, &args)["plan"].clone();
+        assert_eq!(planned, built, "plan {both:?} vs generate {args:?}");
+    }
+    // Generate's defaults are the plan's: one sequence of 4096 tokens.
+    let d = plan_json(device, &[]);
+    assert_eq!(
+        (d["max_seqs"].as_u64(), d["ctx"].as_u64()),
+        (Some(1), Some(4096))
+    );
+    // Item 3's numbers: 64 sequences of 32 tokens, a workspace of 64 rows.
+    let d = plan_json(device, &["--max-seqs", "64", "--ctx", "32"]);
+    assert_eq!(d["max_logits_rows"], 64);
+    assert!(d["workspace_bytes"].as_u64().unwrap() < 64 << 20, "{d}");
+    for (flags, needle) in [
+        (&["--ctx", "0"][..], "--ctx"),
+        (&["--ctx", "1"], "--ctx"),
+        (&["--max-seqs", "0"], "--max-seqs"),
+        (&["--max-seqs", "18446744073709551615"], "--max-seqs"),
+        (&["--max-seqs", "65537"], "--max-seqs"),
+        (&["--max-batched-tokens", "0"], "--max-batched-tokens"),
+        (&["--parallel", "0"], "--parallel"),
+    ] {
+        let mut p = vec!["plan"];
+        p.extend_from_slice(flags);
+        let plan_out = pagoda_on(device, &p);
+        assert_clean_failure(&plan_out, needle);
+        let mut g = vec!["generate", "--prompt", "Hi", "--max-tokens", "1"];
+        g.extend_from_slice(flags);
+        let gen_out = pagoda_on(device, &g);
+        assert_clean_failure(&gen_out, needle);
+        let last = |o: &Output| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(last(&plan_out), last(&gen_out), "{flags:?}");
+        assert!(!String::from_utf8_lossy(&gen_out.stderr).contains("pagoda: loaded"));
+    }
+}
+
+/// Issue 9 item 5: a prompts file with more lines than sequences is queued,
+/// not refused: 1000 lines at 16 at a time (the old CLI sized the KV cache
+/// for 1000 sequences of 4096 tokens and refused); and the trace shows
+/// requests admitted while others are still decoding (continuous batching,
+/// not one batch after another).
+#[test]
+fn prompts_beyond_max_seqs_wait_and_are_admitted_as_others_finish() {
+    let f = scratch("prompts-1000.txt");
+    let lines: Vec<String> = (0..1000).map(|i| format!("Number {i} is")).collect();
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    let out = pagoda(&[
+        "generate",
+        "--prompts",
+        f.to_str().unwrap(),
+        "--parallel",
+        "16",
+        "--max-tokens",
+        "1",
+        "--greedy",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["num_requests"], 1000);
+    assert_eq!(doc["memory"]["plan"]["max_seqs"], 16);
+    assert!(
+        doc["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["generated_tokens"].as_array().unwrap().len() == 1)
+    );
+
+    // Prompts of different lengths, prefilled in chunks of 16 tokens, so
+    // sequences finish at different steps.
+    let f = scratch("prompts-staggered.txt");
+    let words = "the sea was calm and the ships sailed out of the harbour at dawn";
+    let lines: Vec<String> = (1..=12)
+        .map(|i| {
+            words
+                .split(' ')
+                .cycle()
+                .take(i * 2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    let trace = scratch("staggered-trace.jsonl");
+    let out = pagoda(&[
+        "generate",
+        "--prompts",
+        f.to_str().unwrap(),
+        "--max-seqs",
+        "4",
+        "--max-batched-tokens",
+        "16",
+        "--ctx",
+        "256",
+        "--max-tokens",
+        "6",
+        "--greedy",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["num_requests"], 12);
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "step")
+        .collect();
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    assert!(steps.iter().all(|s| n(s, "num_running") <= 4));
+    assert_eq!(n(&steps[0], "num_waiting"), 8, "all but 4 wait at first");
+    // An admission (the queue shrinks) in a step that also decodes for
+    // sequences that were already running.
+    let overlapped = steps.windows(2).filter(|w| {
+        n(&w[1], "num_waiting") < n(&w[0], "num_waiting")
+            && n(&w[0], "num_running") > 0
+            && n(&w[1], "num_decode_tokens") > 0
+    });
+    assert!(
+        overlapped.count() >= 2,
+        "no admission while others decode: {:?}",
+        steps
+            .iter()
+            .map(|s| (
+                n(s, "num_waiting"),
+                n(s, "num_running"),
+                n(s, "num_decode_tokens")
+            ))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(n(steps.last().unwrap(), "num_waiting"), 0);
 }

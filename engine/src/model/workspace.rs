@@ -158,7 +158,9 @@ fn sizes(cfg: &LlamaConfig, d: &WorkspaceDims) -> [(&'static str, u64); 17] {
 impl Workspace {
     /// Bytes the workspace needs (for the memory plan), before pool rounding.
     pub fn planned_bytes(cfg: &LlamaConfig, dims: &WorkspaceDims) -> u64 {
-        sizes(cfg, dims).iter().map(|(_, b)| b).sum()
+        sizes(cfg, dims)
+            .iter()
+            .fold(0u64, |acc, (_, b)| acc.saturating_add(*b))
     }
 
     /// Allocates every buffer from `pool`.

@@ -56,9 +56,14 @@ pub struct MemoryArgs {
     /// Context length per sequence (default: the model's, at most 4096).
     #[arg(long)]
     pub ctx: Option<usize>,
-    /// Concurrent sequences.
+    /// Sequences decoded at once; more requests wait and are admitted as
+    /// others finish (default: generate's --parallel, 1 elsewhere; with
+    /// --memory-budget, as many as the budget holds).
     #[arg(long)]
     pub max_seqs: Option<usize>,
+    /// Tokens per step at most (chunked prefill); sizes the activations.
+    #[arg(long, default_value_t = 512)]
+    pub max_batched_tokens: usize,
     /// KV cache dtype: f32, f16 or q8_0.
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,

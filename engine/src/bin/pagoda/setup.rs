@@ -150,18 +150,32 @@ pub fn budget(m: &BudgetArgs) -> Result<Budget> {
     Ok(Budget::Utilization(u))
 }
 
-/// Engine settings from the memory flags: 8 sequences unless a byte budget
-/// without `--max-seqs` asks to derive them.
-pub fn engine_config(m: &MemoryArgs) -> Result<EngineConfig> {
+/// Engine settings from the memory flags: the one translation every command
+/// that builds an engine (`generate`, `chat`, `logits`) and `plan` share, so
+/// `plan` with the same flags prints the plan `generate` builds.
+///
+/// The step limits size everything: `--max-seqs` (default `default_seqs`,
+/// which is `generate`'s `--parallel`, 1 elsewhere; with `--memory-budget`
+/// and no `--max-seqs`, as many as the budget holds), `--ctx` and
+/// `--max-batched-tokens`. The number of requests never does: requests beyond
+/// `--max-seqs` wait and are admitted as others finish. The values are
+/// checked by [`EngineConfig::plan_request`].
+pub fn engine_config(m: &MemoryArgs, default_seqs: usize) -> Result<EngineConfig> {
+    if default_seqs == 0 {
+        bail!("--parallel must be at least 1");
+    }
     let budget = budget(&m.budget)?;
-    let derive = matches!(budget, Budget::Bytes(_)) && m.max_seqs.is_none();
+    let max_seqs = match m.max_seqs {
+        Some(n) => Some(n),
+        None if matches!(budget, Budget::Bytes(_)) => None,
+        None => Some(default_seqs),
+    };
     Ok(EngineConfig {
         ctx: m.ctx,
-        max_seqs: if derive {
-            None
-        } else {
-            Some(m.max_seqs.unwrap_or(8))
-        },
+        max_seqs,
+        max_num_batched_tokens: m.max_batched_tokens,
+        // One logits row per sequence (the plan raises it to the derived count).
+        max_logits_rows: max_seqs.unwrap_or(1),
         kv_dtype: kv_dtype(&m.kv_dtype)?,
         budget,
         swap_space_bytes: swap_space(m)?,
@@ -188,14 +202,16 @@ pub fn build<B: Backend>(
     cfg: EngineConfig,
 ) -> Result<Engine<B>> {
     let t = Instant::now();
+    // The same device memory `pagoda plan` plans against.
+    let device = planning_memory(source, backend.as_ref())?;
     let builder = Engine::builder()
         .backend(backend.clone())
-        .config(cfg.clone());
+        .config(cfg.clone())
+        .device_memory(device);
     let builder = match source {
         ModelSource::File(path) => builder.model(path),
         ModelSource::Dummy { name, spec } => {
             let (model_cfg, weights_bytes) = source.shape(backend.as_ref())?;
-            let device = planning_memory(source, backend.as_ref())?;
             cfg.plan(&model_cfg, weights_bytes, device, backend.as_ref())?;
             eprintln!(
                 "pagoda: generating dummy weights {name} ({}, {}) ...",
@@ -264,15 +280,43 @@ pub fn memory_json<B: Backend>(engine: &Engine<B>) -> serde_json::Value {
         "pool_reserved_bytes": stats.reserved_bytes,
         "kv_reserved_bytes": kv.reserved_bytes,
         "kv_committed_bytes": kv.committed_bytes,
+        "kv_peak_committed_bytes": kv.peak_committed_bytes,
     })
 }
 
-/// The device memory to plan against. For a dummy model on a backend whose
-/// memory is host RAM, the generated file lives in that RAM beside the
-/// weights loaded from it until the engine is built, so it is counted as
-/// taken.
+/// Test hook: `PAGODA_DEVICE_MEMORY=TOTAL,FREE` (e.g. `4GiB,3GiB`) makes
+/// every command plan against that device memory instead of what the backend
+/// reports, so budget checks can be tested without a machine of that size.
+pub const DEVICE_MEMORY_ENV: &str = "PAGODA_DEVICE_MEMORY";
+
+/// The device memory the backend reports, or [`DEVICE_MEMORY_ENV`]'s.
+pub fn device_memory<B: Backend>(backend: &B) -> Result<DeviceMemory> {
+    let Ok(text) = std::env::var(DEVICE_MEMORY_ENV) else {
+        return Ok(backend.memory()?);
+    };
+    let bad = || {
+        anyhow!("cannot parse {DEVICE_MEMORY_ENV}=`{text}` (expected TOTAL,FREE such as 4GiB,3GiB)")
+    };
+    let (total, free) = text.split_once(',').ok_or_else(bad)?;
+    let (total_bytes, free_bytes) = (
+        parse_bytes(total).ok_or_else(bad)?,
+        parse_bytes(free).ok_or_else(bad)?,
+    );
+    if free_bytes > total_bytes {
+        bail!("{DEVICE_MEMORY_ENV}=`{text}`: more free than in total");
+    }
+    Ok(DeviceMemory {
+        total_bytes,
+        free_bytes,
+    })
+}
+
+/// The device memory to plan against ([`device_memory`]). For a dummy model
+/// on a backend whose memory is host RAM, the generated file lives in that
+/// RAM beside the weights loaded from it until the engine is built, so it is
+/// counted as taken.
 pub fn planning_memory<B: Backend>(source: &ModelSource, backend: &B) -> Result<DeviceMemory> {
-    let mut device = backend.memory()?;
+    let mut device = device_memory(backend)?;
     if let ModelSource::Dummy { spec, .. } = source
         && backend.info().host_memory
     {

@@ -45,7 +45,7 @@ pub fn exec(a: Args) -> Result<()> {
 }
 
 fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()> {
-    let mut engine = build(source, backend, engine_config(&a.memory)?)?;
+    let mut engine = build(source, backend, engine_config(&a.memory, 1)?)?;
     let mut history: Vec<Message> = Vec::new();
     if let Some(sys) = &a.system {
         history.push(Message::new("system", sys));

@@ -30,7 +30,9 @@ pub struct Args {
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Run N copies of the prompt at once and report aggregate throughput.
+    /// Sequences at once (the default of --max-seqs); with --prompt or
+    /// --file, also the number of copies of the prompt run, with aggregate
+    /// throughput reported.
     #[arg(long, default_value_t = 1)]
     pub parallel: usize,
     /// Record StepStats and MemorySnapshots as JSON lines (docs/trace-schema.md).
@@ -53,7 +55,8 @@ pub struct GenPrompt {
     /// Read the prompt from this file (exact bytes).
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// One prompt per line (with --parallel runs them all at once).
+    /// One prompt per line, one request each: --max-seqs (or --parallel) of
+    /// them run at once, the rest wait and are admitted as others finish.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
 }
@@ -99,11 +102,9 @@ fn run<B: Backend>(
     prompts: Vec<String>,
     backend: std::sync::Arc<B>,
 ) -> Result<()> {
-    let mut cfg = engine_config(&a.memory)?;
-    if cfg.max_seqs.is_some() && a.memory.max_seqs.is_none() {
-        cfg.max_seqs = Some(prompts.len().max(1));
-    }
-    cfg.max_logits_rows = cfg.max_seqs.unwrap_or(prompts.len()).max(prompts.len());
+    // Sized by the step limits, never by the number of requests: those
+    // beyond --max-seqs wait.
+    let cfg = engine_config(&a.memory, a.parallel)?;
     let mut engine = build(source, backend, cfg)?;
     let mut trace_rx = a
         .trace

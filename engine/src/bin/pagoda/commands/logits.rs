@@ -39,8 +39,7 @@ pub fn exec(a: Args) -> Result<()> {
 }
 
 fn run<B: Backend>(a: &Args, source: &ModelSource, text: &str, backend: Arc<B>) -> Result<()> {
-    let mut cfg = engine_config(&a.memory)?;
-    cfg.max_seqs = Some(1);
+    let cfg = engine_config(&a.memory, 1)?;
     let mut engine = build(source, backend, cfg)?;
     let toks = engine.tokenize(text);
     let params = GenerationParams {

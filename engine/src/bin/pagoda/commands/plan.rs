@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
 use pagoda::EngineError;
-use pagoda::engine::EngineConfig;
 use pagoda::plan::table;
 use pagoda_backend::Backend;
 use serde_json::json;
@@ -20,9 +19,9 @@ pub struct Args {
     pub common: Common,
     #[command(flatten)]
     pub memory: MemoryArgs,
-    /// Per-step token budget.
-    #[arg(long, default_value_t = 512)]
-    pub max_batched_tokens: usize,
+    /// Plan for `generate --parallel N` (the default of --max-seqs).
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -38,10 +37,7 @@ pub fn exec(a: Args) -> Result<()> {
 fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()> {
     let (model_cfg, weights) = source.shape(backend.as_ref())?;
     // The same settings and the same planning `generate` uses.
-    let cfg = EngineConfig {
-        max_num_batched_tokens: a.max_batched_tokens,
-        ..engine_config(&a.memory)?
-    };
+    let cfg = engine_config(&a.memory, a.parallel)?;
     let device = planning_memory(source, backend.as_ref())?;
     match cfg.plan(&model_cfg, weights, device, backend.as_ref()) {
         Ok(p) => {
