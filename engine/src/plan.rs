@@ -450,13 +450,14 @@ pub fn plan(
         return Ok(p);
     }
     let mut msg = format!(
-        "memory plan refused: {}.\n\n{}\nTry:\n",
+        "memory plan refused: {}.\n\n{}\n",
         problems.join("; "),
         table(&p)
     );
     let avail_kv = budget_bytes.saturating_sub(fixed);
     let tokens_fit = (avail_kv / page_bytes.max(1)) as usize * req.page_size;
     if p.weights_bytes.saturating_add(p.headroom_bytes) > budget_bytes {
+        let _ = writeln!(msg, "Try:");
         let _ = writeln!(
             msg,
             "  - a smaller quantization of the model (the weights take {})",
@@ -470,7 +471,7 @@ pub fn plan(
         let seqs = p.max_seqs.max(1);
         let _ = writeln!(
             msg,
-            "  - at most {tokens_fit} KV tokens fit in {}:",
+            "At most {tokens_fit} KV tokens fit in {}. Try:",
             human(avail_kv)
         );
         if tokens_fit / seqs >= req.page_size {
@@ -576,14 +577,21 @@ impl MemoryPlan {
 
 /// The plan as a table.
 pub fn table(p: &MemoryPlan) -> String {
-    let mut s = String::new();
-    let row = |s: &mut String, name: &str, what: String, bytes: u64| {
-        let _ = writeln!(s, "  {name:<12} {what:<48} {:>12}", human(bytes));
-    };
-    let _ = writeln!(s, "  {:<12} {:<48} {:>12}", "component", "detail", "bytes");
-    row(&mut s, "weights", "model tensors".into(), p.weights_bytes);
+    // Rows are collected first: the detail column is as wide as its widest
+    // entry (at least 48 characters), so every row has the same width.
+    let mut rows: Vec<(&str, String, u64)> = Vec::new();
+    let row =
+        |rows: &mut Vec<(&str, String, u64)>, name: &'static str, what: String, bytes: u64| {
+            rows.push((name, what, bytes));
+        };
     row(
-        &mut s,
+        &mut rows,
+        "weights",
+        "model tensors".into(),
+        p.weights_bytes,
+    );
+    row(
+        &mut rows,
         "activations",
         format!(
             "workspace for {} tokens / {} seqs per step",
@@ -592,7 +600,7 @@ pub fn table(p: &MemoryPlan) -> String {
         p.workspace_bytes,
     );
     row(
-        &mut s,
+        &mut rows,
         "kv cache",
         format!(
             "{} pages × {} tokens × {} per page ({})",
@@ -604,7 +612,7 @@ pub fn table(p: &MemoryPlan) -> String {
         p.kv_bytes,
     );
     row(
-        &mut s,
+        &mut rows,
         "graphs",
         if p.graph_bytes == 0 {
             "none on this backend".into()
@@ -614,7 +622,7 @@ pub fn table(p: &MemoryPlan) -> String {
         p.graph_bytes,
     );
     row(
-        &mut s,
+        &mut rows,
         "headroom",
         format!(
             "{:.0}% of budget, at least {}",
@@ -623,11 +631,11 @@ pub fn table(p: &MemoryPlan) -> String {
         ),
         p.headroom_bytes,
     );
-    row(&mut s, "total", String::new(), p.total_bytes);
-    row(&mut s, "budget", p.budget_source.clone(), p.budget_bytes);
+    row(&mut rows, "total", String::new(), p.total_bytes);
+    row(&mut rows, "budget", p.budget_source.clone(), p.budget_bytes);
     if p.swap_slots > 0 {
         row(
-            &mut s,
+            &mut rows,
             "host swap",
             format!(
                 "{} page slots in host memory (not in the total)",
@@ -635,6 +643,21 @@ pub fn table(p: &MemoryPlan) -> String {
             ),
             p.swap_bytes,
         );
+    }
+    let width = rows
+        .iter()
+        .map(|(_, what, _)| what.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(48);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "  {:<12} {:<width$} {:>12}",
+        "component", "detail", "bytes"
+    );
+    for (name, what, bytes) in rows {
+        let _ = writeln!(s, "  {name:<12} {what:<width$} {:>12}", human(bytes));
     }
     let _ = writeln!(
         s,

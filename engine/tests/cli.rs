@@ -1222,3 +1222,356 @@ fn prompts_beyond_max_seqs_wait_and_are_admitted_as_others_finish() {
     );
     assert_eq!(n(steps.last().unwrap(), "num_waiting"), 0);
 }
+
+/// The `error:` line of a failed run, checked to name no cause twice (as
+/// "No such device (os error 19): No such device (os error 19)" did).
+fn error_line_without_repeats(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure; stderr: {err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"))
+        .to_string();
+    let parts: Vec<&str> = line.split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(
+            p.len() < 4 || !parts[i + 1..].contains(p),
+            "`{p}` is repeated in: {line}"
+        );
+    }
+    line
+}
+
+#[test]
+fn stop_strings_take_backslash_escapes() {
+    // Greedy, the list goes on with " cherries\n4. ...": `\n` (as a shell
+    // passes "\n") must stop at the first newline.
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "1. apples\n2. bananas\n3.",
+        "--max-tokens",
+        "24",
+        "--greedy",
+        "--stop",
+        "\\n",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(doc["stop_reason"], "stop", "{doc}");
+    let text = doc["text"].as_str().unwrap();
+    assert!(!text.is_empty() && !text.contains('\n'), "{text:?}");
+    assert!(
+        (doc["generated_tokens"].as_array().unwrap().len()) < 24,
+        "{doc}"
+    );
+    // An unknown escape or a lone trailing backslash is refused by name.
+    assert_clean_failure(
+        &pagoda(&["generate", "--prompt", "hi", "--stop", "a\\q"]),
+        "unknown escape `\\q`",
+    );
+    assert_clean_failure(
+        &pagoda(&["generate", "--prompt", "hi", "--stop", "a\\"]),
+        "lone",
+    );
+}
+
+/// `generate --json` with `extra` flags: (seed reported in JSON, stderr).
+fn generate_seed(extra: &[&str]) -> (serde_json::Value, String) {
+    let out = pagoda(
+        &[
+            &[
+                "generate",
+                "--prompt",
+                "Once upon a time",
+                "--max-tokens",
+                "12",
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat(),
+    );
+    let doc = stdout_json(&out);
+    (doc, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn default_seed_is_fresh_each_run_and_reported() {
+    let (a, err_a) = generate_seed(&[]);
+    let (b, err_b) = generate_seed(&[]);
+    let (sa, sb) = (a["seed"].as_u64().unwrap(), b["seed"].as_u64().unwrap());
+    assert_ne!(sa, sb, "two default runs had the same seed");
+    assert!(err_a.contains(&format!("pagoda: seed {sa}\n")), "{err_a}");
+    assert!(err_b.contains(&format!("pagoda: seed {sb}\n")), "{err_b}");
+    // The reported seed repeats the run.
+    let (again, err) = generate_seed(&["--seed", &sa.to_string()]);
+    assert_eq!(again["seed"], sa);
+    assert!(err.contains(&format!("pagoda: seed {sa}\n")), "{err}");
+    assert_eq!(again["generated_tokens"], a["generated_tokens"]);
+    let (seven, _) = generate_seed(&["--seed", "7"]);
+    assert_eq!(seven["seed"], 7);
+}
+
+/// Runs pagoda with stdout a pipe that is closed after `keep` bytes were
+/// read; returns (exit status, stderr).
+#[cfg(unix)]
+fn with_stdout_closed_after(args: &[&str], keep: usize) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pagoda"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pagoda runs");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; keep];
+    stdout.read_exact(&mut buf).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A closed stdout ends pagoda as it ends `cat` or `yes`: killed by SIGPIPE
+/// (the shell's exit status 141), with nothing said about it on stderr.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_the_program_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    const SIGPIPE: i32 = 13;
+    for (args, keep) in [
+        // One document printed at the end (`| head -c 0`).
+        (
+            vec!["logits", "--prompt", "The capital of France is", "--json"],
+            0,
+        ),
+        // Streamed text (`| head -c 1`).
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "Once upon a time",
+                "--max-tokens",
+                "64",
+                "--greedy",
+            ],
+            1,
+        ),
+        (vec!["tokenize", "--prompt", "hi"], 0),
+    ] {
+        let (status, err) = with_stdout_closed_after(&args, keep);
+        assert_eq!(
+            status.signal(),
+            Some(SIGPIPE),
+            "{args:?}: {status:?}, stderr: {err}"
+        );
+        assert!(
+            !err.contains("error") && !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn prompts_json_keeps_each_request_under_requests_only() {
+    let f = scratch("two-prompts.txt");
+    std::fs::write(&f, "The sea is\nPaper was first made\n").unwrap();
+    let out = pagoda(&[
+        "generate",
+        "--prompts",
+        f.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+        "--greedy",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    for key in ["text", "prompt_tokens", "generated_tokens", "stop_reason"] {
+        assert!(doc.get(key).is_none(), "top-level `{key}`: {doc}");
+        for r in doc["requests"].as_array().unwrap() {
+            assert!(r.get(key).is_some(), "request lacks `{key}`: {r}");
+        }
+    }
+    assert_eq!(doc["num_requests"], 2);
+    assert!(doc["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(doc["memory"].is_object());
+}
+
+#[test]
+fn chat_message_json_has_stop_reason_and_token_counts() {
+    let out = pagoda(&[
+        "chat",
+        "--message",
+        "Tell me a long story about a dragon.",
+        "--greedy",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert!(doc["reply"].is_string(), "{doc}");
+    assert_eq!(doc["stop_reason"], "length", "{doc}");
+    assert_eq!(doc["generated_tokens"], 5, "{doc}");
+    // The chat template wraps the 8-word message in more tokens than it has.
+    assert!(doc["prompt_tokens"].as_u64().unwrap() > 10, "{doc}");
+    assert!(doc["seed"].is_u64(), "{doc}");
+}
+
+#[test]
+fn help_shows_the_sampling_defaults() {
+    let d = pagoda::sampler::SamplingParams::default();
+    for cmd in ["generate", "chat"] {
+        let out = pagoda(&[cmd, "--help"]);
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        for (flag, default) in [
+            ("--temperature", d.temperature.to_string()),
+            ("--top-k", d.top_k.to_string()),
+            ("--top-p", d.top_p.to_string()),
+            ("--min-p", d.min_p.to_string()),
+            ("--repeat-penalty", d.repeat_penalty.to_string()),
+        ] {
+            // The flag's block runs from its line to the next flag's.
+            let at = help
+                .find(&format!("{flag} <"))
+                .unwrap_or_else(|| panic!("{cmd}: no {flag}"));
+            let block = &help[at..];
+            let end = block[2..].find("\n  -").map_or(block.len(), |e| e + 2);
+            assert!(
+                block[..end].contains(&format!("[default: {default}]")),
+                "{cmd} {flag}: {}",
+                &block[..end]
+            );
+        }
+        assert!(help.contains("fresh one each run"), "{cmd}: seed default");
+    }
+}
+
+#[test]
+fn out_of_range_sampling_values_get_the_range_message() {
+    for (flag, value, range) in [
+        ("--temperature", "-1", ">= 0"),
+        ("--top-p", "-0.5", "in (0, 1]"),
+        ("--top-p", "0", "in (0, 1]"),
+        ("--min-p", "2", "in [0, 1]"),
+        ("--repeat-penalty", "-1", "> 0"),
+        ("--temperature", "nan", ">= 0"),
+    ] {
+        let out = pagoda(&["generate", "--prompt", "hi", flag, value]);
+        assert_clean_failure(&out, &format!("must be {range}, got {value}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("unexpected argument"), "{err}");
+        // Refused while parsing the command line, before any model is loaded.
+        assert!(!err.contains("pagoda: loaded"), "{err}");
+    }
+    // In range, a negative-looking flag value is still a value.
+    let out = pagoda(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "1",
+        "--json",
+    ]);
+    stdout_json(&out);
+}
+
+#[test]
+fn a_directory_or_device_as_model_is_named_as_such() {
+    let dir = scratch("a-directory");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = pagoda(&[
+        "tokenize",
+        "--prompt",
+        "hi",
+        "--model",
+        dir.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "is a directory");
+    let line = error_line_without_repeats(&out);
+    assert!(!line.contains("No such device"), "{line}");
+    let out = pagoda(&["tokenize", "--prompt", "hi", "--model", "/dev/null"]);
+    assert_clean_failure(&out, "not a regular file");
+    let line = error_line_without_repeats(&out);
+    assert!(!line.contains("No such device"), "{line}");
+}
+
+#[test]
+fn a_failed_fetch_prints_its_cause_once() {
+    // An empty cache and a proxy that refuses every connection: the default
+    // model's fetch fails at once, with nothing downloaded.
+    let cache = scratch(&format!("empty-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pagoda"));
+    cmd.args(["tokenize", "--prompt", "hi"])
+        .env(pagoda::fetch::CACHE_ENV, &cache)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    for var in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ] {
+        cmd.env(var, "http://127.0.0.1:9");
+    }
+    let out = cmd.output().expect("pagoda runs");
+    let _ = std::fs::remove_dir_all(&cache);
+    assert_clean_failure(&out, "failed");
+    let line = error_line_without_repeats(&out);
+    assert_eq!(line.matches("refused").count(), 1, "{line}");
+}
+
+#[test]
+fn plan_table_rows_line_up_and_try_lists_only_options() {
+    let out = pagoda(&["plan"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("component"))
+        .take_while(|l| !l.trim_start().starts_with("KV holds"))
+        .collect();
+    assert!(rows.len() >= 8, "{text}");
+    let width = rows[0].chars().count();
+    for r in &rows {
+        assert_eq!(r.chars().count(), width, "row {r:?} in\n{text}");
+    }
+    assert!(rows.iter().any(|r| r.contains("kv cache")), "{text}");
+
+    let out = pagoda(&[
+        "plan",
+        "--ctx",
+        "8192",
+        "--max-seqs",
+        "64",
+        "--memory-budget",
+        "1GiB",
+    ]);
+    assert_clean_failure(&out, "refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let bullets: Vec<&str> = err
+        .lines()
+        .skip_while(|l| !l.contains("Try:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  - "))
+        .collect();
+    assert!(!bullets.is_empty(), "{err}");
+    for b in &bullets {
+        assert!(!b.ends_with(':'), "bullet {b:?} is not an option:\n{err}");
+    }
+    assert!(err.contains("KV tokens fit in"), "{err}");
+}

@@ -348,6 +348,20 @@ impl GgufFile {
             source,
         };
         let file = File::open(&path).map_err(io)?;
+        // A directory or a device opens, but cannot be mapped ("No such
+        // device"): name what it is instead.
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            let what = if meta.is_dir() {
+                "is a directory, not a GGUF file"
+            } else {
+                "is not a regular file (a GGUF model is one)"
+            };
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                what,
+            )));
+        }
         // The file is mapped read-only; Pagoda never writes to model files,
         // and every access below is bounds-checked against the map's length.
         // Another process truncating the file while it is mapped is outside
@@ -513,6 +527,7 @@ impl GgufFile {
                     bytes: bytes as usize,
                 });
             }
+            check_no_overlap(&path, &tensors, data_offset)?;
             (version, metadata, tensors, data_offset, alignment)
         };
         Ok(GgufFile {
@@ -617,4 +632,44 @@ impl GgufFile {
     pub fn tensor_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.bytes as u64).sum()
     }
+}
+
+/// Refuses tensors whose data ranges overlap (a corrupted or crafted file:
+/// one tensor's weights would be read as another's), naming both. Every
+/// tensor here has a known type, and so a size: the reader refuses a type it
+/// does not know before this. Empty tensors overlap nothing.
+fn check_no_overlap(
+    path: &Path,
+    tensors: &[TensorInfo],
+    data_offset: u64,
+) -> Result<(), GgufError> {
+    let end = |t: &TensorInfo| t.offset + t.bytes as u64;
+    let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.bytes > 0).collect();
+    order.sort_by_key(|t| (t.offset, t.bytes));
+    // Sorted by start, a range overlaps an earlier one exactly when it starts
+    // before the furthest end so far.
+    let mut furthest: Option<&TensorInfo> = None;
+    for t in order {
+        if let Some(f) = furthest {
+            if t.offset < end(f) {
+                let range = |t: &TensorInfo| {
+                    format!("[{}, {})", t.offset - data_offset, end(t) - data_offset)
+                };
+                return Err(GgufError::Tensor {
+                    path: path.to_path_buf(),
+                    name: t.name.clone(),
+                    what: format!(
+                        "data {} overlaps that of tensor `{}` {} (offsets in the data section)",
+                        range(t),
+                        f.name,
+                        range(f)
+                    ),
+                });
+            }
+        }
+        if furthest.is_none_or(|f| end(t) > end(f)) {
+            furthest = Some(t);
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use pagoda::sampler::SamplingParams;
 
 use crate::backend::{BackendArg, BackendParser};
 use crate::commands::{bench, chat, devices, generate, logits, perplexity, plan, tokenize};
@@ -87,30 +88,86 @@ pub struct PromptArgs {
     pub file: Option<PathBuf>,
 }
 
-/// Sampling flags.
+/// Sampling flags. The defaults shown are `SamplingParams::default()`'s
+/// (llama.cpp's); `--greedy` ignores them.
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
     /// Greedy decoding (argmax).
     #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p", "min_p"])]
     pub greedy: bool,
-    /// Temperature (0 = greedy).
-    #[arg(long)]
-    pub temperature: Option<f32>,
+    /// Temperature, >= 0 (0 = greedy).
+    #[arg(long, allow_negative_numbers = true, value_parser = in_range(|t| t >= 0.0, ">= 0"),
+          default_value_t = SamplingParams::default().temperature)]
+    pub temperature: f32,
     /// Top-k (0 = off).
+    #[arg(long, default_value_t = SamplingParams::default().top_k)]
+    pub top_k: usize,
+    /// Top-p, in (0, 1] (1 = off).
+    #[arg(long, allow_negative_numbers = true, value_parser = in_range(|p| p > 0.0 && p <= 1.0, "in (0, 1]"),
+          default_value_t = SamplingParams::default().top_p)]
+    pub top_p: f32,
+    /// Min-p, in [0, 1] (0 = off).
+    #[arg(long, allow_negative_numbers = true, value_parser = in_range(|p| (0.0..=1.0).contains(&p), "in [0, 1]"),
+          default_value_t = SamplingParams::default().min_p)]
+    pub min_p: f32,
+    /// Repetition penalty, > 0 (1 = off).
+    #[arg(long, allow_negative_numbers = true, value_parser = in_range(|p| p > 0.0, "> 0"),
+          default_value_t = SamplingParams::default().repeat_penalty)]
+    pub repeat_penalty: f32,
+    /// RNG seed [default: a fresh one each run, printed on stderr as
+    /// `pagoda: seed N` and in --json as "seed"].
     #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Top-p.
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Min-p.
-    #[arg(long)]
-    pub min_p: Option<f32>,
-    /// Repetition penalty (1 = off).
-    #[arg(long)]
-    pub repeat_penalty: Option<f32>,
-    /// RNG seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    pub seed: Option<u64>,
+}
+
+/// A parser of a finite `f32` for which `ok` holds (`range` says which).
+/// Negative numbers are parsed as values (with `allow_negative_numbers`), so
+/// `--temperature -1` gets this range message, not "unexpected argument".
+fn in_range(
+    ok: fn(f32) -> bool,
+    range: &'static str,
+) -> impl Fn(&str) -> Result<f32, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let v: f32 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?;
+        if v.is_finite() && ok(v) {
+            Ok(v)
+        } else {
+            Err(format!("must be {range}, got {s}"))
+        }
+    }
+}
+
+/// Parses a `--stop` string: `\n`, `\r`, `\t` and `\\` stand for a newline,
+/// a carriage return, a tab and a backslash (so `--stop "\n\n"` stops at a
+/// blank line); any other backslash sequence is refused.
+pub fn parse_escapes(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('\\') => out.push('\\'),
+            Some(o) => {
+                return Err(format!(
+                    "unknown escape `\\{o}` (known: \\n, \\r, \\t, and \\\\ for a backslash)"
+                ));
+            }
+            None => return Err("a lone `\\` at the end (write \\\\ for a backslash)".into()),
+        }
+    }
+    if out.is_empty() {
+        return Err("a stop string cannot be empty".into());
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Subcommand)]

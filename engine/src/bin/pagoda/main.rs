@@ -20,12 +20,59 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let args = cli::Cli::parse();
     match commands::run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`pagoda ... | head`) is not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Gives SIGPIPE back its default action, so that a write to a closed stdout
+/// ends the program quietly, killed by SIGPIPE, as `cat`, `grep` or `yes`
+/// are (`pagoda logits ... | head -c 200`). Rust's runtime ignores SIGPIPE,
+/// which turns such a write into an EPIPE error: `println!` then panics and
+/// `write!` returns an error. Restoring the signal covers every write to
+/// stdout or stderr (the commands' `println!`s included) in one place.
+/// Sockets are not affected: std writes to them with `MSG_NOSIGNAL`.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any thread is started;
+    // setting a signal's disposition to SIG_DFL has no other precondition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Whether an I/O error "broken pipe" is anywhere in `e`'s chain (on systems
+/// without SIGPIPE, the way a closed stdout shows up).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error and its causes, joined by `: ` as `{:#}` does, but leaving out
+/// a cause whose text an outer message already holds: library errors such as
+/// `GgufError::Io` name their cause in their own text and also return it as
+/// `source()`, which `{:#}` would print twice.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

@@ -345,24 +345,38 @@ pub fn read_prompt_parts(prompt: Option<&str>, file: Option<&Path>) -> Result<St
 }
 
 /// Sampling parameters from the flags (llama.cpp's defaults where unset).
+/// Without `--seed`, a fresh seed each run; a sampled run reports the seed
+/// on stderr (`pagoda: seed N`), so that `--seed N` repeats it.
 pub fn sampling(s: &SamplingArgs) -> SamplingParams {
-    if s.greedy {
-        return SamplingParams {
-            seed: s.seed,
-            repeat_penalty: s.repeat_penalty.unwrap_or(1.0),
-            ..SamplingParams::greedy()
-        };
-    }
+    let seed = s.seed.unwrap_or_else(fresh_seed);
     let d = SamplingParams::default();
-    SamplingParams {
-        temperature: s.temperature.unwrap_or(d.temperature),
-        top_k: s.top_k.unwrap_or(d.top_k),
-        top_p: s.top_p.unwrap_or(d.top_p),
-        min_p: s.min_p.unwrap_or(d.min_p),
-        repeat_penalty: s.repeat_penalty.unwrap_or(d.repeat_penalty),
-        repeat_last_n: d.repeat_last_n,
-        seed: s.seed,
+    let p = if s.greedy {
+        SamplingParams {
+            seed,
+            repeat_penalty: s.repeat_penalty,
+            ..SamplingParams::greedy()
+        }
+    } else {
+        SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_last_n: d.repeat_last_n,
+            seed,
+        }
+    };
+    if !p.is_greedy() {
+        eprintln!("pagoda: seed {seed}");
     }
+    p
+}
+
+/// A seed no earlier run is likely to have had: 32 random bits (short enough
+/// to retype, and exact in any JSON reader, `jq`'s doubles included).
+fn fresh_seed() -> u64 {
+    rand::random::<u32>() as u64
 }
 
 /// The JSON name of a finish reason.

@@ -356,6 +356,33 @@ fn misaligned_tensor_offset_is_refused() {
     );
 }
 
+#[test]
+fn overlapping_tensor_data_is_refused_with_both_names() {
+    let mut bytes = bytes_of(&sample_writer());
+    // b.weight's data (68 bytes at 32) moved to 0, over a.weight's [0, 24).
+    let at = find(&bytes, b"b.weight") + 8 + 4 + 8 + 4;
+    assert_eq!(
+        u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()),
+        32
+    );
+    parse_ok(&bytes);
+    put_u64(&mut bytes, at, 0);
+    let msg = parse_err(&bytes);
+    assert!(
+        msg.contains("`a.weight`") && msg.contains("`b.weight`") && msg.contains("overlaps"),
+        "{msg}"
+    );
+    // The same data for two names is an overlap too, whichever comes first.
+    let mut bytes = bytes_of(&sample_writer());
+    let a_at = find(&bytes, b"a.weight") + 8 + 4 + 8 + 8 + 4;
+    put_u64(&mut bytes, a_at, 32);
+    let msg = parse_err(&bytes);
+    assert!(
+        msg.contains("`a.weight`") && msg.contains("`b.weight`") && msg.contains("overlaps"),
+        "{msg}"
+    );
+}
+
 // ------------------------------------------------------------------- versions
 
 #[test]

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use pagoda::chat::Message;
-use pagoda::engine::{Engine, GenerationParams};
+use pagoda::engine::{Completion, Engine, GenerationParams};
 use pagoda::sequence::FinishReason;
 use pagoda_backend::Backend;
 use serde_json::json;
 
 use crate::cli::{Common, MemoryArgs, SamplingArgs};
-use crate::setup::{ModelSource, build, engine_config, model_source, sampling};
+use crate::setup::{ModelSource, build, engine_config, model_source, reason_str, sampling};
 
 /// Flags of `pagoda chat`.
 #[derive(Debug, clap::Args)]
@@ -59,9 +59,16 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
         if m.is_empty() {
             bail!("the message is empty");
         }
-        let answer = turn(&mut engine, &params, &mut history, m.clone(), !a.json)?;
+        let (answer, c) = turn(&mut engine, &params, &mut history, m.clone(), !a.json)?;
         if a.json {
-            println!("{}", serde_json::to_string(&json!({ "reply": answer }))?);
+            let doc = json!({
+                "reply": answer,
+                "stop_reason": reason_str(&c.finish_reason),
+                "prompt_tokens": c.prompt_tokens.len(),
+                "generated_tokens": c.generated_tokens.len(),
+                "seed": params.sampling.seed,
+            });
+            println!("{}", serde_json::to_string(&doc)?);
         } else {
             println!();
         }
@@ -89,13 +96,14 @@ fn run<B: Backend>(a: &Args, source: &ModelSource, backend: Arc<B>) -> Result<()
 
 /// One user turn: appends it and the answer (end-of-generation text
 /// stripped) to `history`, streaming the answer to stdout when `print`.
+/// Returns the answer and the request's completion.
 fn turn<B: Backend>(
     engine: &mut Engine<B>,
     params: &GenerationParams,
     history: &mut Vec<Message>,
     text: String,
     print: bool,
-) -> Result<String> {
+) -> Result<(String, Completion)> {
     history.push(Message::new("user", &text));
     let prompt = engine.render_chat(history)?;
     let id = engine.add_request(engine.tokenize(&prompt), params.clone())?;
@@ -122,12 +130,12 @@ fn turn<B: Backend>(
         .iter()
         .map(|&t| String::from_utf8_lossy(engine.tokenizer().token_bytes(t)).into_owned())
         .collect();
-    let mut answer = c.text;
+    let mut answer = c.text.clone();
     for e in eog {
         if let Some(stripped) = answer.strip_suffix(e.as_str()) {
             answer = stripped.to_string();
         }
     }
     history.push(Message::new("assistant", &answer));
-    Ok(answer)
+    Ok((answer, c))
 }

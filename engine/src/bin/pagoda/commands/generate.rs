@@ -27,8 +27,9 @@ pub struct Args {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Stop when the text contains this string (repeatable).
-    #[arg(long)]
+    /// Stop when the text contains this string (repeatable; `\n`, `\t`, `\r`
+    /// and `\\` are a newline, tab, carriage return and backslash).
+    #[arg(long, value_parser = crate::cli::parse_escapes)]
     pub stop: Vec<String>,
     /// Sequences at once (the default of --max-seqs); with --prompt or
     /// --file, also the number of copies of the prompt run, with aggregate
@@ -176,33 +177,33 @@ fn run<B: Backend>(
     let tps = total_gen as f64 / elapsed.max(1e-9);
     let stats = engine.scheduler().stats();
     if a.json {
-        let c = &completions[0];
-        let mut doc = json!({
-            "prompt_tokens": c.prompt_tokens,
-            "generated_tokens": c.generated_tokens,
-            "text": c.text,
-            "stop_reason": reason_str(&c.finish_reason),
-            "tokens_per_s": tps,
-            "memory": crate::setup::memory_json(&engine),
-        });
-        if completions.len() > 1 {
-            doc["requests"] = json!(
-                completions
-                    .iter()
-                    .map(|c| json!({
-                        "prompt_tokens": c.prompt_tokens,
-                        "generated_tokens": c.generated_tokens,
-                        "text": c.text,
-                        "stop_reason": reason_str(&c.finish_reason),
-                    }))
-                    .collect::<Vec<_>>()
-            );
-            doc["num_requests"] = json!(completions.len());
-            doc["aggregate_tokens_per_s"] = json!(tps);
-            doc["aggregate_decode_tokens_per_s"] = json!(decode_tokens as f64 / decode_time);
-            doc["preemptions"] = json!(stats.num_preemptions);
-            doc["prefix_cache_hit_tokens"] = json!(stats.num_prefix_cache_hit_tokens);
-        }
+        let seed = params.sampling.seed;
+        let request = |c: &pagoda::engine::Completion, i: usize| {
+            json!({
+                "prompt_tokens": c.prompt_tokens,
+                "generated_tokens": c.generated_tokens,
+                "text": c.text,
+                "stop_reason": reason_str(&c.finish_reason),
+                "seed": seed.wrapping_add(i as u64),
+            })
+        };
+        // One request: its fields at the top level. Several: each under
+        // `requests` (and none of them repeated at the top).
+        let mut doc = if completions.len() == 1 {
+            request(&completions[0], 0)
+        } else {
+            json!({
+                "requests": completions.iter().enumerate().map(|(i, c)| request(c, i)).collect::<Vec<_>>(),
+                "num_requests": completions.len(),
+                "aggregate_tokens_per_s": tps,
+                "aggregate_decode_tokens_per_s": decode_tokens as f64 / decode_time,
+                "preemptions": stats.num_preemptions,
+                "prefix_cache_hit_tokens": stats.num_prefix_cache_hit_tokens,
+                "seed": seed,
+            })
+        };
+        doc["tokens_per_s"] = json!(tps);
+        doc["memory"] = crate::setup::memory_json(&engine);
         println!("{}", serde_json::to_string(&doc)?);
     } else {
         if !stream {
