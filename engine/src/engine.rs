@@ -435,7 +435,9 @@ pub struct Completion {
     pub prompt_tokens: Vec<u32>,
     /// Generated token ids (including the EOG token that ended it).
     pub generated_tokens: Vec<u32>,
-    /// Generated text (cut at a stop string).
+    /// Generated text (cut at a stop string). An end-of-generation token adds
+    /// no text, and an incomplete last character (a reply cut by
+    /// `max_tokens` inside one) is dropped, never U+FFFD.
     pub text: String,
     /// Why it ended.
     pub finish_reason: FinishReason,
@@ -820,10 +822,15 @@ impl<B: Backend> Engine<B> {
             let mut finished = u.finished.clone();
             if let Some(tok) = u.new_token {
                 r.generated.push(tok);
-                let piece = r.decoder.push(&self.tokenizer, tok);
-                r.text.push_str(&piece);
+                // An end-of-generation token is not text (its id stays in
+                // `generated`).
+                if finished != Some(FinishReason::Eog) {
+                    let piece = r.decoder.push(&self.tokenizer, tok);
+                    r.text.push_str(&piece);
+                }
                 if finished.is_some() {
-                    r.text.push_str(&r.decoder.finish());
+                    // An incomplete last character is dropped, not U+FFFD.
+                    r.decoder.finish();
                 }
                 if (finished.is_none() || finished == Some(FinishReason::Length))
                     && let Some(cut) = find_stop(&r.text, &r.stop, r.reported)

@@ -61,7 +61,8 @@ impl fmt::Display for PageId {
 pub enum FinishReason {
     /// It generated `max_tokens` tokens.
     Length,
-    /// It sampled an end-of-generation token (which is kept in the output).
+    /// It sampled an end-of-generation token (its id is kept in the
+    /// generated tokens; it adds no text).
     Eog,
     /// The engine matched a stop string.
     Stop,

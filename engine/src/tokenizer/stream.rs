@@ -5,9 +5,11 @@
 //! bytes of an incomplete trailing character until the next token completes
 //! it.
 //!
-//! Invariants: the concatenation of everything returned by `push*` and
-//! [`StreamDecoder::finish`] equals `String::from_utf8_lossy` of all the
-//! bytes pushed; at most 3 bytes (one incomplete character) are held back.
+//! Invariants: the concatenation of everything returned by `push*` equals
+//! `String::from_utf8_lossy` of all the bytes pushed, less an incomplete
+//! character at the very end, which is held back (at most 3 bytes) and
+//! dropped by [`StreamDecoder::finish`]: text cut off in the middle of a
+//! character (say by a token limit) never ends in U+FFFD.
 
 use super::Tokenizer;
 
@@ -76,12 +78,11 @@ impl StreamDecoder {
         &self.pending
     }
 
-    /// Flushes what is held back (lossily: an incomplete character becomes
-    /// U+FFFD) and resets the decoder.
-    pub fn finish(&mut self) -> String {
-        let out = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        out
+    /// Ends the stream: drops what is held back (the bytes of an
+    /// incomplete last character, never emitted as U+FFFD), returns the
+    /// bytes dropped and resets the decoder.
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
     }
 }
 
@@ -98,14 +99,15 @@ mod tests {
         assert_eq!(d.push_bytes(&emoji[1..3]), "");
         assert_eq!(d.pending().len(), 3);
         assert_eq!(d.push_bytes(&[emoji[3], b'b']), "👨b");
-        assert_eq!(d.finish(), "");
+        assert!(d.finish().is_empty());
     }
 
     #[test]
     fn invalid_bytes_are_replaced_at_once() {
         let mut d = StreamDecoder::new();
         assert_eq!(d.push_bytes(&[0xFF, b'x', 0xE2, 0x82]), "\u{FFFD}x");
-        assert_eq!(d.finish(), "\u{FFFD}");
+        // The incomplete last character is dropped, not replaced.
+        assert_eq!(d.finish(), [0xE2, 0x82]);
         assert_eq!(d.push_bytes(&[0xC3]), "");
         assert_eq!(d.push_bytes(b"z"), "\u{FFFD}z");
     }
