@@ -563,10 +563,16 @@ pub fn table(p: &MemoryPlan) -> String {
     // Rows are collected first: the detail column is as wide as its widest
     // entry (at least 48 characters), so every row has the same width.
     let mut rows: Vec<(&str, String, u64)> = Vec::new();
-    let row = |rows: &mut Vec<(&str, String, u64)>, name: &'static str, what: String, bytes: u64| {
-        rows.push((name, what, bytes));
-    };
-    row(&mut rows, "weights", "model tensors".into(), p.weights_bytes);
+    let row =
+        |rows: &mut Vec<(&str, String, u64)>, name: &'static str, what: String, bytes: u64| {
+            rows.push((name, what, bytes));
+        };
+    row(
+        &mut rows,
+        "weights",
+        "model tensors".into(),
+        p.weights_bytes,
+    );
     row(
         &mut rows,
         "activations",
@@ -628,7 +634,11 @@ pub fn table(p: &MemoryPlan) -> String {
         .unwrap_or(0)
         .max(48);
     let mut s = String::new();
-    let _ = writeln!(s, "  {:<12} {:<width$} {:>12}", "component", "detail", "bytes");
+    let _ = writeln!(
+        s,
+        "  {:<12} {:<width$} {:>12}",
+        "component", "detail", "bytes"
+    );
     for (name, what, bytes) in rows {
         let _ = writeln!(s, "  {name:<12} {what:<width$} {:>12}", human(bytes));
     }

@@ -1027,7 +1027,10 @@ fn with_stdout_closed_after(args: &[&str], keep: usize) -> (std::process::ExitSt
     stdout.read_exact(&mut buf).unwrap();
     drop(stdout);
     let out = child.wait_with_output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A closed stdout ends pagoda as it ends `cat` or `yes`: killed by SIGPIPE
@@ -1039,7 +1042,10 @@ fn a_closed_stdout_ends_the_program_quietly() {
     const SIGPIPE: i32 = 13;
     for (args, keep) in [
         // One document printed at the end (`| head -c 0`).
-        (vec!["logits", "--prompt", "The capital of France is", "--json"], 0),
+        (
+            vec!["logits", "--prompt", "The capital of France is", "--json"],
+            0,
+        ),
         // Streamed text (`| head -c 1`).
         (
             vec![
@@ -1177,7 +1183,13 @@ fn out_of_range_sampling_values_get_the_range_message() {
 fn a_directory_or_device_as_model_is_named_as_such() {
     let dir = scratch("a-directory");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = pagoda(&["tokenize", "--prompt", "hi", "--model", dir.to_str().unwrap()]);
+    let out = pagoda(&[
+        "tokenize",
+        "--prompt",
+        "hi",
+        "--model",
+        dir.to_str().unwrap(),
+    ]);
     assert_clean_failure(&out, "is a directory");
     let line = error_line_without_repeats(&out);
     assert!(!line.contains("No such device"), "{line}");
@@ -1198,7 +1210,14 @@ fn a_failed_fetch_prints_its_cause_once() {
         .env(pagoda::fetch::CACHE_ENV, &cache)
         .env_remove("NO_PROXY")
         .env_remove("no_proxy");
-    for var in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"] {
+    for var in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ] {
         cmd.env(var, "http://127.0.0.1:9");
     }
     let out = cmd.output().expect("pagoda runs");
@@ -1211,7 +1230,11 @@ fn a_failed_fetch_prints_its_cause_once() {
 #[test]
 fn plan_table_rows_line_up_and_try_lists_only_options() {
     let out = pagoda(&["plan"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let rows: Vec<&str> = text
         .lines()

@@ -357,7 +357,10 @@ impl GgufFile {
             } else {
                 "is not a regular file (a GGUF model is one)"
             };
-            return Err(io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what)));
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                what,
+            )));
         }
         // The file is mapped read-only; Pagoda never writes to model files,
         // and every access below is bounds-checked against the map's length.
@@ -635,7 +638,11 @@ impl GgufFile {
 /// one tensor's weights would be read as another's), naming both. Every
 /// tensor here has a known type, and so a size: the reader refuses a type it
 /// does not know before this. Empty tensors overlap nothing.
-fn check_no_overlap(path: &Path, tensors: &[TensorInfo], data_offset: u64) -> Result<(), GgufError> {
+fn check_no_overlap(
+    path: &Path,
+    tensors: &[TensorInfo],
+    data_offset: u64,
+) -> Result<(), GgufError> {
     let end = |t: &TensorInfo| t.offset + t.bytes as u64;
     let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.bytes > 0).collect();
     order.sort_by_key(|t| (t.offset, t.bytes));

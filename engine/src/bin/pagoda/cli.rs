@@ -123,7 +123,10 @@ fn in_range(
     range: &'static str,
 ) -> impl Fn(&str) -> Result<f32, String> + Clone + Send + Sync + 'static {
     move |s| {
-        let v: f32 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+        let v: f32 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?;
         if v.is_finite() && ok(v) {
             Ok(v)
         } else {
