@@ -650,22 +650,21 @@ fn check_no_overlap(
     // before the furthest end so far.
     let mut furthest: Option<&TensorInfo> = None;
     for t in order {
-        if let Some(f) = furthest {
-            if t.offset < end(f) {
-                let range = |t: &TensorInfo| {
-                    format!("[{}, {})", t.offset - data_offset, end(t) - data_offset)
-                };
-                return Err(GgufError::Tensor {
-                    path: path.to_path_buf(),
-                    name: t.name.clone(),
-                    what: format!(
-                        "data {} overlaps that of tensor `{}` {} (offsets in the data section)",
-                        range(t),
-                        f.name,
-                        range(f)
-                    ),
-                });
-            }
+        if let Some(f) = furthest
+            && t.offset < end(f)
+        {
+            let range =
+                |t: &TensorInfo| format!("[{}, {})", t.offset - data_offset, end(t) - data_offset);
+            return Err(GgufError::Tensor {
+                path: path.to_path_buf(),
+                name: t.name.clone(),
+                what: format!(
+                    "data {} overlaps that of tensor `{}` {} (offsets in the data section)",
+                    range(t),
+                    f.name,
+                    range(f)
+                ),
+            });
         }
         if furthest.is_none_or(|f| end(t) > end(f)) {
             furthest = Some(t);
