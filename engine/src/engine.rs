@@ -328,7 +328,7 @@ impl<B: Backend> EngineBuilder<B> {
                 Vec::new()
             }
         });
-        let runner = ModelRunner::new(
+        let mut runner = ModelRunner::new(
             backend,
             pool,
             &gguf,
@@ -343,7 +343,6 @@ impl<B: Backend> EngineBuilder<B> {
             page_bytes: geometry.layout.page_bytes_all_layers() as u64,
             ..SwapConfig::default()
         };
-        let mut runner = runner;
         runner.set_swap_slots(swap.num_slots())?;
         // Growable KV: the block manager commits and releases units of the
         // arena as pages are needed; a backend that cannot grow commits all.

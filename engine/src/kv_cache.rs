@@ -13,8 +13,9 @@
 //!   per-granule count. The null page's granules are committed for the
 //!   cache's whole life.
 //! - **Release.** [`KvCommit::release`] only queues the unit; the memory goes
-//!   back in [`KvCache::flush_releases`], which the runner calls after a
-//!   step's blocking read-back, so no queued op can still touch it.
+//!   back in [`KvCache::flush_releases`], which the engine calls at the end
+//!   of each step (after its blocking read-back and the scheduler's
+//!   postprocess), so no queued op can still touch it.
 //! - **Page tables.** One `(num_pages, 2)` u32 table per layer (pool block,
 //!   tag `kv`), written once at start.
 

@@ -10,9 +10,9 @@
 //!    and replayed;
 //! 3. **sample** — `argmax_rows` / `top_k_rows` on the device; full logits
 //!    rows only for the rows that need them ([`RowNeed::Full`]);
-//! 4. **read back** — ids / candidates / rows to the host; then KV units
-//!    released during the step are given back (the read-back waited for the
-//!    queue).
+//! 4. **read back** — ids / candidates / rows to the host. The read-back
+//!    waits for the queue, so after it the engine gives back the KV units
+//!    the step released ([`ModelRunner::flush_kv_releases`]).
 //!
 //! Nothing here allocates after construction: the staging buffer and the
 //! host copies are sized for the largest step.
@@ -413,7 +413,6 @@ impl<B: Backend> ModelRunner<B> {
             // Copies only (a sequence swapped itself out and nothing ran).
             self.copy_pages(plan)?;
             self.backend.synchronize()?;
-            self.kv.flush_releases();
             self.out.num_logits = 0;
             return Ok(&self.out);
         }
@@ -424,8 +423,6 @@ impl<B: Backend> ModelRunner<B> {
         if needs.is_empty() {
             self.backend.synchronize()?;
         }
-        // The read-back waited for every queued op: released KV units can go.
-        self.kv.flush_releases();
         self.out.num_logits = needs.len();
         self.out.shape = shape;
         Ok(&self.out)

@@ -415,20 +415,30 @@ fn chat_message_uses_the_chat_template() {
     assert_clean_failure(&pagoda(&["chat", "--message", ""]), "empty");
 }
 
-#[test]
-fn prompts_file_runs_one_request_per_line() {
-    let f = scratch("prompts.txt");
-    std::fs::write(&f, "The sea is\nPaper was first made\n\nIn the year 1450\n").unwrap();
-    let out = pagoda(&[
+/// `generate --prompts FILE --max-tokens N --greedy --json` on a scratch file
+/// holding `lines`; its JSON document.
+fn generate_prompts_json(name: &str, lines: &str, max_tokens: usize) -> serde_json::Value {
+    let f = scratch(name);
+    std::fs::write(&f, lines).unwrap();
+    let n = max_tokens.to_string();
+    stdout_json(&pagoda(&[
         "generate",
         "--prompts",
         f.to_str().unwrap(),
         "--max-tokens",
-        "6",
+        &n,
         "--greedy",
         "--json",
-    ]);
-    let doc = stdout_json(&out);
+    ]))
+}
+
+#[test]
+fn prompts_file_runs_one_request_per_line() {
+    let doc = generate_prompts_json(
+        "prompts.txt",
+        "The sea is\nPaper was first made\n\nIn the year 1450\n",
+        6,
+    );
     assert_eq!(doc["num_requests"], 3);
     let reqs = doc["requests"].as_array().unwrap();
     assert_ne!(reqs[0]["prompt_tokens"], reqs[1]["prompt_tokens"]);
@@ -1379,18 +1389,7 @@ fn a_closed_stdout_ends_the_program_quietly() {
 
 #[test]
 fn prompts_json_keeps_each_request_under_requests_only() {
-    let f = scratch("two-prompts.txt");
-    std::fs::write(&f, "The sea is\nPaper was first made\n").unwrap();
-    let out = pagoda(&[
-        "generate",
-        "--prompts",
-        f.to_str().unwrap(),
-        "--max-tokens",
-        "4",
-        "--greedy",
-        "--json",
-    ]);
-    let doc = stdout_json(&out);
+    let doc = generate_prompts_json("two-prompts.txt", "The sea is\nPaper was first made\n", 4);
     for key in ["text", "prompt_tokens", "generated_tokens", "stop_reason"] {
         assert!(doc.get(key).is_none(), "top-level `{key}`: {doc}");
         for r in doc["requests"].as_array().unwrap() {

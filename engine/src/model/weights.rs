@@ -130,20 +130,6 @@ impl LlamaWeights {
         e
     }
 
-    /// Bytes of the weight tensors as stored in the GGUF file (what a backend
-    /// that keeps GGUF blocks, like the CPU, puts in device memory).
-    pub fn gguf_bytes(f: &GgufFile, cfg: &LlamaConfig) -> Result<u64> {
-        let mut total = 0u64;
-        for (name, shape, must_f32) in Self::expected(cfg) {
-            total += check(f, &name, &shape, must_f32)?.bytes as u64;
-        }
-        if let Some(t) = f.tensor("output.weight") {
-            total += check(f, "output.weight", &[cfg.hidden_dim, cfg.vocab_size], false)
-                .map(|_| t.bytes as u64)?;
-        }
-        Ok(total)
-    }
-
     /// Bytes the weights will take on `backend` (after its weight
     /// preparation, over the tensors' pieces): the memory plan's figure.
     pub fn planned_bytes<B: Backend>(f: &GgufFile, cfg: &LlamaConfig, backend: &B) -> Result<u64> {

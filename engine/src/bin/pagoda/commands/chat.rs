@@ -261,10 +261,12 @@ impl TypeAhead {
     fn hide() -> TypeAhead {
         #[cfg(unix)]
         {
-            // SAFETY: tcgetattr writes a termios into the zeroed value we own;
-            // fd 0 is stdin, and a non-terminal makes it fail (checked).
+            // SAFETY: termios is plain C data; all-zero is a valid value to overwrite.
             let mut t: libc::termios = unsafe { std::mem::zeroed() };
-            if unsafe { libc::isatty(0) } != 1 || unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            // SAFETY: isatty only inspects fd 0; tcgetattr writes into `t`, which we
+            // own, and fails (checked) when stdin is not a terminal.
+            let is_tty = unsafe { libc::isatty(0) == 1 && libc::tcgetattr(0, &mut t) == 0 };
+            if !is_tty {
                 return TypeAhead { saved: None };
             }
             let mut quiet = t;
