@@ -7,32 +7,53 @@
 //! of the page's contiguous range in that layer's arena piece
 //! ([`KvCache::page_buf`], layout in `pagoda_backend::kv_cache`). Copies use
 //! only `Backend::download` / `Backend::upload` on slices of the layer
-//! buffers, so every backend supports them (host RAM on the CPU backend;
-//! pinned memory on CUDA later).
+//! buffers, so every backend supports them. The slots are
+//! [`Backend::alloc_host`] memory: heap memory on the CPU backend, pinned
+//! (page-locked) memory on CUDA, so the copies are DMA transfers.
 //!
 //! Cost: one download (swap-out) or upload (swap-in) of `page_bytes` per
 //! page per layer. Memory: `num_slots * page_bytes_all_layers` host bytes,
 //! zero-filled lazily by the OS.
 
-use pagoda_backend::{Backend, KvLayout};
+use pagoda_backend::{Backend, HeapBuffer, HostBuffer, KvLayout};
 
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 
 /// Host page slots for swapped-out KV pages.
-#[derive(Debug, Default)]
 pub struct HostKvTier {
     /// Bytes of one page in one layer.
     page_bytes: usize,
     num_layers: usize,
     num_slots: usize,
     /// (num_slots, num_layers, page_bytes) bytes
-    data: Vec<u8>,
+    data: Box<dyn HostBuffer>,
+}
+
+impl Default for HostKvTier {
+    fn default() -> Self {
+        HostKvTier {
+            page_bytes: 0,
+            num_layers: 0,
+            num_slots: 0,
+            data: Box::new(HeapBuffer::default()),
+        }
+    }
+}
+
+impl std::fmt::Debug for HostKvTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKvTier")
+            .field("num_slots", &self.num_slots)
+            .field("bytes", &self.bytes())
+            .field("pinned", &self.data.is_pinned())
+            .finish()
+    }
 }
 
 impl HostKvTier {
     /// `num_slots` page slots for pages of `layout` (0 = no swap space).
-    pub fn new(layout: &KvLayout, num_slots: usize) -> Result<Self> {
+    pub fn new<B: Backend>(backend: &B, layout: &KvLayout, num_slots: usize) -> Result<Self> {
         let bytes = num_slots
             .checked_mul(layout.page_bytes_all_layers())
             .ok_or_else(|| {
@@ -42,7 +63,11 @@ impl HostKvTier {
             page_bytes: layout.page_bytes(),
             num_layers: layout.num_layers,
             num_slots,
-            data: vec![0u8; bytes],
+            data: if bytes == 0 {
+                Box::new(HeapBuffer::default())
+            } else {
+                backend.alloc_host(bytes)?
+            },
         })
     }
 
@@ -53,7 +78,7 @@ impl HostKvTier {
 
     /// Host bytes reserved for the slots.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.data.as_slice().len()
     }
 
     /// Byte range of (slot, layer) in `data`.
@@ -80,7 +105,7 @@ impl HostKvTier {
             for l in 0..self.num_layers {
                 let r = self.range(slot, l)?;
                 let src = kv.page_buf(l, page as usize)?;
-                backend.download(src, &mut self.data[r])?;
+                backend.download(src, &mut self.data.as_mut_slice()[r])?;
             }
         }
         Ok(())
@@ -98,7 +123,7 @@ impl HostKvTier {
             for l in 0..self.num_layers {
                 let r = self.range(slot, l)?;
                 let dst = kv.page_buf(l, page as usize)?;
-                backend.upload(dst, &self.data[r])?;
+                backend.upload(dst, &self.data.as_slice()[r])?;
             }
         }
         Ok(())

@@ -186,7 +186,7 @@ impl<B: Backend> ModelRunner<B> {
     /// Gives the runner `num_slots` host page slots for swapped-out pages
     /// (the scheduler's `SwapConfig::num_slots`).
     pub fn set_swap_slots(&mut self, num_slots: usize) -> Result<()> {
-        self.host_tier = HostKvTier::new(&self.kv.layout, num_slots)?;
+        self.host_tier = HostKvTier::new(self.backend.as_ref(), &self.kv.layout, num_slots)?;
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! Shared helpers for Pagoda's integration tests.
 
+pub mod nvrtc;
 pub mod recording;
 
 use std::path::PathBuf;

@@ -47,6 +47,7 @@ use std::sync::Arc;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::graph::GraphPlanInput;
+use crate::host_buffer::{HeapBuffer, HostBuffer};
 use crate::kv_cache::KvLayerRef;
 use crate::pool::{BufRef, RawAllocator, RawSegment};
 
@@ -491,4 +492,10 @@ pub trait Backend:
         rows: usize,
         cols: usize,
     ) -> Result<()>;
+    /// Zeroed host memory for staging device data (the KV swap tier):
+    /// page-locked where transfers are faster from it (CUDA), plain heap
+    /// memory by default.
+    fn alloc_host(&self, bytes: usize) -> Result<Box<dyn HostBuffer>> {
+        Ok(Box::new(HeapBuffer::new(bytes)))
+    }
 }

@@ -45,4 +45,12 @@ pub enum BackendError {
     /// Malformed quantized data.
     #[error("bad quantized data: {0}")]
     BadData(String),
+    /// The device or its driver failed (a CUDA driver error, a lost device).
+    #[error("device error in {op}: {detail}")]
+    Device {
+        /// Operation name.
+        op: &'static str,
+        /// The driver's message.
+        detail: String,
+    },
 }

@@ -20,6 +20,7 @@ pub mod dtype;
 pub mod error;
 pub mod fault;
 pub mod graph;
+pub mod host_buffer;
 pub mod kv_cache;
 pub mod memory_tag;
 pub mod pool;
@@ -34,6 +35,7 @@ pub use dtype::DType;
 pub use error::{BackendError, Result};
 pub use fault::FaultInjector;
 pub use graph::{GraphPlanInput, decode_graph_batch_sizes};
+pub use host_buffer::{HeapBuffer, HostBuffer};
 pub use kv_cache::{KvGeometry, KvLayerRef, KvLayout, MAX_KV_PIECES};
 pub use memory_tag::MemoryTag;
 pub use pool::{

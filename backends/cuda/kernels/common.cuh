@@ -1,0 +1,184 @@
+// common.cuh — the prelude every kernel file is compiled with (prepended by
+// the backend, not #included, so NVRTC needs no include path).
+//
+// Integer types, dtype codes (must match `src/kernels.rs::dtype_code`),
+// f16/bf16 conversions that round exactly as the `half` crate does, and the
+// GGUF block decoders of `pagoda_backend::quant` (value of element j):
+//   Q8_0 (34 B / 32): d f16, qs i8[32]      -> d * qs[j]
+//   Q4_0 (18 B / 32): d f16, qs u8[16]      -> d * (nib(j) - 8)
+//   Q4_1 (20 B / 32): d f16, m f16, qs[16]  -> d * nib(j) + m
+//   nib(j) = qs[j] & 15 for j < 16, qs[j - 16] >> 4 for j >= 16.
+// KV arena pieces: `KvPieces` (by value, 64 piece base addresses), pages found
+// through the layer's page table (num_pages, 2) u32 = (piece, page in piece).
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+#define DT_Q8_0 3
+#define DT_Q4_0 4
+#define DT_Q4_1 5
+
+#define MAX_KV_PIECES 64
+#define INFINITY __int_as_float(0x7f800000)
+
+struct KvPieces {
+    u64 base[MAX_KV_PIECES];
+};
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Round to nearest even, as half::f16::from_f32.
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) {
+    return __uint_as_float(((u32)b) << 16);
+}
+
+// half::bf16::from_f32: NaN stays a quiet NaN, otherwise round to nearest even.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) {
+        return (u16)((x >> 16) | 0x0040u);
+    }
+    const u32 round_bit = 0x00008000u;
+    if ((x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0) {
+        return (u16)((x >> 16) + 1u);
+    }
+    return (u16)(x >> 16);
+}
+
+__device__ __forceinline__ u16 load_u16(const u8* p) {
+    return (u16)p[0] | ((u16)p[1] << 8);
+}
+
+// Bytes of a row of `n` elements (n a multiple of the block size).
+__device__ __forceinline__ u64 row_bytes_of(int dtype, int n) {
+    switch (dtype) {
+    case DT_F32: return (u64)n * 4;
+    case DT_F16:
+    case DT_BF16: return (u64)n * 2;
+    case DT_Q8_0: return (u64)(n / 32) * 34;
+    case DT_Q4_0: return (u64)(n / 32) * 18;
+    default: return (u64)(n / 32) * 20;
+    }
+}
+
+// Element e of a row.
+__device__ __forceinline__ float load_elem(const u8* row, int dtype, int e) {
+    switch (dtype) {
+    case DT_F32: return ((const float*)row)[e];
+    case DT_F16: return f16_to_f32(((const u16*)row)[e]);
+    case DT_BF16: return bf16_to_f32(((const u16*)row)[e]);
+    case DT_Q8_0: {
+        const u8* b = row + (e / 32) * 34;
+        return f16_to_f32(load_u16(b)) * (float)(signed char)b[2 + (e % 32)];
+    }
+    case DT_Q4_0: {
+        const u8* b = row + (e / 32) * 18;
+        int j = e % 32;
+        int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
+        return f16_to_f32(load_u16(b)) * (float)(q - 8);
+    }
+    default: {
+        const u8* b = row + (e / 32) * 20;
+        int j = e % 32;
+        int q = j < 16 ? (b[4 + j] & 15) : (b[4 + j - 16] >> 4);
+        return f16_to_f32(load_u16(b)) * (float)q + f16_to_f32(load_u16(b + 2));
+    }
+    }
+}
+
+// Elements e0 .. e0 + 8 of a row (e0 a multiple of 8, row 16-byte aligned
+// for F32/F16/BF16).
+__device__ __forceinline__ void load8(const u8* row, int dtype, int e0, float w[8]) {
+    switch (dtype) {
+    case DT_F32: {
+        const float4* p = (const float4*)((const float*)row + e0);
+        float4 a = p[0], b = p[1];
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+        w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+        return;
+    }
+    case DT_F16:
+    case DT_BF16: {
+        uint4 v = *(const uint4*)((const u16*)row + e0);
+        u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u16 lo = (u16)(words[i] & 0xFFFF), hi = (u16)(words[i] >> 16);
+            w[2 * i] = dtype == DT_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
+            w[2 * i + 1] = dtype == DT_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
+        }
+        return;
+    }
+    case DT_Q8_0: {
+        const u8* b = row + (e0 / 32) * 34;
+        float d = f16_to_f32(load_u16(b));
+        int j0 = e0 % 32;
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = d * (float)(signed char)b[2 + j0 + i];
+        return;
+    }
+    case DT_Q4_0: {
+        const u8* b = row + (e0 / 32) * 18;
+        float d = f16_to_f32(load_u16(b));
+        int j0 = e0 % 32;
+        const u8* qs = b + 2 + (j0 & 15);
+        int shift = j0 < 16 ? 0 : 4;
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = d * (float)(((qs[i] >> shift) & 15) - 8);
+        return;
+    }
+    default: {
+        const u8* b = row + (e0 / 32) * 20;
+        float d = f16_to_f32(load_u16(b));
+        float m = f16_to_f32(load_u16(b + 2));
+        int j0 = e0 % 32;
+        const u8* qs = b + 4 + (j0 & 15);
+        int shift = j0 < 16 ? 0 : 4;
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = d * (float)((qs[i] >> shift) & 15) + m;
+        return;
+    }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+    return v;
+}
+
+// Byte address of row (page, kv, token in page, head) of one layer arena, or
+// 0 when the page is outside the table.
+__device__ __forceinline__ u8* kv_row(const KvPieces& pieces, const u32* page_table,
+                                     u32 page, int kv, int tok, int head, int num_pages,
+                                     int page_size, int num_kv_heads, u64 row_bytes) {
+    if (page >= (u32)num_pages) return 0;
+    u32 piece = page_table[2 * page];
+    u32 in_piece = page_table[2 * page + 1];
+    if (piece >= MAX_KV_PIECES) return 0;
+    u64 page_bytes = (u64)2 * page_size * num_kv_heads * row_bytes;
+    u64 off = (u64)in_piece * page_bytes +
+              (((u64)kv * page_size + tok) * num_kv_heads + head) * row_bytes;
+    return (u8*)(pieces.base[piece] + off);
+}

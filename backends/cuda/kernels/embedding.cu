@@ -1,0 +1,18 @@
+// embedding.cu — token embedding lookup over one row piece of the table
+// (reference: backends/cpu/src/embedding.rs).
+//
+// embedding(table, dtype, ids, out, n, dim, first_row, num_rows)
+//   table: (num_rows, dim) in dtype (F32, F16, BF16, Q8_0, Q4_0, Q4_1), rows first_row ..
+//   ids:   (n) u32;  out: (n, dim) f32, row i written only when the piece holds ids[i].
+// Launch: grid (n), block 256; each thread decodes elements e, e + 256, ...
+
+extern "C" __global__ void embedding(const u8* table, int dtype, const u32* ids, float* out,
+                                     int n, int dim, u32 first_row, u32 num_rows) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    u32 id = ids[i];
+    if (id < first_row || id - first_row >= num_rows) return;
+    const u8* row = table + (u64)(id - first_row) * row_bytes_of(dtype, dim);
+    float* o = out + (u64)i * dim;
+    for (int e = threadIdx.x; e < dim; e += blockDim.x) o[e] = load_elem(row, dtype, e);
+}

@@ -1,0 +1,27 @@
+// rope.cu — rotary position embedding, llama.cpp NORM mode (reference:
+// backends/cpu/src/rope.rs); also the first half of rope_write_kv.
+//
+// rope(x, positions, num_tokens, num_heads, head_dim, rope_dim, freq_base)
+//   x: (num_tokens, num_heads, head_dim) f32, in place; positions: (num_tokens) u32
+//   pair (2i, 2i+1), i < rope_dim / 2, rotates by theta = pos * base^(-2i / rope_dim),
+//   computed in f64 then cast (as the CPU).
+// Launch: grid (num_tokens), block 128; threads stride over (head, pair).
+
+extern "C" __global__ void rope(float* x, const u32* positions, int num_tokens, int num_heads,
+                                int head_dim, int rope_dim, float freq_base) {
+    int t = blockIdx.x;
+    if (t >= num_tokens) return;
+    int pairs = rope_dim / 2;
+    double pos = (double)positions[t];
+    float* xt = x + (u64)t * num_heads * head_dim;
+    for (int w = threadIdx.x; w < num_heads * pairs; w += blockDim.x) {
+        int h = w / pairs, i = w % pairs;
+        double inv = pow((double)freq_base, -2.0 * (double)i / (double)rope_dim);
+        double theta = pos * inv;
+        float c = (float)cos(theta), s = (float)sin(theta);
+        float* p = xt + h * head_dim + 2 * i;
+        float a = p[0], b = p[1];
+        p[0] = a * c - b * s;
+        p[1] = a * s + b * c;
+    }
+}

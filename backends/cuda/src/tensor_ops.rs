@@ -1,0 +1,204 @@
+//! [`TensorOps`] on the device: `kernels/{embedding,matmul,rms_norm,rope,elementwise}.cu`.
+//! The fused `rms_norm_matmul` is `rms_norm` into the scratch `normed`, then
+//! one `matmul` per projection.
+
+use pagoda_backend::{
+    BackendError, BufRef, DType, EmbeddingDims, MatmulDims, Projection, Result, RopeDims,
+    TensorOps,
+};
+
+use crate::args::Args;
+use crate::{CudaBackend, dtype_code, weight_bytes};
+
+fn i32_of(op: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| BackendError::InvalidArgument {
+        op,
+        detail: format!("dimension {v} above i32"),
+    })
+}
+
+impl CudaBackend {
+    /// Enqueues `matmul` after the checks.
+    fn launch_matmul(&self, x: BufRef, w: BufRef, dtype: DType, out: BufRef, d: MatmulDims) -> Result<()> {
+        const OP: &str = "matmul";
+        if d.n == 0 || d.m == 0 {
+            return Ok(());
+        }
+        if d.out_stride < d.m || !d.k.is_multiple_of(8) {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                detail: format!("out_stride {} < m {} or k {} not a multiple of 8", d.out_stride, d.m, d.k),
+            });
+        }
+        let code = dtype_code(OP, dtype)?;
+        let xp = self.ptr(x, (d.n * d.k) as u64 * 4, 16, OP)?;
+        let wp = self.ptr(w, weight_bytes(OP, dtype, d.m, d.k)?, 16, OP)?;
+        let op = self.ptr(out, d.out_len() as u64 * 4, 4, OP)?;
+        Args::new()
+            .arg(xp)
+            .arg(wp)
+            .arg(code)
+            .arg(op)
+            .arg(i32_of(OP, d.n)?)
+            .arg(i32_of(OP, d.k)?)
+            .arg(i32_of(OP, d.m)?)
+            .arg(i32_of(OP, d.out_stride)?)
+            .arg(d.accumulate as i32)
+            .launch(
+                OP,
+                self.func("matmul")?,
+                (d.m.div_ceil(4) as u32, d.n.div_ceil(8) as u32, 1),
+                128,
+                0,
+                self.stream(),
+            )
+    }
+}
+
+impl TensorOps for CudaBackend {
+    fn embedding(&self, table: BufRef, table_dtype: DType, ids: BufRef, out: BufRef, d: EmbeddingDims) -> Result<()> {
+        const OP: &str = "embedding";
+        if d.n == 0 {
+            return Ok(());
+        }
+        let code = dtype_code(OP, table_dtype)?;
+        let tp = self.ptr(table, weight_bytes(OP, table_dtype, d.num_rows, d.dim)?, 4, OP)?;
+        let ip = self.ptr32(ids, d.n, OP)?;
+        let op = self.ptr32(out, d.n * d.dim, OP)?;
+        Args::new()
+            .arg(tp)
+            .arg(code)
+            .arg(ip)
+            .arg(op)
+            .arg(i32_of(OP, d.n)?)
+            .arg(i32_of(OP, d.dim)?)
+            .arg(d.first_row as u32)
+            .arg(d.num_rows as u32)
+            .launch(OP, self.func("embedding")?, (d.n as u32, 1, 1), 256, 0, self.stream())
+    }
+
+    fn matmul(&self, x: BufRef, w: BufRef, w_dtype: DType, out: BufRef, dims: MatmulDims) -> Result<()> {
+        self.launch_matmul(x, w, w_dtype, out, dims)
+    }
+
+    fn rms_norm(&self, x: BufRef, weight: BufRef, out: BufRef, n: usize, dim: usize, eps: f32) -> Result<()> {
+        const OP: &str = "rms_norm";
+        if n == 0 {
+            return Ok(());
+        }
+        let xp = self.ptr32(x, n * dim, OP)?;
+        let wp = self.ptr32(weight, dim, OP)?;
+        let op = self.ptr32(out, n * dim, OP)?;
+        Args::new()
+            .arg(xp)
+            .arg(wp)
+            .arg(op)
+            .arg(i32_of(OP, n)?)
+            .arg(i32_of(OP, dim)?)
+            .arg(eps)
+            .launch(OP, self.func("rms_norm")?, (n as u32, 1, 1), 256, 0, self.stream())
+    }
+
+    fn rms_norm_matmul(
+        &self,
+        x: BufRef,
+        weight: BufRef,
+        normed: BufRef,
+        n: usize,
+        k: usize,
+        eps: f32,
+        projections: &[Projection],
+    ) -> Result<()> {
+        self.rms_norm(x, weight, normed, n, k, eps)?;
+        for p in projections {
+            self.launch_matmul(
+                normed,
+                p.w,
+                p.dtype,
+                p.out,
+                MatmulDims {
+                    n,
+                    k,
+                    m: p.m,
+                    out_stride: p.out_stride,
+                    accumulate: false,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: BufRef, positions: BufRef, d: RopeDims) -> Result<()> {
+        const OP: &str = "rope";
+        if d.num_tokens == 0 {
+            return Ok(());
+        }
+        if d.rope_dim > d.head_dim {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                detail: format!("rope_dim {} above head_dim {}", d.rope_dim, d.head_dim),
+            });
+        }
+        let xp = self.ptr32(x, d.num_tokens * d.num_heads * d.head_dim, OP)?;
+        let pp = self.ptr32(positions, d.num_tokens, OP)?;
+        Args::new()
+            .arg(xp)
+            .arg(pp)
+            .arg(i32_of(OP, d.num_tokens)?)
+            .arg(i32_of(OP, d.num_heads)?)
+            .arg(i32_of(OP, d.head_dim)?)
+            .arg(i32_of(OP, d.rope_dim)?)
+            .arg(d.freq_base)
+            .launch(OP, self.func("rope")?, (d.num_tokens as u32, 1, 1), 128, 0, self.stream())
+    }
+
+    fn silu_mul(&self, gate: BufRef, up: BufRef, out: BufRef, len: usize) -> Result<()> {
+        const OP: &str = "silu_mul";
+        if len == 0 {
+            return Ok(());
+        }
+        let g = self.ptr32(gate, len, OP)?;
+        let u = self.ptr32(up, len, OP)?;
+        let o = self.ptr32(out, len, OP)?;
+        Args::new()
+            .arg(g)
+            .arg(u)
+            .arg(o)
+            .arg(len as u64)
+            .launch(OP, self.func("silu_mul")?, (len.div_ceil(256) as u32, 1, 1), 256, 0, self.stream())
+    }
+
+    fn add_assign(&self, x: BufRef, y: BufRef, len: usize) -> Result<()> {
+        const OP: &str = "add_assign";
+        if len == 0 {
+            return Ok(());
+        }
+        let xp = self.ptr32(x, len, OP)?;
+        let yp = self.ptr32(y, len, OP)?;
+        Args::new()
+            .arg(xp)
+            .arg(yp)
+            .arg(len as u64)
+            .launch(OP, self.func("add_assign")?, (len.div_ceil(256) as u32, 1, 1), 256, 0, self.stream())
+    }
+
+    fn gather_rows(&self, x: BufRef, indices: BufRef, out: BufRef, m: usize, dim: usize) -> Result<()> {
+        const OP: &str = "gather_rows";
+        if m == 0 || dim == 0 {
+            return Ok(());
+        }
+        // Indices are on the device: the kernel zeroes rows whose index is outside x.
+        let xp = self.ptr32(x, dim, OP)?;
+        let rows = (x.bytes / 4 / dim as u64) as usize;
+        let ip = self.ptr32(indices, m, OP)?;
+        let op = self.ptr32(out, m * dim, OP)?;
+        Args::new()
+            .arg(xp)
+            .arg(ip)
+            .arg(op)
+            .arg(i32_of(OP, m)?)
+            .arg(i32_of(OP, dim)?)
+            .arg(u32::try_from(rows).unwrap_or(u32::MAX))
+            .launch(OP, self.func("gather_rows")?, (m as u32, 1, 1), 256, 0, self.stream())
+    }
+}
