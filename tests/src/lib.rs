@@ -153,3 +153,12 @@ pub fn runner_on(
     r.kv_cache().commit_all().expect("kv commits");
     r
 }
+
+/// The CUDA backend of device 0, for tests marked `#[ignore = "needs a CUDA GPU"]`:
+/// panics (failing the test) when there is no driver, GPU or NVRTC.
+pub fn cuda_backend() -> std::sync::Arc<pagoda_cuda::CudaBackend> {
+    match pagoda_cuda::CudaBackend::new(0) {
+        Ok(b) => std::sync::Arc::new(b),
+        Err(e) => panic!("this test needs a CUDA GPU: {e}"),
+    }
+}
