@@ -493,12 +493,12 @@ fn assert_one_error_line(out: &Output, line: &str) {
 fn uncompiled_backend_is_one_clear_error_line() {
     for (name, args) in [
         (
-            "cuda",
-            &["generate", "--prompt", "hi", "--backend", "cuda"][..],
+            "wgpu",
+            &["generate", "--prompt", "hi", "--backend", "wgpu"][..],
         ),
         ("wgpu", &["bench", "--backend", "wgpu"][..]),
-        ("cuda", &["plan", "--backend", "cuda"][..]),
-        ("cuda", &["devices", "--backend", "cuda"][..]),
+        ("wgpu", &["plan", "--backend", "wgpu"][..]),
+        ("wgpu", &["devices", "--backend", "wgpu"][..]),
     ] {
         assert_one_error_line(
             &pagoda(args),
@@ -512,7 +512,7 @@ fn uncompiled_backend_is_one_clear_error_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("invalid value 'tpu'") && err.contains("[possible values: cpu]"),
+        err.contains("invalid value 'tpu'") && err.contains("[possible values: cpu, cuda]"),
         "{err}"
     );
 }
@@ -560,7 +560,13 @@ fn devices_lists_every_backend_and_the_cpu_device() {
             .unwrap()
             .is_power_of_two()
     );
-    for b in &backends[1..] {
+    // CUDA is compiled in; on a machine without a GPU it reports why it has no device.
+    let cuda = &backends[1];
+    assert_eq!(cuda["compiled"], true);
+    if cuda["devices"].as_array().unwrap().is_empty() {
+        assert!(cuda["error"].as_str().unwrap().contains("cuda backend has no device"), "{cuda}");
+    }
+    for b in &backends[2..] {
         assert_eq!(b["compiled"], false);
         assert!(b["devices"].as_array().unwrap().is_empty());
         assert!(
@@ -586,7 +592,7 @@ fn devices_lists_every_backend_and_the_cpu_device() {
         assert!(text.contains(needle), "lacks {needle:?}: {text}");
     }
     assert!(
-        text.contains("cuda: not compiled in (rebuild with --features cuda)"),
+        text.contains("wgpu: not compiled in (rebuild with --features wgpu)"),
         "{text}"
     );
 }
@@ -1573,4 +1579,27 @@ fn plan_table_rows_line_up_and_try_lists_only_options() {
         assert!(!b.ends_with(':'), "bullet {b:?} is not an option:\n{err}");
     }
     assert!(err.contains("KV tokens fit in"), "{err}");
+}
+
+/// `--backend cuda` is compiled in: with a GPU it generates; without one
+/// (CI) it is one clear error line naming what is missing.
+#[test]
+fn cuda_backend_generates_or_says_why_not() {
+    let devices = pagoda(&["devices", "--backend", "cuda", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&devices.stdout).expect("devices JSON");
+    let has_gpu = !doc["backends"][0]["devices"].as_array().unwrap().is_empty();
+    let out = pagoda(&[
+        "generate", "--prompt", "hi", "--backend", "cuda", "--max-tokens", "4", "--greedy", "--json",
+    ]);
+    if has_gpu {
+        let g = stdout_json(&out);
+        assert_eq!(g["generated_tokens"].as_array().unwrap().len(), 4, "{g}");
+        assert_eq!(doc["backends"][0]["devices"][0]["supports_graphs"], true);
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: the cuda backend has no device: "), "{err}");
+        assert!(!devices.status.success());
+    }
 }

@@ -8,7 +8,7 @@
 //! (`the cuda backend is not compiled into this binary (rebuild with
 //! --features cuda)`), not clap's list of possible values.
 //!
-//! Adding a backend (say CUDA): a `cuda = ["dep:pagoda-cuda"]` feature in
+//! Adding a backend (as CUDA was): a `cuda = ["dep:pagoda-cuda"]` feature in
 //! `engine/Cargo.toml`, a `#[cfg(feature = "cuda")] Cuda` variant below (and
 //! in [`BackendKind::value_variants`]), and one arm in [`with_backend!`].
 
@@ -23,6 +23,9 @@ pub const KNOWN_BACKENDS: &[(&str, &str)] = &[("cpu", "cpu"), ("cuda", "cuda"), 
 pub enum BackendKind {
     /// The CPU reference backend (always compiled in).
     Cpu,
+    /// The CUDA backend (feature `cuda`, on by default).
+    #[cfg(feature = "cuda")]
+    Cuda,
 }
 
 impl BackendKind {
@@ -30,18 +33,26 @@ impl BackendKind {
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Cpu => "cpu",
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => "cuda",
         }
     }
 }
 
 impl ValueEnum for BackendKind {
     fn value_variants<'a>() -> &'a [Self] {
-        &[BackendKind::Cpu]
+        &[
+            BackendKind::Cpu,
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda,
+        ]
     }
 
     fn to_possible_value(&self) -> Option<PossibleValue> {
         Some(match self {
             BackendKind::Cpu => PossibleValue::new("cpu").help("the CPU reference backend"),
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => PossibleValue::new("cuda").help("an NVIDIA GPU through CUDA (device 0)"),
         })
     }
 }
@@ -132,6 +143,18 @@ macro_rules! with_backend {
                 let $b = ::std::sync::Arc::new(::pagoda_cpu::CpuBackend::new($threads)?);
                 $body
             }
+            #[cfg(feature = "cuda")]
+            $crate::backend::BackendKind::Cuda => {
+                let $b = ::std::sync::Arc::new($crate::backend::cuda_backend()?);
+                $body
+            }
         }
     };
+}
+
+/// The CUDA backend of device 0, or why there is none (no driver, no GPU,
+/// no NVRTC) as one error.
+#[cfg(feature = "cuda")]
+pub fn cuda_backend() -> anyhow::Result<pagoda_cuda::CudaBackend> {
+    pagoda_cuda::CudaBackend::new(0).map_err(|e| anyhow::anyhow!("the cuda backend has no device: {e}"))
 }
