@@ -98,6 +98,7 @@ impl KvCacheOps for CudaBackend {
         // Pairs go through the scratch buffer, a chunk at a time (the stream
         // orders each upload after the kernel that read the previous chunk).
         let per_chunk = (SCRATCH_BYTES / 8) as usize;
+        let _g = self.lock_scratch();
         let mut words = [0u32; (SCRATCH_BYTES / 4) as usize];
         for chunk in pairs.chunks(per_chunk) {
             for (i, &(s, d)) in chunk.iter().enumerate() {

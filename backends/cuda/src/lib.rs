@@ -72,6 +72,9 @@ pub struct CudaBackend {
     pinned: Arc<PinnedRanges>,
     /// (SCRATCH_BYTES) device bytes for small host arrays of ops (page-copy pairs).
     scratch: u64,
+    /// Held from a scratch upload until the kernel that reads it is enqueued
+    /// (several threads may enqueue at once).
+    scratch_lock: std::sync::Mutex<()>,
     info: BackendInfo,
 }
 
@@ -138,6 +141,7 @@ impl CudaBackend {
             graphs,
             pinned: Arc::new(PinnedRanges::default()),
             scratch,
+            scratch_lock: std::sync::Mutex::new(()),
             info,
         })
     }
@@ -236,8 +240,42 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// Holds the scratch buffer until the kernels reading it are enqueued.
+    pub(crate) fn lock_scratch(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.scratch_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes a pattern over `[offset, offset + bytes)` of a committed arena
+    /// range, reads it back on the device and returns the number of 4-byte
+    /// words that differ (0 when every byte is readable and writable), as the
+    /// CPU arena's `check_committed` does (`kernels/kv_arena.cu`).
+    pub fn check_committed(&self, range: RawSegment, offset: u64, bytes: u64, seed: u32) -> Result<u64> {
+        const OP: &str = "check_committed";
+        if bytes == 0 {
+            return Ok(0);
+        }
+        if offset.checked_add(bytes).is_none_or(|e| e > range.bytes) || !offset.is_multiple_of(4) || !bytes.is_multiple_of(4) {
+            return Err(BackendError::InvalidArgument { op: OP, detail: format!("range {offset}+{bytes} of {range:?}") });
+        }
+        let addr = range.addr + offset;
+        let words = bytes / 4;
+        let grid = (words.div_ceil(256).min(4096)) as u32;
+        let _g = self.lock_scratch();
+        let counter = self.to_scratch(&0u32.to_le_bytes())?;
+        args::Args::new().arg(addr).arg(words).arg(seed).launch(OP, self.func("fill_words")?, (grid, 1, 1), 256, 0, self.stream())?;
+        args::Args::new().arg(addr).arg(words).arg(seed).arg(counter).launch(OP, self.func("check_words")?, (grid, 1, 1), 256, 0, self.stream())?;
+        let mut bad = [0u8; 4];
+        // SAFETY: counter is the scratch buffer's first word; synchronised below before reading.
+        check("cuMemcpyDtoHAsync", unsafe {
+            cu::cuMemcpyDtoHAsync_v2(bad.as_mut_ptr() as *mut _, counter, 4, self.stream())
+        })?;
+        self.dev.synchronize()?;
+        Ok(u32::from_le_bytes(bad) as u64)
+    }
+
     /// Uploads a small host array into the scratch buffer (stream-ordered, so
-    /// the next upload waits for the kernels that read this one).
+    /// the next upload waits for the kernels that read this one). The caller
+    /// holds [`Self::lock_scratch`] until those kernels are enqueued.
     pub(crate) fn to_scratch(&self, bytes: &[u8]) -> Result<u64> {
         if bytes.len() as u64 > SCRATCH_BYTES {
             return Err(BackendError::InvalidArgument {
