@@ -252,27 +252,30 @@ impl KvArena {
         let g = self.granularity;
         for i in gr.clone() {
             let addr = range.addr + i as u64 * g;
-            let handle = if self.vmm {
-                match self.map_chunk(addr) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        // Undo this commit's chunks, newest first.
-                        self.dev.synchronize()?;
-                        for j in (gr.start..i).rev() {
-                            let h = std::mem::replace(&mut res.chunks[j], 0);
+            let mapped = if self.vmm {
+                self.map_chunk(addr)
+            } else {
+                self.fault_check().map(|()| 1)
+            };
+            match mapped {
+                Ok(handle) => {
+                    res.chunks[i] = handle;
+                    if self.vmm {
+                        self.physical.fetch_add(g, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => {
+                    // Undo this commit's chunks, newest first.
+                    self.dev.synchronize()?;
+                    for j in (gr.start..i).rev() {
+                        let h = std::mem::replace(&mut res.chunks[j], 0);
+                        if self.vmm {
                             self.unmap_chunk(range.addr + j as u64 * g, h);
                             self.physical.fetch_sub(g, Ordering::SeqCst);
                         }
-                        return Err(e);
                     }
+                    return Err(e);
                 }
-            } else {
-                self.fault_check()?;
-                1
-            };
-            res.chunks[i] = handle;
-            if self.vmm {
-                self.physical.fetch_add(g, Ordering::SeqCst);
             }
         }
         // Committed memory reads as zeros.
