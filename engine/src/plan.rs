@@ -96,6 +96,9 @@ pub struct MemoryPlan {
     pub page_bytes: u64,
     /// KV dtype name.
     pub kv_dtype: String,
+    /// Whether the KV arena grows and shrinks with load (CUDA VMM, the CPU's
+    /// lazily committed mapping); when false the whole KV is allocated up front.
+    pub kv_growable: bool,
     /// Context length per sequence.
     pub ctx: usize,
     /// Concurrent sequences.
@@ -383,6 +386,7 @@ pub fn plan(
         page_size: req.page_size,
         page_bytes,
         kv_dtype: req.kv_dtype.name().into(),
+        kv_growable: info.can_grow_kv,
         ctx,
         max_seqs: seqs,
         kv_tokens: num_pages.saturating_mul(req.page_size),
@@ -663,6 +667,19 @@ pub fn table(p: &MemoryPlan) -> String {
         s,
         "  KV holds {} tokens: {} sequences × {} context",
         p.kv_tokens, p.max_seqs, p.ctx
+    );
+    let _ = writeln!(
+        s,
+        "  KV arena: {}",
+        if p.kv_growable {
+            format!(
+                "growable: memory is committed in {} chunks as pages are used and given back when idle",
+                human(p.kv_limits.granularity)
+            )
+        } else {
+            "fixed: allocated whole before the first request (this device cannot grow KV in place)"
+                .to_string()
+        }
     );
     s
 }
