@@ -344,6 +344,8 @@ impl<B: Backend> EngineBuilder<B> {
             ..SwapConfig::default()
         };
         runner.set_swap_slots(swap.num_slots())?;
+        // Decode graphs, largest batch first, before the first request.
+        runner.capture_decode_graphs()?;
         // Growable KV: the block manager commits and releases units of the
         // arena as pages are needed; a backend that cannot grow commits all.
         let commit = if info.can_grow_kv {

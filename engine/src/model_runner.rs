@@ -29,6 +29,7 @@ use crate::kv_cache::KvCache;
 use crate::model::{
     LlamaConfig, LlamaWeights, StepArgsLayout, StepShape, Workspace, WorkspaceDims, forward,
 };
+use crate::sequence::SeqId;
 use crate::step_plan::StepPlan;
 
 /// What the host needs of one logits row.
@@ -426,6 +427,46 @@ impl<B: Backend> ModelRunner<B> {
         self.out.num_logits = needs.len();
         self.out.shape = shape;
         Ok(&self.out)
+    }
+
+    /// Captures the decode graph of every padded batch size, largest first,
+    /// before any request: each is a decode step whose rows all point at the
+    /// null page (harmless writes and reads), so the first requests find
+    /// their graphs ready and graph memory is measured before serving.
+    /// Returns the graphs captured (0 on a backend without graphs).
+    pub fn capture_decode_graphs(&mut self) -> Result<usize> {
+        if self.backend.graphs().is_none() {
+            return Ok(0);
+        }
+        let (page, slot) = (self.kv.layout.null_page(), self.kv.layout.null_slot());
+        let buckets: Vec<usize> = self.decode_buckets.iter().rev().copied().collect();
+        let mut captured = 0;
+        for b in buckets {
+            if self.graphs.contains_key(&b) {
+                continue;
+            }
+            let rows = b as u32;
+            let plan = StepPlan {
+                input_ids: vec![0; b],
+                positions: vec![0; b],
+                slot_mapping: vec![slot; b],
+                block_tables: vec![page; b],
+                max_blocks_per_seq: 1,
+                context_lens: vec![1; b],
+                query_start_locs: (0..=rows).collect(),
+                seq_ids: (0..b as u64).map(SeqId).collect(),
+                logits_indices: (0..rows).collect(),
+                sample_rows: (0..rows).map(Some).collect(),
+                copy_pages: vec![],
+                swap_out: vec![],
+                swap_in: vec![],
+                num_prefill_tokens: 0,
+                num_decode_tokens: b,
+            };
+            self.execute(&plan, &vec![RowNeed::Argmax; b])?;
+            captured += 1;
+        }
+        Ok(captured)
     }
 
     /// Runs one step and returns every logits row in full: (num_logits,

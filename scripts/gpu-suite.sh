@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU suite on the lent H200, from prebuilt binaries (no Rust there).
+# Usage: scripts/gpu-suite.sh DIR PHASE
+#   DIR holds pagoda, tests/<name> (test binaries) and the model at
+#   cache/models/SmolLM2-135M-Instruct.Q4_1.gguf.
+#   PHASE: tests | novmm | sanitize | cli
+# Logs go to $OUT/<phase>-<name>.log; a summary line per binary is printed last.
+set -uo pipefail
+DIR=${1:?dir}; PHASE=${2:?phase}
+REPO=$PWD
+# Test binaries find fixtures through their build-time paths.
+mkdir -p /work && [ -e /work/main ] || ln -s "$REPO" /work/main
+export PAGODA_CACHE=$DIR/cache RUST_BACKTRACE=1
+summary=()
+runbin() { # name, extra env..., then args after --
+  local name=$1; shift
+  local log=$OUT/$PHASE-$name.log
+  ( "$@" ) >"$log" 2>&1; local rc=$?
+  summary+=("$name rc=$rc $(grep -E '^test result' "$log" | tail -1) $(grep -E 'ERROR SUMMARY|LEAK SUMMARY|RACECHECK SUMMARY' "$log" | tr '\n' ' ')")
+  grep -E "^test .*FAILED|panicked at|^---- " "$log" | head -20
+}
+case $PHASE in
+tests)
+  for t in "$DIR"/tests/*; do
+    n=$(basename "$t")
+    runbin "$n" timeout 420 "$t" --ignored --test-threads 1
+  done ;;
+novmm)
+  for n in cuda_arena cuda_memory cuda_engine cuda_reference; do
+    [ -x "$DIR/tests/$n" ] && runbin "$n" env PAGODA_CUDA_VMM=0 timeout 300 "$DIR/tests/$n" --ignored --test-threads 1
+  done ;;
+sanitize)
+  runbin memcheck-engine env PAGODA_STRESS_SCALE=0.1 timeout 500 compute-sanitizer --tool memcheck --leak-check full "$DIR/tests/cuda_engine" --ignored --test-threads 1 eight_threads
+  runbin memcheck-arena env PAGODA_STRESS_OPS=40 timeout 300 compute-sanitizer --tool memcheck --leak-check full "$DIR/tests/cuda_arena" --ignored --test-threads 1
+  runbin racecheck-attention timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 attention
+  runbin racecheck-bench timeout 200 compute-sanitizer --tool racecheck "$DIR/pagoda" bench --backend cuda --dummy-weights tiny --batch 1,4 --prompt-len 32 --gen-len 8 --reps 1 ;;
+cli)
+  runbin cli bash "$REPO/scripts/gpu-cli-check.sh" "$DIR/pagoda" "$REPO/tests/fixtures/reference/ppl_text.txt"
+  tail -60 "$OUT/cli-cli.log" ;;
+esac
+printf '%s\n' "${summary[@]}"
