@@ -61,10 +61,6 @@ const PAGE: usize = 16;
 
 const KV_TYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0];
 
-fn poison() -> f32 {
-    f32::from_bits(POISON)
-}
-
 fn weight_bound(dtype: DType) -> f64 {
     if dtype.is_quantized() {
         QUANT_NMSE
@@ -678,7 +674,8 @@ fn run_rms_norm_matmul<X: Backend>(
 
 fn check_rms_norm_matmul<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &mut ChaCha8Rng) {
     // (n, k, out_stride, [(m, first column)])
-    let cases: &[(usize, usize, usize, &[(usize, usize)])] = &[
+    type Case<'a> = (usize, usize, usize, &'a [(usize, usize)]);
+    let cases: &[Case] = &[
         (1, HIDDEN, 960, &[(576, 0), (192, 576), (192, 768)]), // Q, K, V in one buffer
         (7, HIDDEN, 2 * FFN, &[(FFN, 0), (FFN, FFN)]),         // gate, up
         (9, HIDDEN, 600, &[(576, 0)]),                         // a gap of 24 columns
