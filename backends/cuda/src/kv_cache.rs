@@ -97,7 +97,12 @@ impl KvCacheOps for CudaBackend {
         let pieces = self.pieces(&cache, OP)?;
         // Pairs go through the scratch buffer, a chunk at a time (the stream
         // orders each upload after the kernel that read the previous chunk).
-        let per_chunk = (SCRATCH_BYTES / 8) as usize;
+        // Pairs of one launch run at once: a pair whose destination is
+        // another pair's source must see the copies before it done, as the
+        // CPU's in-order loop does, so chained pairs go one launch each.
+        let sources: std::collections::HashSet<u32> = pairs.iter().map(|&(s, _)| s).collect();
+        let chained = pairs.iter().any(|&(_, d)| sources.contains(&d));
+        let per_chunk = if chained { 1 } else { (SCRATCH_BYTES / 8) as usize };
         let _g = self.lock_scratch();
         let mut words = [0u32; (SCRATCH_BYTES / 4) as usize];
         for chunk in pairs.chunks(per_chunk) {
