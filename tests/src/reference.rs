@@ -175,9 +175,10 @@ pub fn shuffled_and_interleaved_pages_are_bit_identical<B: Backend>(backend: Arc
     let cases = fx["cases"].as_array().unwrap();
     let mut longest: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_tokens"])).collect();
     longest.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    let a = longest[0].clone(); // 198 tokens: 13 pages
+    let a = longest[0].clone();
     let b = longest[1].clone();
-    assert_eq!(a.len().div_ceil(16), 13);
+    // 13 pages are given to `a` (more than it fills: the tail pages are unused).
+    assert!(a.len() <= 13 * 16, "{} tokens", a.len());
     let mut r = runner(backend, DType::F32, 512, 64);
     let straight = r
         .logits(&single_prefill(&a, &(0..13).collect::<Vec<_>>(), 16, false))

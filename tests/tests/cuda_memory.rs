@@ -6,9 +6,8 @@
 use pagoda::plan::{Budget, human};
 use pagoda::{Engine, EngineConfig};
 use pagoda_backend::{
-    AttentionDims, AttentionOps, Backend, BufRef, DType, DeviceMemory, FaultInjector,
-    KvCacheOps, KvLayerRef, KvLayout, MatmulDims, MemoryTag, Pool, PoolConfig, SamplingOps,
-    TensorOps,
+    AttentionDims, AttentionOps, Backend, BufRef, DType, DeviceMemory, FaultInjector, KvCacheOps,
+    KvLayerRef, KvLayout, MatmulDims, MemoryTag, Pool, PoolConfig, SamplingOps, TensorOps,
 };
 use pagoda_cuda::CudaBackend;
 use pagoda_tests::{cuda_backend, model_path};
@@ -42,7 +41,11 @@ fn zero_bytes_and_empty_ops_are_valid_on_the_gpu() {
         let e = empty.buf();
         assert!(e.is_empty());
         // Metric: pool segment bytes; bound: unchanged by a 0-byte block.
-        assert_eq!(b.allocator().live_bytes(), start, "a 0-byte block takes no segment");
+        assert_eq!(
+            b.allocator().live_bytes(),
+            start,
+            "a 0-byte block takes no segment"
+        );
         b.upload(e, &[]).expect("upload 0 bytes");
         b.copy(e, e).expect("copy 0 bytes");
         b.copy(BufRef::EMPTY, e).expect("copy 0 bytes from EMPTY");
@@ -68,10 +71,12 @@ fn zero_bytes_and_empty_ops_are_valid_on_the_gpu() {
     };
     let page_bytes = 2 * 16 * 8 * 4;
     let kv = p.alloc(2 * page_bytes, MemoryTag::Kv).unwrap();
-    b.upload(kv.buf(), &vec![0u8; 2 * page_bytes as usize]).unwrap();
+    b.upload(kv.buf(), &vec![0u8; 2 * page_bytes as usize])
+        .unwrap();
     let table = p.alloc(16, MemoryTag::Kv).unwrap();
     let table_ids: [u32; 4] = [0, 0, 0, 1];
-    b.upload(table.buf(), bytemuck::cast_slice(&table_ids)).unwrap();
+    b.upload(table.buf(), bytemuck::cast_slice(&table_ids))
+        .unwrap();
     let pieces = [kv.buf()];
     let cache = || KvLayerRef {
         pieces: &pieces,
@@ -102,8 +107,10 @@ fn zero_bytes_and_empty_ops_are_valid_on_the_gpu() {
         },
     )
     .expect("paged_attention over 0 tokens");
-    b.write_kv(cache(), e, e, e, 0).expect("write_kv of 0 tokens");
-    b.copy_pages(cache(), &[]).expect("copy_pages with no pairs");
+    b.write_kv(cache(), e, e, e, 0)
+        .expect("write_kv of 0 tokens");
+    b.copy_pages(cache(), &[])
+        .expect("copy_pages with no pairs");
     b.argmax_rows(e, e, 0, 16).expect("argmax of 0 rows");
     b.synchronize().expect("the stream is healthy");
     // Metric: pool segment bytes; bound: no op allocated.
@@ -155,11 +162,17 @@ fn engine_refuses_a_plan_that_does_not_fit_before_loading() {
         ..cfg.clone()
     })
     .build()
-    .err()
-    .expect("a budget below the need is refused")
+    .expect_err("a budget below the need is refused")
     .to_string();
-    assert!(err.contains("refused") && err.contains("the plan needs"), "{err}");
-    assert!(err.contains(&human(short)), "the budget {} is named: {err}", human(short));
+    assert!(
+        err.contains("refused") && err.contains("the plan needs"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&human(short)),
+        "the budget {} is named: {err}",
+        human(short)
+    );
     assert!(err.contains("Nothing was loaded"), "{err}");
     nothing_held("budget below the need");
 
@@ -174,10 +187,12 @@ fn engine_refuses_a_plan_that_does_not_fit_before_loading() {
     })
     .device_memory(device)
     .build()
-    .err()
-    .expect("a device below the need is refused")
+    .expect_err("a device below the need is refused")
     .to_string();
-    assert!(err.contains("refused") && err.contains("the plan needs"), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("the plan needs"),
+        "{err}"
+    );
     assert!(err.contains(&human(short)), "{err}");
     assert!(err.contains("Nothing was loaded"), "{err}");
     nothing_held("device below the need");
@@ -195,7 +210,10 @@ fn budgets_are_checked_against_the_real_device_memory() {
     // Metric: total bytes; bound: > 100 GiB (an H200 has 143 GB).
     assert!(mem.total_bytes > 100 * GIB, "{mem:?}");
     // Metric: free bytes; bound: in (0, total].
-    assert!(mem.free_bytes > 0 && mem.free_bytes <= mem.total_bytes, "{mem:?}");
+    assert!(
+        mem.free_bytes > 0 && mem.free_bytes <= mem.total_bytes,
+        "{mem:?}"
+    );
     let plan = Engine::builder()
         .model(model_path())
         .backend(b.clone())
@@ -209,7 +227,11 @@ fn budgets_are_checked_against_the_real_device_memory() {
     // Metric: the planned budget; bound: at most half the total and at most free now
     // (free measured again: it may have moved a little).
     let free_now = b.memory().unwrap().free_bytes;
-    assert!(plan.budget_bytes <= mem.total_bytes / 2 + 1, "{}", plan.budget_bytes);
+    assert!(
+        plan.budget_bytes <= mem.total_bytes / 2 + 1,
+        "{}",
+        plan.budget_bytes
+    );
     assert!(
         plan.budget_bytes <= plan.device_free_bytes && plan.device_free_bytes <= mem.total_bytes,
         "{plan:?}"
@@ -225,8 +247,7 @@ fn budgets_are_checked_against_the_real_device_memory() {
             ..EngineConfig::default()
         })
         .build()
-        .err()
-        .expect("a budget above the device is refused")
+        .expect_err("a budget above the device is refused")
         .to_string();
     assert!(
         err.contains(&human(over)) && err.contains(&human(mem.total_bytes)),
