@@ -2,8 +2,12 @@
 
 pub mod nvrtc;
 pub mod recording;
+pub mod reference;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use pagoda_backend::Backend;
 
 use pagoda::{SeqId, StepPlan};
 
@@ -69,9 +73,18 @@ pub fn single_prefill(
     }
 }
 
+/// The CPU backend with all threads.
+pub fn cpu_backend() -> Arc<pagoda_cpu::CpuBackend> {
+    Arc::new(pagoda_cpu::CpuBackend::new(0).expect("cpu backend"))
+}
+
 /// An engine on the CPU backend with the default model.
 pub fn cpu_engine(cfg: pagoda::EngineConfig) -> pagoda::Engine<pagoda_cpu::CpuBackend> {
-    let backend = std::sync::Arc::new(pagoda_cpu::CpuBackend::new(0).expect("cpu backend"));
+    engine_on(cpu_backend(), cfg)
+}
+
+/// An engine on `backend` with the default model.
+pub fn engine_on<B: Backend>(backend: Arc<B>, cfg: pagoda::EngineConfig) -> pagoda::Engine<B> {
     pagoda::Engine::builder()
         .model(model_path())
         .backend(backend)
@@ -101,19 +114,20 @@ pub fn cpu_runner(
     runner_on(backend, kv, dims, num_pages, Vec::new())
 }
 
-/// A model runner for the default model on `backend`, with the given padded
-/// decode batch sizes.
-pub fn runner_on(
-    backend: pagoda_cpu::CpuBackend,
+/// A model runner for the default model on `backend` (a backend or an
+/// `Arc` of one), KV pages of 16 tokens in `kv`, `num_pages` pages (plus the
+/// null page), the given workspace and padded decode batch sizes; the whole
+/// KV arena committed.
+pub fn runner_on<B: Backend>(
+    backend: impl Into<Arc<B>>,
     kv: pagoda_backend::DType,
     dims: pagoda::model::WorkspaceDims,
     num_pages: usize,
     decode_buckets: Vec<usize>,
-) -> pagoda::model_runner::ModelRunner<pagoda_cpu::CpuBackend> {
-    use pagoda_backend::Backend;
+) -> pagoda::model_runner::ModelRunner<B> {
     let f = pagoda::gguf::GgufFile::open(model_path()).expect("model opens");
     let cfg = pagoda::model::LlamaConfig::from_gguf(&f).expect("llama config");
-    let backend = std::sync::Arc::new(backend);
+    let backend: Arc<B> = backend.into();
     let pool = pagoda_backend::Pool::new(
         backend.raw_allocator(),
         pagoda_backend::PoolConfig {
@@ -156,9 +170,9 @@ pub fn runner_on(
 
 /// The CUDA backend of device 0, for tests marked `#[ignore = "needs a CUDA GPU"]`:
 /// panics (failing the test) when there is no driver, GPU or NVRTC.
-pub fn cuda_backend() -> std::sync::Arc<pagoda_cuda::CudaBackend> {
+pub fn cuda_backend() -> Arc<pagoda_cuda::CudaBackend> {
     match pagoda_cuda::CudaBackend::new(0) {
-        Ok(b) => std::sync::Arc::new(b),
+        Ok(b) => Arc::new(b),
         Err(e) => panic!("this test needs a CUDA GPU: {e}"),
     }
 }

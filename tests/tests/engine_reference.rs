@@ -1,150 +1,36 @@
-//! The whole engine (tokenizer, scheduler, model, sampler) against the reference fixtures.
+//! The whole engine (tokenizer, scheduler, model, sampler) against the
+//! reference fixtures, on the CPU. The fixture checks' bodies are in
+//! `pagoda_tests::reference`, shared with `cuda_reference.rs`.
 
-use pagoda::perplexity::perplexity_config;
 use pagoda::sampler::SamplingParams;
 use pagoda::{EngineConfig, FinishReason, GenerationParams};
-use pagoda_tests::{cpu_engine, fixture, ids, load_fixture};
-
-fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        ..Default::default()
-    }
-}
+use pagoda_tests::reference::{self, greedy};
+use pagoda_tests::{cpu_backend, cpu_engine, fixture};
 
 /// Greedy tokens equal llama.cpp's up to the first step whose margin is below 0.3,
 /// and the prompt tokenizes to the reference ids.
 #[test]
 fn greedy_generation_matches_llama_cpp_up_to_low_margin_steps() {
-    let fx = load_fixture("greedy.json");
-    let mut engine = cpu_engine(EngineConfig::default());
-    for case in fx["cases"].as_array().unwrap() {
-        let prompt = case["prompt_text"].as_str().unwrap();
-        let want_prompt = ids(&case["prompt_tokens"]);
-        assert_eq!(engine.tokenize(prompt), want_prompt, "case {}", case["id"]);
-        let want = ids(&case["generated_tokens"]);
-        let margins: Vec<f64> = case["top1_minus_top2_logit"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        let c = engine
-            .generate(vec![want_prompt], greedy(32))
-            .unwrap()
-            .pop()
-            .unwrap();
-        let checked = margins.iter().position(|&m| m < 0.3).unwrap_or(want.len());
-        assert_eq!(
-            &c.generated_tokens[..checked.min(c.generated_tokens.len())],
-            &want[..checked.min(want.len())],
-            "case {}",
-            case["id"]
-        );
-        if checked == want.len() {
-            assert_eq!(
-                c.generated_tokens, want,
-                "case {}: whole sequence",
-                case["id"]
-            );
-            let reason = if case["stop_reason"] == "eog" {
-                FinishReason::Eog
-            } else {
-                FinishReason::Length
-            };
-            assert_eq!(c.finish_reason, reason, "case {}", case["id"]);
-        }
-    }
+    reference::greedy_matches_llama_cpp(cpu_backend());
 }
 
 /// Teacher-forcing the reference continuation: the argmax equals llama.cpp's at
 /// every step whose margin is at least 0.3.
 #[test]
 fn teacher_forced_argmax_matches_llama_cpp_where_the_margin_is_clear() {
-    let fx = load_fixture("greedy.json");
-    let mut cfg = EngineConfig::default();
-    cfg.max_logits_rows = cfg.max_num_batched_tokens;
-    let mut engine = cpu_engine(cfg);
-    let vocab = engine.model_config().vocab_size;
-    let mut checked = 0;
-    for case in fx["cases"].as_array().unwrap() {
-        let mut toks = ids(&case["prompt_tokens"]);
-        let n_prompt = toks.len();
-        let reference = ids(&case["generated_tokens"]);
-        toks.extend(&reference[..reference.len() - 1]);
-        let params = GenerationParams {
-            want_all_logits: true,
-            ..greedy(1)
-        };
-        let c = engine
-            .generate(vec![toks.clone()], params)
-            .unwrap()
-            .pop()
-            .unwrap();
-        let logits = c.prompt_logits.unwrap();
-        for (step, m) in case["top1_minus_top2_logit"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .enumerate()
-        {
-            if m.as_f64().unwrap() < 0.3 {
-                continue;
-            }
-            let row = &logits[(n_prompt - 1 + step) * vocab..(n_prompt + step) * vocab];
-            let a = pagoda::sampler::argmax(row);
-            assert_eq!(a, reference[step], "case {} step {step}", case["id"]);
-            checked += 1;
-        }
-    }
-    assert!(checked > 100, "only {checked} steps checked");
+    reference::teacher_forced_argmax_matches_llama_cpp(cpu_backend());
 }
 
 /// Perplexity of ppl_text.txt at context 512 (llama-perplexity's method) within 2% of 28.01.
 #[test]
 fn perplexity_of_reference_text_is_within_two_percent() {
-    let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
-    let mut engine = cpu_engine(perplexity_config(512));
-    let toks = engine.tokenize(&text);
-    assert_eq!(toks.len(), 2052);
-    let r = engine.perplexity(&toks, 512).unwrap();
-    eprintln!(
-        "perplexity {:.4} over {} chunks: {:?}",
-        r.ppl, r.n_chunks, r.chunk_ppl
-    );
-    assert_eq!((r.n_chunks, r.n_scored), (4, 4 * 255));
-    assert!((r.ppl - 28.01).abs() / 28.01 < 0.02, "perplexity {}", r.ppl);
-    // Per chunk, close to the exact float64 reference (28.0695, 28.2027, 28.6857, 27.1149).
-    for (got, want) in r.chunk_ppl.iter().zip([28.0695, 28.2027, 28.6857, 27.1149]) {
-        assert!((got - want).abs() < 0.01, "chunk ppl {got} vs exact {want}");
-    }
+    reference::perplexity_within_two_percent(cpu_backend());
 }
 
 /// N greedy requests run together give the same tokens as each run alone.
 #[test]
 fn batch_invariance_of_greedy_requests() {
-    let fx = load_fixture("greedy.json");
-    let prompts: Vec<Vec<u32>> = fx["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| ids(&c["prompt_tokens"]))
-        .collect();
-    let mut engine = cpu_engine(EngineConfig {
-        max_seqs: Some(8),
-        max_logits_rows: 8,
-        ..EngineConfig::default()
-    });
-    let together = engine.generate(prompts.clone(), greedy(24)).unwrap();
-    for (p, t) in prompts.iter().zip(&together) {
-        let alone = engine
-            .generate(vec![p.clone()], greedy(24))
-            .unwrap()
-            .pop()
-            .unwrap();
-        assert_eq!(alone.generated_tokens, t.generated_tokens);
-    }
+    reference::batch_invariance(cpu_backend());
 }
 
 /// Stop strings end generation and are cut from the text; seeded sampling repeats.
@@ -285,50 +171,7 @@ fn prefix_cache_reuses_pages_and_keeps_tokens() {
 /// and every request's output equals the request run alone.
 #[test]
 fn preemption_with_too_few_pages_keeps_outputs() {
-    let cfg = EngineConfig {
-        ctx: Some(128),
-        max_seqs: Some(4),
-        num_pages: Some(9),
-        enable_prefix_caching: false,
-        ..EngineConfig::default()
-    };
-    let mut tight = cpu_engine(cfg.clone());
-    let prompts: Vec<Vec<u32>> = [
-        "The old lighthouse",
-        "In 1450, Gutenberg",
-        "Paper was invented",
-        "A quick brown fox",
-    ]
-    .iter()
-    .map(|p| tight.tokenize(p))
-    .collect();
-    let params = GenerationParams {
-        ignore_eog: true,
-        ..greedy(40)
-    };
-    let together = tight.generate(prompts.clone(), params.clone()).unwrap();
-    assert!(
-        tight.scheduler().stats().num_preemptions >= 1,
-        "no preemption happened"
-    );
-    assert_eq!(
-        tight.scheduler().block_manager().num_free_pages(),
-        9,
-        "every page is back"
-    );
-    let mut roomy = cpu_engine(EngineConfig {
-        num_pages: None,
-        ..cfg
-    });
-    for (p, t) in prompts.iter().zip(&together) {
-        let alone = roomy
-            .generate(vec![p.clone()], params.clone())
-            .unwrap()
-            .pop()
-            .unwrap();
-        assert_eq!(t.generated_tokens.len(), 40);
-        assert_eq!(alone.generated_tokens, t.generated_tokens);
-    }
+    reference::preemption_keeps_outputs(cpu_backend());
 }
 
 /// Too few KV pages with swap space: long preempted sequences are swapped to
@@ -336,98 +179,12 @@ fn preemption_with_too_few_pages_keeps_outputs() {
 /// request's greedy output equals the request run alone with a roomy cache.
 #[test]
 fn swapped_and_resumed_requests_match_uninterrupted_runs() {
-    let cfg = EngineConfig {
-        ctx: Some(128),
-        max_seqs: Some(4),
-        num_pages: Some(9),
-        enable_prefix_caching: false,
-        swap_space_bytes: 64 << 20,
-        ..EngineConfig::default()
-    };
-    let mut tight = cpu_engine(cfg.clone());
-    let slots = tight.scheduler().num_host_slots();
-    assert!(slots >= 16, "64 MiB holds {slots} pages");
-    assert_eq!(tight.memory_plan().swap_slots, slots);
-    assert_eq!(
-        tight.memory_plan().swap_bytes,
-        slots as u64 * tight.memory_plan().page_bytes
-    );
-    let prompts: Vec<Vec<u32>> = [
-        "The old lighthouse keeper climbed the stairs every night to light the lamp",
-        "In 1450, Gutenberg built a printing press in Mainz that used movable type",
-        "Paper was invented in China during the Han dynasty, made from bark and rags",
-        "A quick brown fox jumps over the lazy dog while the farmer sleeps in the sun",
-    ]
-    .iter()
-    .map(|p| tight.tokenize(p))
-    .collect();
-    let params = GenerationParams {
-        ignore_eog: true,
-        ..greedy(40)
-    };
-    let together = tight.generate(prompts.clone(), params.clone()).unwrap();
-    let st = tight.scheduler().stats().clone();
-    assert!(st.num_swap_preemptions >= 1, "no swap happened: {st:?}");
-    assert_eq!(st.num_swap_resumes, st.num_swap_preemptions);
-    assert_eq!(st.num_swap_in_pages, st.num_swap_out_pages);
-    assert_eq!(tight.scheduler().num_host_slots_in_use(), 0);
-    assert_eq!(tight.scheduler().block_manager().num_free_pages(), 9);
-    let mut roomy = cpu_engine(EngineConfig {
-        num_pages: None,
-        swap_space_bytes: 0,
-        ..cfg
-    });
-    for (p, t) in prompts.iter().zip(&together) {
-        let alone = roomy
-            .generate(vec![p.clone()], params.clone())
-            .unwrap()
-            .pop()
-            .unwrap();
-        assert_eq!(t.generated_tokens.len(), 40);
-        assert_eq!(alone.generated_tokens, t.generated_tokens);
-    }
-    assert_eq!(roomy.scheduler().stats().num_preemptions, 0);
+    reference::swapped_requests_match_uninterrupted_runs(cpu_backend());
 }
 
 /// Cancellation frees every page of the request at once; the other request
 /// goes on unchanged.
 #[test]
 fn abort_frees_all_pages_at_once() {
-    let mut engine = cpu_engine(EngineConfig {
-        enable_prefix_caching: false,
-        ..EngineConfig::default()
-    });
-    let total = engine.scheduler().block_manager().num_pages();
-    let long: Vec<u32> = engine.tokenize(&"The printing press changed Europe. ".repeat(12));
-    let short = engine.tokenize("Paper was invented in China");
-    let a = engine.add_request(long.clone(), greedy(20)).unwrap();
-    let b = engine.add_request(short.clone(), greedy(20)).unwrap();
-    for _ in 0..5 {
-        engine.step().unwrap();
-    }
-    let held_before = total - engine.scheduler().block_manager().num_free_pages();
-    let pages_of_a = engine.scheduler().get(a).unwrap().block_table.len();
-    assert!(pages_of_a >= long.len() / 16);
-    engine.abort(a).unwrap();
-    let held_after = total - engine.scheduler().block_manager().num_free_pages();
-    assert_eq!(
-        held_before - held_after,
-        pages_of_a,
-        "all of the aborted request's pages are free at once"
-    );
-    while engine.has_unfinished() {
-        engine.step().unwrap();
-    }
-    assert_eq!(
-        engine.take_completion(a).unwrap().finish_reason,
-        FinishReason::Aborted
-    );
-    let done_b = engine.take_completion(b).unwrap();
-    let alone = engine
-        .generate(vec![short], greedy(20))
-        .unwrap()
-        .pop()
-        .unwrap();
-    assert_eq!(done_b.generated_tokens, alone.generated_tokens);
-    assert_eq!(engine.scheduler().block_manager().num_free_pages(), total);
+    reference::abort_frees_all_pages(cpu_backend());
 }
