@@ -529,3 +529,14 @@ impl<B: Backend> ModelRunner<B> {
         &self.decode_buckets
     }
 }
+
+impl<B: Backend> Drop for ModelRunner<B> {
+    /// Releases this runner's graphs: they replay on its workspace, which goes away with it.
+    fn drop(&mut self) {
+        if let Some(g) = self.backend.graphs() {
+            for (_, id) in self.graphs.drain() {
+                let _ = g.release(id);
+            }
+        }
+    }
+}

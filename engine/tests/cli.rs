@@ -564,7 +564,13 @@ fn devices_lists_every_backend_and_the_cpu_device() {
     let cuda = &backends[1];
     assert_eq!(cuda["compiled"], true);
     if cuda["devices"].as_array().unwrap().is_empty() {
-        assert!(cuda["error"].as_str().unwrap().contains("cuda backend has no device"), "{cuda}");
+        assert!(
+            cuda["error"]
+                .as_str()
+                .unwrap()
+                .contains("cuda backend has no device"),
+            "{cuda}"
+        );
     }
     for b in &backends[2..] {
         assert_eq!(b["compiled"], false);
@@ -1589,7 +1595,15 @@ fn cuda_backend_generates_or_says_why_not() {
     let doc: serde_json::Value = serde_json::from_slice(&devices.stdout).expect("devices JSON");
     let has_gpu = !doc["backends"][0]["devices"].as_array().unwrap().is_empty();
     let out = pagoda(&[
-        "generate", "--prompt", "hi", "--backend", "cuda", "--max-tokens", "4", "--greedy", "--json",
+        "generate",
+        "--prompt",
+        "hi",
+        "--backend",
+        "cuda",
+        "--max-tokens",
+        "4",
+        "--greedy",
+        "--json",
     ]);
     if has_gpu {
         let g = stdout_json(&out);
@@ -1599,7 +1613,10 @@ fn cuda_backend_generates_or_says_why_not() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.starts_with("error: the cuda backend has no device: "), "{err}");
+        assert!(
+            err.starts_with("error: the cuda backend has no device: "),
+            "{err}"
+        );
         assert!(!devices.status.success());
     }
 }

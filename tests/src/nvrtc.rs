@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use pagoda::fetch::{ArtifactSpec, PypiFile, cache_dir, ensure_file};
 
 const INDEX: &str = "https://pypi.org/simple/nvidia-cuda-nvrtc/";
-const WHEEL: &str = "nvidia_cuda_nvrtc-13.0.88-py3-none-manylinux2010_x86_64.manylinux_2_12_x86_64.whl";
+const WHEEL: &str =
+    "nvidia_cuda_nvrtc-13.0.88-py3-none-manylinux2010_x86_64.manylinux_2_12_x86_64.whl";
 
 /// The two libraries of the wheel (name, archive entry, sha256, size).
 const LIBS: [(&str, &str, &str, u64); 2] = [

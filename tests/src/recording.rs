@@ -64,7 +64,8 @@ type Op = Box<dyn Fn(&CpuBackend) -> Result<()> + Send + Sync>;
 struct State {
     log: Vec<Call>,
     capturing: Option<Vec<Op>>,
-    graphs: Vec<Vec<Op>>,
+    /// Captured graphs by id (`None` once released).
+    graphs: Vec<Option<Vec<Op>>>,
 }
 
 /// The recording double.
@@ -488,7 +489,7 @@ impl GraphOps for RecordingBackend {
                 op: "end_capture",
                 detail: "not capturing".into(),
             })?;
-        st.graphs.push(ops);
+        st.graphs.push(Some(ops));
         let id = GraphId(st.graphs.len() as u32 - 1);
         st.log.push(Call {
             op: "end_capture",
@@ -504,6 +505,7 @@ impl GraphOps for RecordingBackend {
         let ops = st
             .graphs
             .get(graph.0 as usize)
+            .and_then(|g| g.as_ref())
             .ok_or_else(|| BackendError::InvalidArgument {
                 op: "replay",
                 detail: format!("no graph {graph:?}"),
@@ -514,7 +516,22 @@ impl GraphOps for RecordingBackend {
         Ok(())
     }
     fn num_graphs(&self) -> usize {
-        lock(&self.state).graphs.len()
+        lock(&self.state)
+            .graphs
+            .iter()
+            .filter(|g| g.is_some())
+            .count()
+    }
+    fn release(&self, graph: GraphId) -> Result<()> {
+        self.log("release", &[], format!("{graph:?}"), false);
+        let mut st = lock(&self.state);
+        match st.graphs.get_mut(graph.0 as usize).and_then(Option::take) {
+            Some(_) => Ok(()),
+            None => Err(BackendError::InvalidArgument {
+                op: "release",
+                detail: format!("no graph {graph:?}"),
+            }),
+        }
     }
     fn memory_bytes(&self) -> u64 {
         0

@@ -38,7 +38,12 @@ fn expect_growable() -> bool {
 #[ignore = "needs a CUDA GPU"]
 fn eight_threads_grow_and_shrink_one_arena() {
     let be = cuda_backend();
-    assert_eq!(be.arena().is_growable(), expect_growable(), "{}", be.info().device);
+    assert_eq!(
+        be.arena().is_growable(),
+        expect_growable(),
+        "{}",
+        be.info().device
+    );
     assert_eq!(be.info().can_grow_kv, expect_growable());
     let g = be.info().kv_commit_granularity;
     assert_eq!(g, 2 << 20, "2 MiB chunks on the H200");
@@ -65,7 +70,9 @@ fn eight_threads_grow_and_shrink_one_arena() {
                     if !held.is_empty() && (held.len() > 3 || rng.random_bool(0.45)) {
                         // Shrink: check the bytes once more, then give the chunks back.
                         let (c0, n) = held.swap_remove(rng.random_range(0..held.len()));
-                        let bad = be.check_committed(range, c0 * g, n * g, rng.random()).unwrap();
+                        let bad = be
+                            .check_committed(range, c0 * g, n * g, rng.random())
+                            .unwrap();
                         assert_eq!(bad, 0, "thread {t}: chunks {c0}+{n} lost bytes");
                         be.decommit(range, c0 * g, n * g).unwrap();
                         for c in c0..c0 + n {
@@ -95,9 +102,14 @@ fn eight_threads_grow_and_shrink_one_arena() {
                     // Committed memory reads as zeros...
                     let mut head = vec![0xAAu8; 4096];
                     be.download(view(range, c0 * g, 4096), &mut head).unwrap();
-                    assert!(head.iter().all(|&b| b == 0), "thread {t}: fresh chunk not zeroed");
+                    assert!(
+                        head.iter().all(|&b| b == 0),
+                        "thread {t}: fresh chunk not zeroed"
+                    );
                     // ... and every byte can be written and read back.
-                    let bad = be.check_committed(range, c0 * g, n * g, rng.random()).unwrap();
+                    let bad = be
+                        .check_committed(range, c0 * g, n * g, rng.random())
+                        .unwrap();
                     assert_eq!(bad, 0, "thread {t}: chunks {c0}+{n}");
                     held.push((c0, n));
                     done += 1;
@@ -112,7 +124,11 @@ fn eight_threads_grow_and_shrink_one_arena() {
         }
     });
     assert_eq!(be.committed_bytes(range), 0);
-    assert_eq!(be.arena().physical_bytes(), after_reserve, "every chunk unmapped");
+    assert_eq!(
+        be.arena().physical_bytes(),
+        after_reserve,
+        "every chunk unmapped"
+    );
     be.unreserve(range);
     assert_eq!(be.arena().physical_bytes(), phys0);
     assert_eq!(be.arena().num_reservations(), 0);
@@ -140,7 +156,11 @@ fn commit_errors_leave_nothing_mapped() {
     let err = be.commit(range, 2 * g, 6 * g).unwrap_err();
     assert!(err.to_string().contains("cuda chunk map"), "{err}");
     assert_eq!(be.committed_bytes(range), 0);
-    assert_eq!(be.arena().physical_bytes(), phys, "nothing stays mapped after the fault");
+    assert_eq!(
+        be.arena().physical_bytes(),
+        phys,
+        "nothing stays mapped after the fault"
+    );
     faults.fail_at(0);
     be.commit(range, 2 * g, 6 * g).unwrap();
     assert_eq!(be.check_committed(range, 2 * g, 6 * g, 7).unwrap(), 0);
@@ -160,17 +180,29 @@ fn device_memory_follows_commits_and_returns_on_drop() {
     let range = be.reserve(4096 * g).unwrap(); // 8 GiB of address space
     let free_reserved = be.memory().unwrap().free_bytes;
     if expect_growable() {
-        assert!(free0 - free_reserved.min(free0) < 64 << 20, "reserving 8 GiB takes no memory");
+        assert!(
+            free0 - free_reserved.min(free0) < 64 << 20,
+            "reserving 8 GiB takes no memory"
+        );
         be.commit(range, 0, 512 * g).unwrap(); // 1 GiB
         let used = free0.saturating_sub(be.memory().unwrap().free_bytes);
-        assert!((1 << 30..(1 << 30) + (64 << 20)).contains(&used), "1 GiB committed: {used}");
+        assert!(
+            (1 << 30..(1 << 30) + (64 << 20)).contains(&used),
+            "1 GiB committed: {used}"
+        );
     } else {
         let used = free0.saturating_sub(free_reserved);
-        assert!(used >= 8 << 30, "the fixed arena allocates the whole range: {used}");
+        assert!(
+            used >= 8 << 30,
+            "the fixed arena allocates the whole range: {used}"
+        );
         be.commit(range, 0, 512 * g).unwrap();
     }
     drop(be); // drop with chunks mapped and the range reserved
     let be = cuda_backend();
     let free1 = be.memory().unwrap().free_bytes;
-    assert!(free1 + (64 << 20) >= free0, "device memory back after drop: {free0} -> {free1}");
+    assert!(
+        free1 + (64 << 20) >= free0,
+        "device memory back after drop: {free0} -> {free1}"
+    );
 }

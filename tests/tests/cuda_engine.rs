@@ -108,12 +108,19 @@ fn decode_graphs_stay_bounded_and_memory_flat_over_2000_tokens() {
             }
         }
         max_graphs = max_graphs.max(g.num_graphs());
-        assert!(g.num_graphs() <= buckets.len(), "graphs {} > buckets {buckets:?}", g.num_graphs());
+        assert!(
+            g.num_graphs() <= buckets.len(),
+            "graphs {} > buckets {buckets:?}",
+            g.num_graphs()
+        );
         samples.push((g.num_graphs(), non_kv_used(&be)));
     }
     let need = scale(2000).min(2000);
     assert!(generated >= need, "generated {generated} < {need}");
-    assert!(max_graphs >= 3, "the batch sizes varied: {max_graphs} graphs");
+    assert!(
+        max_graphs >= 3,
+        "the batch sizes varied: {max_graphs} graphs"
+    );
     // Flat memory: between steps that captured no new graph, non-KV device
     // memory moves by at most one 2 MiB driver allocation granule.
     let mut drift = 0u64;
@@ -134,8 +141,14 @@ fn decode_graphs_stay_bounded_and_memory_flat_over_2000_tokens() {
         g.memory_bytes(),
         e.memory_plan().graph_bytes
     );
-    assert!(drift <= 2 << 20, "non-KV memory moved {drift} bytes in a step");
-    assert!(tail_drift <= 2 << 20, "non-KV memory drifted {tail_drift} bytes");
+    assert!(
+        drift <= 2 << 20,
+        "non-KV memory moved {drift} bytes in a step"
+    );
+    assert!(
+        tail_drift <= 2 << 20,
+        "non-KV memory drifted {tail_drift} bytes"
+    );
     // Graph memory: measured after capture, within what the plan reserved.
     let planned_now = be.graph_memory_bytes(&GraphPlanInput {
         batch_sizes: buckets[..max_graphs].to_vec(),
@@ -143,7 +156,11 @@ fn decode_graphs_stay_bounded_and_memory_flat_over_2000_tokens() {
         num_layers: e.model_config().num_layers,
         workspace_bytes: e.memory_plan().workspace_bytes,
     });
-    assert!(g.memory_bytes() <= planned_now, "graphs took {} > planned {planned_now}", g.memory_bytes());
+    assert!(
+        g.memory_bytes() <= planned_now,
+        "graphs took {} > planned {planned_now}",
+        g.memory_bytes()
+    );
     assert_eq!(
         e.memory_plan().graph_bytes,
         be.graph_memory_bytes(&GraphPlanInput {
@@ -211,7 +228,9 @@ fn eight_threads_through_the_handle_get_their_solo_outputs() {
                         let (id, rx) = h.submit(all[i].clone(), greedy(lens[i])).unwrap();
                         let mut toks = Vec::new();
                         loop {
-                            let ev = rx.recv_timeout(Duration::from_secs(120)).expect("stream ends");
+                            let ev = rx
+                                .recv_timeout(Duration::from_secs(120))
+                                .expect("stream ends");
                             assert_eq!(ev.id, id);
                             toks.extend(ev.token);
                             if ev.finished.is_some() {
@@ -224,13 +243,19 @@ fn eight_threads_through_the_handle_get_their_solo_outputs() {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|j| j.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|j| j.join().unwrap())
+            .collect()
     });
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
     let steps = h.stats().num_steps - steps0;
     for (i, want) in solo.iter().enumerate() {
-        assert_eq!(&got[&i], want, "request {i}: batched through the handle differs from solo");
+        assert_eq!(
+            &got[&i], want,
+            "request {i}: batched through the handle differs from solo"
+        );
     }
     let peak = peak.load(Ordering::Relaxed);
     eprintln!(
@@ -241,7 +266,10 @@ fn eight_threads_through_the_handle_get_their_solo_outputs() {
     assert!(steps >= scale(512) as u64, "only {steps} steps");
     if be.arena().is_growable() {
         assert!(peak > phys_idle, "the arena grew under load");
-        assert!(shrinks.load(Ordering::Relaxed) > 0, "the arena shrank while serving");
+        assert!(
+            shrinks.load(Ordering::Relaxed) > 0,
+            "the arena shrank while serving"
+        );
     }
     h.shutdown().unwrap();
     drop(h);

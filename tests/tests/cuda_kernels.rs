@@ -45,7 +45,10 @@ fn a_broken_kernel_is_an_error_with_the_log() {
     };
     let err = compile(&broken, "sm_90").expect_err("must not compile");
     let msg = err.to_string();
-    assert!(msg.contains("broken.cu") && msg.contains("undefined_name"), "{msg}");
+    assert!(
+        msg.contains("broken.cu") && msg.contains("undefined_name"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -68,14 +71,35 @@ fn kernel_files_have_headers_and_the_readme_lists_every_symbol() {
             "kernels/{}.cu has no CPU reference file of the same stem",
             file.stem
         );
-        let head: String = file.source.lines().take_while(|l| l.starts_with("//")).collect::<Vec<_>>().join("\n");
+        let head: String = file
+            .source
+            .lines()
+            .take_while(|l| l.starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
         for word in ["Launch", "reference"] {
-            assert!(head.contains(word), "kernels/{}.cu header lacks {word:?}", file.stem);
+            assert!(
+                head.contains(word),
+                "kernels/{}.cu header lacks {word:?}",
+                file.stem
+            );
         }
         for sym in file.symbols {
-            assert!(head.contains(sym), "kernels/{}.cu header does not describe {sym}", file.stem);
-            assert!(readme.contains(&format!("`{sym}`")), "README.md does not list `{sym}`");
-            assert!(full_source(file).contains(&format!("void {sym}(")) || full_source(file).contains(&format!("\n{sym}(")), "{sym} not defined in {}", file.stem);
+            assert!(
+                head.contains(sym),
+                "kernels/{}.cu header does not describe {sym}",
+                file.stem
+            );
+            assert!(
+                readme.contains(&format!("`{sym}`")),
+                "README.md does not list `{sym}`"
+            );
+            assert!(
+                full_source(file).contains(&format!("void {sym}("))
+                    || full_source(file).contains(&format!("\n{sym}(")),
+                "{sym} not defined in {}",
+                file.stem
+            );
         }
     }
 }

@@ -418,9 +418,12 @@ pub trait GraphOps {
     fn end_capture(&self) -> Result<GraphId>;
     /// Enqueues the recorded ops again, with the same arguments.
     fn replay(&self, graph: GraphId) -> Result<()>;
-    /// Graphs captured so far.
+    /// Destroys a graph and gives back its memory (its engine, and so the
+    /// workspace it replays on, is going away). Its id is not reused.
+    fn release(&self, graph: GraphId) -> Result<()>;
+    /// Graphs alive now (captured and not released).
     fn num_graphs(&self) -> usize;
-    /// Device memory held by the captured graphs (one shared pool).
+    /// Device memory held by the live graphs (measured after capture).
     fn memory_bytes(&self) -> u64;
 }
 

@@ -23,7 +23,11 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Device({} {}, sm_{}{})", self.ordinal, self.name, self.capability.0, self.capability.1)
+        write!(
+            f,
+            "Device({} {}, sm_{}{})",
+            self.ordinal, self.name, self.capability.0, self.capability.1
+        )
     }
 }
 
@@ -37,9 +41,11 @@ impl Device {
                 detail: "no CUDA driver (libcuda.so.1) on this machine".into(),
             });
         }
-        let err = |op: &'static str| move |e: cudarc::driver::DriverError| BackendError::Device {
-            op,
-            detail: format!("{e:?}"),
+        let err = |op: &'static str| {
+            move |e: cudarc::driver::DriverError| BackendError::Device {
+                op,
+                detail: format!("{e:?}"),
+            }
         };
         let count = CudaContext::device_count().map_err(err("cuDeviceGetCount"))?;
         if ordinal >= count.max(0) as usize {
@@ -55,7 +61,9 @@ impl Device {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(err("cuStreamCreate"))?;
         let name = ctx.name().map_err(err("cuDeviceGetName"))?;
-        let capability = ctx.compute_capability().map_err(err("cuDeviceGetAttribute"))?;
+        let capability = ctx
+            .compute_capability()
+            .map_err(err("cuDeviceGetAttribute"))?;
         Ok(Arc::new(Device {
             ctx,
             stream,
@@ -78,12 +86,13 @@ impl Device {
         self.stream.cu_stream()
     }
 
-
     /// Waits for every queued op.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: the stream is live for the device's life.
-        check("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(self.stream()) })
+        check("cuStreamSynchronize", unsafe {
+            cu::cuStreamSynchronize(self.stream())
+        })
     }
 
     /// A device attribute.

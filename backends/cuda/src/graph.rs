@@ -41,14 +41,16 @@ pub fn planned_graph_bytes(input: &GraphPlanInput) -> u64 {
 struct Captured {
     graph: cu::CUgraph,
     exec: cu::CUgraphExec,
+    /// Device bytes measured when it was instantiated.
+    bytes: u64,
 }
 
 /// The graphs of one backend.
 pub(crate) struct Graphs {
     dev: Arc<Device>,
-    graphs: Mutex<Vec<Captured>>,
+    /// By id; `None` once released (ids are never reused).
+    graphs: Mutex<Vec<Option<Captured>>>,
     free_before: AtomicU64,
-    measured: AtomicU64,
 }
 
 // SAFETY: graph handles are used only under the mutex, with the context current.
@@ -62,11 +64,10 @@ impl Graphs {
             dev,
             graphs: Mutex::new(Vec::new()),
             free_before: AtomicU64::new(0),
-            measured: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Captured>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Captured>>> {
         self.graphs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -121,43 +122,68 @@ impl GraphOps for Graphs {
         check("cuGraphUpload", r)?;
         self.dev.synchronize()?;
         let (_, free) = mem_info(&self.dev)?;
-        let used = self.free_before.load(Ordering::SeqCst).saturating_sub(free);
-        self.measured.fetch_add(used, Ordering::SeqCst);
+        let bytes = self.free_before.load(Ordering::SeqCst).saturating_sub(free);
         let mut g = self.lock();
-        g.push(Captured { graph, exec });
+        g.push(Some(Captured { graph, exec, bytes }));
         Ok(GraphId(g.len() as u32 - 1))
     }
 
     fn replay(&self, id: GraphId) -> Result<()> {
         self.dev.bind()?;
         let g = self.lock();
-        let c = g.get(id.0 as usize).ok_or_else(|| BackendError::InvalidArgument {
-            op: "replay",
-            detail: format!("no graph {id:?}"),
-        })?;
+        let c = g
+            .get(id.0 as usize)
+            .and_then(|c| c.as_ref())
+            .ok_or_else(|| BackendError::InvalidArgument {
+                op: "replay",
+                detail: format!("no graph {id:?}"),
+            })?;
         // SAFETY: exec is an instantiated graph of this context; its buffers
         // are the engine's static workspace and KV pieces, alive while it is.
-        check("cuGraphLaunch", unsafe { cu::cuGraphLaunch(c.exec, self.dev.stream()) })
+        check("cuGraphLaunch", unsafe {
+            cu::cuGraphLaunch(c.exec, self.dev.stream())
+        })
+    }
+
+    fn release(&self, id: GraphId) -> Result<()> {
+        self.dev.bind()?;
+        let c = self
+            .lock()
+            .get_mut(id.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| BackendError::InvalidArgument {
+                op: "release",
+                detail: format!("no graph {id:?}"),
+            })?;
+        // A replay may still be queued.
+        self.dev.synchronize()?;
+        destroy(c);
+        Ok(())
     }
 
     fn num_graphs(&self) -> usize {
-        self.lock().len()
+        self.lock().iter().filter(|c| c.is_some()).count()
     }
 
     fn memory_bytes(&self) -> u64 {
-        self.measured.load(Ordering::SeqCst)
+        self.lock().iter().flatten().map(|c| c.bytes).sum()
     }
 }
 
 impl Drop for Graphs {
     fn drop(&mut self) {
         let _ = self.dev.synchronize();
-        for c in self.lock().drain(..) {
-            // SAFETY: each exec and graph is destroyed once, the stream idle.
-            unsafe {
-                cu::cuGraphExecDestroy(c.exec);
-                cu::cuGraphDestroy(c.graph);
-            }
+        for c in self.lock().drain(..).flatten() {
+            destroy(c);
         }
+    }
+}
+
+/// Destroys one graph (the stream idle).
+fn destroy(c: Captured) {
+    // SAFETY: each exec and graph is destroyed once, with no replay queued.
+    unsafe {
+        cu::cuGraphExecDestroy(c.exec);
+        cu::cuGraphDestroy(c.graph);
     }
 }

@@ -69,7 +69,6 @@ pub struct CompileError {
     pub log: String,
 }
 
-
 impl std::fmt::Display for CompileError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "kernels/{}.cu did not compile:\n{}", self.stem, self.log)
@@ -89,10 +88,7 @@ impl From<CompileError> for BackendError {
 
 /// The full text NVRTC compiles for `file`.
 pub fn full_source(file: &KernelFile) -> String {
-    format!(
-        "{PRELUDE}\n#line 1 \"{}.cu\"\n{}",
-        file.stem, file.source
-    )
+    format!("{PRELUDE}\n#line 1 \"{}.cu\"\n{}", file.stem, file.source)
 }
 
 /// Whether NVRTC can be loaded (after [`preload_nvrtc`], if a folder was given).
@@ -242,7 +238,15 @@ pub fn cache_dir() -> PathBuf {
 pub fn cache_key(file: &KernelFile, arch: &str, version: (i32, i32)) -> String {
     let mut h = Sha256::new();
     h.update(full_source(file).as_bytes());
-    h.update(format!("\0{arch}\0{}.{}\0{}", version.0, version.1, NVRTC_OPTIONS.join(" ")).as_bytes());
+    h.update(
+        format!(
+            "\0{arch}\0{}.{}\0{}",
+            version.0,
+            version.1,
+            NVRTC_OPTIONS.join(" ")
+        )
+        .as_bytes(),
+    );
     let d = h.finalize();
     d.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
@@ -252,11 +256,15 @@ pub fn cache_key(file: &KernelFile, arch: &str, version: (i32, i32)) -> String {
 pub fn cached_cubin(file: &KernelFile, arch: &str) -> Result<(Vec<u8>, bool)> {
     let version = nvrtc_version()?;
     let dir = cache_dir();
-    let path = dir.join(format!("{}-{arch}-{}.cubin", file.stem, cache_key(file, arch, version)));
-    if let Ok(bytes) = std::fs::read(&path) {
-        if !bytes.is_empty() {
-            return Ok((bytes, true));
-        }
+    let path = dir.join(format!(
+        "{}-{arch}-{}.cubin",
+        file.stem,
+        cache_key(file, arch, version)
+    ));
+    if let Ok(bytes) = std::fs::read(&path)
+        && !bytes.is_empty()
+    {
+        return Ok((bytes, true));
     }
     let bytes = compile(file, arch)?;
     // The cache is an optimisation: a read-only cache folder is not an error.

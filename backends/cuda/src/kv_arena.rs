@@ -156,7 +156,10 @@ impl KvArena {
         if bytes == 0 || !bytes.is_multiple_of(self.granularity) {
             return Err(bad(
                 "reserve",
-                format!("{bytes} bytes is not a positive multiple of {}", self.granularity),
+                format!(
+                    "{bytes} bytes is not a positive multiple of {}",
+                    self.granularity
+                ),
             ));
         }
         self.dev.bind()?;
@@ -191,10 +194,19 @@ impl KvArena {
     ) -> Result<std::ops::Range<usize>> {
         let g = self.granularity;
         if !offset.is_multiple_of(g) || !bytes.is_multiple_of(g) {
-            return Err(bad(op, format!("offset {offset} / size {bytes} not multiples of {g}")));
+            return Err(bad(
+                op,
+                format!("offset {offset} / size {bytes} not multiples of {g}"),
+            ));
         }
-        if offset.checked_add(bytes).is_none_or(|end| end > res.seg.bytes) {
-            return Err(bad(op, format!("range {offset}+{bytes} outside {} bytes", res.seg.bytes)));
+        if offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > res.seg.bytes)
+        {
+            return Err(bad(
+                op,
+                format!("range {offset}+{bytes} outside {} bytes", res.seg.bytes),
+            ));
         }
         Ok((offset / g) as usize..((offset + bytes) / g) as usize)
     }
@@ -247,7 +259,10 @@ impl KvArena {
             .ok_or_else(|| bad("commit", format!("{range:?} is not a reservation")))?;
         let gr = self.granules("commit", res, offset, bytes)?;
         if let Some(i) = gr.clone().find(|&i| res.chunks[i] != 0) {
-            return Err(bad("commit", format!("granule {i} of {range:?} is already committed")));
+            return Err(bad(
+                "commit",
+                format!("granule {i} of {range:?} is already committed"),
+            ));
         }
         let g = self.granularity;
         for i in gr.clone() {
@@ -296,7 +311,10 @@ impl KvArena {
             .ok_or_else(|| bad("decommit", format!("{range:?} is not a reservation")))?;
         let gr = self.granules("decommit", res, offset, bytes)?;
         if let Some(i) = gr.clone().find(|&i| res.chunks[i] == 0) {
-            return Err(bad("decommit", format!("granule {i} of {range:?} is not committed")));
+            return Err(bad(
+                "decommit",
+                format!("granule {i} of {range:?} is not committed"),
+            ));
         }
         // Queued work may still read the chunks: wait before unmapping.
         self.dev.synchronize()?;
@@ -312,10 +330,9 @@ impl KvArena {
     }
 
     pub(crate) fn committed_bytes(&self, range: RawSegment) -> u64 {
-        self.lock()
-            .reservations
-            .get(&range.addr)
-            .map_or(0, |r| r.chunks.iter().filter(|&&h| h != 0).count() as u64 * self.granularity)
+        self.lock().reservations.get(&range.addr).map_or(0, |r| {
+            r.chunks.iter().filter(|&&h| h != 0).count() as u64 * self.granularity
+        })
     }
 
     pub(crate) fn unreserve(&self, range: RawSegment) {

@@ -1,7 +1,9 @@
 //! [`KvCacheOps`] on the device: `kernels/kv_cache.cu` (`write_kv`,
 //! `copy_pages`); the fused `rope_write_kv` is `rope` on q and k, then `write_kv`.
 
-use pagoda_backend::{BackendError, BufRef, DType, KvCacheOps, KvLayerRef, Result, RopeKvDims, TensorOps};
+use pagoda_backend::{
+    BackendError, BufRef, DType, KvCacheOps, KvLayerRef, Result, RopeKvDims, TensorOps,
+};
 
 use crate::args::Args;
 use crate::{CudaBackend, MAX_HEAD_DIM, SCRATCH_BYTES, dtype_code};
@@ -22,7 +24,14 @@ fn check_layout(op: &'static str, cache: &KvLayerRef<'_>) -> Result<()> {
 }
 
 impl KvCacheOps for CudaBackend {
-    fn write_kv(&self, cache: KvLayerRef<'_>, k: BufRef, v: BufRef, slot_mapping: BufRef, num_tokens: usize) -> Result<()> {
+    fn write_kv(
+        &self,
+        cache: KvLayerRef<'_>,
+        k: BufRef,
+        v: BufRef,
+        slot_mapping: BufRef,
+        num_tokens: usize,
+    ) -> Result<()> {
         const OP: &str = "write_kv";
         if num_tokens == 0 {
             return Ok(());
@@ -102,7 +111,11 @@ impl KvCacheOps for CudaBackend {
         // CPU's in-order loop does, so chained pairs go one launch each.
         let sources: std::collections::HashSet<u32> = pairs.iter().map(|&(s, _)| s).collect();
         let chained = pairs.iter().any(|&(_, d)| sources.contains(&d));
-        let per_chunk = if chained { 1 } else { (SCRATCH_BYTES / 8) as usize };
+        let per_chunk = if chained {
+            1
+        } else {
+            (SCRATCH_BYTES / 8) as usize
+        };
         let _g = self.lock_scratch();
         let mut words = [0u32; (SCRATCH_BYTES / 4) as usize];
         for chunk in pairs.chunks(per_chunk) {
@@ -122,7 +135,14 @@ impl KvCacheOps for CudaBackend {
                 .arg(chunk.len() as i32)
                 .arg(page_bytes)
                 .arg(l.num_pages as i32)
-                .launch(OP, self.func("copy_pages")?, (chunk.len() as u32, 1, 1), 256, 0, self.stream())?;
+                .launch(
+                    OP,
+                    self.func("copy_pages")?,
+                    (chunk.len() as u32, 1, 1),
+                    256,
+                    0,
+                    self.stream(),
+                )?;
         }
         Ok(())
     }

@@ -80,7 +80,9 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("device", &self.dev).finish()
+        f.debug_struct("CudaBackend")
+            .field("device", &self.dev)
+            .finish()
     }
 }
 
@@ -195,7 +197,10 @@ impl CudaBackend {
         if need > b.bytes {
             return Err(BackendError::InvalidArgument {
                 op,
-                detail: format!("buffer of {} bytes is too small ({need} bytes needed)", b.bytes),
+                detail: format!(
+                    "buffer of {} bytes is too small ({need} bytes needed)",
+                    b.bytes
+                ),
             });
         }
         if need == 0 {
@@ -227,7 +232,10 @@ impl CudaBackend {
         if cache.pieces.is_empty() || cache.pieces.len() > MAX_KV_PIECES {
             return Err(BackendError::InvalidArgument {
                 op,
-                detail: format!("{} arena pieces (1 ..= {MAX_KV_PIECES})", cache.pieces.len()),
+                detail: format!(
+                    "{} arena pieces (1 ..= {MAX_KV_PIECES})",
+                    cache.pieces.len()
+                ),
             });
         }
         let mut p = KvPieces {
@@ -242,28 +250,61 @@ impl CudaBackend {
 
     /// Holds the scratch buffer until the kernels reading it are enqueued.
     pub(crate) fn lock_scratch(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.scratch_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.scratch_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Writes a pattern over `[offset, offset + bytes)` of a committed arena
     /// range, reads it back on the device and returns the number of 4-byte
     /// words that differ (0 when every byte is readable and writable), as the
     /// CPU arena's `check_committed` does (`kernels/kv_arena.cu`).
-    pub fn check_committed(&self, range: RawSegment, offset: u64, bytes: u64, seed: u32) -> Result<u64> {
+    pub fn check_committed(
+        &self,
+        range: RawSegment,
+        offset: u64,
+        bytes: u64,
+        seed: u32,
+    ) -> Result<u64> {
         const OP: &str = "check_committed";
         if bytes == 0 {
             return Ok(0);
         }
-        if offset.checked_add(bytes).is_none_or(|e| e > range.bytes) || !offset.is_multiple_of(4) || !bytes.is_multiple_of(4) {
-            return Err(BackendError::InvalidArgument { op: OP, detail: format!("range {offset}+{bytes} of {range:?}") });
+        if offset.checked_add(bytes).is_none_or(|e| e > range.bytes)
+            || !offset.is_multiple_of(4)
+            || !bytes.is_multiple_of(4)
+        {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                detail: format!("range {offset}+{bytes} of {range:?}"),
+            });
         }
         let addr = range.addr + offset;
         let words = bytes / 4;
         let grid = (words.div_ceil(256).min(4096)) as u32;
         let _g = self.lock_scratch();
         let counter = self.to_scratch(&0u32.to_le_bytes())?;
-        args::Args::new().arg(addr).arg(words).arg(seed).launch(OP, self.func("fill_words")?, (grid, 1, 1), 256, 0, self.stream())?;
-        args::Args::new().arg(addr).arg(words).arg(seed).arg(counter).launch(OP, self.func("check_words")?, (grid, 1, 1), 256, 0, self.stream())?;
+        args::Args::new().arg(addr).arg(words).arg(seed).launch(
+            OP,
+            self.func("fill_words")?,
+            (grid, 1, 1),
+            256,
+            0,
+            self.stream(),
+        )?;
+        args::Args::new()
+            .arg(addr)
+            .arg(words)
+            .arg(seed)
+            .arg(counter)
+            .launch(
+                OP,
+                self.func("check_words")?,
+                (grid, 1, 1),
+                256,
+                0,
+                self.stream(),
+            )?;
         let mut bad = [0u8; 4];
         // SAFETY: counter is the scratch buffer's first word; synchronised below before reading.
         check("cuMemcpyDtoHAsync", unsafe {
@@ -280,7 +321,10 @@ impl CudaBackend {
         if bytes.len() as u64 > SCRATCH_BYTES {
             return Err(BackendError::InvalidArgument {
                 op: "scratch",
-                detail: format!("{} bytes above the {SCRATCH_BYTES}-byte scratch", bytes.len()),
+                detail: format!(
+                    "{} bytes above the {SCRATCH_BYTES}-byte scratch",
+                    bytes.len()
+                ),
             });
         }
         // SAFETY: scratch holds SCRATCH_BYTES; the pageable source is staged
@@ -317,7 +361,12 @@ impl Drop for CudaBackend {
 }
 
 /// Bytes of a matmul / embedding weight of `(rows, cols)` in `dtype`.
-pub(crate) fn weight_bytes(op: &'static str, dtype: DType, rows: usize, cols: usize) -> Result<u64> {
+pub(crate) fn weight_bytes(
+    op: &'static str,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+) -> Result<u64> {
     dtype
         .row_bytes(cols)
         .map(|r| r as u64 * rows as u64)

@@ -1,6 +1,8 @@
 //! [`AttentionOps`] on the device: `kernels/paged_attention.cu`.
 
-use pagoda_backend::{AttentionDims, AttentionOps, BackendError, BufRef, DType, KvLayerRef, Result};
+use pagoda_backend::{
+    AttentionDims, AttentionOps, BackendError, BufRef, DType, KvLayerRef, Result,
+};
 
 use crate::args::Args;
 use crate::{CudaBackend, MAX_HEAD_DIM, dtype_code};

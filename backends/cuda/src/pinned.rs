@@ -28,11 +28,17 @@ impl PinnedRanges {
     }
 
     fn insert(&self, ptr: usize, len: usize) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).insert(ptr, len);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(ptr, len);
     }
 
     fn remove(&self, ptr: usize) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&ptr);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&ptr);
     }
 }
 

@@ -12,7 +12,10 @@ impl SamplingOps for CudaBackend {
             return Ok(());
         }
         if vocab == 0 {
-            return Err(BackendError::InvalidArgument { op: OP, detail: "empty rows".into() });
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                detail: "empty rows".into(),
+            });
         }
         let lp = self.ptr32(logits, rows * vocab, OP)?;
         let ip = self.ptr32(ids, rows, OP)?;
@@ -21,10 +24,25 @@ impl SamplingOps for CudaBackend {
             .arg(ip)
             .arg(rows as i32)
             .arg(vocab as i32)
-            .launch(OP, self.func("argmax_rows")?, (rows as u32, 1, 1), 1024, 0, self.stream())
+            .launch(
+                OP,
+                self.func("argmax_rows")?,
+                (rows as u32, 1, 1),
+                1024,
+                0,
+                self.stream(),
+            )
     }
 
-    fn top_k_rows(&self, logits: BufRef, values: BufRef, ids: BufRef, rows: usize, vocab: usize, k: usize) -> Result<()> {
+    fn top_k_rows(
+        &self,
+        logits: BufRef,
+        values: BufRef,
+        ids: BufRef,
+        rows: usize,
+        vocab: usize,
+        k: usize,
+    ) -> Result<()> {
         const OP: &str = "top_k_rows";
         if rows == 0 || k == 0 {
             return Ok(());
@@ -45,6 +63,13 @@ impl SamplingOps for CudaBackend {
             .arg(rows as i32)
             .arg(vocab as i32)
             .arg(k as i32)
-            .launch(OP, self.func("top_k_rows")?, (rows as u32, 1, 1), 1024, 0, self.stream())
+            .launch(
+                OP,
+                self.func("top_k_rows")?,
+                (rows as u32, 1, 1),
+                1024,
+                0,
+                self.stream(),
+            )
     }
 }

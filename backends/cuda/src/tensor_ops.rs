@@ -3,8 +3,7 @@
 //! one `matmul` per projection.
 
 use pagoda_backend::{
-    BackendError, BufRef, DType, EmbeddingDims, MatmulDims, Projection, Result, RopeDims,
-    TensorOps,
+    BackendError, BufRef, DType, EmbeddingDims, MatmulDims, Projection, Result, RopeDims, TensorOps,
 };
 
 use crate::args::Args;
@@ -19,7 +18,14 @@ fn i32_of(op: &'static str, v: usize) -> Result<i32> {
 
 impl CudaBackend {
     /// Enqueues `matmul` after the checks.
-    fn launch_matmul(&self, x: BufRef, w: BufRef, dtype: DType, out: BufRef, d: MatmulDims) -> Result<()> {
+    fn launch_matmul(
+        &self,
+        x: BufRef,
+        w: BufRef,
+        dtype: DType,
+        out: BufRef,
+        d: MatmulDims,
+    ) -> Result<()> {
         const OP: &str = "matmul";
         if d.n == 0 || d.m == 0 {
             return Ok(());
@@ -27,7 +33,10 @@ impl CudaBackend {
         if d.out_stride < d.m || !d.k.is_multiple_of(8) {
             return Err(BackendError::InvalidArgument {
                 op: OP,
-                detail: format!("out_stride {} < m {} or k {} not a multiple of 8", d.out_stride, d.m, d.k),
+                detail: format!(
+                    "out_stride {} < m {} or k {} not a multiple of 8",
+                    d.out_stride, d.m, d.k
+                ),
             });
         }
         let code = dtype_code(OP, dtype)?;
@@ -56,13 +65,25 @@ impl CudaBackend {
 }
 
 impl TensorOps for CudaBackend {
-    fn embedding(&self, table: BufRef, table_dtype: DType, ids: BufRef, out: BufRef, d: EmbeddingDims) -> Result<()> {
+    fn embedding(
+        &self,
+        table: BufRef,
+        table_dtype: DType,
+        ids: BufRef,
+        out: BufRef,
+        d: EmbeddingDims,
+    ) -> Result<()> {
         const OP: &str = "embedding";
         if d.n == 0 {
             return Ok(());
         }
         let code = dtype_code(OP, table_dtype)?;
-        let tp = self.ptr(table, weight_bytes(OP, table_dtype, d.num_rows, d.dim)?, 4, OP)?;
+        let tp = self.ptr(
+            table,
+            weight_bytes(OP, table_dtype, d.num_rows, d.dim)?,
+            4,
+            OP,
+        )?;
         let ip = self.ptr32(ids, d.n, OP)?;
         let op = self.ptr32(out, d.n * d.dim, OP)?;
         Args::new()
@@ -74,14 +95,36 @@ impl TensorOps for CudaBackend {
             .arg(i32_of(OP, d.dim)?)
             .arg(d.first_row as u32)
             .arg(d.num_rows as u32)
-            .launch(OP, self.func("embedding")?, (d.n as u32, 1, 1), 256, 0, self.stream())
+            .launch(
+                OP,
+                self.func("embedding")?,
+                (d.n as u32, 1, 1),
+                256,
+                0,
+                self.stream(),
+            )
     }
 
-    fn matmul(&self, x: BufRef, w: BufRef, w_dtype: DType, out: BufRef, dims: MatmulDims) -> Result<()> {
+    fn matmul(
+        &self,
+        x: BufRef,
+        w: BufRef,
+        w_dtype: DType,
+        out: BufRef,
+        dims: MatmulDims,
+    ) -> Result<()> {
         self.launch_matmul(x, w, w_dtype, out, dims)
     }
 
-    fn rms_norm(&self, x: BufRef, weight: BufRef, out: BufRef, n: usize, dim: usize, eps: f32) -> Result<()> {
+    fn rms_norm(
+        &self,
+        x: BufRef,
+        weight: BufRef,
+        out: BufRef,
+        n: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
         const OP: &str = "rms_norm";
         if n == 0 {
             return Ok(());
@@ -96,7 +139,14 @@ impl TensorOps for CudaBackend {
             .arg(i32_of(OP, n)?)
             .arg(i32_of(OP, dim)?)
             .arg(eps)
-            .launch(OP, self.func("rms_norm")?, (n as u32, 1, 1), 256, 0, self.stream())
+            .launch(
+                OP,
+                self.func("rms_norm")?,
+                (n as u32, 1, 1),
+                256,
+                0,
+                self.stream(),
+            )
     }
 
     fn rms_norm_matmul(
@@ -149,7 +199,14 @@ impl TensorOps for CudaBackend {
             .arg(i32_of(OP, d.head_dim)?)
             .arg(i32_of(OP, d.rope_dim)?)
             .arg(d.freq_base)
-            .launch(OP, self.func("rope")?, (d.num_tokens as u32, 1, 1), 128, 0, self.stream())
+            .launch(
+                OP,
+                self.func("rope")?,
+                (d.num_tokens as u32, 1, 1),
+                128,
+                0,
+                self.stream(),
+            )
     }
 
     fn silu_mul(&self, gate: BufRef, up: BufRef, out: BufRef, len: usize) -> Result<()> {
@@ -160,12 +217,14 @@ impl TensorOps for CudaBackend {
         let g = self.ptr32(gate, len, OP)?;
         let u = self.ptr32(up, len, OP)?;
         let o = self.ptr32(out, len, OP)?;
-        Args::new()
-            .arg(g)
-            .arg(u)
-            .arg(o)
-            .arg(len as u64)
-            .launch(OP, self.func("silu_mul")?, (len.div_ceil(256) as u32, 1, 1), 256, 0, self.stream())
+        Args::new().arg(g).arg(u).arg(o).arg(len as u64).launch(
+            OP,
+            self.func("silu_mul")?,
+            (len.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            self.stream(),
+        )
     }
 
     fn add_assign(&self, x: BufRef, y: BufRef, len: usize) -> Result<()> {
@@ -175,14 +234,24 @@ impl TensorOps for CudaBackend {
         }
         let xp = self.ptr32(x, len, OP)?;
         let yp = self.ptr32(y, len, OP)?;
-        Args::new()
-            .arg(xp)
-            .arg(yp)
-            .arg(len as u64)
-            .launch(OP, self.func("add_assign")?, (len.div_ceil(256) as u32, 1, 1), 256, 0, self.stream())
+        Args::new().arg(xp).arg(yp).arg(len as u64).launch(
+            OP,
+            self.func("add_assign")?,
+            (len.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            self.stream(),
+        )
     }
 
-    fn gather_rows(&self, x: BufRef, indices: BufRef, out: BufRef, m: usize, dim: usize) -> Result<()> {
+    fn gather_rows(
+        &self,
+        x: BufRef,
+        indices: BufRef,
+        out: BufRef,
+        m: usize,
+        dim: usize,
+    ) -> Result<()> {
         const OP: &str = "gather_rows";
         if m == 0 || dim == 0 {
             return Ok(());
@@ -199,6 +268,13 @@ impl TensorOps for CudaBackend {
             .arg(i32_of(OP, m)?)
             .arg(i32_of(OP, dim)?)
             .arg(u32::try_from(rows).unwrap_or(u32::MAX))
-            .launch(OP, self.func("gather_rows")?, (m as u32, 1, 1), 256, 0, self.stream())
+            .launch(
+                OP,
+                self.func("gather_rows")?,
+                (m as u32, 1, 1),
+                256,
+                0,
+                self.stream(),
+            )
     }
 }

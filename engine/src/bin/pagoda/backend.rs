@@ -52,7 +52,9 @@ impl ValueEnum for BackendKind {
         Some(match self {
             BackendKind::Cpu => PossibleValue::new("cpu").help("the CPU reference backend"),
             #[cfg(feature = "cuda")]
-            BackendKind::Cuda => PossibleValue::new("cuda").help("an NVIDIA GPU through CUDA (device 0)"),
+            BackendKind::Cuda => {
+                PossibleValue::new("cuda").help("an NVIDIA GPU through CUDA (device 0)")
+            }
         })
     }
 }
@@ -156,5 +158,6 @@ macro_rules! with_backend {
 /// no NVRTC) as one error.
 #[cfg(feature = "cuda")]
 pub fn cuda_backend() -> anyhow::Result<pagoda_cuda::CudaBackend> {
-    pagoda_cuda::CudaBackend::new(0).map_err(|e| anyhow::anyhow!("the cuda backend has no device: {e}"))
+    pagoda_cuda::CudaBackend::new(0)
+        .map_err(|e| anyhow::anyhow!("the cuda backend has no device: {e}"))
 }
