@@ -23,7 +23,7 @@ case $PHASE in
 tests)
   for t in "$DIR"/tests/*; do
     n=$(basename "$t")
-    runbin "$n" timeout 420 "$t" --ignored --test-threads 1
+    runbin "$n" timeout 420 "$t" --ignored --test-threads 1 --nocapture
   done ;;
 novmm)
   for n in cuda_arena cuda_memory cuda_engine cuda_reference; do
@@ -32,7 +32,7 @@ novmm)
 sanitize)
   runbin memcheck-engine env PAGODA_STRESS_SCALE=0.1 timeout 500 compute-sanitizer --tool memcheck --leak-check full "$DIR/tests/cuda_engine" --ignored --test-threads 1 eight_threads
   runbin memcheck-arena env PAGODA_STRESS_OPS=40 timeout 300 compute-sanitizer --tool memcheck --leak-check full "$DIR/tests/cuda_arena" --ignored --test-threads 1
-  runbin racecheck-attention timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 attention
+  runbin racecheck-parity timeout 500 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu
   runbin racecheck-bench timeout 200 compute-sanitizer --tool racecheck "$DIR/pagoda" bench --backend cuda --dummy-weights tiny --batch 1,4 --prompt-len 32 --gen-len 8 --reps 1 ;;
 cli)
   runbin cli bash "$REPO/scripts/gpu-cli-check.sh" "$DIR/pagoda" "$REPO/tests/fixtures/reference/ppl_text.txt"

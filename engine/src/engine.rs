@@ -328,6 +328,8 @@ impl<B: Backend> EngineBuilder<B> {
                 Vec::new()
             }
         });
+        // The backend's own allocation points (VMM chunk maps) are fault sites too.
+        backend.attach_faults(&cfg.faults);
         let mut runner = ModelRunner::new(
             backend,
             pool,

@@ -501,4 +501,11 @@ pub trait Backend:
     fn alloc_host(&self, bytes: usize) -> Result<Box<dyn HostBuffer>> {
         Ok(Box::new(HeapBuffer::new(bytes)))
     }
+    /// Makes the backend's own allocation points (CUDA: each VMM chunk map)
+    /// fault sites of `faults`, the engine's injector, so a fault sweep
+    /// reaches them too. The engine calls it when it is built; the last
+    /// engine built on a backend wins. Default: no sites of the backend's own.
+    fn attach_faults(&self, faults: &crate::fault::FaultInjector) {
+        let _ = faults;
+    }
 }

@@ -36,11 +36,32 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return f;
 }
 
-// Round to nearest even, as half::f16::from_f32.
+// Round to nearest even, as half::f16::from_f32 (the same integer algorithm;
+// no inline PTX, whose 16-bit result register lost its low byte when stored
+// bytewise on the H200, 2026-12-02).
 __device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
+    u32 x = __float_as_uint(f);
+    u32 sign = (x & 0x80000000u) >> 16;
+    u32 exp = x & 0x7F800000u;
+    u32 man = x & 0x007FFFFFu;
+    if (exp == 0x7F800000u) {
+        u32 nan_bit = man == 0 ? 0u : 0x0200u;
+        return (u16)(sign | 0x7C00u | nan_bit | (man >> 13));
+    }
+    int half_exp = (int)(exp >> 23) - 127 + 15;
+    if (half_exp >= 0x1F) return (u16)(sign | 0x7C00u);
+    if (half_exp <= 0) {
+        if (14 - half_exp > 24) return (u16)sign;
+        man |= 0x00800000u;
+        u32 half_man = man >> (14 - half_exp);
+        u32 round_bit = 1u << (13 - half_exp);
+        if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) half_man += 1;
+        return (u16)(sign | half_man);
+    }
+    u32 bits = sign | ((u32)half_exp << 10) | (man >> 13);
+    const u32 round_bit = 0x1000u;
+    if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) bits += 1;
+    return (u16)bits;
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) {

@@ -496,6 +496,10 @@ impl Backend for CudaBackend {
         self.upload(dst, src)
     }
 
+    fn attach_faults(&self, faults: &FaultInjector) {
+        self.arena.set_faults(Some(faults.clone()));
+    }
+
     fn alloc_host(&self, bytes: usize) -> Result<Box<dyn HostBuffer>> {
         Ok(Box::new(PinnedBuffer::new(
             self.dev.clone(),
