@@ -3,7 +3,7 @@
 # Usage: scripts/gpu-suite.sh DIR PHASE
 #   DIR holds pagoda, tests/<name> (test binaries) and the model at
 #   cache/models/SmolLM2-135M-Instruct.Q4_1.gguf.
-#   PHASE: tests | novmm | sanitize | cli
+#   PHASE: tests | novmm | sanitize | sanitize-nomodel | cli
 # Logs go to $OUT/<phase>-<name>.log; a summary line per binary is printed last.
 set -uo pipefail
 DIR=${1:?dir}; PHASE=${2:?phase}
@@ -34,6 +34,12 @@ sanitize)
   runbin memcheck-arena env PAGODA_STRESS_OPS=40 timeout 300 compute-sanitizer --tool memcheck --leak-check full "$DIR/tests/cuda_arena" --ignored --test-threads 1
   runbin racecheck-parity timeout 500 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu
   runbin racecheck-bench timeout 200 compute-sanitizer --tool racecheck "$DIR/pagoda" bench --backend cuda --dummy-weights tiny --batch 1,4 --prompt-len 32 --gen-len 8 --reps 1 ;;
+sanitize-nomodel)
+  runbin memcheck-arena env PAGODA_STRESS_OPS=40 timeout 200 compute-sanitizer --tool memcheck --leak-check full "$DIR/tests/cuda_arena" --ignored --test-threads 1
+  runbin memcheck-bench timeout 300 compute-sanitizer --tool memcheck --leak-check full "$DIR/pagoda" bench --backend cuda --dummy-weights smollm2-135m --batch 1,4 --prompt-len 32 --gen-len 64 --reps 1
+  runbin racecheck-parity timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu
+  runbin novmm-arena env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_arena" --ignored --test-threads 1
+  runbin novmm-parity env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_parity" --ignored --test-threads 1 ;;
 cli)
   runbin cli bash "$REPO/scripts/gpu-cli-check.sh" "$DIR/pagoda" "$REPO/tests/fixtures/reference/ppl_text.txt"
   tail -60 "$OUT/cli-cli.log" ;;
