@@ -203,3 +203,42 @@ __device__ __forceinline__ u8* kv_row(const KvPieces& pieces, const u32* page_ta
               (((u64)kv * page_size + tok) * num_kv_heads + head) * row_bytes;
     return (u8*)(pieces.base[piece] + off);
 }
+
+// Rotates pair i (elements 2i, 2i+1) of one head at position pos, llama.cpp
+// NORM mode: theta = pos * base^(-2i / rope_dim), computed in f64 then cast
+// (as backends/cpu/src/rope.rs).
+__device__ __forceinline__ void rope_pair(float* head, double pos, int i, int rope_dim,
+                                          float freq_base) {
+    double inv = pow((double)freq_base, -2.0 * (double)i / (double)rope_dim);
+    double theta = pos * inv;
+    float c = (float)cos(theta), s = (float)sin(theta);
+    float a = head[2 * i], b = head[2 * i + 1];
+    head[2 * i] = a * c - b * s;
+    head[2 * i + 1] = a * s + b * c;
+}
+
+// Stores element e of a K/V row in `dtype` (F32, F16, BF16, Q8_0). For Q8_0
+// the 32 lanes of a warp call it together for one 32-element block (lanes
+// with e >= head_dim pass as padding): d = amax / 127 as f16, q = clamp(round(x / d)),
+// exactly quant::quantize_row_q8_0; blocks are 34 bytes at even offsets, so the
+// scale is one aligned u16 store.
+__device__ __forceinline__ void store_kv_elem(u8* row, int dtype, int e, float x, int head_dim) {
+    if (dtype == DT_Q8_0) {
+        float v = e < head_dim ? x : 0.0f;
+        float amax = warp_max(fabsf(v));
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        if (e < head_dim) {
+            u8* b = row + (e / 32) * 34;
+            int q = (int)roundf(v * id);
+            q = max(-127, min(127, q));
+            b[2 + e % 32] = (u8)(signed char)q;
+            if (e % 32 == 0) *(u16*)b = f32_to_f16(d);
+        }
+        return;
+    }
+    if (e >= head_dim) return;
+    if (dtype == DT_F32) ((float*)row)[e] = x;
+    else if (dtype == DT_F16) ((u16*)row)[e] = f32_to_f16(x);
+    else ((u16*)row)[e] = f32_to_bf16(x);
+}

@@ -1,13 +1,13 @@
 // kv_cache.cu — KV writes by slot and page copies through one layer's arena
 // pieces and page table (reference: backends/cpu/src/kv_cache.rs; layout in
-// backends/core/src/kv_cache.rs). Also the second half of rope_write_kv.
+// backends/core/src/kv_cache.rs).
 //
 // write_kv(pieces, page_table, k, v, slots, num_tokens, num_kv_heads, head_dim,
 //          page_size, num_pages, dtype)
 //   pieces: KvPieces by value; page_table: (num_pages, 2) u32
 //   k, v: (num_tokens, num_kv_heads, head_dim) f32; slots: (num_tokens) u32 = page * page_size + offset
-//   dtype: F32, F16, BF16 or Q8_0 (head_dim a multiple of 32; d = amax / 127 as f16,
-//   q = clamp(round(x / d), -127, 127), exactly quant::quantize_row_q8_0)
+//   dtype: F32, F16, BF16 or Q8_0 (head_dim a multiple of 32), stored by common.cuh's
+//   store_kv_elem
 //   Launch: grid (num_tokens, 2 /* K, V */, num_kv_heads), block 32 * ceil(head_dim / 32);
 //   thread e handles element e; for Q8_0 each warp is one 32-element block.
 //
@@ -29,27 +29,8 @@ extern "C" __global__ void write_kv(KvPieces pieces, const u32* page_table, cons
     u8* dst = kv_row(pieces, page_table, page, kv, off, h, num_pages, page_size, num_kv_heads, row);
     if (dst == 0) return;
     const float* src = (kv == 0 ? k : v) + ((u64)t * num_kv_heads + h) * head_dim;
-    if (dtype == DT_Q8_0) {
-        // Every thread of a warp takes part in the block's reductions.
-        float x = e < head_dim ? src[e] : 0.0f;
-        float amax = warp_max(fabsf(x));
-        float d = amax / 127.0f;
-        float id = d != 0.0f ? 1.0f / d : 0.0f;
-        if (e < head_dim) {
-            u8* b = dst + (e / 32) * 34;
-            int q = (int)roundf(x * id);
-            q = max(-127, min(127, q));
-            b[2 + e % 32] = (u8)(signed char)q;
-            // Blocks are 34 bytes at even offsets: the scale is one aligned u16.
-            if (e % 32 == 0) *(u16*)b = f32_to_f16(d);
-        }
-        return;
-    }
-    if (e >= head_dim) return;
-    float x = src[e];
-    if (dtype == DT_F32) ((float*)dst)[e] = x;
-    else if (dtype == DT_F16) ((u16*)dst)[e] = f32_to_f16(x);
-    else ((u16*)dst)[e] = f32_to_bf16(x);
+    // Every lane of a warp takes part (Q8_0 blocks reduce over the warp).
+    store_kv_elem(dst, dtype, e, e < head_dim ? src[e] : 0.0f, head_dim);
 }
 
 extern "C" __global__ void copy_pages(KvPieces pieces, const u32* page_table, const u32* pairs,

@@ -1,5 +1,5 @@
 // rope.cu — rotary position embedding, llama.cpp NORM mode (reference:
-// backends/cpu/src/rope.rs); also the first half of rope_write_kv.
+// backends/cpu/src/rope.rs); the math is common.cuh's rope_pair.
 //
 // rope(x, positions, num_tokens, num_heads, head_dim, rope_dim, freq_base)
 //   x: (num_tokens, num_heads, head_dim) f32, in place; positions: (num_tokens) u32
@@ -14,14 +14,6 @@ extern "C" __global__ void rope(float* x, const u32* positions, int num_tokens, 
     int pairs = rope_dim / 2;
     double pos = (double)positions[t];
     float* xt = x + (u64)t * num_heads * head_dim;
-    for (int w = threadIdx.x; w < num_heads * pairs; w += blockDim.x) {
-        int h = w / pairs, i = w % pairs;
-        double inv = pow((double)freq_base, -2.0 * (double)i / (double)rope_dim);
-        double theta = pos * inv;
-        float c = (float)cos(theta), s = (float)sin(theta);
-        float* p = xt + h * head_dim + 2 * i;
-        float a = p[0], b = p[1];
-        p[0] = a * c - b * s;
-        p[1] = a * s + b * c;
-    }
+    for (int w = threadIdx.x; w < num_heads * pairs; w += blockDim.x)
+        rope_pair(xt + (w / pairs) * head_dim, pos, w % pairs, rope_dim, freq_base);
 }

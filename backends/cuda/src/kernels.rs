@@ -53,6 +53,7 @@ pub const FILES: &[KernelFile] = &[
     kernel_file!("paged_attention", ["paged_attention"]),
     kernel_file!("rms_norm", ["rms_norm"]),
     kernel_file!("rope", ["rope"]),
+    kernel_file!("rope_write_kv", ["rope_write_kv"]),
     kernel_file!("sampling", ["argmax_rows", "top_k_rows"]),
 ];
 

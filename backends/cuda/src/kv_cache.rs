@@ -1,9 +1,7 @@
 //! [`KvCacheOps`] on the device: `kernels/kv_cache.cu` (`write_kv`,
-//! `copy_pages`); the fused `rope_write_kv` is `rope` on q and k, then `write_kv`.
+//! `copy_pages`) and `kernels/rope_write_kv.cu` (the fused RoPE + KV write, one launch).
 
-use pagoda_backend::{
-    BackendError, BufRef, DType, KvCacheOps, KvLayerRef, Result, RopeKvDims, TensorOps,
-};
+use pagoda_backend::{BackendError, BufRef, DType, KvCacheOps, KvLayerRef, Result, RopeKvDims};
 
 use crate::args::Args;
 use crate::{CudaBackend, MAX_HEAD_DIM, SCRATCH_BYTES, dtype_code};
@@ -75,9 +73,53 @@ impl KvCacheOps for CudaBackend {
         cache: KvLayerRef<'_>,
         dims: RopeKvDims,
     ) -> Result<()> {
-        self.rope(q, positions, dims.rope(false))?;
-        self.rope(k, positions, dims.rope(true))?;
-        self.write_kv(cache, k, v, slot_mapping, dims.num_tokens)
+        const OP: &str = "rope_write_kv";
+        let n = dims.num_tokens;
+        if n == 0 {
+            return Ok(());
+        }
+        check_layout(OP, &cache)?;
+        let l = cache.layout;
+        if dims.head_dim != l.head_dim
+            || dims.num_kv_heads != l.num_kv_heads
+            || dims.rope_dim > dims.head_dim
+        {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                detail: format!("{dims:?} does not match the KV layout {l:?}"),
+            });
+        }
+        let pieces = self.pieces(&cache, OP)?;
+        let qp = self.ptr32(q, n * dims.num_heads * l.head_dim, OP)?;
+        let kp = self.ptr32(k, n * l.num_kv_heads * l.head_dim, OP)?;
+        let vp = self.ptr32(v, n * l.num_kv_heads * l.head_dim, OP)?;
+        let pp = self.ptr32(positions, n, OP)?;
+        let sp = self.ptr32(slot_mapping, n, OP)?;
+        Args::new()
+            .arg(qp)
+            .arg(kp)
+            .arg(vp)
+            .arg(pp)
+            .arg(sp)
+            .arg(pieces)
+            .arg(cache.page_table.addr)
+            .arg(n as i32)
+            .arg(dims.num_heads as i32)
+            .arg(l.num_kv_heads as i32)
+            .arg(l.head_dim as i32)
+            .arg(dims.rope_dim as i32)
+            .arg(dims.freq_base)
+            .arg(l.page_size as i32)
+            .arg(l.num_pages as i32)
+            .arg(dtype_code(OP, l.dtype)?)
+            .launch(
+                OP,
+                self.func("rope_write_kv")?,
+                (n as u32, 1, 1),
+                128,
+                0,
+                self.stream(),
+            )
     }
 
     fn copy_pages(&self, cache: KvLayerRef<'_>, pairs: &[(u32, u32)]) -> Result<()> {

@@ -16,47 +16,105 @@ fn i32_of(op: &'static str, v: usize) -> Result<i32> {
     })
 }
 
+/// One projection of a `matmul` launch (`kernels/matmul.cu`'s `MmProj`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MmProj {
+    w: u64,
+    out: u64,
+    dtype: i32,
+    m: i32,
+    out_stride: i32,
+    first_block: i32,
+}
+
+/// Up to four projections sharing one input (`MmProjs`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MmProjs {
+    p: [MmProj; 4],
+    count: i32,
+}
+
+/// A projection to launch: weight, dtype, rows, output, output stride.
+#[derive(Clone, Copy)]
+struct ProjArg {
+    w: BufRef,
+    dtype: DType,
+    m: usize,
+    out: BufRef,
+    out_stride: usize,
+}
+
 impl CudaBackend {
-    /// Enqueues `matmul` after the checks.
+    /// Enqueues one `matmul` launch of up to four projections of `x`
+    /// (n, k), RMS-normed on the fly with `norm` (weight, eps) when given.
     fn launch_matmul(
         &self,
         x: BufRef,
-        w: BufRef,
-        dtype: DType,
-        out: BufRef,
-        d: MatmulDims,
+        norm: Option<(BufRef, f32)>,
+        projs: &[ProjArg],
+        n: usize,
+        k: usize,
+        accumulate: bool,
     ) -> Result<()> {
         const OP: &str = "matmul";
-        if d.n == 0 || d.m == 0 {
+        if n == 0 || projs.iter().all(|p| p.m == 0) {
             return Ok(());
         }
-        if d.out_stride < d.m || !d.k.is_multiple_of(8) {
+        if !k.is_multiple_of(8) || projs.len() > 4 {
             return Err(BackendError::InvalidArgument {
                 op: OP,
                 detail: format!(
-                    "out_stride {} < m {} or k {} not a multiple of 8",
-                    d.out_stride, d.m, d.k
+                    "k {k} not a multiple of 8, or {} projections (at most 4)",
+                    projs.len()
                 ),
             });
         }
-        let code = dtype_code(OP, dtype)?;
-        let xp = self.ptr(x, (d.n * d.k) as u64 * 4, 16, OP)?;
-        let wp = self.ptr(w, weight_bytes(OP, dtype, d.m, d.k)?, 16, OP)?;
-        let op = self.ptr(out, d.out_len() as u64 * 4, 4, OP)?;
+        let xp = self.ptr(x, (n * k) as u64 * 4, 16, OP)?;
+        let (np, eps) = match norm {
+            Some((w, eps)) => (self.ptr(w, k as u64 * 4, 16, OP)?, eps),
+            None => (0, 0.0),
+        };
+        let mut all = MmProjs::default();
+        let mut blocks = 0usize;
+        for p in projs.iter().filter(|p| p.m > 0) {
+            if p.out_stride < p.m {
+                return Err(BackendError::InvalidArgument {
+                    op: OP,
+                    detail: format!("out_stride {} < m {}", p.out_stride, p.m),
+                });
+            }
+            let dims = MatmulDims {
+                n,
+                k,
+                m: p.m,
+                out_stride: p.out_stride,
+                accumulate,
+            };
+            all.p[all.count as usize] = MmProj {
+                w: self.ptr(p.w, weight_bytes(OP, p.dtype, p.m, k)?, 16, OP)?,
+                out: self.ptr(p.out, dims.out_len() as u64 * 4, 4, OP)?,
+                dtype: dtype_code(OP, p.dtype)?,
+                m: i32_of(OP, p.m)?,
+                out_stride: i32_of(OP, p.out_stride)?,
+                first_block: i32_of(OP, blocks)?,
+            };
+            all.count += 1;
+            blocks += p.m.div_ceil(4);
+        }
         Args::new()
             .arg(xp)
-            .arg(wp)
-            .arg(code)
-            .arg(op)
-            .arg(i32_of(OP, d.n)?)
-            .arg(i32_of(OP, d.k)?)
-            .arg(i32_of(OP, d.m)?)
-            .arg(i32_of(OP, d.out_stride)?)
-            .arg(d.accumulate as i32)
+            .arg(np)
+            .arg(eps)
+            .arg(all)
+            .arg(i32_of(OP, n)?)
+            .arg(i32_of(OP, k)?)
+            .arg(accumulate as i32)
             .launch(
                 OP,
                 self.func("matmul")?,
-                (d.m.div_ceil(4) as u32, d.n.div_ceil(8) as u32, 1),
+                (blocks as u32, n.div_ceil(8) as u32, 1),
                 128,
                 0,
                 self.stream(),
@@ -113,7 +171,14 @@ impl TensorOps for CudaBackend {
         out: BufRef,
         dims: MatmulDims,
     ) -> Result<()> {
-        self.launch_matmul(x, w, w_dtype, out, dims)
+        let p = ProjArg {
+            w,
+            dtype: w_dtype,
+            m: dims.m,
+            out,
+            out_stride: dims.out_stride,
+        };
+        self.launch_matmul(x, None, &[p], dims.n, dims.k, dims.accumulate)
     }
 
     fn rms_norm(
@@ -159,21 +224,28 @@ impl TensorOps for CudaBackend {
         eps: f32,
         projections: &[Projection],
     ) -> Result<()> {
-        self.rms_norm(x, weight, normed, n, k, eps)?;
-        for p in projections {
-            self.launch_matmul(
-                normed,
-                p.w,
-                p.dtype,
-                p.out,
-                MatmulDims {
-                    n,
-                    k,
+        // One launch per four projections, the norm computed in the kernel
+        // (`normed` is not written).
+        let _ = normed;
+        for chunk in projections.chunks(4) {
+            let none = ProjArg {
+                w: BufRef::EMPTY,
+                dtype: DType::F32,
+                m: 0,
+                out: BufRef::EMPTY,
+                out_stride: 0,
+            };
+            let mut list = [none; 4];
+            for (l, p) in list.iter_mut().zip(chunk) {
+                *l = ProjArg {
+                    w: p.w,
+                    dtype: p.dtype,
                     m: p.m,
+                    out: p.out,
                     out_stride: p.out_stride,
-                    accumulate: false,
-                },
-            )?;
+                };
+            }
+            self.launch_matmul(x, Some((weight, eps)), &list[..chunk.len()], n, k, false)?;
         }
         Ok(())
     }
