@@ -3,7 +3,7 @@
 # Usage: scripts/gpu-suite.sh DIR PHASE
 #   DIR holds pagoda, tests/<name> (test binaries) and the model at
 #   cache/models/SmolLM2-135M-Instruct.Q4_1.gguf.
-#   PHASE: tests | novmm | sanitize | sanitize-nomodel | cli
+#   PHASE: tests | novmm | sanitize | sanitize-nomodel | bench | cli
 # Logs go to $OUT/<phase>-<name>.log; a summary line per binary is printed last.
 set -uo pipefail
 DIR=${1:?dir}; PHASE=${2:?phase}
@@ -40,6 +40,26 @@ sanitize-nomodel)
   runbin racecheck-parity timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu
   runbin novmm-arena env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_arena" --ignored --test-threads 1
   runbin novmm-parity env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_parity" --ignored --test-threads 1 ;;
+bench)
+  # issue 11's table: f16 KV; batch 1 = llama-bench's pp512 / tg128; batched = prompt 128, 128 each.
+  P=$DIR/pagoda
+  {
+    timeout 200 "$P" bench --backend cuda --kv-dtype f16 --batch 1 --prompt-len 512 --gen-len 128 --reps 3 --json
+    timeout 200 "$P" bench --backend cuda --kv-dtype f16 --batch 8,32,64,128 --prompt-len 128 --gen-len 128 --reps 2 --json
+    if [ "${BENCH_7B:-1}" != 0 ]; then
+    timeout 200 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 1 --prompt-len 512 --gen-len 128 --reps 2 --json
+    timeout 200 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 64 --prompt-len 128 --gen-len 128 --reps 1 --json
+    fi
+  } > "$OUT/bench.jsonl" 2> "$OUT/bench.log"
+  python3 - "$OUT/bench.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if not line: continue
+    for r in json.loads(line):
+        print(f"{r['model'][-30:]:>30} B={r['batch']:<4} prefill {r['prefill_tokens_per_s']:>9.0f} t/s  decode {r['decode_tokens_per_s']:>9.0f} t/s  step p50 {r['decode_step_ms_p50']:.3f} ms")
+PY
+  ;;
 cli)
   runbin cli bash "$REPO/scripts/gpu-cli-check.sh" "$DIR/pagoda" "$REPO/tests/fixtures/reference/ppl_text.txt"
   tail -60 "$OUT/cli-cli.log" ;;

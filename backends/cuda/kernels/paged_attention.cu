@@ -9,15 +9,15 @@
 //   positions: (num_tokens) u32, token t attends to positions 0 ..= positions[t]
 //   block_tables: (num_seqs, max_blocks_per_seq) u32; context_lens: (num_seqs) u32
 //   query_start_locs: (num_seqs + 1) u32; KV dtype F32, F16, BF16 or Q8_0; head_dim <= 256
-// Launch: grid (num_tokens, num_heads), block 128; shared: q (256 floats), one chunk of
-//   512 scores, 32 floats of reduction scratch, 256 floats to merge the V partial sums.
+// Launch: grid (num_tokens, num_heads), block 512; shared: q (256 floats), one chunk of
+//   512 scores, 32 floats of reduction scratch, 512 floats to merge the V partial sums.
 //   Keys are visited in chunks of 512: every thread scores whole keys (a dot product over
 //   the row, 16-byte loads where the dtype allows), the block takes the chunk's max and
 //   sum (online softmax across chunks), then thread (g, e) accumulates element e of V over
-//   the keys j = g (mod 128 / head_dim) of the chunk — loads coalesced across e. The groups'
+//   the keys j = g (mod 512 / head_dim) of the chunk — loads coalesced across e. The groups'
 //   partial sums are added at the end. A token outside every sequence gets zeros.
 
-#define PA_THREADS 128
+#define PA_THREADS 512
 #define PA_CHUNK 512
 
 __device__ __forceinline__ float kv_elem(const u8* row, int dtype, int e) {
@@ -98,7 +98,7 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
     __shared__ float s_q[256];
     __shared__ float s_p[PA_CHUNK];
     __shared__ float s_red[32];
-    __shared__ float s_acc[256];
+    __shared__ float s_acc[PA_THREADS];
     int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     if (t >= num_tokens) return;
     float* o = out + ((u64)t * num_heads + h) * head_dim;
@@ -124,8 +124,8 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
     for (int e = tid; e < head_dim; e += blockDim.x) s_q[e] = qh[e];
     __syncthreads();
 
-    // V ownership: groups of head_dim threads (head_dim <= 128), else one
-    // group with two elements a thread.
+    // V ownership: groups of head_dim threads (512 / head_dim groups; a
+    // head_dim above 512 cannot occur: at most 256).
     bool wide = head_dim > PA_THREADS;
     int groups = wide ? 1 : PA_THREADS / head_dim;
     int g = wide ? 0 : tid / head_dim;
