@@ -146,32 +146,48 @@ __device__ __forceinline__ void load8(const u8* row, int dtype, int e0, float w[
         return;
     }
     case DT_Q8_0: {
+        // 34-byte blocks at even offsets: the scale and the 8 quants are u16-aligned.
         const u8* b = row + (e0 / 32) * 34;
-        float d = f16_to_f32(load_u16(b));
-        int j0 = e0 % 32;
+        float d = f16_to_f32(*(const u16*)b);
+        const u16* qs = (const u16*)(b + 2 + e0 % 32);
 #pragma unroll
-        for (int i = 0; i < 8; i++) w[i] = d * (float)(signed char)b[2 + j0 + i];
+        for (int i = 0; i < 4; i++) {
+            u16 v = qs[i];
+            w[2 * i] = d * (float)(signed char)(v & 0xFF);
+            w[2 * i + 1] = d * (float)(signed char)(v >> 8);
+        }
         return;
     }
     case DT_Q4_0: {
+        // 18-byte blocks at even offsets: u16 loads.
         const u8* b = row + (e0 / 32) * 18;
-        float d = f16_to_f32(load_u16(b));
+        float d = f16_to_f32(*(const u16*)b);
         int j0 = e0 % 32;
-        const u8* qs = b + 2 + (j0 & 15);
+        const u16* qs = (const u16*)(b + 2 + (j0 & 15));
         int shift = j0 < 16 ? 0 : 4;
 #pragma unroll
-        for (int i = 0; i < 8; i++) w[i] = d * (float)(((qs[i] >> shift) & 15) - 8);
+        for (int i = 0; i < 4; i++) {
+            u16 v = qs[i];
+            w[2 * i] = d * (float)((((v & 0xFF) >> shift) & 15) - 8);
+            w[2 * i + 1] = d * (float)((((v >> 8) >> shift) & 15) - 8);
+        }
         return;
     }
     default: {
+        // 20-byte blocks: scale, min and the nibbles are u32-aligned.
         const u8* b = row + (e0 / 32) * 20;
-        float d = f16_to_f32(load_u16(b));
-        float m = f16_to_f32(load_u16(b + 2));
+        u32 dm = *(const u32*)b;
+        float d = f16_to_f32((u16)(dm & 0xFFFF));
+        float m = f16_to_f32((u16)(dm >> 16));
         int j0 = e0 % 32;
-        const u8* qs = b + 4 + (j0 & 15);
+        const u32* qs = (const u32*)(b + 4 + (j0 & 15));
         int shift = j0 < 16 ? 0 : 4;
 #pragma unroll
-        for (int i = 0; i < 8; i++) w[i] = d * (float)((qs[i] >> shift) & 15) + m;
+        for (int i = 0; i < 2; i++) {
+            u32 v = qs[i];
+#pragma unroll
+            for (int k = 0; k < 4; k++) w[4 * i + k] = d * (float)(((v >> (8 * k)) >> shift) & 15) + m;
+        }
         return;
     }
     }
