@@ -386,6 +386,29 @@ pub fn batch_invariance<B: Backend>(backend: Arc<B>) {
     }
 }
 
+/// Every completion of `together` has `params.max_tokens` tokens equal to
+/// its prompt run alone on an engine of `cfg` (a roomy cache: no preemption).
+fn assert_equal_to_solo_runs<B: Backend>(
+    backend: Arc<B>,
+    cfg: EngineConfig,
+    prompts: &[Vec<u32>],
+    together: &[Completion],
+    params: &GenerationParams,
+) {
+    let mut roomy = engine_on(backend, cfg);
+    for (p, t) in prompts.iter().zip(together) {
+        let alone = roomy
+            .generate(vec![p.clone()], params.clone())
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(t.generated_tokens.len(), params.max_tokens);
+        // Metric: generated ids; bound: identical to the uninterrupted run.
+        assert_eq!(alone.generated_tokens, t.generated_tokens);
+    }
+    assert_eq!(roomy.scheduler().stats().num_preemptions, 0);
+}
+
 /// Four prompts on 9 KV pages: the scheduler preempts (recompute) instead of
 /// failing, every page is back at the end, and every request's 40 tokens
 /// equal the request run alone on a roomy cache.
@@ -422,23 +445,16 @@ pub fn preemption_keeps_outputs<B: Backend>(backend: Arc<B>) {
         "every page is back"
     );
     drop(tight);
-    let mut roomy = engine_on(
+    assert_equal_to_solo_runs(
         backend,
         EngineConfig {
             num_pages: None,
             ..cfg
         },
+        &prompts,
+        &together,
+        &params,
     );
-    for (p, t) in prompts.iter().zip(&together) {
-        let alone = roomy
-            .generate(vec![p.clone()], params.clone())
-            .unwrap()
-            .pop()
-            .unwrap();
-        assert_eq!(t.generated_tokens.len(), 40);
-        // Metric: generated ids; bound: identical to the uninterrupted run.
-        assert_eq!(alone.generated_tokens, t.generated_tokens);
-    }
 }
 
 /// Four longer prompts on 9 KV pages with 64 MiB of swap space (the host
@@ -484,25 +500,17 @@ pub fn swapped_requests_match_uninterrupted_runs<B: Backend>(backend: Arc<B>) {
     assert_eq!(tight.scheduler().num_host_slots_in_use(), 0);
     assert_eq!(tight.scheduler().block_manager().num_free_pages(), 9);
     drop(tight);
-    let mut roomy = engine_on(
+    assert_equal_to_solo_runs(
         backend,
         EngineConfig {
             num_pages: None,
             swap_space_bytes: 0,
             ..cfg
         },
+        &prompts,
+        &together,
+        &params,
     );
-    for (p, t) in prompts.iter().zip(&together) {
-        let alone = roomy
-            .generate(vec![p.clone()], params.clone())
-            .unwrap()
-            .pop()
-            .unwrap();
-        assert_eq!(t.generated_tokens.len(), 40);
-        // Metric: generated ids; bound: identical to the uninterrupted run.
-        assert_eq!(alone.generated_tokens, t.generated_tokens);
-    }
-    assert_eq!(roomy.scheduler().stats().num_preemptions, 0);
 }
 
 /// Aborting a running request frees all of its pages at once; the other

@@ -181,9 +181,8 @@ impl Drop for Graphs {
 
 /// Destroys one graph (the stream idle).
 fn destroy(c: Captured) {
-    // SAFETY: each exec and graph is destroyed once, with no replay queued.
-    unsafe {
-        cu::cuGraphExecDestroy(c.exec);
-        cu::cuGraphDestroy(c.graph);
-    }
+    // SAFETY: the executable is destroyed once, with no replay queued.
+    unsafe { cu::cuGraphExecDestroy(c.exec) };
+    // SAFETY: the graph it was instantiated from is destroyed once, after it.
+    unsafe { cu::cuGraphDestroy(c.graph) };
 }

@@ -230,24 +230,20 @@ impl KvArena {
         // SAFETY: the access descriptor is fully initialised; the range is mapped.
         let r = unsafe { cu::cuMemSetAccess(addr, g, &self.access, 1) };
         if let Err(e) = check("cuMemSetAccess", r) {
-            // SAFETY: unmap, then release the handle: the clean-up order.
-            unsafe {
-                cu::cuMemUnmap(addr, g);
-                cu::cuMemRelease(handle);
-            }
+            self.unmap_chunk(addr, handle);
             return Err(e);
         }
         Ok(handle)
     }
 
-    /// Unmaps and releases one chunk (the stream is idle).
+    /// Unmaps and releases one chunk: unmap, then release the handle (the
+    /// clean-up order). Nothing queued touches it (the caller synchronised,
+    /// or the chunk was never used).
     fn unmap_chunk(&self, addr: u64, handle: cu::CUmemGenericAllocationHandle) {
-        // SAFETY: the chunk at addr is mapped with `handle`; no queued work
-        // touches it (the caller synchronised); unmap, then release.
-        unsafe {
-            cu::cuMemUnmap(addr, self.granularity as usize);
-            cu::cuMemRelease(handle);
-        }
+        // SAFETY: the chunk at addr is mapped with `handle` and no queued work touches it.
+        unsafe { cu::cuMemUnmap(addr, self.granularity as usize) };
+        // SAFETY: the handle is no longer mapped anywhere; released once.
+        unsafe { cu::cuMemRelease(handle) };
     }
 
     pub(crate) fn commit(&self, range: RawSegment, offset: u64, bytes: u64) -> Result<()> {

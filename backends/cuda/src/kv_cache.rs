@@ -159,17 +159,14 @@ impl KvCacheOps for CudaBackend {
             (SCRATCH_BYTES / 8) as usize
         };
         let _g = self.lock_scratch();
-        let mut words = [0u32; (SCRATCH_BYTES / 4) as usize];
+        // (per_chunk, 2) u32 little-endian, staged on the stack.
+        let mut bytes = [0u8; SCRATCH_BYTES as usize];
         for chunk in pairs.chunks(per_chunk) {
-            for (i, &(s, d)) in chunk.iter().enumerate() {
-                words[2 * i] = s;
-                words[2 * i + 1] = d;
+            for (b, &(s, d)) in bytes.chunks_exact_mut(8).zip(chunk) {
+                b[..4].copy_from_slice(&s.to_le_bytes());
+                b[4..].copy_from_slice(&d.to_le_bytes());
             }
-            let bytes: Vec<u8> = words[..2 * chunk.len()]
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect();
-            let dev_pairs = self.to_scratch(&bytes)?;
+            let dev_pairs = self.to_scratch(&bytes[..8 * chunk.len()])?;
             Args::new()
                 .arg(pieces)
                 .arg(cache.page_table.addr)
