@@ -3,7 +3,7 @@
 # Usage: scripts/gpu-suite.sh DIR PHASE
 #   DIR holds pagoda, tests/<name> (test binaries) and the model at
 #   cache/models/SmolLM2-135M-Instruct.Q4_1.gguf.
-#   PHASE: tests | novmm | sanitize | sanitize-nomodel | bench | cli
+#   PHASE: tests | novmm | sanitize | sanitize-nomodel | bench | profile | cli
 # Logs go to $OUT/<phase>-<name>.log; a summary line per binary is printed last.
 set -uo pipefail
 DIR=${1:?dir}; PHASE=${2:?phase}
@@ -60,6 +60,22 @@ for line in open(sys.argv[1]):
         print(f"{r['model'][-30:]:>30} B={r['batch']:<4} prefill {r['prefill_tokens_per_s']:>9.0f} t/s  decode {r['decode_tokens_per_s']:>9.0f} t/s  step p50 {r['decode_step_ms_p50']:.3f} ms")
 PY
   ;;
+profile)
+  # Per-kernel GPU time and DRAM traffic (ncu, clocks left alone) of short bench runs;
+  # PROFILE_7B=0 skips the 7B shape. Summaries: scripts/ncu-summary.py.
+  P=$DIR/pagoda
+  M="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
+  prof() { # name, bench args...
+    local name=$1; shift
+    timeout 240 ncu --clock-control none --metrics "$M" --csv --print-units base --log-file "$OUT/ncu-$name.csv" \
+      "$P" bench --backend cuda --kv-dtype f16 --reps 1 --warmup 0 "$@" > "$OUT/ncu-$name.out" 2>&1
+    echo "== $name rc=$? ($*)"; python3 "$REPO/scripts/ncu-summary.py" "$OUT/ncu-$name.csv" 25
+  }
+  prof smol-b1 --batch 1 --prompt-len 128 --gen-len 8
+  prof smol-b64 --batch 64 --prompt-len 128 --gen-len 4
+  if [ "${PROFILE_7B:-1}" != 0 ]; then
+  prof 7b-b1 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 1 --prompt-len 16 --gen-len 4
+  fi ;;
 cli)
   runbin cli bash "$REPO/scripts/gpu-cli-check.sh" "$DIR/pagoda" "$REPO/tests/fixtures/reference/ppl_text.txt"
   tail -60 "$OUT/cli-cli.log" ;;

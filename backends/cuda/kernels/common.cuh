@@ -3,11 +3,16 @@
 //
 // Integer types, dtype codes (must match `src/kernels.rs::dtype_code`),
 // f16/bf16 conversions that round exactly as the `half` crate does, and the
-// GGUF block decoders of `pagoda_backend::quant` (value of element j):
+// decoders of `pagoda_backend::quant`'s blocks (value of element j):
 //   Q8_0 (34 B / 32): d f16, qs i8[32]      -> d * qs[j]
 //   Q4_0 (18 B / 32): d f16, qs u8[16]      -> d * (nib(j) - 8)
 //   Q4_1 (20 B / 32): d f16, m f16, qs[16]  -> d * nib(j) + m
 //   nib(j) = qs[j] & 15 for j < 16, qs[j - 16] >> 4 for j >= 16.
+// Quantized *weights* are repacked by the backend's upload_weight (src/weight_layout.rs):
+// for a (m, k) piece with nb = k / 32 blocks a row, first the quants of every block,
+// [m][nb][QB] bytes (QB = 32 for Q8_0, 16 for Q4_0 / Q4_1: 16-byte aligned, read with
+// 16-byte loads), then the scales, [m][nb][SB] bytes (SB = 2: d; Q4_1: 4, d then m).
+// Q8_0 KV rows keep the GGUF block layout.
 // KV arena pieces: `KvPieces` (by value, 64 piece base addresses), pages found
 // through the layer's page table (num_pages, 2) u32 = (piece, page in piece).
 
@@ -97,100 +102,67 @@ __device__ __forceinline__ u64 row_bytes_of(int dtype, int n) {
     }
 }
 
-// Element e of a row.
-__device__ __forceinline__ float load_elem(const u8* row, int dtype, int e) {
+// Element e of a row of float weights (F32, F16, BF16).
+__device__ __forceinline__ float load_float_elem(const u8* row, int dtype, int e) {
     switch (dtype) {
     case DT_F32: return ((const float*)row)[e];
     case DT_F16: return f16_to_f32(((const u16*)row)[e]);
-    case DT_BF16: return bf16_to_f32(((const u16*)row)[e]);
-    case DT_Q8_0: {
-        const u8* b = row + (e / 32) * 34;
-        return f16_to_f32(load_u16(b)) * (float)(signed char)b[2 + (e % 32)];
-    }
-    case DT_Q4_0: {
-        const u8* b = row + (e / 32) * 18;
-        int j = e % 32;
-        int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
-        return f16_to_f32(load_u16(b)) * (float)(q - 8);
-    }
-    default: {
-        const u8* b = row + (e / 32) * 20;
-        int j = e % 32;
-        int q = j < 16 ? (b[4 + j] & 15) : (b[4 + j - 16] >> 4);
-        return f16_to_f32(load_u16(b)) * (float)q + f16_to_f32(load_u16(b + 2));
-    }
+    default: return bf16_to_f32(((const u16*)row)[e]);
     }
 }
 
-// Elements e0 .. e0 + 8 of a row (e0 a multiple of 8, row 16-byte aligned
-// for F32/F16/BF16).
-__device__ __forceinline__ void load8(const u8* row, int dtype, int e0, float w[8]) {
-    switch (dtype) {
-    case DT_F32: {
+// Elements e0 .. e0 + 8 of a row of float weights (e0 a multiple of 8, row
+// 16-byte aligned).
+__device__ __forceinline__ void load8_float(const u8* row, int dtype, int e0, float w[8]) {
+    if (dtype == DT_F32) {
         const float4* p = (const float4*)((const float*)row + e0);
         float4 a = p[0], b = p[1];
         w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
         w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
         return;
     }
-    case DT_F16:
-    case DT_BF16: {
-        uint4 v = *(const uint4*)((const u16*)row + e0);
-        u32 words[4] = {v.x, v.y, v.z, v.w};
+    uint4 v = *(const uint4*)((const u16*)row + e0);
+    u32 words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u16 lo = (u16)(words[i] & 0xFFFF), hi = (u16)(words[i] >> 16);
-            w[2 * i] = dtype == DT_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
-            w[2 * i + 1] = dtype == DT_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
-        }
-        return;
+    for (int i = 0; i < 4; i++) {
+        u16 lo = (u16)(words[i] & 0xFFFF), hi = (u16)(words[i] >> 16);
+        w[2 * i] = dtype == DT_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
+        w[2 * i + 1] = dtype == DT_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
     }
-    case DT_Q8_0: {
-        // 34-byte blocks at even offsets: the scale and the 8 quants are u16-aligned.
-        const u8* b = row + (e0 / 32) * 34;
-        float d = f16_to_f32(*(const u16*)b);
-        const u16* qs = (const u16*)(b + 2 + e0 % 32);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u16 v = qs[i];
-            w[2 * i] = d * (float)(signed char)(v & 0xFF);
-            w[2 * i + 1] = d * (float)(signed char)(v >> 8);
-        }
-        return;
+}
+
+__device__ __forceinline__ bool is_quant(int dtype) {
+    return dtype == DT_Q8_0 || dtype == DT_Q4_0 || dtype == DT_Q4_1;
+}
+
+// Bytes of one block's quants / scales in the repacked weight layout.
+__device__ __forceinline__ int quant_qb(int dtype) { return dtype == DT_Q8_0 ? 32 : 16; }
+__device__ __forceinline__ int quant_sb(int dtype) { return dtype == DT_Q4_1 ? 4 : 2; }
+
+// Scale d (and min m, Q4_1) of block i (= row * nb + b) of a repacked weight.
+__device__ __forceinline__ void quant_scales(const u8* sc, int dtype, u64 i, float* d, float* m) {
+    if (dtype == DT_Q4_1) {
+        u32 dm = ((const u32*)sc)[i];
+        *d = f16_to_f32((u16)(dm & 0xFFFF));
+        *m = f16_to_f32((u16)(dm >> 16));
+    } else {
+        *d = f16_to_f32(((const u16*)sc)[i]);
+        *m = 0.0f;
     }
-    case DT_Q4_0: {
-        // 18-byte blocks at even offsets: u16 loads.
-        const u8* b = row + (e0 / 32) * 18;
-        float d = f16_to_f32(*(const u16*)b);
-        int j0 = e0 % 32;
-        const u16* qs = (const u16*)(b + 2 + (j0 & 15));
-        int shift = j0 < 16 ? 0 : 4;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u16 v = qs[i];
-            w[2 * i] = d * (float)((((v & 0xFF) >> shift) & 15) - 8);
-            w[2 * i + 1] = d * (float)((((v >> 8) >> shift) & 15) - 8);
-        }
-        return;
-    }
-    default: {
-        // 20-byte blocks: scale, min and the nibbles are u32-aligned.
-        const u8* b = row + (e0 / 32) * 20;
-        u32 dm = *(const u32*)b;
-        float d = f16_to_f32((u16)(dm & 0xFFFF));
-        float m = f16_to_f32((u16)(dm >> 16));
-        int j0 = e0 % 32;
-        const u32* qs = (const u32*)(b + 4 + (j0 & 15));
-        int shift = j0 < 16 ? 0 : 4;
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            u32 v = qs[i];
-#pragma unroll
-            for (int k = 0; k < 4; k++) w[4 * i + k] = d * (float)(((v >> (8 * k)) >> shift) & 15) + m;
-        }
-        return;
-    }
-    }
+}
+
+// Element e of row r of a repacked quantized weight of (m, k).
+__device__ __forceinline__ float packed_elem(const u8* w, int dtype, u64 m, int k, u64 r, int e) {
+    u64 nb = (u64)(k / 32);
+    u64 i = r * nb + (u64)(e / 32);
+    const u8* qs = w + i * quant_qb(dtype);
+    const u8* sc = w + m * nb * quant_qb(dtype);
+    float d, mn;
+    quant_scales(sc, dtype, i, &d, &mn);
+    int j = e % 32;
+    if (dtype == DT_Q8_0) return d * (float)(signed char)qs[j];
+    int q = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
+    return dtype == DT_Q4_0 ? d * (float)(q - 8) : d * (float)q + mn;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -220,17 +192,42 @@ __device__ __forceinline__ u8* kv_row(const KvPieces& pieces, const u32* page_ta
     return (u8*)(pieces.base[piece] + off);
 }
 
-// Rotates pair i (elements 2i, 2i+1) of one head at position pos, llama.cpp
-// NORM mode: theta = pos * base^(-2i / rope_dim), computed in f64 then cast
-// (as backends/cpu/src/rope.rs).
-__device__ __forceinline__ void rope_pair(float* head, double pos, int i, int rope_dim,
-                                          float freq_base) {
+// cos / sin of pair i at position pos, llama.cpp NORM mode: theta = pos * base^(-2i / rope_dim),
+// computed in f64 then cast (as backends/cpu/src/rope.rs).
+__device__ __forceinline__ void rope_cs(double pos, int i, int rope_dim, float freq_base,
+                                        float* c, float* s) {
     double inv = pow((double)freq_base, -2.0 * (double)i / (double)rope_dim);
     double theta = pos * inv;
-    float c = (float)cos(theta), s = (float)sin(theta);
+    *c = (float)cos(theta);
+    *s = (float)sin(theta);
+}
+
+// Rotates pair i (elements 2i, 2i+1) of one head by (c, s).
+__device__ __forceinline__ void rope_rotate(float* head, int i, float c, float s) {
     float a = head[2 * i], b = head[2 * i + 1];
     head[2 * i] = a * c - b * s;
     head[2 * i + 1] = a * s + b * c;
+}
+
+// RoPE of every head of one token by the whole block: thread (g, i) with
+// i = tid % pairs computes pair i's angle once and rotates pair i of heads
+// g, g + G, ... (G = blockDim / pairs; when pairs > blockDim, threads stride
+// over pairs and rotate every head). heads(h) is the address of head h.
+template <typename Heads>
+__device__ __forceinline__ void rope_heads(Heads heads, int num_heads, double pos, int rope_dim,
+                                           float freq_base) {
+    int pairs = rope_dim / 2;
+    if (pairs <= 0) return;
+    int nt = (int)blockDim.x;
+    int groups = pairs <= nt ? nt / pairs : 1;
+    int g = pairs <= nt ? (int)threadIdx.x / pairs : 0;
+    if (g >= groups) return;
+    int step = pairs <= nt ? pairs : nt;
+    for (int i = pairs <= nt ? (int)threadIdx.x % pairs : (int)threadIdx.x; i < pairs; i += step) {
+        float c, s;
+        rope_cs(pos, i, rope_dim, freq_base, &c, &s);
+        for (int h = g; h < num_heads; h += groups) rope_rotate(heads(h), i, c, s);
+    }
 }
 
 // Stores element e of a K/V row in `dtype` (F32, F16, BF16, Q8_0). For Q8_0

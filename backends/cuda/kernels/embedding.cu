@@ -2,7 +2,8 @@
 // (reference: backends/cpu/src/embedding.rs).
 //
 // embedding(table, dtype, ids, out, n, dim, first_row, num_rows)
-//   table: (num_rows, dim) in dtype (F32, F16, BF16, Q8_0, Q4_0, Q4_1), rows first_row ..
+//   table: (num_rows, dim) in dtype (F32, F16, BF16, or Q8_0, Q4_0, Q4_1 repacked as
+//   common.cuh says), rows first_row ..
 //   ids:   (n) u32;  out: (n, dim) f32, row i written only when the piece holds ids[i].
 // Launch: grid (n), block 256; each thread decodes elements e, e + 256, ...
 
@@ -12,7 +13,13 @@ extern "C" __global__ void embedding(const u8* table, int dtype, const u32* ids,
     if (i >= n) return;
     u32 id = ids[i];
     if (id < first_row || id - first_row >= num_rows) return;
-    const u8* row = table + (u64)(id - first_row) * row_bytes_of(dtype, dim);
+    u64 r = id - first_row;
     float* o = out + (u64)i * dim;
-    for (int e = threadIdx.x; e < dim; e += blockDim.x) o[e] = load_elem(row, dtype, e);
+    if (is_quant(dtype)) {
+        for (int e = threadIdx.x; e < dim; e += blockDim.x)
+            o[e] = packed_elem(table, dtype, num_rows, dim, r, e);
+        return;
+    }
+    const u8* row = table + r * row_bytes_of(dtype, dim);
+    for (int e = threadIdx.x; e < dim; e += blockDim.x) o[e] = load_float_elem(row, dtype, e);
 }

@@ -1,26 +1,45 @@
-// matmul.cu — out (n, m) = x (n, k) . w (m, k)^T with w in any weight dtype
-// (reference: backends/cpu/src/matmul.rs, and rms_norm_matmul.rs for the fused
-// form). Weights are read in their GGUF blocks and decoded in registers;
-// nothing is dequantized to memory.
+// matmul.cu — out (n, m) = x (n, k) . w (m, k)^T (reference: backends/cpu/src/matmul.rs,
+// and rms_norm_matmul.rs for the fused form). Weights are decoded in registers; nothing
+// is dequantized to memory. Three kernels, one argument list:
 //
-// matmul(x, norm_w, eps, projs, n, k, accumulate)
-//   x:      (n, k) f32, rows 16-byte aligned (k a multiple of 8)
+// matmul_vec / matmul_t16 / matmul_t32 / matmul_t64 / matmul(x, norm_w, eps, projs, n, k,
+//                                                            accumulate)
+//   x:      (n, k) f32, rows 16-byte aligned (k a multiple of 8; of 32 for quantized w)
 //   norm_w: (k) f32 or 0. When given, x is RMS-normed on the fly
 //           (x[e] * (1 / sqrt(mean(x^2) + eps)) * norm_w[e], as rms_norm.cu) — the fused
 //           rms_norm_matmul; the normed rows are never written.
 //   projs:  MmProjs by value, 1-4 projections sharing x: projection i has
-//           w (m_i, k) in dtype_i (F32, F16, BF16, Q8_0, Q4_0, Q4_1), out (n, out_stride_i) f32
-//           with columns 0 .. m_i written (added to when accumulate != 0), and owns
-//           grid.x blocks first_block_i .. first_block_{i+1}.
-// Launch: grid (sum of ceil(m_i / 4), ceil(n / 8)), block 128 = 4 warps; shared: 8 floats.
-//   Warp w of a block owns weight row j = (blockIdx.x - first_block) * 4 + w of its
-//   projection and tokens blockIdx.y * 8 .. + 8; lane l decodes elements l*8 .. l*8+8 of
-//   every 256-element stretch of the row and keeps one accumulator per token; a warp sum
-//   ends each dot product.
+//           w (m_i, k) in dtype_i, out (n, out_stride_i) f32 with columns 0 .. m_i written
+//           (added to when accumulate != 0), and owns grid.x blocks
+//           first_block_i .. first_block_{i+1}. One launch holds only quantized
+//           projections (Q8_0, Q4_0, Q4_1, in the repacked layout of common.cuh) or only
+//           float ones (F32, F16, BF16, row-major).
+//
+// matmul_vec (quantized, n <= 4: decode). Launch: grid (sum of ceil(m_i / 4), 1), block 128 = 4
+//   warps; shared: 4 floats. Warp w owns row j = (blockIdx.x - first_block) * 4 + w; lane l
+//   takes blocks l, l + 32, ... of the row, two at a time (one 16-byte load of quants per
+//   block for Q4, two for Q8_0, issued before any arithmetic), sums q * x per token with
+//   the block's scale applied once (and m * sum(x) for Q4_1); a warp sum ends each dot.
+//
+// matmul_t<TN> (quantized, n > 4; TN = 16, 32, 64 tokens). Launch: grid (sum of ceil(m_i / 32),
+//   ceil(n / TN)), block 128; shared: a 32 x 32 weight tile and a 32 x TN x tile, both
+//   k-major (about 4.6 + 8.7 KB at TN = 64), TN floats of scales. Each step of 32 (one
+//   block of every row) the block decodes 32 rows x 32 values (thread: one row, a quarter
+//   of the block) and loads TN tokens x 32 values of x (normed on the fly) into shared
+//   memory, the next step's global loads in flight during this step's products; thread
+//   (tx, ty) then accumulates rows ty*4 .. +4 x tokens tx*TN/16 .. + TN/16.
+//
+// matmul (float weights). Launch: grid (sum of ceil(m_i / 4), ceil(n / 8)), block 128 = 4 warps;
+//   shared: 8 floats. Warp w owns row j of its projection and tokens blockIdx.y * 8 .. + 8;
+//   lane l decodes elements l*8 .. l*8+8 of every 256-element stretch of the row and keeps
+//   one accumulator per token; a warp sum ends each dot product.
 
 #define MM_WARPS 4
 #define MM_TOKENS 8
 #define MM_MAX_PROJS 4
+#define MV_TOKENS 4
+#define MT_ROWS 32
+#define MT_THREADS 128
 
 struct MmProj {
     u64 w;
@@ -36,32 +55,314 @@ struct MmProjs {
     int count;
 };
 
+// The projection owning this block (by blockIdx.x).
+__device__ __forceinline__ const MmProj& proj_of_block(const MmProjs& projs) {
+    int pi = 0;
+#pragma unroll
+    for (int i = 1; i < MM_MAX_PROJS; i++)
+        if (i < projs.count && (int)blockIdx.x >= projs.p[i].first_block) pi = i;
+    return projs.p[pi];
+}
+
+// s_scale[t] = 1 / sqrt(mean(x[t0 + t]^2) + eps) for t < nt, by every warp of the block
+// (called before any thread returns); synchronises.
+__device__ __forceinline__ void token_scales(const float* x, int t0, int nt, int k, float eps,
+                                             float* s_scale) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int t = warp; t < nt; t += warps) {
+        const float* xr = x + (u64)(t0 + t) * k;
+        float s = 0.0f;
+        for (int e = lane; e < k; e += 32) s += xr[e] * xr[e];
+        s = warp_sum(s);
+        if (lane == 0) s_scale[t] = 1.0f / sqrtf(s / (float)k + eps);
+    }
+    __syncthreads();
+}
+
+// Eight consecutive values of x row xr at e0 (16-byte aligned), normed when norm_w != 0.
+__device__ __forceinline__ void load_x8(const float* xr, const float* norm_w, float sc, int e0,
+                                        float v[8]) {
+    const float4* p = (const float4*)(xr + e0);
+    float4 a = p[0], b = p[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    if (norm_w != 0) {
+        const float4* np = (const float4*)(norm_w + e0);
+        float4 c = np[0], d = np[1];
+        float nw[8] = {c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = v[i] * sc * nw[i];
+    }
+}
+
+// One quantized block's raw bits: quants (16 or 32 bytes) and scales word.
+struct RawBlock {
+    uint4 a, b;
+    u32 sc;
+};
+
+__device__ __forceinline__ RawBlock load_block(const u8* qs, const u8* sc, int dtype, u64 i) {
+    RawBlock r;
+    if (dtype == DT_Q8_0) {
+        const uint4* p = (const uint4*)(qs + i * 32);
+        r.a = p[0];
+        r.b = p[1];
+        r.sc = ((const u16*)sc)[i];
+    } else {
+        r.a = *(const uint4*)(qs + i * 16);
+        r.b = make_uint4(0, 0, 0, 0);
+        r.sc = dtype == DT_Q4_1 ? ((const u32*)sc)[i] : (u32)((const u16*)sc)[i];
+    }
+    return r;
+}
+
+// The 32 quants of a block as floats (Q4_0 with the -8 offset) and its d, m.
+__device__ __forceinline__ void decode_block(const RawBlock& r, int dtype, float q[32], float* d,
+                                             float* mn) {
+    u32 w[8] = {r.a.x, r.a.y, r.a.z, r.a.w, r.b.x, r.b.y, r.b.z, r.b.w};
+    if (dtype == DT_Q8_0) {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) q[4 * i + c] = (float)(signed char)((w[i] >> (8 * c)) & 0xFF);
+        *d = f16_to_f32((u16)r.sc);
+        *mn = 0.0f;
+        return;
+    }
+    int off = dtype == DT_Q4_0 ? 8 : 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int byte = (int)((w[i] >> (8 * c)) & 0xFF);
+            q[4 * i + c] = (float)((byte & 15) - off);
+            q[16 + 4 * i + c] = (float)((byte >> 4) - off);
+        }
+    *d = f16_to_f32((u16)(r.sc & 0xFFFF));
+    *mn = dtype == DT_Q4_1 ? f16_to_f32((u16)(r.sc >> 16)) : 0.0f;
+}
+
+// acc[t] += dot(block, x[t0 + t][e0 .. e0 + 32]) for t < nt.
+__device__ __forceinline__ void block_dot(const RawBlock& r, int dtype, const float* x,
+                                          const float* norm_w, const float* s_scale, int t0,
+                                          int nt, int k, int e0, float acc[MV_TOKENS]) {
+    float q[32], d, mn;
+    decode_block(r, dtype, q, &d, &mn);
+#pragma unroll
+    for (int t = 0; t < MV_TOKENS; t++) {
+        if (t >= nt) break;
+        const float* xr = x + (u64)(t0 + t) * k;
+        float sc = norm_w != 0 ? s_scale[t] : 1.0f;
+        float sq = 0.0f, sx = 0.0f;
+#pragma unroll
+        for (int h = 0; h < 4; h++) {
+            float xv[8];
+            load_x8(xr, norm_w, sc, e0 + 8 * h, xv);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                sq = fmaf(q[8 * h + i], xv[i], sq);
+                sx += xv[i];
+            }
+        }
+        acc[t] = fmaf(d, sq, acc[t]);
+        if (dtype == DT_Q4_1) acc[t] = fmaf(mn, sx, acc[t]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)
+matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+           int accumulate) {
+    __shared__ float s_scale[MV_TOKENS];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const MmProj& p = proj_of_block(projs);
+    int dtype = p.dtype, m = p.m;
+    int j = ((int)blockIdx.x - p.first_block) * MM_WARPS + warp;
+    int nt = min(MV_TOKENS, n);
+    if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
+    if (j >= m) return;
+    u64 nb = (u64)(k / 32);
+    const u8* qs = (const u8*)p.w;
+    const u8* sc = qs + (u64)m * nb * quant_qb(dtype);
+    u64 row0 = (u64)j * nb;
+    float acc[MV_TOKENS] = {0.0f, 0.0f, 0.0f, 0.0f};
+    u64 b = lane;
+    for (; b + 32 < nb; b += 64) {
+        RawBlock r0 = load_block(qs, sc, dtype, row0 + b);
+        RawBlock r1 = load_block(qs, sc, dtype, row0 + b + 32);
+        block_dot(r0, dtype, x, norm_w, s_scale, 0, nt, k, (int)b * 32, acc);
+        block_dot(r1, dtype, x, norm_w, s_scale, 0, nt, k, (int)(b + 32) * 32, acc);
+    }
+    if (b < nb) {
+        RawBlock r0 = load_block(qs, sc, dtype, row0 + b);
+        block_dot(r0, dtype, x, norm_w, s_scale, 0, nt, k, (int)b * 32, acc);
+    }
+    float* out = (float*)p.out;
+#pragma unroll
+    for (int t = 0; t < MV_TOKENS; t++) {
+        float s = warp_sum(acc[t]);
+        if (lane == 0 && t < nt) {
+            float* o = out + (u64)t * p.out_stride + j;
+            *o = accumulate ? *o + s : s;
+        }
+    }
+}
+
+template <int TN>
+__device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w, float eps,
+                                             const MmProjs& projs, int n, int k, int accumulate) {
+    constexpr int TPT = TN / 16;                      // tokens per thread
+    constexpr int XF = TN * 8 / MT_THREADS;           // x float4 loads per thread a step
+    __shared__ __align__(16) float s_w[32][MT_ROWS + 4];
+    __shared__ __align__(16) float s_x[32][TN + 4];
+    __shared__ float s_scale[TN];
+    int tid = threadIdx.x;
+    const MmProj& p = proj_of_block(projs);
+    int dtype = p.dtype, m = p.m;
+    int r0 = ((int)blockIdx.x - p.first_block) * MT_ROWS;
+    int t0 = blockIdx.y * TN;
+    int nt = min(TN, n - t0);
+    if (norm_w != 0) token_scales(x, t0, nt, k, eps, s_scale);
+    u64 nb = (u64)(k / 32);
+    const u8* qs = (const u8*)p.w;
+    const u8* sc = qs + (u64)m * nb * quant_qb(dtype);
+    // Loader roles: weight row r0 + lr, quarter lq of each block (8 values).
+    int lr = tid / 4, lq = tid % 4;
+    bool wvalid = r0 + lr < m;
+    u64 wrow = (u64)(r0 + lr) * nb;
+    // Compute roles.
+    int tx = tid % 16, ty = tid / 16;
+    float acc[4][TPT];
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int i = 0; i < TPT; i++) acc[r][i] = 0.0f;
+
+    // Raw loads of step b into registers.
+    uint2 wq = make_uint2(0, 0);
+    u32 wsc = 0;
+    float4 xv[XF];
+    auto load_step = [&](u64 b) {
+        if (wvalid) {
+            u64 i = wrow + b;
+            if (dtype == DT_Q8_0) {
+                wq = *(const uint2*)(qs + i * 32 + lq * 8);
+                wsc = ((const u16*)sc)[i];
+            } else {
+                wq.x = *(const u32*)(qs + i * 16 + lq * 4);
+                wsc = dtype == DT_Q4_1 ? ((const u32*)sc)[i] : (u32)((const u16*)sc)[i];
+            }
+        }
+#pragma unroll
+        for (int f = 0; f < XF; f++) {
+            int idx = tid + MT_THREADS * f;
+            int ft = idx / 8, fq = idx % 8;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (ft < nt) {
+                int e = (int)b * 32 + fq * 4;
+                v = *(const float4*)(x + (u64)(t0 + ft) * k + e);
+                if (norm_w != 0) {
+                    float4 w = *(const float4*)(norm_w + e);
+                    float s = s_scale[ft];
+                    v.x = v.x * s * w.x; v.y = v.y * s * w.y;
+                    v.z = v.z * s * w.z; v.w = v.w * s * w.w;
+                }
+            }
+            xv[f] = v;
+        }
+    };
+    load_step(0);
+    for (u64 b = 0; b < nb; b++) {
+        __syncthreads();  // the previous step's products are done with the tiles
+        {
+            float d = f16_to_f32((u16)(wsc & 0xFFFF));
+            if (dtype == DT_Q8_0) {
+                u32 w2[2] = {wq.x, wq.y};
+#pragma unroll
+                for (int c = 0; c < 8; c++)
+                    s_w[lq * 8 + c][lr] = d * (float)(signed char)((w2[c / 4] >> (8 * (c % 4))) & 0xFF);
+            } else {
+                float mn = dtype == DT_Q4_1 ? f16_to_f32((u16)(wsc >> 16)) : 0.0f;
+                int off = dtype == DT_Q4_0 ? 8 : 0;
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    int byte = (int)((wq.x >> (8 * c)) & 0xFF);
+                    s_w[lq * 4 + c][lr] = fmaf(d, (float)((byte & 15) - off), mn);
+                    s_w[16 + lq * 4 + c][lr] = fmaf(d, (float)((byte >> 4) - off), mn);
+                }
+            }
+#pragma unroll
+            for (int f = 0; f < XF; f++) {
+                int idx = tid + MT_THREADS * f;
+                int ft = idx / 8, fq = idx % 8;
+                s_x[fq * 4 + 0][ft] = xv[f].x;
+                s_x[fq * 4 + 1][ft] = xv[f].y;
+                s_x[fq * 4 + 2][ft] = xv[f].z;
+                s_x[fq * 4 + 3][ft] = xv[f].w;
+            }
+        }
+        __syncthreads();
+        if (b + 1 < nb) load_step(b + 1);  // in flight during the products below
+#pragma unroll 8
+        for (int e = 0; e < 32; e++) {
+            float4 a = *(const float4*)&s_w[e][ty * 4];
+            float bv[TPT];
+#pragma unroll
+            for (int i = 0; i < TPT; i++) bv[i] = s_x[e][tx * TPT + i];
+#pragma unroll
+            for (int i = 0; i < TPT; i++) {
+                acc[0][i] = fmaf(a.x, bv[i], acc[0][i]);
+                acc[1][i] = fmaf(a.y, bv[i], acc[1][i]);
+                acc[2][i] = fmaf(a.z, bv[i], acc[2][i]);
+                acc[3][i] = fmaf(a.w, bv[i], acc[3][i]);
+            }
+        }
+    }
+    float* out = (float*)p.out;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        int row = r0 + ty * 4 + r;
+        if (row >= m) continue;
+#pragma unroll
+        for (int i = 0; i < TPT; i++) {
+            int t = tx * TPT + i;
+            if (t >= nt) continue;
+            float* o = out + (u64)(t0 + t) * p.out_stride + row;
+            *o = accumulate ? *o + acc[r][i] : acc[r][i];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MT_THREADS)
+matmul_t16(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+           int accumulate) {
+    matmul_tiled<16>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MT_THREADS)
+matmul_t32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+           int accumulate) {
+    matmul_tiled<32>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MT_THREADS)
+matmul_t64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+           int accumulate) {
+    matmul_tiled<64>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
 extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)
 matmul(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
        int accumulate) {
     __shared__ float s_scale[MM_TOKENS];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int pi = 0;
-#pragma unroll
-    for (int i = 1; i < MM_MAX_PROJS; i++)
-        if (i < projs.count && (int)blockIdx.x >= projs.p[i].first_block) pi = i;
-    const u8* w = (const u8*)projs.p[pi].w;
-    float* out = (float*)projs.p[pi].out;
-    int dtype = projs.p[pi].dtype, m = projs.p[pi].m, out_stride = projs.p[pi].out_stride;
-    int j = ((int)blockIdx.x - projs.p[pi].first_block) * MM_WARPS + warp;
+    const MmProj& p = proj_of_block(projs);
+    const u8* w = (const u8*)p.w;
+    float* out = (float*)p.out;
+    int dtype = p.dtype, m = p.m, out_stride = p.out_stride;
+    int j = ((int)blockIdx.x - p.first_block) * MM_WARPS + warp;
     int t0 = blockIdx.y * MM_TOKENS;
     int nt = min(MM_TOKENS, n - t0);
-    if (norm_w != 0) {
-        // Every warp takes part (before any returns): one scale per token.
-        for (int t = warp; t < nt; t += MM_WARPS) {
-            const float* xr = x + (u64)(t0 + t) * k;
-            float s = 0.0f;
-            for (int e = lane; e < k; e += 32) s += xr[e] * xr[e];
-            s = warp_sum(s);
-            if (lane == 0) s_scale[t] = 1.0f / sqrtf(s / (float)k + eps);
-        }
-        __syncthreads();
-    }
+    if (norm_w != 0) token_scales(x, t0, nt, k, eps, s_scale);
     if (j >= m) return;
     const u8* wr = w + (u64)j * row_bytes_of(dtype, k);
     float acc[MM_TOKENS];
@@ -69,25 +370,12 @@ matmul(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int
     for (int t = 0; t < MM_TOKENS; t++) acc[t] = 0.0f;
     for (int e0 = lane * 8; e0 < k; e0 += 256) {
         float wv[8];
-        load8(wr, dtype, e0, wv);
-        float nw[8];
-        if (norm_w != 0) {
-            const float4* np = (const float4*)(norm_w + e0);
-            float4 a = np[0], b = np[1];
-            nw[0] = a.x; nw[1] = a.y; nw[2] = a.z; nw[3] = a.w;
-            nw[4] = b.x; nw[5] = b.y; nw[6] = b.z; nw[7] = b.w;
-        }
+        load8_float(wr, dtype, e0, wv);
 #pragma unroll
         for (int t = 0; t < MM_TOKENS; t++) {
             if (t < nt) {
-                const float4* xp = (const float4*)(x + (u64)(t0 + t) * k + e0);
-                float4 a = xp[0], b = xp[1];
-                float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-                if (norm_w != 0) {
-                    float sc = s_scale[t];
-#pragma unroll
-                    for (int i = 0; i < 8; i++) xv[i] = xv[i] * sc * nw[i];
-                }
+                float xv[8];
+                load_x8(x + (u64)(t0 + t) * k, norm_w, norm_w != 0 ? s_scale[t] : 1.0f, e0, xv);
                 float s = acc[t];
 #pragma unroll
                 for (int i = 0; i < 8; i++) s = fmaf(wv[i], xv[i], s);

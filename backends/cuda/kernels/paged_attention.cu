@@ -9,16 +9,22 @@
 //   positions: (num_tokens) u32, token t attends to positions 0 ..= positions[t]
 //   block_tables: (num_seqs, max_blocks_per_seq) u32; context_lens: (num_seqs) u32
 //   query_start_locs: (num_seqs + 1) u32; KV dtype F32, F16, BF16 or Q8_0; head_dim <= 256
-// Launch: grid (num_tokens, num_heads), block 512; shared: q (256 floats), one chunk of
-//   512 scores, 32 floats of reduction scratch, 512 floats to merge the V partial sums.
-//   Keys are visited in chunks of 512: every thread scores whole keys (a dot product over
-//   the row, 16-byte loads where the dtype allows), the block takes the chunk's max and
-//   sum (online softmax across chunks), then thread (g, e) accumulates element e of V over
-//   the keys j = g (mod 512 / head_dim) of the chunk — loads coalesced across e. The groups'
-//   partial sums are added at the end. A token outside every sequence gets zeros.
+// Launch: grid (num_tokens, num_heads), block 256 = 8 warps; shared: q (256 floats), one
+//   chunk of 256 scores, the chunk's page base addresses (257 u64), 32 floats of reduction
+//   scratch, 8 x 256 floats to merge the warps' V sums (about 12 KB).
+//   Keys are visited in chunks of 256. Per chunk the block first translates the chunk's
+//   pages (block table -> layer page table -> piece base) once into shared memory, so no
+//   key waits on a chain of dependent loads; then every thread scores one whole key (a dot
+//   product over the row, 16-byte loads where the dtype allows), the block takes the
+//   chunk's max and sum (online softmax across chunks), and warp w accumulates all of V
+//   over the keys j = w (mod 8), lane l owning elements l, l + 32, ... (loads coalesced
+//   across the warp). The warps' partial sums are added at the end. A token outside every
+//   sequence gets zeros.
 
-#define PA_THREADS 512
-#define PA_CHUNK 512
+#define PA_THREADS 256
+#define PA_CHUNK 256
+#define PA_WARPS (PA_THREADS / 32)
+#define PA_MAX_EPL 8  // head_dim <= 256: elements per lane
 
 __device__ __forceinline__ float kv_elem(const u8* row, int dtype, int e) {
     if (dtype == DT_F32) return ((const float*)row)[e];
@@ -98,8 +104,10 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
     __shared__ float s_q[256];
     __shared__ float s_p[PA_CHUNK];
     __shared__ float s_red[32];
-    __shared__ float s_acc[PA_THREADS];
+    __shared__ u64 s_page[PA_CHUNK + 1];
+    __shared__ float s_acc[PA_WARPS * 256];
     int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    int warp = tid / 32, lane = tid % 32;
     if (t >= num_tokens) return;
     float* o = out + ((u64)t * num_heads + h) * head_dim;
 
@@ -119,28 +127,43 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
     int nkeys = min(min((int)positions[t], ctx - 1), max_blocks_per_seq * page_size - 1) + 1;
     int kvh = h / (num_heads / num_kv_heads);
     u64 row = row_bytes_of(dtype, head_dim);
+    u64 page_bytes = (u64)2 * page_size * num_kv_heads * row;
+    // Offsets inside a page of token 0's K row and V row of this head.
+    u64 k_off = (u64)kvh * row, v_off = ((u64)page_size * num_kv_heads + kvh) * row;
+    u64 tok_stride = (u64)num_kv_heads * row;
     const u32* table = block_tables + (u64)s * max_blocks_per_seq;
     const float* qh = q + ((u64)t * num_heads + h) * head_dim;
     for (int e = tid; e < head_dim; e += blockDim.x) s_q[e] = qh[e];
-    __syncthreads();
 
-    // V ownership: groups of head_dim threads (512 / head_dim groups; a
-    // head_dim above 512 cannot occur: at most 256).
-    bool wide = head_dim > PA_THREADS;
-    int groups = wide ? 1 : PA_THREADS / head_dim;
-    int g = wide ? 0 : tid / head_dim;
-    int e0 = wide ? tid : tid % head_dim;
-    int e1 = tid + PA_THREADS;
-    bool active = g < groups;
-    float acc0 = 0.0f, acc1 = 0.0f, m_run = -INFINITY, l_run = 0.0f;
+    int epl = (head_dim + 31) / 32;
+    float acc[PA_MAX_EPL];
+#pragma unroll
+    for (int i = 0; i < PA_MAX_EPL; i++) acc[i] = 0.0f;
+    float m_run = -INFINITY, l_run = 0.0f;
     for (int c0 = 0; c0 < nkeys; c0 += PA_CHUNK) {
         int n = min(PA_CHUNK, nkeys - c0);
+        int first = c0 / page_size;
+        int npages = (c0 + n - 1) / page_size - first + 1;
+        for (int i = tid; i < npages; i += PA_THREADS) {
+            u32 page = table[first + i];
+            u64 base = 0;
+            if (page < (u32)num_pages) {
+                u32 piece = page_table[2 * page];
+                if (piece < MAX_KV_PIECES)
+                    base = pieces.base[piece] + (u64)page_table[2 * page + 1] * page_bytes;
+            }
+            s_page[i] = base;
+        }
+        __syncthreads();  // s_page (and s_q on the first chunk)
         float local_max = -INFINITY;
         for (int j = tid; j < n; j += PA_THREADS) {
             int p = c0 + j;
-            const u8* kr = kv_row(pieces, page_table, table[p / page_size], 0, p % page_size, kvh,
-                                  num_pages, page_size, num_kv_heads, row);
-            float d = kr == 0 ? -INFINITY : dot_row(kr, dtype, s_q, head_dim) * scale;
+            u64 base = s_page[p / page_size - first];
+            float d = -INFINITY;
+            if (base != 0) {
+                const u8* kr = (const u8*)(base + k_off + (u64)(p % page_size) * tok_stride);
+                d = dot_row(kr, dtype, s_q, head_dim) * scale;
+            }
             s_p[j] = d;
             local_max = fmaxf(local_max, d);
         }
@@ -154,34 +177,35 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
         float csum = block_sum(local_sum, s_red);  // its barriers publish s_p
         float corr = m_run == -INFINITY ? 0.0f : expf(m_run - m_new);
         l_run = l_run * corr + csum;
-        acc0 *= corr;
-        acc1 *= corr;
         m_run = m_new;
-        if (active) {
+#pragma unroll
+        for (int i = 0; i < PA_MAX_EPL; i++) acc[i] *= corr;
 #pragma unroll 4
-            for (int j = g; j < n; j += groups) {
-                int p = c0 + j;
-                const u8* vr = kv_row(pieces, page_table, table[p / page_size], 1, p % page_size,
-                                      kvh, num_pages, page_size, num_kv_heads, row);
-                if (vr == 0) continue;
-                float pj = s_p[j];
-                acc0 = fmaf(pj, kv_elem(vr, dtype, e0), acc0);
-                if (wide && e1 < head_dim) acc1 = fmaf(pj, kv_elem(vr, dtype, e1), acc1);
+        for (int j = warp; j < n; j += PA_WARPS) {
+            int p = c0 + j;
+            u64 base = s_page[p / page_size - first];
+            float pj = s_p[j];
+            if (base == 0 || pj == 0.0f) continue;
+            const u8* vr = (const u8*)(base + v_off + (u64)(p % page_size) * tok_stride);
+#pragma unroll
+            for (int i = 0; i < PA_MAX_EPL; i++) {
+                int e = lane + 32 * i;
+                if (i < epl && e < head_dim) acc[i] = fmaf(pj, kv_elem(vr, dtype, e), acc[i]);
             }
         }
-        __syncthreads();  // the next chunk overwrites s_p
+        __syncthreads();  // the next chunk overwrites s_p and s_page
     }
     float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
-    if (wide) {
-        o[e0] = acc0 * inv;
-        if (e1 < head_dim) o[e1] = acc1 * inv;
-        return;
+#pragma unroll
+    for (int i = 0; i < PA_MAX_EPL; i++) {
+        int e = lane + 32 * i;
+        if (i < epl && e < head_dim) s_acc[warp * 256 + e] = acc[i];
     }
-    if (active) s_acc[g * head_dim + e0] = acc0;
     __syncthreads();
     for (int e = tid; e < head_dim; e += blockDim.x) {
         float a = 0.0f;
-        for (int gg = 0; gg < groups; gg++) a += s_acc[gg * head_dim + e];
+#pragma unroll
+        for (int w = 0; w < PA_WARPS; w++) a += s_acc[w * 256 + e];
         o[e] = a * inv;
     }
 }

@@ -1,5 +1,5 @@
 // rope.cu — rotary position embedding, llama.cpp NORM mode (reference:
-// backends/cpu/src/rope.rs); the math is common.cuh's rope_pair.
+// backends/cpu/src/rope.rs); the math is common.cuh's rope_heads.
 //
 // rope(x, positions, num_tokens, num_heads, head_dim, rope_dim, freq_base)
 //   x: (num_tokens, num_heads, head_dim) f32, in place; positions: (num_tokens) u32
@@ -11,9 +11,7 @@ extern "C" __global__ void rope(float* x, const u32* positions, int num_tokens, 
                                 int head_dim, int rope_dim, float freq_base) {
     int t = blockIdx.x;
     if (t >= num_tokens) return;
-    int pairs = rope_dim / 2;
-    double pos = (double)positions[t];
     float* xt = x + (u64)t * num_heads * head_dim;
-    for (int w = threadIdx.x; w < num_heads * pairs; w += blockDim.x)
-        rope_pair(xt + (w / pairs) * head_dim, pos, w % pairs, rope_dim, freq_base);
+    rope_heads([=](int h) { return xt + (u64)h * head_dim; }, num_heads, (double)positions[t],
+               rope_dim, freq_base);
 }

@@ -8,10 +8,11 @@
 //   v: (num_tokens, num_kv_heads, head_dim) f32
 //   positions, slots: (num_tokens) u32 (slot = page * page_size + offset)
 //   KV rows stored through pieces + page_table ((num_pages, 2) u32) in dtype F32, F16,
-//   BF16 or Q8_0 (head_dim a multiple of 32) — common.cuh's rope_pair and store_kv_elem,
+//   BF16 or Q8_0 (head_dim a multiple of 32) — common.cuh's rope_heads and store_kv_elem,
 //   the same code as rope.cu and kv_cache.cu.
-// Launch: grid (num_tokens), block 128. The block rotates every q and k pair of its
-//   token, synchronises, then each warp stores K/V rows (32 elements at a time).
+// Launch: grid (num_tokens), block 256. The block rotates every q and k head of its token
+//   (rope_heads: one angle per thread, reused over heads), synchronises, then each warp
+//   stores K/V rows (32 elements at a time).
 
 extern "C" __global__ void rope_write_kv(float* q, float* k, const float* v, const u32* positions,
                                          const u32* slots, KvPieces pieces, const u32* page_table,
@@ -20,15 +21,13 @@ extern "C" __global__ void rope_write_kv(float* q, float* k, const float* v, con
                                          int page_size, int num_pages, int dtype) {
     int t = blockIdx.x;
     if (t >= num_tokens) return;
-    int pairs = rope_dim / 2;
-    double pos = (double)positions[t];
     float* qt = q + (u64)t * num_heads * head_dim;
     float* kt = k + (u64)t * num_kv_heads * head_dim;
-    for (int w = threadIdx.x; w < (num_heads + num_kv_heads) * pairs; w += blockDim.x) {
-        int h = w / pairs;
-        float* head = h < num_heads ? qt + h * head_dim : kt + (h - num_heads) * head_dim;
-        rope_pair(head, pos, w % pairs, rope_dim, freq_base);
-    }
+    rope_heads(
+        [=](int h) {
+            return h < num_heads ? qt + (u64)h * head_dim : kt + (u64)(h - num_heads) * head_dim;
+        },
+        num_heads + num_kv_heads, (double)positions[t], rope_dim, freq_base);
     __syncthreads();
     u32 slot = slots[t];
     u32 page = slot / (u32)page_size;

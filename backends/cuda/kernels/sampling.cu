@@ -1,11 +1,15 @@
 // sampling.cu — picking tokens from logits rows on the device (reference:
 // backends/cpu/src/sampling.rs, the host sampler's exact orders).
 //
-// argmax_rows(logits, ids, rows, vocab)
-//   logits: (rows, vocab) f32; ids: (rows) u32. The first maximum, as the CPU's
-//   `if v > row[best]` scan: ties go to the lower id, NaN never replaces the best,
-//   and a row whose element 0 is NaN gives 0.
-//   Launch: grid (rows), block 1024; shared: 32 u64.
+// argmax_partial(logits, keys, rows, vocab) then argmax_finish(logits, keys, ids, rows)
+//   logits: (rows, vocab) f32; keys: (rows) u64, zeroed before; ids: (rows) u32. The first
+//   maximum, as the CPU's `if v > row[best]` scan: ties go to the lower id, NaN never
+//   replaces the best, and a row whose element 0 is NaN gives 0. A candidate is keyed as
+//   one u64 (order bits << 32 | ~id), so the best is the largest key: each block of
+//   argmax_partial reduces one stretch of a row and atomicMax-es its key into keys[row];
+//   argmax_finish turns the keys into ids.
+//   Launch: argmax_partial grid (rows, stretches), block 256; shared: 32 u64.
+//           argmax_finish grid (ceil(rows / 256)), block 256.
 // top_k_rows(logits, values, ids, rows, vocab, k)
 //   values: (rows, k) f32; ids: (rows, k) u32; descending by f32::total_cmp, ties to the
 //   lower id. Each element is keyed as one u64 (total-order bits << 32 | ~id), so the
@@ -34,14 +38,16 @@ __device__ __forceinline__ u32 total_order_bits(float f) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-extern "C" __global__ void argmax_rows(const float* logits, u32* ids, int rows, int vocab) {
+extern "C" __global__ void argmax_partial(const float* logits, u64* keys, int rows, int vocab) {
     __shared__ u64 sh[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* row = logits + (u64)r * vocab;
+    int per = (vocab + gridDim.y - 1) / gridDim.y;
+    int lo = blockIdx.y * per, hi = min(vocab, lo + per);
     // Key of a candidate: order bits of the value (NaN excluded), then the lower id.
     u64 best = 0;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
         float v = row[i];
         if (v != v) continue;
         // +0 and -0 compare equal in `v > best`: fold -0 onto +0 so the lower id wins.
@@ -50,10 +56,16 @@ extern "C" __global__ void argmax_rows(const float* logits, u32* ids, int rows, 
         best = key > best ? key : best;
     }
     best = block_max_u64(best, sh);
-    if (threadIdx.x == 0) {
-        float v0 = row[0];
-        ids[r] = (v0 != v0 || best == 0) ? 0u : 0xFFFFFFFFu - (u32)(best & 0xFFFFFFFFu);
-    }
+    if (threadIdx.x == 0 && best != 0) atomicMax(keys + r, best);
+}
+
+extern "C" __global__ void argmax_finish(const float* logits, const u64* keys, u32* ids,
+                                         int rows, int vocab) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float v0 = logits[(u64)r * vocab];
+    u64 best = keys[r];
+    ids[r] = (v0 != v0 || best == 0) ? 0u : 0xFFFFFFFFu - (u32)(best & 0xFFFFFFFFu);
 }
 
 extern "C" __global__ void top_k_rows(const float* logits, float* values, u32* ids, int rows,

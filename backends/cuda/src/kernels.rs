@@ -49,12 +49,15 @@ pub const FILES: &[KernelFile] = &[
     kernel_file!("embedding", ["embedding"]),
     kernel_file!("kv_arena", ["fill_words", "check_words"]),
     kernel_file!("kv_cache", ["write_kv", "copy_pages"]),
-    kernel_file!("matmul", ["matmul"]),
+    kernel_file!(
+        "matmul",
+        ["matmul_vec", "matmul_t16", "matmul_t32", "matmul_t64", "matmul"]
+    ),
     kernel_file!("paged_attention", ["paged_attention"]),
     kernel_file!("rms_norm", ["rms_norm"]),
     kernel_file!("rope", ["rope"]),
     kernel_file!("rope_write_kv", ["rope_write_kv"]),
-    kernel_file!("sampling", ["argmax_rows", "top_k_rows"]),
+    kernel_file!("sampling", ["argmax_partial", "argmax_finish", "top_k_rows"]),
 ];
 
 /// Options given to NVRTC besides the architecture (no fast math: the

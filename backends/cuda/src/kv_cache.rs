@@ -116,7 +116,7 @@ impl KvCacheOps for CudaBackend {
                 OP,
                 self.func("rope_write_kv")?,
                 (n as u32, 1, 1),
-                128,
+                256,
                 0,
                 self.stream(),
             )

@@ -27,6 +27,7 @@ mod paged_attention;
 pub mod pinned;
 mod sampling;
 mod tensor_ops;
+pub mod weight_layout;
 
 use std::sync::Arc;
 
@@ -340,6 +341,23 @@ impl CudaBackend {
         Ok(self.scratch)
     }
 
+    /// Zeroes the first `bytes` (a multiple of 4) of the scratch buffer on the stream and
+    /// returns its address. The caller holds [`Self::lock_scratch`] until the kernels that
+    /// use it are enqueued.
+    pub(crate) fn zeroed_scratch(&self, bytes: u64) -> Result<u64> {
+        if bytes > SCRATCH_BYTES || !bytes.is_multiple_of(4) {
+            return Err(BackendError::InvalidArgument {
+                op: "scratch",
+                detail: format!("{bytes} bytes: not words within the {SCRATCH_BYTES}-byte scratch"),
+            });
+        }
+        // SAFETY: scratch holds SCRATCH_BYTES >= bytes; the memset is stream-ordered.
+        check("cuMemsetD32Async", unsafe {
+            cu::cuMemsetD32Async(self.scratch, 0, (bytes / 4) as usize, self.stream())
+        })?;
+        Ok(self.scratch)
+    }
+
     fn same_len(op: &'static str, a: u64, b: u64) -> Result<()> {
         if a != b {
             return Err(BackendError::InvalidArgument {
@@ -479,7 +497,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepared_weight_bytes(&self, dtype: DType, rows: usize, cols: usize) -> Option<u64> {
-        // Weights stay in their GGUF blocks; matmul decodes them in registers.
+        // Quantized blocks are split into quants and scales (weight_layout.rs), same size.
         weight_bytes("prepared_weight_bytes", dtype, rows, cols).ok()
     }
 
@@ -493,7 +511,10 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let want = weight_bytes("upload_weight", dtype, rows, cols)?;
         Self::same_len("upload_weight", src.len() as u64, want)?;
-        self.upload(dst, src)
+        match weight_layout::repack(dtype, src) {
+            Some(packed) => self.upload(dst, &packed),
+            None => self.upload(dst, src),
+        }
     }
 
     fn attach_faults(&self, faults: &FaultInjector) {

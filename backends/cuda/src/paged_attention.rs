@@ -66,7 +66,7 @@ impl AttentionOps for CudaBackend {
                 OP,
                 self.func("paged_attention")?,
                 (d.num_tokens as u32, d.num_heads as u32, 1),
-                512,
+                256,
                 0,
                 self.stream(),
             )

@@ -1,6 +1,7 @@
 //! [`TensorOps`] on the device: `kernels/{embedding,matmul,rms_norm,rope,elementwise}.cu`.
-//! The fused `rms_norm_matmul` is `rms_norm` into the scratch `normed`, then
-//! one `matmul` per projection.
+//! The fused `rms_norm_matmul` is one `matmul.cu` launch per four projections with the
+//! norm computed inside (`normed` is not written). Quantized weights are in the device
+//! layout of `weight_layout.rs`.
 
 use pagoda_backend::{
     BackendError, BufRef, DType, EmbeddingDims, MatmulDims, Projection, Result, RopeDims, TensorOps,
@@ -46,9 +47,33 @@ struct ProjArg {
     out_stride: usize,
 }
 
+impl ProjArg {
+    /// No projection (m = 0).
+    const NONE: ProjArg = ProjArg {
+        w: BufRef::EMPTY,
+        dtype: DType::F32,
+        m: 0,
+        out: BufRef::EMPTY,
+        out_stride: 0,
+    };
+}
+
+/// Which `kernels/matmul.cu` kernel a launch takes: (symbol, rows a block, tokens a block,
+/// block threads).
+fn matmul_kernel(quantized: bool, n: usize) -> (&'static str, usize, usize, u32) {
+    match (quantized, n) {
+        (false, _) => ("matmul", 4, 8, 128),
+        (true, 0..=4) => ("matmul_vec", 4, n.max(1), 128),
+        (true, 5..=16) => ("matmul_t16", 32, 16, 128),
+        (true, 17..=32) => ("matmul_t32", 32, 32, 128),
+        (true, _) => ("matmul_t64", 32, 64, 128),
+    }
+}
+
 impl CudaBackend {
-    /// Enqueues one `matmul` launch of up to four projections of `x`
-    /// (n, k), RMS-normed on the fly with `norm` (weight, eps) when given.
+    /// Enqueues the `matmul` launches of up to four projections of `x` (n, k),
+    /// RMS-normed on the fly with `norm` (weight, eps) when given: one launch
+    /// for the quantized projections, one for the float ones.
     fn launch_matmul(
         &self,
         x: BufRef,
@@ -57,6 +82,35 @@ impl CudaBackend {
         n: usize,
         k: usize,
         accumulate: bool,
+    ) -> Result<()> {
+        for quantized in [true, false] {
+            let mut group = [None; 4];
+            let mut len = 0;
+            for p in projs {
+                if p.dtype.is_quantized() == quantized && len < 4 {
+                    group[len] = Some(*p);
+                    len += 1;
+                }
+            }
+            if len > 0 {
+                let list: [ProjArg; 4] = group.map(|p| p.unwrap_or(ProjArg::NONE));
+                self.launch_matmul_group(x, norm, &list[..len], n, k, accumulate, quantized)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One launch of projections all quantized or all float.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_matmul_group(
+        &self,
+        x: BufRef,
+        norm: Option<(BufRef, f32)>,
+        projs: &[ProjArg],
+        n: usize,
+        k: usize,
+        accumulate: bool,
+        quantized: bool,
     ) -> Result<()> {
         const OP: &str = "matmul";
         if n == 0 || projs.iter().all(|p| p.m == 0) {
@@ -71,6 +125,7 @@ impl CudaBackend {
                 ),
             });
         }
+        let (symbol, rows_per_block, tokens_per_block, threads) = matmul_kernel(quantized, n);
         let xp = self.ptr(x, (n * k) as u64 * 4, 16, OP)?;
         let (np, eps) = match norm {
             Some((w, eps)) => (self.ptr(w, k as u64 * 4, 16, OP)?, eps),
@@ -101,7 +156,7 @@ impl CudaBackend {
                 first_block: i32_of(OP, blocks)?,
             };
             all.count += 1;
-            blocks += p.m.div_ceil(4);
+            blocks += p.m.div_ceil(rows_per_block);
         }
         Args::new()
             .arg(xp)
@@ -113,9 +168,9 @@ impl CudaBackend {
             .arg(accumulate as i32)
             .launch(
                 OP,
-                self.func("matmul")?,
-                (blocks as u32, n.div_ceil(8) as u32, 1),
-                128,
+                self.func(symbol)?,
+                (blocks as u32, n.div_ceil(tokens_per_block) as u32, 1),
+                threads,
                 0,
                 self.stream(),
             )
@@ -228,14 +283,7 @@ impl TensorOps for CudaBackend {
         // (`normed` is not written).
         let _ = normed;
         for chunk in projections.chunks(4) {
-            let none = ProjArg {
-                w: BufRef::EMPTY,
-                dtype: DType::F32,
-                m: 0,
-                out: BufRef::EMPTY,
-                out_stride: 0,
-            };
-            let mut list = [none; 4];
+            let mut list = [ProjArg::NONE; 4];
             for (l, p) in list.iter_mut().zip(chunk) {
                 *l = ProjArg {
                     w: p.w,
