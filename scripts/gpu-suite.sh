@@ -67,7 +67,7 @@ profile)
   M="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
   prof() { # name, bench args...
     local name=$1; shift
-    timeout 240 ncu --clock-control none --metrics "$M" --csv --print-units base --log-file "$OUT/ncu-$name.csv" \
+    timeout 240 ncu --clock-control none --cache-control none --metrics "$M" --csv --print-units base --log-file "$OUT/ncu-$name.csv" \
       "$P" bench --backend cuda --kv-dtype f16 --reps 1 --warmup 0 "$@" > "$OUT/ncu-$name.out" 2>&1
     echo "== $name rc=$? ($*)"; python3 "$REPO/scripts/ncu-summary.py" "$OUT/ncu-$name.csv" 25
   }

@@ -1,9 +1,9 @@
 // matmul.cu — out (n, m) = x (n, k) . w (m, k)^T (reference: backends/cpu/src/matmul.rs,
 // and rms_norm_matmul.rs for the fused form). Weights are decoded in registers; nothing
-// is dequantized to memory. Three kernels, one argument list:
+// is dequantized to memory. Three kinds of kernel, one argument list:
 //
-// matmul_vec / matmul_t16 / matmul_t32 / matmul_t64 / matmul(x, norm_w, eps, projs, n, k,
-//                                                            accumulate)
+// matmul_vec, matmul_t16, matmul_t32, matmul_t64, matmul_r8_t16, matmul_r8_t32,
+// matmul_r8_t64, matmul — all (x, norm_w, eps, projs, n, k, accumulate):
 //   x:      (n, k) f32, rows 16-byte aligned (k a multiple of 8; of 32 for quantized w)
 //   norm_w: (k) f32 or 0. When given, x is RMS-normed on the fly
 //           (x[e] * (1 / sqrt(mean(x^2) + eps)) * norm_w[e], as rms_norm.cu) — the fused
@@ -15,19 +15,21 @@
 //           projections (Q8_0, Q4_0, Q4_1, in the repacked layout of common.cuh) or only
 //           float ones (F32, F16, BF16, row-major).
 //
-// matmul_vec (quantized, n <= 4: decode). Launch: grid (sum of ceil(m_i / 4), 1), block 128 = 4
-//   warps; shared: 4 floats. Warp w owns row j = (blockIdx.x - first_block) * 4 + w; lane l
+// matmul_vec (quantized, n <= 8: decode). Launch: grid (sum of ceil(m_i / 4), 1), block 128 = 4
+//   warps; shared: 8 floats. Warp w owns row j = (blockIdx.x - first_block) * 4 + w; lane l
 //   takes blocks l, l + 32, ... of the row, two at a time (one 16-byte load of quants per
 //   block for Q4, two for Q8_0, issued before any arithmetic), sums q * x per token with
 //   the block's scale applied once (and m * sum(x) for Q4_1); a warp sum ends each dot.
 //
-// matmul_t<TN> (quantized, n > 4; TN = 16, 32, 64 tokens). Launch: grid (sum of ceil(m_i / 32),
-//   ceil(n / TN)), block 128; shared: a 32 x 32 weight tile and a 32 x TN x tile, both
-//   k-major (about 4.6 + 8.7 KB at TN = 64), TN floats of scales. Each step of 32 (one
-//   block of every row) the block decodes 32 rows x 32 values (thread: one row, a quarter
-//   of the block) and loads TN tokens x 32 values of x (normed on the fly) into shared
-//   memory, the next step's global loads in flight during this step's products; thread
-//   (tx, ty) then accumulates rows ty*4 .. +4 x tokens tx*TN/16 .. + TN/16.
+// matmul_t<TN> / matmul_r8_t<TN> (quantized, n > 8; TN = 16, 32, 64 tokens; TM = 32 rows a
+//   block, or 8 for the r8 kernels, which give small m more blocks). Launch: grid (sum of
+//   ceil(m_i / TM), ceil(n / TN)), block 128; shared: a 32 x TM weight tile and a 32 x TN
+//   x tile, both k-major (about 4.6 + 8.7 KB at TM = 32, TN = 64), TN floats of scales.
+//   Each step of 32 (one block of every row) the block decodes TM rows x 32 values
+//   (thread: one row, a quarter of the block) and loads TN tokens x 32 values of x (normed
+//   on the fly) into shared memory, the next step's global loads in flight during this
+//   step's products; thread (tx, ty) then accumulates rows ty*TM/8 .. + TM/8 x tokens
+//   tx*TN/16 .. + TN/16.
 //
 // matmul (float weights). Launch: grid (sum of ceil(m_i / 4), ceil(n / 8)), block 128 = 4 warps;
 //   shared: 8 floats. Warp w owns row j of its projection and tokens blockIdx.y * 8 .. + 8;
@@ -37,7 +39,7 @@
 #define MM_WARPS 4
 #define MM_TOKENS 8
 #define MM_MAX_PROJS 4
-#define MV_TOKENS 4
+#define MV_TOKENS 8
 #define MT_ROWS 32
 #define MT_THREADS 128
 
@@ -64,15 +66,43 @@ __device__ __forceinline__ const MmProj& proj_of_block(const MmProjs& projs) {
     return projs.p[pi];
 }
 
-// s_scale[t] = 1 / sqrt(mean(x[t0 + t]^2) + eps) for t < nt, by every warp of the block
-// (called before any thread returns); synchronises.
+// s_scale[t] = 1 / sqrt(mean(x[t0 + t]^2) + eps) for t < nt, by every thread of the block
+// (called before any thread returns); synchronises. Fewer tokens than warps: the whole
+// block sums each token; otherwise a warp a token. 16-byte loads, unrolled.
 __device__ __forceinline__ void token_scales(const float* x, int t0, int nt, int k, float eps,
                                              float* s_scale) {
+    __shared__ float s_part[32];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    int k4 = k / 4;
+    if (nt < warps) {
+        for (int t = 0; t < nt; t++) {
+            const float4* xr = (const float4*)(x + (u64)(t0 + t) * k);
+            float s = 0.0f;
+#pragma unroll 4
+            for (int e = threadIdx.x; e < k4; e += blockDim.x) {
+                float4 v = xr[e];
+                s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+            s = warp_sum(s);
+            if (lane == 0) s_part[warp] = s;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                float tot = 0.0f;
+                for (int w = 0; w < warps; w++) tot += s_part[w];
+                s_scale[t] = 1.0f / sqrtf(tot / (float)k + eps);
+            }
+            __syncthreads();
+        }
+        return;
+    }
     for (int t = warp; t < nt; t += warps) {
-        const float* xr = x + (u64)(t0 + t) * k;
+        const float4* xr = (const float4*)(x + (u64)(t0 + t) * k);
         float s = 0.0f;
-        for (int e = lane; e < k; e += 32) s += xr[e] * xr[e];
+#pragma unroll 4
+        for (int e = lane; e < k4; e += 32) {
+            float4 v = xr[e];
+            s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
         s = warp_sum(s);
         if (lane == 0) s_scale[t] = 1.0f / sqrtf(s / (float)k + eps);
     }
@@ -184,7 +214,9 @@ matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n,
     const u8* qs = (const u8*)p.w;
     const u8* sc = qs + (u64)m * nb * quant_qb(dtype);
     u64 row0 = (u64)j * nb;
-    float acc[MV_TOKENS] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc[MV_TOKENS];
+#pragma unroll
+    for (int t = 0; t < MV_TOKENS; t++) acc[t] = 0.0f;
     u64 b = lane;
     for (; b + 32 < nb; b += 64) {
         RawBlock r0 = load_block(qs, sc, dtype, row0 + b);
@@ -207,18 +239,19 @@ matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n,
     }
 }
 
-template <int TN>
+template <int TM, int TN>
 __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w, float eps,
                                              const MmProjs& projs, int n, int k, int accumulate) {
     constexpr int TPT = TN / 16;                      // tokens per thread
+    constexpr int RPT = TM / 8;                       // rows per thread
     constexpr int XF = TN * 8 / MT_THREADS;           // x float4 loads per thread a step
-    __shared__ __align__(16) float s_w[32][MT_ROWS + 4];
+    __shared__ __align__(16) float s_w[32][TM + 4];
     __shared__ __align__(16) float s_x[32][TN + 4];
     __shared__ float s_scale[TN];
     int tid = threadIdx.x;
     const MmProj& p = proj_of_block(projs);
     int dtype = p.dtype, m = p.m;
-    int r0 = ((int)blockIdx.x - p.first_block) * MT_ROWS;
+    int r0 = ((int)blockIdx.x - p.first_block) * TM;
     int t0 = blockIdx.y * TN;
     int nt = min(TN, n - t0);
     if (norm_w != 0) token_scales(x, t0, nt, k, eps, s_scale);
@@ -227,13 +260,13 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
     const u8* sc = qs + (u64)m * nb * quant_qb(dtype);
     // Loader roles: weight row r0 + lr, quarter lq of each block (8 values).
     int lr = tid / 4, lq = tid % 4;
-    bool wvalid = r0 + lr < m;
+    bool wvalid = lr < TM && r0 + lr < m;
     u64 wrow = (u64)(r0 + lr) * nb;
     // Compute roles.
     int tx = tid % 16, ty = tid / 16;
-    float acc[4][TPT];
+    float acc[RPT][TPT];
 #pragma unroll
-    for (int r = 0; r < 4; r++)
+    for (int r = 0; r < RPT; r++)
 #pragma unroll
         for (int i = 0; i < TPT; i++) acc[r][i] = 0.0f;
 
@@ -273,7 +306,7 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
     load_step(0);
     for (u64 b = 0; b < nb; b++) {
         __syncthreads();  // the previous step's products are done with the tiles
-        {
+        if (lr < TM) {
             float d = f16_to_f32((u16)(wsc & 0xFFFF));
             if (dtype == DT_Q8_0) {
                 u32 w2[2] = {wq.x, wq.y};
@@ -290,6 +323,8 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
                     s_w[16 + lq * 4 + c][lr] = fmaf(d, (float)((byte >> 4) - off), mn);
                 }
             }
+        }
+        {
 #pragma unroll
             for (int f = 0; f < XF; f++) {
                 int idx = tid + MT_THREADS * f;
@@ -304,23 +339,21 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
         if (b + 1 < nb) load_step(b + 1);  // in flight during the products below
 #pragma unroll 8
         for (int e = 0; e < 32; e++) {
-            float4 a = *(const float4*)&s_w[e][ty * 4];
-            float bv[TPT];
+            float av[RPT], bv[TPT];
+#pragma unroll
+            for (int r = 0; r < RPT; r++) av[r] = s_w[e][ty * RPT + r];
 #pragma unroll
             for (int i = 0; i < TPT; i++) bv[i] = s_x[e][tx * TPT + i];
 #pragma unroll
-            for (int i = 0; i < TPT; i++) {
-                acc[0][i] = fmaf(a.x, bv[i], acc[0][i]);
-                acc[1][i] = fmaf(a.y, bv[i], acc[1][i]);
-                acc[2][i] = fmaf(a.z, bv[i], acc[2][i]);
-                acc[3][i] = fmaf(a.w, bv[i], acc[3][i]);
-            }
+            for (int r = 0; r < RPT; r++)
+#pragma unroll
+                for (int i = 0; i < TPT; i++) acc[r][i] = fmaf(av[r], bv[i], acc[r][i]);
         }
     }
     float* out = (float*)p.out;
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-        int row = r0 + ty * 4 + r;
+    for (int r = 0; r < RPT; r++) {
+        int row = r0 + ty * RPT + r;
         if (row >= m) continue;
 #pragma unroll
         for (int i = 0; i < TPT; i++) {
@@ -335,19 +368,37 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_t16(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
            int accumulate) {
-    matmul_tiled<16>(x, norm_w, eps, projs, n, k, accumulate);
+    matmul_tiled<32, 16>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_t32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
            int accumulate) {
-    matmul_tiled<32>(x, norm_w, eps, projs, n, k, accumulate);
+    matmul_tiled<32, 32>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_t64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
            int accumulate) {
-    matmul_tiled<64>(x, norm_w, eps, projs, n, k, accumulate);
+    matmul_tiled<32, 64>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MT_THREADS)
+matmul_r8_t16(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+              int accumulate) {
+    matmul_tiled<8, 16>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MT_THREADS)
+matmul_r8_t32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+              int accumulate) {
+    matmul_tiled<8, 32>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MT_THREADS)
+matmul_r8_t64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+              int accumulate) {
+    matmul_tiled<8, 64>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)

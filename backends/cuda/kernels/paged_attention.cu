@@ -4,12 +4,18 @@
 //
 // paged_attention(q, pieces, page_table, positions, block_tables, context_lens,
 //                 query_start_locs, out, num_tokens, num_seqs, num_heads, num_kv_heads,
-//                 head_dim, page_size, num_pages, dtype, max_blocks_per_seq, scale)
+//                 head_dim, page_size, num_pages, dtype, max_blocks_per_seq, scale,
+//                 partial, splits)
+// attention_combine(partial, out, num_tokens, num_heads, head_dim, splits)
 //   q:   (num_tokens, num_heads, head_dim) f32;  out: (num_tokens, num_heads, head_dim) f32
 //   positions: (num_tokens) u32, token t attends to positions 0 ..= positions[t]
 //   block_tables: (num_seqs, max_blocks_per_seq) u32; context_lens: (num_seqs) u32
 //   query_start_locs: (num_seqs + 1) u32; KV dtype F32, F16, BF16 or Q8_0; head_dim <= 256
-// Launch: grid (num_tokens, num_heads), block 256 = 8 warps; shared: q (256 floats), one
+//   partial: (num_tokens, num_heads, splits, head_dim + 2) f32 when splits > 1: the keys of a
+//   token are split into `splits` stretches (flash-decoding: short batches get enough
+//   blocks); block z writes its stretch's running max, sum and unnormalised V sum there
+//   and attention_combine merges the stretches into out. splits = 1: out directly.
+// Launch: grid (num_tokens, num_heads, splits), block 256 = 8 warps; shared: q (256 floats), one
 //   chunk of 256 scores, the chunk's page base addresses (257 u64), 32 floats of reduction
 //   scratch, 8 x 256 floats to merge the warps' V sums (about 12 KB).
 //   Keys are visited in chunks of 256. Per chunk the block first translates the chunk's
@@ -20,6 +26,8 @@
 //   over the keys j = w (mod 8), lane l owning elements l, l + 32, ... (loads coalesced
 //   across the warp). The warps' partial sums are added at the end. A token outside every
 //   sequence gets zeros.
+// attention_combine: grid (num_tokens, num_heads), block 256; out = sum_z e^(m_z - M) acc_z
+//   / sum_z e^(m_z - M) l_z over the stretches z (M = max m_z), zeros when no key scored.
 
 #define PA_THREADS 256
 #define PA_CHUNK 256
@@ -100,20 +108,26 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
                 const u32* block_tables, const u32* context_lens, const u32* query_start_locs,
                 float* out, int num_tokens, int num_seqs, int num_heads, int num_kv_heads,
                 int head_dim, int page_size, int num_pages, int dtype, int max_blocks_per_seq,
-                float scale) {
+                float scale, float* partial, int splits) {
     __shared__ float s_q[256];
     __shared__ float s_p[PA_CHUNK];
     __shared__ float s_red[32];
     __shared__ u64 s_page[PA_CHUNK + 1];
     __shared__ float s_acc[PA_WARPS * 256];
-    int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
     int warp = tid / 32, lane = tid % 32;
     if (t >= num_tokens) return;
     float* o = out + ((u64)t * num_heads + h) * head_dim;
+    float* part = splits > 1 ? partial + (((u64)t * num_heads + h) * splits + z) * (head_dim + 2)
+                             : 0;
 
     // The sequence holding token t: the last s with query_start_locs[s] <= t.
     if (num_seqs <= 0 || t < (int)query_start_locs[0] || t >= (int)query_start_locs[num_seqs]) {
-        for (int e = tid; e < head_dim; e += blockDim.x) o[e] = 0.0f;
+        if (part != 0) {
+            for (int e = tid; e < head_dim + 2; e += blockDim.x) part[e] = e == 0 ? -INFINITY : 0.0f;
+        } else {
+            for (int e = tid; e < head_dim; e += blockDim.x) o[e] = 0.0f;
+        }
         return;
     }
     int lo = 0, hi = num_seqs;  // invariant: qsl[lo] <= t < qsl[hi]
@@ -140,8 +154,10 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
 #pragma unroll
     for (int i = 0; i < PA_MAX_EPL; i++) acc[i] = 0.0f;
     float m_run = -INFINITY, l_run = 0.0f;
-    for (int c0 = 0; c0 < nkeys; c0 += PA_CHUNK) {
-        int n = min(PA_CHUNK, nkeys - c0);
+    int per = (nkeys + splits - 1) / splits;
+    int kb = z * per, ke = min(nkeys, kb + per);
+    for (int c0 = kb; c0 < ke; c0 += PA_CHUNK) {
+        int n = min(PA_CHUNK, ke - c0);
         int first = c0 / page_size;
         int npages = (c0 + n - 1) / page_size - first + 1;
         for (int i = tid; i < npages; i += PA_THREADS) {
@@ -206,6 +222,35 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
         float a = 0.0f;
 #pragma unroll
         for (int w = 0; w < PA_WARPS; w++) a += s_acc[w * 256 + e];
+        if (part != 0) part[2 + e] = a;
+        else o[e] = a * inv;
+    }
+    if (part != 0 && tid == 0) {
+        part[0] = m_run;
+        part[1] = l_run;
+    }
+}
+
+extern "C" __global__ void attention_combine(const float* partial, float* out, int num_tokens,
+                                             int num_heads, int head_dim, int splits) {
+    int t = blockIdx.x, h = blockIdx.y;
+    if (t >= num_tokens) return;
+    const float* p = partial + ((u64)t * num_heads + h) * splits * (head_dim + 2);
+    float mx = -INFINITY;
+    for (int z = 0; z < splits; z++) mx = fmaxf(mx, p[(u64)z * (head_dim + 2)]);
+    float l = 0.0f;
+    for (int z = 0; z < splits; z++) {
+        float m = p[(u64)z * (head_dim + 2)];
+        if (m != -INFINITY) l += expf(m - mx) * p[(u64)z * (head_dim + 2) + 1];
+    }
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* o = out + ((u64)t * num_heads + h) * head_dim;
+    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
+        float a = 0.0f;
+        for (int z = 0; z < splits; z++) {
+            const float* pz = p + (u64)z * (head_dim + 2);
+            if (pz[0] != -INFINITY) a = fmaf(expf(pz[0] - mx), pz[2 + e], a);
+        }
         o[e] = a * inv;
     }
 }

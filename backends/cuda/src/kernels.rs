@@ -51,9 +51,18 @@ pub const FILES: &[KernelFile] = &[
     kernel_file!("kv_cache", ["write_kv", "copy_pages"]),
     kernel_file!(
         "matmul",
-        ["matmul_vec", "matmul_t16", "matmul_t32", "matmul_t64", "matmul"]
+        [
+            "matmul_vec",
+            "matmul_t16",
+            "matmul_t32",
+            "matmul_t64",
+            "matmul_r8_t16",
+            "matmul_r8_t32",
+            "matmul_r8_t64",
+            "matmul"
+        ]
     ),
-    kernel_file!("paged_attention", ["paged_attention"]),
+    kernel_file!("paged_attention", ["paged_attention", "attention_combine"]),
     kernel_file!("rms_norm", ["rms_norm"]),
     kernel_file!("rope", ["rope"]),
     kernel_file!("rope_write_kv", ["rope_write_kv"]),

@@ -71,7 +71,8 @@ pub struct CudaBackend {
     arena: KvArena,
     graphs: Graphs,
     pinned: Arc<PinnedRanges>,
-    /// (SCRATCH_BYTES) device bytes for small host arrays of ops (page-copy pairs).
+    /// (SCRATCH_BYTES) device bytes for small host arrays of ops (page-copy pairs),
+    /// then ATTN_PARTIAL_BYTES for split attention's partials.
     scratch: u64,
     /// Held from a scratch upload until the kernel that reads it is enqueued
     /// (several threads may enqueue at once).
@@ -87,9 +88,13 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
-/// Bytes of the backend's own scratch buffer (outside the pool; counted in
-/// [`CudaBackend::own_device_bytes`]).
+/// Bytes of the backend's scratch for small host arrays of ops (outside the pool;
+/// counted in [`CudaBackend::own_device_bytes`]).
 pub const SCRATCH_BYTES: u64 = 64 << 10;
+
+/// Bytes after the scratch for the partial results of split attention
+/// (`kernels/paged_attention.cu`; counted in [`CudaBackend::own_device_bytes`]).
+pub const ATTN_PARTIAL_BYTES: u64 = 1 << 20;
 
 impl CudaBackend {
     /// The backend of device `ordinal`: opens it, compiles (or reads from the
@@ -107,7 +112,7 @@ impl CudaBackend {
         let mut scratch: cu::CUdeviceptr = 0;
         // SAFETY: writes one device pointer; the context is current.
         check("cuMemAlloc (scratch)", unsafe {
-            cu::cuMemAlloc_v2(&mut scratch, SCRATCH_BYTES as usize)
+            cu::cuMemAlloc_v2(&mut scratch, (SCRATCH_BYTES + ATTN_PARTIAL_BYTES) as usize)
         })?;
         let (total, _) = memory::mem_info(&dev)?;
         let info = BackendInfo {
@@ -169,9 +174,14 @@ impl CudaBackend {
         self.kernels.compile_seconds
     }
 
-    /// Device bytes held outside the pool and the arenas (scratch).
+    /// Device bytes held outside the pool and the arenas (scratch and attention partials).
     pub fn own_device_bytes(&self) -> u64 {
-        SCRATCH_BYTES
+        SCRATCH_BYTES + ATTN_PARTIAL_BYTES
+    }
+
+    /// Split attention's partials (ATTN_PARTIAL_BYTES); used under [`Self::lock_scratch`].
+    pub(crate) fn attn_partials(&self) -> u64 {
+        self.scratch + SCRATCH_BYTES
     }
 
     /// Makes chunk maps of the KV arena fault sites of `faults`.

@@ -5,7 +5,29 @@ use pagoda_backend::{
 };
 
 use crate::args::Args;
-use crate::{CudaBackend, MAX_HEAD_DIM, dtype_code};
+use crate::{ATTN_PARTIAL_BYTES, CudaBackend, MAX_HEAD_DIM, dtype_code};
+
+/// Blocks a launch aims at before it splits keys (two waves of the H200's 132 SMs).
+const TARGET_BLOCKS: usize = 264;
+/// Fewest keys a stretch of a split launch gets.
+const MIN_KEYS_PER_SPLIT: usize = 32;
+
+/// Stretches per token-head: 1 when tokens x heads fill the device, more for short
+/// batches (never more than the keys a sequence can hold allow, nor than the partials
+/// buffer holds).
+fn splits_for(blocks: usize, max_keys: usize, head_dim: usize) -> usize {
+    if blocks == 0 || blocks >= TARGET_BLOCKS / 2 {
+        return 1;
+    }
+    let mut s = TARGET_BLOCKS
+        .div_ceil(blocks)
+        .min(max_keys.div_ceil(MIN_KEYS_PER_SPLIT))
+        .clamp(1, 64);
+    while s > 1 && (blocks * s * (head_dim + 2) * 4) as u64 > ATTN_PARTIAL_BYTES {
+        s -= 1;
+    }
+    s
+}
 
 impl AttentionOps for CudaBackend {
     fn paged_attention(
@@ -43,6 +65,14 @@ impl AttentionOps for CudaBackend {
         let cp = self.ptr32(context_lens, d.num_seqs, OP)?;
         let sp = self.ptr32(query_start_locs, d.num_seqs + 1, OP)?;
         let op = self.ptr32(out, qn, OP)?;
+        let splits = splits_for(
+            d.num_tokens * d.num_heads,
+            d.max_blocks_per_seq * l.page_size,
+            l.head_dim,
+        );
+        // The partials buffer is shared: held until both launches are enqueued.
+        let _g = (splits > 1).then(|| self.lock_scratch());
+        let partial = if splits > 1 { self.attn_partials() } else { 0 };
         Args::new()
             .arg(qp)
             .arg(pieces)
@@ -62,13 +92,51 @@ impl AttentionOps for CudaBackend {
             .arg(dtype_code(OP, l.dtype)?)
             .arg(d.max_blocks_per_seq as i32)
             .arg(d.scale)
+            .arg(partial)
+            .arg(splits as i32)
             .launch(
                 OP,
                 self.func("paged_attention")?,
-                (d.num_tokens as u32, d.num_heads as u32, 1),
+                (d.num_tokens as u32, d.num_heads as u32, splits as u32),
                 256,
                 0,
                 self.stream(),
-            )
+            )?;
+        if splits > 1 {
+            Args::new()
+                .arg(partial)
+                .arg(op)
+                .arg(d.num_tokens as i32)
+                .arg(d.num_heads as i32)
+                .arg(l.head_dim as i32)
+                .arg(splits as i32)
+                .launch(
+                    OP,
+                    self.func("attention_combine")?,
+                    (d.num_tokens as u32, d.num_heads as u32, 1),
+                    256,
+                    0,
+                    self.stream(),
+                )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_only_for_short_batches_and_fit_the_partials() {
+        assert_eq!(splits_for(128 * 9, 4096, 64), 1);
+        assert_eq!(splits_for(9, 4096, 64), 30);
+        assert_eq!(splits_for(9, 40, 64), 2);
+        assert_eq!(splits_for(32, 4096, 128), 9);
+        assert_eq!(splits_for(1, 1 << 20, 256), 64);
+        for (blocks, hd) in [(1, 256), (9, 64), (100, 256), (131, 256)] {
+            let s = splits_for(blocks, 1 << 20, hd);
+            assert!(s >= 1 && (blocks * s * (hd + 2) * 4) as u64 <= ATTN_PARTIAL_BYTES);
+        }
     }
 }

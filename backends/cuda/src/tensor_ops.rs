@@ -58,16 +58,38 @@ impl ProjArg {
     };
 }
 
+/// Blocks below which a tiled launch takes 8-row tiles (two waves of the H200's 132 SMs).
+const MIN_TILED_BLOCKS: usize = 264;
+
 /// Which `kernels/matmul.cu` kernel a launch takes: (symbol, rows a block, tokens a block,
-/// block threads).
-fn matmul_kernel(quantized: bool, n: usize) -> (&'static str, usize, usize, u32) {
-    match (quantized, n) {
-        (false, _) => ("matmul", 4, 8, 128),
-        (true, 0..=4) => ("matmul_vec", 4, n.max(1), 128),
-        (true, 5..=16) => ("matmul_t16", 32, 16, 128),
-        (true, 17..=32) => ("matmul_t32", 32, 32, 128),
-        (true, _) => ("matmul_t64", 32, 64, 128),
+/// block threads), for `n` tokens and the projections' row counts `ms`.
+fn matmul_kernel(
+    quantized: bool,
+    n: usize,
+    ms: impl Iterator<Item = usize> + Clone,
+) -> (&'static str, usize, usize, u32) {
+    if !quantized {
+        return ("matmul", 4, 8, 128);
     }
+    if n <= 8 {
+        return ("matmul_vec", 4, n.max(1), 128);
+    }
+    let tn = match n {
+        9..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    };
+    let blocks: usize = ms.map(|m| m.div_ceil(32)).sum::<usize>() * n.div_ceil(tn);
+    let small = blocks < MIN_TILED_BLOCKS;
+    let symbol = match (small, tn) {
+        (false, 16) => "matmul_t16",
+        (false, 32) => "matmul_t32",
+        (false, _) => "matmul_t64",
+        (true, 16) => "matmul_r8_t16",
+        (true, 32) => "matmul_r8_t32",
+        (true, _) => "matmul_r8_t64",
+    };
+    (symbol, if small { 8 } else { 32 }, tn, 128)
 }
 
 impl CudaBackend {
@@ -125,7 +147,8 @@ impl CudaBackend {
                 ),
             });
         }
-        let (symbol, rows_per_block, tokens_per_block, threads) = matmul_kernel(quantized, n);
+        let (symbol, rows_per_block, tokens_per_block, threads) =
+            matmul_kernel(quantized, n, projs.iter().map(|p| p.m));
         let xp = self.ptr(x, (n * k) as u64 * 4, 16, OP)?;
         let (np, eps) = match norm {
             Some((w, eps)) => (self.ptr(w, k as u64 * 4, 16, OP)?, eps),
