@@ -859,6 +859,7 @@ fn layout(num_pages: usize, kvh: usize, hd: usize, dtype: DType) -> KvLayout {
 }
 
 /// Host inputs of a KV write.
+#[derive(Clone)]
 struct KvWrite {
     layout: KvLayout,
     heads: usize,
@@ -1239,9 +1240,69 @@ fn check_paged_attention<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &m
                     &rb,
                     FLOAT_NMSE,
                 );
+                if name == "decode" {
+                    // Metric: each sequence's output row; bound: bit-identical alone
+                    // and in the batch (a backend may split keys for short launches).
+                    // A batch of copies big enough to fill the device takes the other path.
+                    let n = h * hd;
+                    for (i, alone) in single_sequences(&c).iter().enumerate() {
+                        let one = run_attention(b, alone);
+                        assert_eq!(
+                            one,
+                            rb[i * n..(i + 1) * n].to_vec(),
+                            "decode sequence {i} alone vs batched, kv={dtype} heads={h}/{kvh} head_dim={hd}"
+                        );
+                        let copies = 200usize.div_ceil(h);
+                        let many = run_attention(b, &replicated(alone, copies));
+                        for r in 0..copies {
+                            assert_eq!(
+                                &many[r * n..(r + 1) * n],
+                                &one[..],
+                                "decode sequence {i} alone vs {copies} copies, kv={dtype} heads={h}/{kvh} head_dim={hd}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+/// `copies` sequences that are all the one sequence of `c` (sharing its pages).
+fn replicated(c: &AttnCase, copies: usize) -> AttnCase {
+    AttnCase {
+        layout: c.layout,
+        heads: c.heads,
+        kv: c.kv.clone(),
+        q: c.q.repeat(copies),
+        positions: c.positions.repeat(copies),
+        block_tables: c.block_tables.repeat(copies),
+        context_lens: c.context_lens.repeat(copies),
+        query_start_locs: (0..=copies as u32).collect(),
+        max_blocks: c.max_blocks,
+    }
+}
+
+/// The decode case's sequences one at a time (same stored K/V and pages).
+fn single_sequences(c: &AttnCase) -> Vec<AttnCase> {
+    let n = c.heads * c.layout.head_dim;
+    (0..c.context_lens.len())
+        .map(|i| {
+            let t = c.query_start_locs[i] as usize;
+            assert_eq!(c.query_start_locs[i + 1] as usize, t + 1, "one query token a sequence");
+            AttnCase {
+                layout: c.layout,
+                heads: c.heads,
+                kv: c.kv.clone(),
+                q: c.q[t * n..(t + 1) * n].to_vec(),
+                positions: vec![c.positions[t]],
+                block_tables: c.block_tables[i * c.max_blocks..(i + 1) * c.max_blocks].to_vec(),
+                context_lens: vec![c.context_lens[i]],
+                query_start_locs: vec![0, 1],
+                max_blocks: c.max_blocks,
+            }
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- sampling

@@ -17,9 +17,10 @@
 //
 // matmul_vec (quantized, n <= 8: decode). Launch: grid (sum of ceil(m_i / 4), 1), block 128 = 4
 //   warps; shared: 8 floats. Warp w owns row j = (blockIdx.x - first_block) * 4 + w; lane l
-//   takes blocks l, l + 32, ... of the row, two at a time (one 16-byte load of quants per
-//   block for Q4, two for Q8_0, issued before any arithmetic), sums q * x per token with
-//   the block's scale applied once (and m * sum(x) for Q4_1); a warp sum ends each dot.
+//   takes the half-blocks l, l + 32, ... of the row (16 values: 8 bytes of Q4 quants or 16
+//   of Q8_0), two at a time, loaded before any arithmetic (the first two even before the
+//   norm scales), sums q * x per token with the scale applied once per half (and
+//   m * sum(x) for Q4_1); a warp sum ends each dot.
 //
 // matmul_t<TN> / matmul_r8_t<TN> (quantized, n > 8; TN = 16, 32, 64 tokens; TM = 32 rows a
 //   block, or 8 for the r8 kernels, which give small m more blocks). Launch: grid (sum of
@@ -66,35 +67,13 @@ __device__ __forceinline__ const MmProj& proj_of_block(const MmProjs& projs) {
     return projs.p[pi];
 }
 
-// s_scale[t] = 1 / sqrt(mean(x[t0 + t]^2) + eps) for t < nt, by every thread of the block
-// (called before any thread returns); synchronises. Fewer tokens than warps: the whole
-// block sums each token; otherwise a warp a token. 16-byte loads, unrolled.
+// s_scale[t] = 1 / sqrt(mean(x[t0 + t]^2) + eps) for t < nt, a warp a token (the same
+// order whatever the tile, so a token's scale does not depend on its neighbours); every
+// thread calls it before any returns; synchronises. 16-byte loads, unrolled.
 __device__ __forceinline__ void token_scales(const float* x, int t0, int nt, int k, float eps,
                                              float* s_scale) {
-    __shared__ float s_part[32];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     int k4 = k / 4;
-    if (nt < warps) {
-        for (int t = 0; t < nt; t++) {
-            const float4* xr = (const float4*)(x + (u64)(t0 + t) * k);
-            float s = 0.0f;
-#pragma unroll 4
-            for (int e = threadIdx.x; e < k4; e += blockDim.x) {
-                float4 v = xr[e];
-                s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-            }
-            s = warp_sum(s);
-            if (lane == 0) s_part[warp] = s;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                float tot = 0.0f;
-                for (int w = 0; w < warps; w++) tot += s_part[w];
-                s_scale[t] = 1.0f / sqrtf(tot / (float)k + eps);
-            }
-            __syncthreads();
-        }
-        return;
-    }
     for (int t = warp; t < nt; t += warps) {
         const float4* xr = (const float4*)(x + (u64)(t0 + t) * k);
         float s = 0.0f;
@@ -125,74 +104,82 @@ __device__ __forceinline__ void load_x8(const float* xr, const float* norm_w, fl
     }
 }
 
-// One quantized block's raw bits: quants (16 or 32 bytes) and scales word.
-struct RawBlock {
-    uint4 a, b;
+// Half a quantized block's raw bits: 16 of its 32 values (8 bytes of Q4 quants: values
+// 8h .. 8h+7 and 16+8h .. 16+8h+7; 16 bytes of Q8_0 quants: values 16h .. 16h+15) and the
+// block's scales word.
+struct RawHalf {
+    uint4 q;
     u32 sc;
 };
 
-__device__ __forceinline__ RawBlock load_block(const u8* qs, const u8* sc, int dtype, u64 i) {
-    RawBlock r;
+// Half h of block i (= row * nb + b) of a repacked weight; zeros when !valid.
+__device__ __forceinline__ RawHalf load_half(const u8* qs, const u8* sc, int dtype, u64 i, int h,
+                                             bool valid) {
+    RawHalf r;
+    r.q = make_uint4(0, 0, 0, 0);
+    r.sc = 0;
+    if (!valid) return r;
     if (dtype == DT_Q8_0) {
-        const uint4* p = (const uint4*)(qs + i * 32);
-        r.a = p[0];
-        r.b = p[1];
+        r.q = *(const uint4*)(qs + i * 32 + h * 16);
         r.sc = ((const u16*)sc)[i];
     } else {
-        r.a = *(const uint4*)(qs + i * 16);
-        r.b = make_uint4(0, 0, 0, 0);
+        uint2 v = *(const uint2*)(qs + i * 16 + h * 8);
+        r.q.x = v.x;
+        r.q.y = v.y;
         r.sc = dtype == DT_Q4_1 ? ((const u32*)sc)[i] : (u32)((const u16*)sc)[i];
     }
     return r;
 }
 
-// The 32 quants of a block as floats (Q4_0 with the -8 offset) and its d, m.
-__device__ __forceinline__ void decode_block(const RawBlock& r, int dtype, float q[32], float* d,
-                                             float* mn) {
-    u32 w[8] = {r.a.x, r.a.y, r.a.z, r.a.w, r.b.x, r.b.y, r.b.z, r.b.w};
+// acc[t] += half h of the block (values from element e0 = block start) . x[t0 + t] for t < nt.
+__device__ __forceinline__ void half_dot(const RawHalf& r, int dtype, int h, const float* x,
+                                         const float* norm_w, const float* s_scale, int nt, int k,
+                                         int e0, float acc[MV_TOKENS]) {
+    float q[16];
+    // x offsets of the two runs of 8 values this half holds.
+    int xa, xb;
     if (dtype == DT_Q8_0) {
+        u32 w[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
 #pragma unroll
-        for (int i = 0; i < 8; i++)
+        for (int i = 0; i < 4; i++)
 #pragma unroll
             for (int c = 0; c < 4; c++) q[4 * i + c] = (float)(signed char)((w[i] >> (8 * c)) & 0xFF);
-        *d = f16_to_f32((u16)r.sc);
-        *mn = 0.0f;
-        return;
+        xa = e0 + 16 * h;
+        xb = xa + 8;
+    } else {
+        int off = dtype == DT_Q4_0 ? 8 : 0;
+        u32 w[2] = {r.q.x, r.q.y};
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int byte = (int)((w[i] >> (8 * c)) & 0xFF);
+                q[4 * i + c] = (float)((byte & 15) - off);
+                q[8 + 4 * i + c] = (float)((byte >> 4) - off);
+            }
+        xa = e0 + 8 * h;
+        xb = xa + 16;
     }
-    int off = dtype == DT_Q4_0 ? 8 : 0;
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            int byte = (int)((w[i] >> (8 * c)) & 0xFF);
-            q[4 * i + c] = (float)((byte & 15) - off);
-            q[16 + 4 * i + c] = (float)((byte >> 4) - off);
-        }
-    *d = f16_to_f32((u16)(r.sc & 0xFFFF));
-    *mn = dtype == DT_Q4_1 ? f16_to_f32((u16)(r.sc >> 16)) : 0.0f;
-}
-
-// acc[t] += dot(block, x[t0 + t][e0 .. e0 + 32]) for t < nt.
-__device__ __forceinline__ void block_dot(const RawBlock& r, int dtype, const float* x,
-                                          const float* norm_w, const float* s_scale, int t0,
-                                          int nt, int k, int e0, float acc[MV_TOKENS]) {
-    float q[32], d, mn;
-    decode_block(r, dtype, q, &d, &mn);
+    float d = f16_to_f32((u16)(r.sc & 0xFFFF));
+    float mn = dtype == DT_Q4_1 ? f16_to_f32((u16)(r.sc >> 16)) : 0.0f;
 #pragma unroll
     for (int t = 0; t < MV_TOKENS; t++) {
         if (t >= nt) break;
-        const float* xr = x + (u64)(t0 + t) * k;
+        const float* xr = x + (u64)t * k;
         float sc = norm_w != 0 ? s_scale[t] : 1.0f;
+        float va[8], vb[8];
+        load_x8(xr, norm_w, sc, xa, va);
+        load_x8(xr, norm_w, sc, xb, vb);
         float sq = 0.0f, sx = 0.0f;
 #pragma unroll
-        for (int h = 0; h < 4; h++) {
-            float xv[8];
-            load_x8(xr, norm_w, sc, e0 + 8 * h, xv);
+        for (int i = 0; i < 8; i++) {
+            sq = fmaf(q[i], va[i], sq);
+            sx += va[i];
+        }
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                sq = fmaf(q[8 * h + i], xv[i], sq);
-                sx += xv[i];
-            }
+        for (int i = 0; i < 8; i++) {
+            sq = fmaf(q[8 + i], vb[i], sq);
+            sx += vb[i];
         }
         acc[t] = fmaf(d, sq, acc[t]);
         if (dtype == DT_Q4_1) acc[t] = fmaf(mn, sx, acc[t]);
@@ -208,25 +195,29 @@ matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n,
     int dtype = p.dtype, m = p.m;
     int j = ((int)blockIdx.x - p.first_block) * MM_WARPS + warp;
     int nt = min(MV_TOKENS, n);
-    if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
-    if (j >= m) return;
     u64 nb = (u64)(k / 32);
+    u64 nh = 2 * nb;  // halves of the row
     const u8* qs = (const u8*)p.w;
     const u8* sc = qs + (u64)m * nb * quant_qb(dtype);
     u64 row0 = (u64)j * nb;
+    // The first two halves of this lane are loaded before the norm scales are computed.
+    u64 hb = lane;
+    RawHalf r0 = load_half(qs, sc, dtype, row0 + hb / 2, (int)(hb % 2), j < m && hb < nh);
+    RawHalf r1 = load_half(qs, sc, dtype, row0 + (hb + 32) / 2, (int)(hb % 2),
+                           j < m && hb + 32 < nh);
+    if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
+    if (j >= m) return;
     float acc[MV_TOKENS];
 #pragma unroll
     for (int t = 0; t < MV_TOKENS; t++) acc[t] = 0.0f;
-    u64 b = lane;
-    for (; b + 32 < nb; b += 64) {
-        RawBlock r0 = load_block(qs, sc, dtype, row0 + b);
-        RawBlock r1 = load_block(qs, sc, dtype, row0 + b + 32);
-        block_dot(r0, dtype, x, norm_w, s_scale, 0, nt, k, (int)b * 32, acc);
-        block_dot(r1, dtype, x, norm_w, s_scale, 0, nt, k, (int)(b + 32) * 32, acc);
-    }
-    if (b < nb) {
-        RawBlock r0 = load_block(qs, sc, dtype, row0 + b);
-        block_dot(r0, dtype, x, norm_w, s_scale, 0, nt, k, (int)b * 32, acc);
+    for (;;) {
+        if (hb < nh) half_dot(r0, dtype, (int)(hb % 2), x, norm_w, s_scale, nt, k, (int)(hb / 2) * 32, acc);
+        if (hb + 32 < nh)
+            half_dot(r1, dtype, (int)(hb % 2), x, norm_w, s_scale, nt, k, (int)((hb + 32) / 2) * 32, acc);
+        hb += 64;
+        if (hb >= nh) break;
+        r0 = load_half(qs, sc, dtype, row0 + hb / 2, (int)(hb % 2), true);
+        r1 = load_half(qs, sc, dtype, row0 + (hb + 32) / 2, (int)(hb % 2), hb + 32 < nh);
     }
     float* out = (float*)p.out;
 #pragma unroll

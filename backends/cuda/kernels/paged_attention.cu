@@ -11,26 +11,27 @@
 //   positions: (num_tokens) u32, token t attends to positions 0 ..= positions[t]
 //   block_tables: (num_seqs, max_blocks_per_seq) u32; context_lens: (num_seqs) u32
 //   query_start_locs: (num_seqs + 1) u32; KV dtype F32, F16, BF16 or Q8_0; head_dim <= 256
-//   partial: (num_tokens, num_heads, splits, head_dim + 2) f32 when splits > 1: the keys of a
-//   token are split into `splits` stretches (flash-decoding: short batches get enough
-//   blocks); block z writes its stretch's running max, sum and unnormalised V sum there
-//   and attention_combine merges the stretches into out. splits = 1: out directly.
-// Launch: grid (num_tokens, num_heads, splits), block 256 = 8 warps; shared: q (256 floats), one
-//   chunk of 256 scores, the chunk's page base addresses (257 u64), 32 floats of reduction
-//   scratch, 8 x 256 floats to merge the warps' V sums (about 12 KB).
-//   Keys are visited in chunks of 256. Per chunk the block first translates the chunk's
-//   pages (block table -> layer page table -> piece base) once into shared memory, so no
-//   key waits on a chain of dependent loads; then every thread scores one whole key (a dot
-//   product over the row, 16-byte loads where the dtype allows), the block takes the
-//   chunk's max and sum (online softmax across chunks), and warp w accumulates all of V
-//   over the keys j = w (mod 8), lane l owning elements l, l + 32, ... (loads coalesced
-//   across the warp). The warps' partial sums are added at the end. A token outside every
-//   sequence gets zeros.
-// attention_combine: grid (num_tokens, num_heads), block 256; out = sum_z e^(m_z - M) acc_z
-//   / sum_z e^(m_z - M) l_z over the stretches z (M = max m_z), zeros when no key scored.
+//   partial: (num_tokens, num_heads, splits, head_dim + 2) f32 when splits > 1.
+// Keys are taken in chunks of PA_CHUNK = 128 positions (chunk c: keys c*128 .. c*128+127).
+// Each chunk gives (m_c = max score, l_c = sum e^(s - m_c), a_c = sum e^(s - m_c) v), and the
+// chunks are merged in order by merge_chunk (running max, rescaled sums); out = a / l.
+// Split launches (splits = the chunks a sequence can have, for short batches: flash-decoding)
+// run one chunk a block and write it to partial; attention_combine merges them in the same
+// order with the same merge_chunk — so a token's output has the same bits split or not,
+// whatever else is in the batch.
+// Launch: grid (num_tokens, num_heads, splits), block 256 = 8 warps; shared: q (256 floats),
+//   128 scores, the chunk's page base addresses (129 u64), reduction scratch, 8 x 256 floats
+//   for the warps' V sums (about 11 KB). splits = 1: the block walks every chunk.
+//   Per chunk the block first translates the chunk's pages (block table -> layer page table
+//   -> piece base) once into shared memory, so no key waits on a chain of dependent loads;
+//   thread j < 128 scores key j (a dot product over the row, 16-byte loads where the dtype
+//   allows); warp w accumulates V over the keys j = w (mod 8), lane l owning elements l,
+//   l + 32, ... (loads coalesced); the warps' sums are added in shared memory, and thread e
+//   merges element e. A token outside every sequence gets zeros.
+// attention_combine: grid (num_tokens, num_heads), block 256; merges the splits' chunks.
 
 #define PA_THREADS 256
-#define PA_CHUNK 256
+#define PA_CHUNK 128
 #define PA_WARPS (PA_THREADS / 32)
 #define PA_MAX_EPL 8  // head_dim <= 256: elements per lane
 
@@ -103,6 +104,19 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return r;
 }
 
+// Merges chunk (m_c, l_c, a_c) into the running (m, l, a); an empty chunk (m_c = -inf)
+// changes nothing. The one merge of both paths (in-block and attention_combine).
+__device__ __forceinline__ void merge_chunk(float& m, float& l, float& a, float m_c, float l_c,
+                                            float a_c) {
+    if (m_c == -INFINITY) return;
+    float mx = fmaxf(m, m_c);
+    float ca = m == -INFINITY ? 0.0f : expf(m - mx);
+    float cb = expf(m_c - mx);
+    l = fmaf(l, ca, l_c * cb);
+    a = fmaf(a, ca, a_c * cb);
+    m = mx;
+}
+
 extern "C" __global__ void __launch_bounds__(PA_THREADS)
 paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u32* positions,
                 const u32* block_tables, const u32* context_lens, const u32* query_start_locs,
@@ -120,9 +134,25 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
     float* o = out + ((u64)t * num_heads + h) * head_dim;
     float* part = splits > 1 ? partial + (((u64)t * num_heads + h) * splits + z) * (head_dim + 2)
                              : 0;
-
+    int nkeys = 0;
+    int s = -1;
     // The sequence holding token t: the last s with query_start_locs[s] <= t.
-    if (num_seqs <= 0 || t < (int)query_start_locs[0] || t >= (int)query_start_locs[num_seqs]) {
+    if (num_seqs > 0 && t >= (int)query_start_locs[0] && t < (int)query_start_locs[num_seqs]) {
+        int lo = 0, hi = num_seqs;  // invariant: qsl[lo] <= t < qsl[hi]
+        while (hi - lo > 1) {
+            int mid = (lo + hi) / 2;
+            if ((int)query_start_locs[mid] <= t) lo = mid; else hi = mid;
+        }
+        s = lo;
+        int ctx = (int)context_lens[s];
+        // Never past the context nor the block table's width.
+        nkeys = min(min((int)positions[t], ctx - 1), max_blocks_per_seq * page_size - 1) + 1;
+    }
+    // Chunks of this block: all (splits = 1) or chunk z only.
+    int c_first = splits > 1 ? z * PA_CHUNK : 0;
+    int c_end = splits > 1 ? min(nkeys, c_first + PA_CHUNK) : nkeys;
+    if (s < 0 || c_first >= c_end) {
+        // No key: an empty chunk (split) or zeros (a token outside every sequence).
         if (part != 0) {
             for (int e = tid; e < head_dim + 2; e += blockDim.x) part[e] = e == 0 ? -INFINITY : 0.0f;
         } else {
@@ -130,15 +160,6 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
         }
         return;
     }
-    int lo = 0, hi = num_seqs;  // invariant: qsl[lo] <= t < qsl[hi]
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if ((int)query_start_locs[mid] <= t) lo = mid; else hi = mid;
-    }
-    int s = lo;
-    int ctx = (int)context_lens[s];
-    // Never past the context nor the block table's width.
-    int nkeys = min(min((int)positions[t], ctx - 1), max_blocks_per_seq * page_size - 1) + 1;
     int kvh = h / (num_heads / num_kv_heads);
     u64 row = row_bytes_of(dtype, head_dim);
     u64 page_bytes = (u64)2 * page_size * num_kv_heads * row;
@@ -150,14 +171,10 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
     for (int e = tid; e < head_dim; e += blockDim.x) s_q[e] = qh[e];
 
     int epl = (head_dim + 31) / 32;
-    float acc[PA_MAX_EPL];
-#pragma unroll
-    for (int i = 0; i < PA_MAX_EPL; i++) acc[i] = 0.0f;
-    float m_run = -INFINITY, l_run = 0.0f;
-    int per = (nkeys + splits - 1) / splits;
-    int kb = z * per, ke = min(nkeys, kb + per);
-    for (int c0 = kb; c0 < ke; c0 += PA_CHUNK) {
-        int n = min(PA_CHUNK, ke - c0);
+    // Thread e < head_dim keeps the running (m, l, a[e]) of the merged chunks.
+    float m_run = -INFINITY, l_run = 0.0f, a_run = 0.0f;
+    for (int c0 = c_first; c0 < c_end; c0 += PA_CHUNK) {
+        int n = min(PA_CHUNK, c_end - c0);
         int first = c0 / page_size;
         int npages = (c0 + n - 1) / page_size - first + 1;
         for (int i = tid; i < npages; i += PA_THREADS) {
@@ -171,64 +188,58 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
             s_page[i] = base;
         }
         __syncthreads();  // s_page (and s_q on the first chunk)
-        float local_max = -INFINITY;
-        for (int j = tid; j < n; j += PA_THREADS) {
-            int p = c0 + j;
+        float d = -INFINITY;
+        if (tid < n) {
+            int p = c0 + tid;
             u64 base = s_page[p / page_size - first];
-            float d = -INFINITY;
             if (base != 0) {
                 const u8* kr = (const u8*)(base + k_off + (u64)(p % page_size) * tok_stride);
                 d = dot_row(kr, dtype, s_q, head_dim) * scale;
             }
-            s_p[j] = d;
-            local_max = fmaxf(local_max, d);
         }
-        float m_new = fmaxf(m_run, block_max(local_max, s_red));
-        float local_sum = 0.0f;
-        for (int j = tid; j < n; j += PA_THREADS) {
-            float pj = s_p[j] == -INFINITY ? 0.0f : expf(s_p[j] - m_new);
-            s_p[j] = pj;
-            local_sum += pj;
-        }
-        float csum = block_sum(local_sum, s_red);  // its barriers publish s_p
-        float corr = m_run == -INFINITY ? 0.0f : expf(m_run - m_new);
-        l_run = l_run * corr + csum;
-        m_run = m_new;
+        float m_c = block_max(d, s_red);
+        float pj = (tid < n && d != -INFINITY) ? expf(d - m_c) : 0.0f;
+        if (tid < PA_CHUNK) s_p[tid] = pj;
+        float l_c = block_sum(pj, s_red);  // its barriers publish s_p
+        float acc[PA_MAX_EPL];
 #pragma unroll
-        for (int i = 0; i < PA_MAX_EPL; i++) acc[i] *= corr;
+        for (int i = 0; i < PA_MAX_EPL; i++) acc[i] = 0.0f;
 #pragma unroll 4
         for (int j = warp; j < n; j += PA_WARPS) {
             int p = c0 + j;
             u64 base = s_page[p / page_size - first];
-            float pj = s_p[j];
-            if (base == 0 || pj == 0.0f) continue;
+            float w = s_p[j];
+            if (base == 0 || w == 0.0f) continue;
             const u8* vr = (const u8*)(base + v_off + (u64)(p % page_size) * tok_stride);
 #pragma unroll
             for (int i = 0; i < PA_MAX_EPL; i++) {
                 int e = lane + 32 * i;
-                if (i < epl && e < head_dim) acc[i] = fmaf(pj, kv_elem(vr, dtype, e), acc[i]);
+                if (i < epl && e < head_dim) acc[i] = fmaf(w, kv_elem(vr, dtype, e), acc[i]);
             }
         }
-        __syncthreads();  // the next chunk overwrites s_p and s_page
-    }
-    float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
 #pragma unroll
-    for (int i = 0; i < PA_MAX_EPL; i++) {
-        int e = lane + 32 * i;
-        if (i < epl && e < head_dim) s_acc[warp * 256 + e] = acc[i];
-    }
-    __syncthreads();
-    for (int e = tid; e < head_dim; e += blockDim.x) {
-        float a = 0.0f;
+        for (int i = 0; i < PA_MAX_EPL; i++) {
+            int e = lane + 32 * i;
+            if (i < epl && e < head_dim) s_acc[warp * 256 + e] = acc[i];
+        }
+        __syncthreads();  // s_acc complete
+        if (tid < head_dim) {
+            float a_c = 0.0f;
 #pragma unroll
-        for (int w = 0; w < PA_WARPS; w++) a += s_acc[w * 256 + e];
-        if (part != 0) part[2 + e] = a;
-        else o[e] = a * inv;
+            for (int w = 0; w < PA_WARPS; w++) a_c += s_acc[w * 256 + tid];
+            if (part != 0) {
+                part[2 + tid] = a_c;
+                if (tid == 0) {
+                    part[0] = m_c;
+                    part[1] = l_c;
+                }
+            } else {
+                merge_chunk(m_run, l_run, a_run, m_c, l_c, a_c);
+            }
+        }
+        __syncthreads();  // the next chunk overwrites s_p, s_page and s_acc
     }
-    if (part != 0 && tid == 0) {
-        part[0] = m_run;
-        part[1] = l_run;
-    }
+    if (part == 0 && tid < head_dim) o[tid] = a_run * (l_run > 0.0f ? 1.0f / l_run : 0.0f);
 }
 
 extern "C" __global__ void attention_combine(const float* partial, float* out, int num_tokens,
@@ -236,21 +247,13 @@ extern "C" __global__ void attention_combine(const float* partial, float* out, i
     int t = blockIdx.x, h = blockIdx.y;
     if (t >= num_tokens) return;
     const float* p = partial + ((u64)t * num_heads + h) * splits * (head_dim + 2);
-    float mx = -INFINITY;
-    for (int z = 0; z < splits; z++) mx = fmaxf(mx, p[(u64)z * (head_dim + 2)]);
-    float l = 0.0f;
-    for (int z = 0; z < splits; z++) {
-        float m = p[(u64)z * (head_dim + 2)];
-        if (m != -INFINITY) l += expf(m - mx) * p[(u64)z * (head_dim + 2) + 1];
-    }
-    float inv = l > 0.0f ? 1.0f / l : 0.0f;
     float* o = out + ((u64)t * num_heads + h) * head_dim;
     for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
-        float a = 0.0f;
+        float m = -INFINITY, l = 0.0f, a = 0.0f;
         for (int z = 0; z < splits; z++) {
             const float* pz = p + (u64)z * (head_dim + 2);
-            if (pz[0] != -INFINITY) a = fmaf(expf(pz[0] - mx), pz[2 + e], a);
+            merge_chunk(m, l, a, pz[0], pz[1], pz[2 + e]);
         }
-        o[e] = a * inv;
+        o[e] = a * (l > 0.0f ? 1.0f / l : 0.0f);
     }
 }

@@ -7,26 +7,23 @@ use pagoda_backend::{
 use crate::args::Args;
 use crate::{ATTN_PARTIAL_BYTES, CudaBackend, MAX_HEAD_DIM, dtype_code};
 
-/// Blocks a launch aims at before it splits keys (two waves of the H200's 132 SMs).
-const TARGET_BLOCKS: usize = 264;
-/// Fewest keys a stretch of a split launch gets.
-const MIN_KEYS_PER_SPLIT: usize = 32;
+/// Token-heads below which a launch splits keys (one wave of the H200's 132 SMs).
+const SPLIT_BELOW_BLOCKS: usize = 132;
+/// Keys of a chunk (`kernels/paged_attention.cu`'s `PA_CHUNK`): a split launch runs one
+/// chunk a block.
+const CHUNK_KEYS: usize = 128;
 
-/// Stretches per token-head: 1 when tokens x heads fill the device, more for short
-/// batches (never more than the keys a sequence can hold allow, nor than the partials
-/// buffer holds).
+/// Grid z of a launch: 1 when tokens x heads fill the device (or the partials would not
+/// fit), else one block per chunk a sequence can have (`max_keys`). Either gives the same
+/// bits (the kernel merges chunks in the same order both ways).
 fn splits_for(blocks: usize, max_keys: usize, head_dim: usize) -> usize {
-    if blocks == 0 || blocks >= TARGET_BLOCKS / 2 {
-        return 1;
+    let chunks = max_keys.div_ceil(CHUNK_KEYS).max(1);
+    let bytes = (blocks * chunks * (head_dim + 2) * 4) as u64;
+    if blocks == 0 || blocks >= SPLIT_BELOW_BLOCKS || chunks == 1 || bytes > ATTN_PARTIAL_BYTES {
+        1
+    } else {
+        chunks
     }
-    let mut s = TARGET_BLOCKS
-        .div_ceil(blocks)
-        .min(max_keys.div_ceil(MIN_KEYS_PER_SPLIT))
-        .clamp(1, 64);
-    while s > 1 && (blocks * s * (head_dim + 2) * 4) as u64 > ATTN_PARTIAL_BYTES {
-        s -= 1;
-    }
-    s
 }
 
 impl AttentionOps for CudaBackend {
@@ -130,13 +127,16 @@ mod tests {
     #[test]
     fn splits_only_for_short_batches_and_fit_the_partials() {
         assert_eq!(splits_for(128 * 9, 4096, 64), 1);
-        assert_eq!(splits_for(9, 4096, 64), 30);
-        assert_eq!(splits_for(9, 40, 64), 2);
-        assert_eq!(splits_for(32, 4096, 128), 9);
-        assert_eq!(splits_for(1, 1 << 20, 256), 64);
+        assert_eq!(splits_for(9, 4096, 64), 32);
+        assert_eq!(splits_for(9, 129, 64), 2);
+        assert_eq!(splits_for(9, 128, 64), 1);
+        assert_eq!(splits_for(32, 4096, 128), 32);
+        assert_eq!(splits_for(100, 1 << 20, 256), 1);
         for (blocks, hd) in [(1, 256), (9, 64), (100, 256), (131, 256)] {
-            let s = splits_for(blocks, 1 << 20, hd);
-            assert!(s >= 1 && (blocks * s * (hd + 2) * 4) as u64 <= ATTN_PARTIAL_BYTES);
+            for keys in [1, 200, 4096, 100_000] {
+                let s = splits_for(blocks, keys, hd);
+                assert!(s == 1 || (blocks * s * (hd + 2) * 4) as u64 <= ATTN_PARTIAL_BYTES);
+            }
         }
     }
 }

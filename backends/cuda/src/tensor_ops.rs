@@ -80,7 +80,9 @@ fn matmul_kernel(
         _ => 64,
     };
     let blocks: usize = ms.map(|m| m.div_ceil(32)).sum::<usize>() * n.div_ceil(tn);
-    let small = blocks < MIN_TILED_BLOCKS;
+    // 8-row tiles for decode-sized steps only: above 64 tokens the x tile re-read per
+    // 8 rows costs more than the idle SMs (measured on the H200, notes/benchmarks.md).
+    let small = blocks < MIN_TILED_BLOCKS && n <= 64;
     let symbol = match (small, tn) {
         (false, 16) => "matmul_t16",
         (false, 32) => "matmul_t32",
