@@ -1240,25 +1240,26 @@ fn check_paged_attention<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &m
                     &rb,
                     FLOAT_NMSE,
                 );
-                if name == "decode" {
-                    // Metric: each sequence's output row; bound: bit-identical alone
-                    // and in the batch (a backend may split keys for short launches).
-                    // A batch of copies big enough to fill the device takes the other path.
-                    let n = h * hd;
-                    for (i, alone) in single_sequences(&c).iter().enumerate() {
-                        let one = run_attention(b, alone);
-                        assert_eq!(
-                            one,
-                            rb[i * n..(i + 1) * n].to_vec(),
-                            "decode sequence {i} alone vs batched, kv={dtype} heads={h}/{kvh} head_dim={hd}"
-                        );
+                // Metric: each token's output row; bound: bit-identical alone (a one-token
+                // launch) and in the step (a backend may split keys for short launches or
+                // share K/V loads between the queries of a prefill).
+                let n = h * hd;
+                for (t, alone) in single_tokens(&c) {
+                    let one = run_attention(b, &alone);
+                    assert_eq!(
+                        one,
+                        rb[t * n..(t + 1) * n].to_vec(),
+                        "{name} token {t} alone vs in the step, kv={dtype} heads={h}/{kvh} head_dim={hd}"
+                    );
+                    if name == "decode" {
+                        // A batch of copies big enough to fill the device takes the other path.
                         let copies = 200usize.div_ceil(h);
-                        let many = run_attention(b, &replicated(alone, copies));
+                        let many = run_attention(b, &replicated(&alone, copies));
                         for r in 0..copies {
                             assert_eq!(
                                 &many[r * n..(r + 1) * n],
                                 &one[..],
-                                "decode sequence {i} alone vs {copies} copies, kv={dtype} heads={h}/{kvh} head_dim={hd}"
+                                "decode token {t} alone vs {copies} copies, kv={dtype} heads={h}/{kvh} head_dim={hd}"
                             );
                         }
                     }
@@ -1283,26 +1284,31 @@ fn replicated(c: &AttnCase, copies: usize) -> AttnCase {
     }
 }
 
-/// The decode case's sequences one at a time (same stored K/V and pages).
-fn single_sequences(c: &AttnCase) -> Vec<AttnCase> {
+/// Every query token of `c` that belongs to a sequence, as a one-token case (same stored
+/// K/V and pages): `(token index, case)`.
+fn single_tokens(c: &AttnCase) -> Vec<(usize, AttnCase)> {
     let n = c.heads * c.layout.head_dim;
-    (0..c.context_lens.len())
-        .map(|i| {
-            let t = c.query_start_locs[i] as usize;
-            assert_eq!(c.query_start_locs[i + 1] as usize, t + 1, "one query token a sequence");
-            AttnCase {
-                layout: c.layout,
-                heads: c.heads,
-                kv: c.kv.clone(),
-                q: c.q[t * n..(t + 1) * n].to_vec(),
-                positions: vec![c.positions[t]],
-                block_tables: c.block_tables[i * c.max_blocks..(i + 1) * c.max_blocks].to_vec(),
-                context_lens: vec![c.context_lens[i]],
-                query_start_locs: vec![0, 1],
-                max_blocks: c.max_blocks,
-            }
-        })
-        .collect()
+    let mut out = Vec::new();
+    for i in 0..c.context_lens.len() {
+        for t in c.query_start_locs[i] as usize..c.query_start_locs[i + 1] as usize {
+            out.push((
+                t,
+                AttnCase {
+                    layout: c.layout,
+                    heads: c.heads,
+                    kv: c.kv.clone(),
+                    q: c.q[t * n..(t + 1) * n].to_vec(),
+                    positions: vec![c.positions[t]],
+                    block_tables: c.block_tables[i * c.max_blocks..(i + 1) * c.max_blocks]
+                        .to_vec(),
+                    context_lens: vec![c.context_lens[i]],
+                    query_start_locs: vec![0, 1],
+                    max_blocks: c.max_blocks,
+                },
+            ));
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------- sampling

@@ -7,6 +7,7 @@
 //                 head_dim, page_size, num_pages, dtype, max_blocks_per_seq, scale,
 //                 partial, splits)
 // attention_combine(partial, out, num_tokens, num_heads, head_dim, splits)
+// paged_attention_prefill(...): the same outputs for prefill tiles (its header is further down)
 //   q:   (num_tokens, num_heads, head_dim) f32;  out: (num_tokens, num_heads, head_dim) f32
 //   positions: (num_tokens) u32, token t attends to positions 0 ..= positions[t]
 //   block_tables: (num_seqs, max_blocks_per_seq) u32; context_lens: (num_seqs) u32
@@ -255,5 +256,215 @@ extern "C" __global__ void attention_combine(const float* partial, float* out, i
             merge_chunk(m, l, a, pz[0], pz[1], pz[2 + e]);
         }
         o[e] = a * (l > 0.0f ? 1.0f / l : 0.0f);
+    }
+}
+
+// ---------------------------------------------------------------- prefill tiles
+// paged_attention_prefill(q, pieces, page_table, positions, block_tables, context_lens,
+//                         query_start_locs, out, num_tokens, num_seqs, num_heads,
+//                         num_kv_heads, head_dim, page_size, num_pages, dtype,
+//                         max_blocks_per_seq, scale)
+//   The arguments of paged_attention (no splits); head_dim <= 128 and K/V rows of at most
+//   512 bytes. Every output has the bits paged_attention gives it: the same chunks of 128
+//   keys, the same dot_row scores, the same reduction orders (a warp sum over keys
+//   32i .. 32i+31, then i = 0 .. 3), the same V chains (keys j = w mod 8 in order, then
+//   w = 0 .. 7) and merge_chunk — only the work is shared: the K/V rows of a chunk are
+//   staged once in shared memory for a tile of up to 8 query tokens.
+// Launch: grid (ceil(num_tokens / 8), num_heads), block 256; shared: 8 q rows, 8 x 128
+//   scores, one staged stretch of 32 K or V rows (16 KB), the chunk's page bases (about
+//   25 KB). The tile's tokens are taken in runs of one sequence; per chunk: pass 1 scores
+//   (two (query, key) pairs a thread), pass 2 a warp a query (max, exp, sum), pass 3 thread
+//   o owns outputs (query, element) o, o + 256, ... (at most 4) with 8 chains each.
+
+#define PP_Q 8
+#define PP_SUB 32
+#define PP_MAX_HD 128
+#define PP_MAX_ROW 512
+#define PP_OUT ((PP_Q * PP_MAX_HD) / PA_THREADS)  // outputs a thread (4)
+
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+paged_attention_prefill(const float* q, KvPieces pieces, const u32* page_table,
+                        const u32* positions, const u32* block_tables, const u32* context_lens,
+                        const u32* query_start_locs, float* out, int num_tokens, int num_seqs,
+                        int num_heads, int num_kv_heads, int head_dim, int page_size,
+                        int num_pages, int dtype, int max_blocks_per_seq, float scale) {
+    __shared__ float s_q[PP_Q][PP_MAX_HD];
+    __shared__ float s_s[PP_Q][PA_CHUNK];
+    __shared__ __align__(16) u8 s_kv[PP_SUB * PP_MAX_ROW];
+    __shared__ u64 s_page[PA_CHUNK + 1];
+    __shared__ int s_nk[PP_Q];
+    __shared__ float s_mc[PP_Q], s_lc[PP_Q];
+    int h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    int t0 = blockIdx.x * PP_Q;
+    int t_end = min(num_tokens, t0 + PP_Q);
+    int kvh = h / (num_heads / num_kv_heads);
+    u64 row = row_bytes_of(dtype, head_dim);
+    u64 page_bytes = (u64)2 * page_size * num_kv_heads * row;
+    u64 k_off = (u64)kvh * row, v_off = ((u64)page_size * num_kv_heads + kvh) * row;
+    u64 tok_stride = (u64)num_kv_heads * row;
+    int row16 = (int)(row / 2);  // u16 words of a row
+    int ta = t0;
+    while (ta < t_end) {
+        // The run: tokens ta .. tb of one sequence s (s = -1: outside every sequence).
+        int s = -1;
+        if (num_seqs > 0 && ta >= (int)query_start_locs[0] && ta < (int)query_start_locs[num_seqs]) {
+            int lo = 0, hi = num_seqs;
+            while (hi - lo > 1) {
+                int mid = (lo + hi) / 2;
+                if ((int)query_start_locs[mid] <= ta) lo = mid; else hi = mid;
+            }
+            s = lo;
+        }
+        int tb = s < 0 ? ta + 1 : min(t_end, (int)query_start_locs[s + 1]);
+        int nq = tb - ta;
+        if (s < 0) {
+            float* o = out + ((u64)ta * num_heads + h) * head_dim;
+            for (int e = tid; e < head_dim; e += PA_THREADS) o[e] = 0.0f;
+            ta = tb;
+            continue;
+        }
+        int ctx = (int)context_lens[s];
+        const u32* table = block_tables + (u64)s * max_blocks_per_seq;
+        __syncthreads();  // the previous run is done with the shared arrays
+        if (tid < nq) {
+            int t = ta + tid;
+            s_nk[tid] = min(min((int)positions[t], ctx - 1), max_blocks_per_seq * page_size - 1) + 1;
+        }
+        for (int i = tid; i < nq * head_dim; i += PA_THREADS) {
+            int qi = i / head_dim, e = i % head_dim;
+            s_q[qi][e] = q[((u64)(ta + qi) * num_heads + h) * head_dim + e];
+        }
+        __syncthreads();
+        int max_n = 0;
+        for (int qi = 0; qi < nq; qi++) max_n = max(max_n, s_nk[qi]);
+        // Running state of the outputs this thread owns.
+        float m_run[PP_OUT], l_run[PP_OUT], a_run[PP_OUT];
+#pragma unroll
+        for (int r = 0; r < PP_OUT; r++) {
+            m_run[r] = -INFINITY;
+            l_run[r] = 0.0f;
+            a_run[r] = 0.0f;
+        }
+        for (int c0 = 0; c0 < max_n; c0 += PA_CHUNK) {
+            int n_c = min(PA_CHUNK, max_n - c0);
+            int first = c0 / page_size;
+            int npages = (c0 + n_c - 1) / page_size - first + 1;
+            for (int i = tid; i < npages; i += PA_THREADS) {
+                u32 page = table[first + i];
+                u64 base = 0;
+                if (page < (u32)num_pages) {
+                    u32 piece = page_table[2 * page];
+                    if (piece < MAX_KV_PIECES)
+                        base = pieces.base[piece] + (u64)page_table[2 * page + 1] * page_bytes;
+                }
+                s_page[i] = base;
+            }
+            for (int i = tid; i < PP_Q * PA_CHUNK; i += PA_THREADS) s_s[i / PA_CHUNK][i % PA_CHUNK] = -INFINITY;
+            __syncthreads();
+            // Pass 1: scores, a stretch of 32 K rows at a time.
+            for (int sub = 0; sub < n_c; sub += PP_SUB) {
+                int ns = min(PP_SUB, n_c - sub);
+                for (int i = tid; i < ns * row16; i += PA_THREADS) {
+                    int jj = i / row16, w = i % row16;
+                    int p = c0 + sub + jj;
+                    u64 base = s_page[p / page_size - first];
+                    u16 v = 0;
+                    if (base != 0)
+                        v = ((const u16*)(base + k_off + (u64)(p % page_size) * tok_stride))[w];
+                    ((u16*)s_kv)[jj * row16 + w] = v;
+                }
+                __syncthreads();
+                for (int i = tid; i < nq * PP_SUB; i += PA_THREADS) {
+                    int qi = i / PP_SUB, jj = i % PP_SUB;
+                    int j = sub + jj;  // key j of the chunk
+                    int p = c0 + j;
+                    if (jj < ns && j < s_nk[qi] - c0 && s_page[p / page_size - first] != 0)
+                        s_s[qi][j] = dot_row(s_kv + (u64)jj * row, dtype, s_q[qi], head_dim) * scale;
+                }
+                __syncthreads();
+            }
+            // Pass 2: a warp a query: chunk max, weights, sum (paged_attention's orders).
+            for (int qi = warp; qi < nq; qi += PA_WARPS) {
+                float d[4], mx = -INFINITY;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    d[i] = s_s[qi][32 * i + lane];
+                    mx = fmaxf(mx, d[i]);
+                }
+                mx = warp_max(mx);
+                float l = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float pj = d[i] != -INFINITY ? expf(d[i] - mx) : 0.0f;
+                    s_s[qi][32 * i + lane] = pj;
+                    l += warp_sum(pj);
+                }
+                if (lane == 0) {
+                    s_mc[qi] = mx;
+                    s_lc[qi] = l;
+                }
+            }
+            // Pass 3: V chains, a stretch of 32 V rows at a time.
+            float chain[PP_OUT][PA_WARPS];
+#pragma unroll
+            for (int r = 0; r < PP_OUT; r++)
+#pragma unroll
+                for (int w = 0; w < PA_WARPS; w++) chain[r][w] = 0.0f;
+            for (int sub = 0; sub < n_c; sub += PP_SUB) {
+                int ns = min(PP_SUB, n_c - sub);
+                __syncthreads();  // pass 2 / the previous stretch are done
+                for (int i = tid; i < ns * row16; i += PA_THREADS) {
+                    int jj = i / row16, w = i % row16;
+                    int p = c0 + sub + jj;
+                    u64 base = s_page[p / page_size - first];
+                    u16 v = 0;
+                    if (base != 0)
+                        v = ((const u16*)(base + v_off + (u64)(p % page_size) * tok_stride))[w];
+                    ((u16*)s_kv)[jj * row16 + w] = v;
+                }
+                __syncthreads();
+#pragma unroll
+                for (int r = 0; r < PP_OUT; r++) {
+                    int o = tid + PA_THREADS * r;
+                    if (o >= nq * head_dim) continue;
+                    int qi = o / head_dim, e = o % head_dim;
+                    // Key j = sub + jj0 + w goes to chain w (sub and jj0 are multiples of 8),
+                    // in increasing j.
+                    for (int jj0 = 0; jj0 < ns; jj0 += PA_WARPS) {
+#pragma unroll
+                        for (int w = 0; w < PA_WARPS; w++) {
+                            int jj = jj0 + w;
+                            int j = sub + jj;
+                            int p = c0 + j;
+                            if (jj >= ns) continue;
+                            float pw = s_s[qi][j];
+                            if (s_page[p / page_size - first] == 0 || pw == 0.0f) continue;
+                            chain[r][w] = fmaf(pw, kv_elem(s_kv + (u64)jj * row, dtype, e), chain[r][w]);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < PP_OUT; r++) {
+                int o = tid + PA_THREADS * r;
+                if (o >= nq * head_dim) continue;
+                int qi = o / head_dim;
+                if (c0 >= s_nk[qi]) continue;  // paged_attention never visits this chunk
+                float a_c = 0.0f;
+#pragma unroll
+                for (int w = 0; w < PA_WARPS; w++) a_c += chain[r][w];
+                merge_chunk(m_run[r], l_run[r], a_run[r], s_mc[qi], s_lc[qi], a_c);
+            }
+            __syncthreads();  // the next chunk overwrites s_page and s_s
+        }
+#pragma unroll
+        for (int r = 0; r < PP_OUT; r++) {
+            int o = tid + PA_THREADS * r;
+            if (o >= nq * head_dim) continue;
+            int qi = o / head_dim, e = o % head_dim;
+            out[((u64)(ta + qi) * num_heads + h) * head_dim + e] =
+                a_run[r] * (l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f);
+        }
+        ta = tb;
     }
 }

@@ -62,7 +62,10 @@ pub const FILES: &[KernelFile] = &[
             "matmul"
         ]
     ),
-    kernel_file!("paged_attention", ["paged_attention", "attention_combine"]),
+    kernel_file!(
+        "paged_attention",
+        ["paged_attention", "attention_combine", "paged_attention_prefill"]
+    ),
     kernel_file!("rms_norm", ["rms_norm"]),
     kernel_file!("rope", ["rope"]),
     kernel_file!("rope_write_kv", ["rope_write_kv"]),

@@ -13,6 +13,15 @@ const SPLIT_BELOW_BLOCKS: usize = 132;
 /// chunk a block.
 const CHUNK_KEYS: usize = 128;
 
+/// Query tokens of a `paged_attention_prefill` tile (`PP_Q`).
+const PREFILL_TILE: usize = 8;
+
+/// Whether a launch takes the prefill tiles: sequences average two query tokens or more,
+/// head_dim <= 128 and K/V rows of at most 512 bytes. Both kernels give the same bits.
+fn uses_prefill_tiles(tokens: usize, seqs: usize, head_dim: usize, row_bytes: usize) -> bool {
+    tokens >= 2 * seqs.max(1) && head_dim <= 128 && row_bytes <= 512
+}
+
 /// Grid z of a launch: 1 when tokens x heads fill the device (or the partials would not
 /// fit), else one block per chunk a sequence can have (`max_keys`). Either gives the same
 /// bits (the kernel merges chunks in the same order both ways).
@@ -62,6 +71,36 @@ impl AttentionOps for CudaBackend {
         let cp = self.ptr32(context_lens, d.num_seqs, OP)?;
         let sp = self.ptr32(query_start_locs, d.num_seqs + 1, OP)?;
         let op = self.ptr32(out, qn, OP)?;
+        let row_bytes = l.dtype.row_bytes(l.head_dim).unwrap_or(usize::MAX);
+        if uses_prefill_tiles(d.num_tokens, d.num_seqs, l.head_dim, row_bytes) {
+            return Args::new()
+                .arg(qp)
+                .arg(pieces)
+                .arg(cache.page_table.addr)
+                .arg(pp)
+                .arg(bp)
+                .arg(cp)
+                .arg(sp)
+                .arg(op)
+                .arg(d.num_tokens as i32)
+                .arg(d.num_seqs as i32)
+                .arg(d.num_heads as i32)
+                .arg(l.num_kv_heads as i32)
+                .arg(l.head_dim as i32)
+                .arg(l.page_size as i32)
+                .arg(l.num_pages as i32)
+                .arg(dtype_code(OP, l.dtype)?)
+                .arg(d.max_blocks_per_seq as i32)
+                .arg(d.scale)
+                .launch(
+                    OP,
+                    self.func("paged_attention_prefill")?,
+                    (d.num_tokens.div_ceil(PREFILL_TILE) as u32, d.num_heads as u32, 1),
+                    256,
+                    0,
+                    self.stream(),
+                );
+        }
         let splits = splits_for(
             d.num_tokens * d.num_heads,
             d.max_blocks_per_seq * l.page_size,
