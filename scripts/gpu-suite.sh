@@ -3,7 +3,7 @@
 # Usage: scripts/gpu-suite.sh DIR PHASE
 #   DIR holds pagoda, tests/<name> (test binaries) and the model at
 #   cache/models/SmolLM2-135M-Instruct.Q4_1.gguf.
-#   PHASE: tests | novmm | sanitize | sanitize-nomodel | bench | profile | cli
+#   PHASE: tests | novmm | sanitize | sanitize-nomodel | racecheck | bench | profile | cli
 # Logs go to $OUT/<phase>-<name>.log; a summary line per binary is printed last.
 set -uo pipefail
 DIR=${1:?dir}; PHASE=${2:?phase}
@@ -40,6 +40,8 @@ sanitize-nomodel)
   runbin racecheck-parity timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu
   runbin novmm-arena env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_arena" --ignored --test-threads 1
   runbin novmm-parity env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_parity" --ignored --test-threads 1 ;;
+racecheck)
+  runbin racecheck-parity timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu ;;
 bench)
   # issue 11's table: f16 KV; batch 1 = llama-bench's pp512 / tg128; batched = prompt 128, 128 each.
   P=$DIR/pagoda
