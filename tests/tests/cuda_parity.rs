@@ -1299,8 +1299,7 @@ fn single_tokens(c: &AttnCase) -> Vec<(usize, AttnCase)> {
                     kv: c.kv.clone(),
                     q: c.q[t * n..(t + 1) * n].to_vec(),
                     positions: vec![c.positions[t]],
-                    block_tables: c.block_tables[i * c.max_blocks..(i + 1) * c.max_blocks]
-                        .to_vec(),
+                    block_tables: c.block_tables[i * c.max_blocks..(i + 1) * c.max_blocks].to_vec(),
                     context_lens: vec![c.context_lens[i]],
                     query_start_locs: vec![0, 1],
                     max_blocks: c.max_blocks,

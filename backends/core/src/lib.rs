@@ -21,6 +21,7 @@ pub mod error;
 pub mod fault;
 pub mod graph;
 pub mod host_buffer;
+pub mod kquant;
 pub mod kv_cache;
 pub mod memory_tag;
 pub mod pool;

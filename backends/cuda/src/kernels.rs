@@ -64,12 +64,19 @@ pub const FILES: &[KernelFile] = &[
     ),
     kernel_file!(
         "paged_attention",
-        ["paged_attention", "attention_combine", "paged_attention_prefill"]
+        [
+            "paged_attention",
+            "attention_combine",
+            "paged_attention_prefill"
+        ]
     ),
     kernel_file!("rms_norm", ["rms_norm"]),
     kernel_file!("rope", ["rope"]),
     kernel_file!("rope_write_kv", ["rope_write_kv"]),
-    kernel_file!("sampling", ["argmax_partial", "argmax_finish", "top_k_rows"]),
+    kernel_file!(
+        "sampling",
+        ["argmax_partial", "argmax_finish", "top_k_rows"]
+    ),
 ];
 
 /// Options given to NVRTC besides the architecture (no fast math: the

@@ -95,7 +95,11 @@ impl AttentionOps for CudaBackend {
                 .launch(
                     OP,
                     self.func("paged_attention_prefill")?,
-                    (d.num_tokens.div_ceil(PREFILL_TILE) as u32, d.num_heads as u32, 1),
+                    (
+                        d.num_tokens.div_ceil(PREFILL_TILE) as u32,
+                        d.num_heads as u32,
+                        1,
+                    ),
                     256,
                     0,
                     self.stream(),
