@@ -142,10 +142,13 @@ pub fn dequantize_block_q6_k(b: &[u8], out: &mut [f32]) {
     }
 }
 
+/// A block decoder: block bytes in, block elements out.
+pub type BlockDecoder = fn(&[u8], &mut [f32]);
+
 /// (block elements, block bytes, decoder) of a 5-bit or K-quant type by its GGUF name.
-pub fn block_format(name: &str) -> Option<(usize, usize, fn(&[u8], &mut [f32]))> {
+pub fn block_format(name: &str) -> Option<(usize, usize, BlockDecoder)> {
     Some(match name {
-        "Q5_0" => (32, 22, dequantize_block_q5_0 as fn(&[u8], &mut [f32])),
+        "Q5_0" => (32, 22, dequantize_block_q5_0 as BlockDecoder),
         "Q5_1" => (32, 24, dequantize_block_q5_1),
         "Q4_K" => (QK_K, 144, dequantize_block_q4_k),
         "Q5_K" => (QK_K, 176, dequantize_block_q5_k),
