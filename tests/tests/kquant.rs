@@ -2,7 +2,7 @@
 //! `tests/fixtures/reference/kquant_rows.json` (made by llama-quantize, dequantized by the
 //! `gguf` Python package; its README says how).
 
-use pagoda_backend::kquant;
+use pagoda_backend::{DType, kquant, kquantize, quant};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -71,6 +71,40 @@ fn every_k_quant_and_q5_row_dequantizes_bit_exactly() {
     }
     // Every type of the fixture was checked (4 rows each).
     for ty in ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"] {
+        assert_eq!(seen.get(ty), Some(&4), "{ty} rows checked");
+    }
+}
+
+#[test]
+fn every_row_quantizes_to_llama_cpps_bytes() {
+    let fx = fixture();
+    let mut seen = std::collections::BTreeMap::new();
+    for c in fx["cases"].as_array().expect("cases") {
+        let ty = c["type"].as_str().expect("type");
+        let src = floats(&c["source_f32"]);
+        let want = hex(c["quantized_hex"].as_str().expect("hex"));
+        let mut got = vec![0u8; want.len()];
+        match kquantize::block_encoder(ty) {
+            Some((block, bytes, encode)) => {
+                for (x, b) in src.chunks_exact(block).zip(got.chunks_exact_mut(bytes)) {
+                    encode(x, b);
+                }
+            }
+            None => {
+                assert_eq!(ty, "Q8_0", "a type without a quantizer");
+                quant::quantize_row(DType::Q8_0, &src, &mut got).expect("q8_0");
+            }
+        }
+        // Metric: the row's bytes; bound: identical to llama-quantize's.
+        if let Some(i) = got.iter().zip(&want).position(|(g, w)| g != w) {
+            panic!(
+                "{ty} {} row {}: first differing byte {i} ({:#04x} vs {:#04x})",
+                c["tensor"], c["row"], got[i], want[i]
+            );
+        }
+        *seen.entry(ty.to_string()).or_insert(0) += 1;
+    }
+    for ty in ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"] {
         assert_eq!(seen.get(ty), Some(&4), "{ty} rows checked");
     }
 }

@@ -22,6 +22,7 @@ pub mod fault;
 pub mod graph;
 pub mod host_buffer;
 pub mod kquant;
+pub mod kquantize;
 pub mod kv_cache;
 pub mod memory_tag;
 pub mod pool;
