@@ -82,10 +82,10 @@ pub fn dequantize_block_q4_k(b: &[u8], out: &mut [f32]) {
         .zip(out.chunks_exact_mut(64))
         .enumerate()
     {
-        let (sc1, m1) = scale_min_k4(2 * g, scales);
-        let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-        let (d1, mn1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, mn2) = (d * sc2 as f32, dmin * m2 as f32);
+        let [(d1, mn1), (d2, mn2)] = [2 * g, 2 * g + 1].map(|j| {
+            let (sc, m) = scale_min_k4(j, scales);
+            (d * sc as f32, dmin * m as f32)
+        });
         for l in 0..32 {
             y[l] = d1 * (q[l] & 0x0F) as f32 - mn1;
             y[32 + l] = d2 * (q[l] >> 4) as f32 - mn2;
@@ -105,10 +105,10 @@ pub fn dequantize_block_q5_k(b: &[u8], out: &mut [f32]) {
         .zip(out.chunks_exact_mut(64))
         .enumerate()
     {
-        let (sc1, m1) = scale_min_k4(2 * g, scales);
-        let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-        let (d1, mn1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, mn2) = (d * sc2 as f32, dmin * m2 as f32);
+        let [(d1, mn1), (d2, mn2)] = [2 * g, 2 * g + 1].map(|j| {
+            let (sc, m) = scale_min_k4(j, scales);
+            (d * sc as f32, dmin * m as f32)
+        });
         let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
         for l in 0..32 {
             let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };

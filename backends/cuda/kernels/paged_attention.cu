@@ -105,6 +105,23 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return r;
 }
 
+// s_page[i] = base address of page table[i] (0 when outside the page table), i < npages,
+// by the whole block (no barrier).
+__device__ __forceinline__ void translate_pages(const KvPieces& pieces, const u32* page_table,
+                                                const u32* table, int npages, int num_pages,
+                                                u64 page_bytes, u64* s_page) {
+    for (int i = threadIdx.x; i < npages; i += blockDim.x) {
+        u32 page = table[i];
+        u64 base = 0;
+        if (page < (u32)num_pages) {
+            u32 piece = page_table[2 * page];
+            if (piece < MAX_KV_PIECES)
+                base = pieces.base[piece] + (u64)page_table[2 * page + 1] * page_bytes;
+        }
+        s_page[i] = base;
+    }
+}
+
 // Merges chunk (m_c, l_c, a_c) into the running (m, l, a); an empty chunk (m_c = -inf)
 // changes nothing. The one merge of both paths (in-block and attention_combine).
 __device__ __forceinline__ void merge_chunk(float& m, float& l, float& a, float m_c, float l_c,
@@ -178,16 +195,7 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
         int n = min(PA_CHUNK, c_end - c0);
         int first = c0 / page_size;
         int npages = (c0 + n - 1) / page_size - first + 1;
-        for (int i = tid; i < npages; i += PA_THREADS) {
-            u32 page = table[first + i];
-            u64 base = 0;
-            if (page < (u32)num_pages) {
-                u32 piece = page_table[2 * page];
-                if (piece < MAX_KV_PIECES)
-                    base = pieces.base[piece] + (u64)page_table[2 * page + 1] * page_bytes;
-            }
-            s_page[i] = base;
-        }
+        translate_pages(pieces, page_table, table + first, npages, num_pages, page_bytes, s_page);
         __syncthreads();  // s_page (and s_q on the first chunk)
         float d = -INFINITY;
         if (tid < n) {
@@ -349,16 +357,7 @@ paged_attention_prefill(const float* q, KvPieces pieces, const u32* page_table,
             int n_c = min(PA_CHUNK, max_n - c0);
             int first = c0 / page_size;
             int npages = (c0 + n_c - 1) / page_size - first + 1;
-            for (int i = tid; i < npages; i += PA_THREADS) {
-                u32 page = table[first + i];
-                u64 base = 0;
-                if (page < (u32)num_pages) {
-                    u32 piece = page_table[2 * page];
-                    if (piece < MAX_KV_PIECES)
-                        base = pieces.base[piece] + (u64)page_table[2 * page + 1] * page_bytes;
-                }
-                s_page[i] = base;
-            }
+            translate_pages(pieces, page_table, table + first, npages, num_pages, page_bytes, s_page);
             for (int i = tid; i < PP_Q * PA_CHUNK; i += PA_THREADS) s_s[i / PA_CHUNK][i % PA_CHUNK] = -INFINITY;
             __syncthreads();
             // Pass 1: scores, a stretch of 32 K rows at a time.

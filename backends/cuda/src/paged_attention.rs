@@ -71,9 +71,10 @@ impl AttentionOps for CudaBackend {
         let cp = self.ptr32(context_lens, d.num_seqs, OP)?;
         let sp = self.ptr32(query_start_locs, d.num_seqs + 1, OP)?;
         let op = self.ptr32(out, qn, OP)?;
-        let row_bytes = l.dtype.row_bytes(l.head_dim).unwrap_or(usize::MAX);
-        if uses_prefill_tiles(d.num_tokens, d.num_seqs, l.head_dim, row_bytes) {
-            return Args::new()
+        let code = dtype_code(OP, l.dtype)?;
+        // The arguments both kernels start with.
+        let shared = || {
+            Args::new()
                 .arg(qp)
                 .arg(pieces)
                 .arg(cache.page_table.addr)
@@ -89,21 +90,24 @@ impl AttentionOps for CudaBackend {
                 .arg(l.head_dim as i32)
                 .arg(l.page_size as i32)
                 .arg(l.num_pages as i32)
-                .arg(dtype_code(OP, l.dtype)?)
+                .arg(code)
                 .arg(d.max_blocks_per_seq as i32)
                 .arg(d.scale)
-                .launch(
-                    OP,
-                    self.func("paged_attention_prefill")?,
-                    (
-                        d.num_tokens.div_ceil(PREFILL_TILE) as u32,
-                        d.num_heads as u32,
-                        1,
-                    ),
-                    256,
-                    0,
-                    self.stream(),
-                );
+        };
+        let row_bytes = l.dtype.row_bytes(l.head_dim).unwrap_or(usize::MAX);
+        if uses_prefill_tiles(d.num_tokens, d.num_seqs, l.head_dim, row_bytes) {
+            return shared().launch(
+                OP,
+                self.func("paged_attention_prefill")?,
+                (
+                    d.num_tokens.div_ceil(PREFILL_TILE) as u32,
+                    d.num_heads as u32,
+                    1,
+                ),
+                256,
+                0,
+                self.stream(),
+            );
         }
         let splits = splits_for(
             d.num_tokens * d.num_heads,
@@ -113,35 +117,14 @@ impl AttentionOps for CudaBackend {
         // The partials buffer is shared: held until both launches are enqueued.
         let _g = (splits > 1).then(|| self.lock_scratch());
         let partial = if splits > 1 { self.attn_partials() } else { 0 };
-        Args::new()
-            .arg(qp)
-            .arg(pieces)
-            .arg(cache.page_table.addr)
-            .arg(pp)
-            .arg(bp)
-            .arg(cp)
-            .arg(sp)
-            .arg(op)
-            .arg(d.num_tokens as i32)
-            .arg(d.num_seqs as i32)
-            .arg(d.num_heads as i32)
-            .arg(l.num_kv_heads as i32)
-            .arg(l.head_dim as i32)
-            .arg(l.page_size as i32)
-            .arg(l.num_pages as i32)
-            .arg(dtype_code(OP, l.dtype)?)
-            .arg(d.max_blocks_per_seq as i32)
-            .arg(d.scale)
-            .arg(partial)
-            .arg(splits as i32)
-            .launch(
-                OP,
-                self.func("paged_attention")?,
-                (d.num_tokens as u32, d.num_heads as u32, splits as u32),
-                256,
-                0,
-                self.stream(),
-            )?;
+        shared().arg(partial).arg(splits as i32).launch(
+            OP,
+            self.func("paged_attention")?,
+            (d.num_tokens as u32, d.num_heads as u32, splits as u32),
+            256,
+            0,
+            self.stream(),
+        )?;
         if splits > 1 {
             Args::new()
                 .arg(partial)
