@@ -1620,3 +1620,34 @@ fn cuda_backend_generates_or_says_why_not() {
         assert!(!devices.status.success());
     }
 }
+
+#[test]
+fn tokenize_spm_vocab_only_file_matches_fixture() {
+    let vocab = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/reference/vocab/llama-spm.gguf");
+    let vocab = vocab.to_str().unwrap();
+    let fx = fixture("tokenization_spm.json");
+    let cases = fx["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 23, "fixture case count");
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let f = scratch(&format!("spm-{}.txt", case["id"].as_str().unwrap()));
+        std::fs::write(&f, text).unwrap();
+        let file = f.to_str().unwrap();
+        let args = ["tokenize", "--model", vocab, "--no-parse-special"];
+        // Metric: exact ids; --no-add-special adds no BOS/EOS.
+        let out = pagoda(&[&args[..], &["--no-add-special", "--file", file]].concat());
+        assert_eq!(
+            ids(&stdout_json(&out)),
+            ids(&case["ids"]),
+            "case {}",
+            case["id"]
+        );
+        // Without it the vocabulary's add_bos (true for llama SPM) holds:
+        // BOS (1) first, then the same ids.
+        let out = pagoda(&[&args[..], &["--file", file]].concat());
+        let with_bos = ids(&stdout_json(&out));
+        assert_eq!(with_bos[0], 1, "case {}: BOS first", case["id"]);
+        assert_eq!(with_bos[1..], ids(&case["ids"])[..], "case {}", case["id"]);
+    }
+}
