@@ -64,7 +64,10 @@ fn vocab_only_file_reads_as_spm() {
     assert_eq!(t.bos_id(), Some(1));
     assert_eq!(t.eos_id(), Some(2));
     assert!(t.add_bos(), "llama SPM prepends BOS by default");
-    assert!(t.add_space_prefix(), "llama SPM adds the leading ▁ by default");
+    assert!(
+        t.add_space_prefix(),
+        "llama SPM adds the leading ▁ by default"
+    );
     assert!(t.is_eog(2), "</s> ends generation");
     // Byte tokens <0x00>..<0xFF> are ids 3..=258 with type Byte.
     assert_eq!(t.token_to_id("<0x0A>"), Some(13));
@@ -85,7 +88,12 @@ fn every_reference_case_gives_llama_cpp_ids() {
             failed.push(format!("{id} {text:?}: got {got:?}, want {want:?}"));
         }
     }
-    assert!(failed.is_empty(), "{} cases differ:\n{}", failed.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} cases differ:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }
 
 #[test]

@@ -695,9 +695,7 @@ impl Tokenizer {
                 Fragment::Text(s, e) => {
                     match self.model {
                         TokenizerModel::Bpe => self.encode_text(&text[s..e], &mut out),
-                        TokenizerModel::Spm => {
-                            self.encode_spm(&text[s..e], prev_special, &mut out)
-                        }
+                        TokenizerModel::Spm => self.encode_spm(&text[s..e], prev_special, &mut out),
                     }
                     prev_special = false;
                 }

@@ -516,9 +516,13 @@ fn parts_of(t: &Tokenizer) -> TokenizerParts {
     let n = t.vocab_size() as u32;
     TokenizerParts {
         model: t.model(),
-        tokens: (0..n).map(|i| t.token_str(i).unwrap_or("").to_string()).collect(),
+        tokens: (0..n)
+            .map(|i| t.token_str(i).unwrap_or("").to_string())
+            .collect(),
         scores: (0..n).map(|i| t.score(i)).collect(),
-        token_types: (0..n).map(|i| t.token_type(i).unwrap_or(TokenType::Normal)).collect(),
+        token_types: (0..n)
+            .map(|i| t.token_type(i).unwrap_or(TokenType::Normal))
+            .collect(),
         bos_id: t.bos_id(),
         eos_id: t.eos_id(),
         unknown_id: t.unknown_id(),
@@ -532,7 +536,10 @@ fn spm_byte_fallback_and_unknown() {
     // 'a' and '\n' are not pieces: their byte tokens; 'é' (C3 A9) has no
     // byte token here, so each byte becomes <unk> (llama.cpp would throw).
     let ids = t.encode("xa\né", false);
-    assert_eq!(strs(&t, &ids), ["▁", "x", "<0x61>", "<0x0A>", "<unk>", "<unk>"]);
+    assert_eq!(
+        strs(&t, &ids),
+        ["▁", "x", "<0x61>", "<0x0A>", "<unk>", "<unk>"]
+    );
     assert_eq!(t.decode(&ids[..4]), b"xa\n");
 }
 
@@ -544,7 +551,10 @@ fn spm_space_prefix_after_special_tokens_only() {
     assert_eq!(strs(&t, &ids), ["▁x", "</s>", "▁x", "▁x"]);
     // add_special: BOS (default true for SPM), no EOS.
     assert!(t.add_bos());
-    assert_eq!(t.encode_with_special("x", true, true), [1, t.token_to_id("▁x").unwrap()]);
+    assert_eq!(
+        t.encode_with_special("x", true, true),
+        [1, t.token_to_id("▁x").unwrap()]
+    );
 }
 
 #[test]
