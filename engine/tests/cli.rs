@@ -462,15 +462,19 @@ fn generate_hi_with(model: &std::path::Path) -> Output {
 #[test]
 fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
     use pagoda::gguf::{GgufWriter, Value};
-    // A K-quant tensor: named with its type in the error.
-    let kq = scratch("kquant.gguf");
+    // A K-quant tensor in an otherwise complete model: the reader reads
+    // it, the loader refuses it, naming it with its type.
+    let kq = q4_k_model_file("q4_k-generate.gguf");
+    let out = generate_hi_with(&kq);
+    assert_clean_failure(&out, "Q4_K");
+    assert_clean_failure(&out, "blk.0.ffn_down.weight");
+    // A file holding only that tensor is read too; what is missing is named.
+    let bare = scratch("kquant.gguf");
     let mut w = GgufWriter::new();
     w.metadata("general.architecture", Value::String("llama".into()));
     w.tensor_raw("blk.0.attn_q.weight", &[256, 4], 12, [0u8; 4 * 144]);
-    w.write_to(&kq).unwrap();
-    let out = generate_hi_with(&kq);
-    assert_clean_failure(&out, "Q4_K");
-    assert_clean_failure(&out, "blk.0.attn_q.weight");
+    w.write_to(&bare).unwrap();
+    assert_clean_failure(&generate_hi_with(&bare), "llama.");
     // A valid GGUF of another architecture: the key is named.
     let spec = pagoda::model::synthetic::SyntheticSpec::tiny();
     let mut w = pagoda::model::synthetic::synthetic_gguf(&spec).unwrap();
@@ -1073,6 +1077,9 @@ fn plan_json(device: &str, args: &[&str]) -> serde_json::Value {
     let mut doc = stdout_json(&pagoda_on(device, &all));
     assert_eq!(doc["fits"], true, "{doc}");
     doc.as_object_mut().unwrap().remove("fits");
+    // The file's type census is `plan`'s own addition, not part of the plan.
+    assert!(doc["tensor_types"].is_object(), "{doc}");
+    doc.as_object_mut().unwrap().remove("tensor_types");
     doc
 }
 
@@ -1619,4 +1626,119 @@ fn cuda_backend_generates_or_says_why_not() {
         );
         assert!(!devices.status.success());
     }
+}
+
+#[test]
+fn tokenize_spm_vocab_only_file_matches_fixture() {
+    let vocab = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/reference/vocab/llama-spm.gguf");
+    let vocab = vocab.to_str().unwrap();
+    let fx = fixture("tokenization_spm.json");
+    let cases = fx["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 23, "fixture case count");
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let f = scratch(&format!("spm-{}.txt", case["id"].as_str().unwrap()));
+        std::fs::write(&f, text).unwrap();
+        let file = f.to_str().unwrap();
+        let args = ["tokenize", "--model", vocab, "--no-parse-special"];
+        // Metric: exact ids; --no-add-special adds no BOS/EOS.
+        let out = pagoda(&[&args[..], &["--no-add-special", "--file", file]].concat());
+        assert_eq!(
+            ids(&stdout_json(&out)),
+            ids(&case["ids"]),
+            "case {}",
+            case["id"]
+        );
+        // Without it the vocabulary's add_bos (true for llama SPM) holds:
+        // BOS (1) first, then the same ids.
+        let out = pagoda(&[&args[..], &["--file", file]].concat());
+        let with_bos = ids(&stdout_json(&out));
+        assert_eq!(with_bos[0], 1, "case {}: BOS first", case["id"]);
+        assert_eq!(with_bos[1..], ids(&case["ids"])[..], "case {}", case["id"]);
+    }
+}
+
+/// A small model 256 wide with `blk.0.ffn_down.weight` stored as Q4_K
+/// (ggml type 12), written by the repository's own GGUF writer to scratch
+/// file `name` (one per test: tests run in parallel).
+fn q4_k_model_file(name: &str) -> PathBuf {
+    use pagoda::gguf::{GgufWriter, ggml_block_layout};
+    use pagoda::model::synthetic::{SyntheticSpec, synthetic_gguf_file};
+    let spec = SyntheticSpec {
+        hidden_dim: 256,
+        ffn_dim: 256,
+        ..SyntheticSpec::tiny()
+    };
+    let src = synthetic_gguf_file(&spec).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &src.metadata {
+        w.metadata(k.clone(), v.clone());
+    }
+    for t in &src.tensors {
+        if t.name == "blk.0.ffn_down.weight" {
+            let (block, block_bytes) = ggml_block_layout(12).unwrap();
+            let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+            let n = t.num_elements() / block * block_bytes;
+            w.tensor_raw(t.name.clone(), &shape, 12, vec![0u8; n]);
+        } else {
+            w.tensor(
+                t.name.clone(),
+                &t.shape,
+                t.dtype.unwrap(),
+                src.tensor_data(t).to_vec(),
+            );
+        }
+    }
+    let p = scratch(name);
+    w.write_to(&p).unwrap();
+    p
+}
+
+#[test]
+fn plan_lists_tensor_types_and_refuses_an_unsupported_one_by_name() {
+    let p = q4_k_model_file("q4_k-plan.gguf");
+    let model = p.to_str().unwrap();
+    let out = pagoda(&["plan", "--model", model]);
+    // Refused cleanly, naming the tensor and its type.
+    assert_clean_failure(&out, "blk.0.ffn_down.weight");
+    assert_clean_failure(&out, "Q4_K");
+    // The types were read and listed first: 2 layers × 2 norms + output
+    // norm = 5 F32; 2 × 7 matrices + embedding + output = 16, one of them
+    // Q4_K and 15 Q8_0.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("tensor types: F32 5, Q8_0 15, Q4_K 1"),
+        "{stdout}"
+    );
+    let out = pagoda(&["plan", "--model", model, "--json"]);
+    assert!(!out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(doc["fits"], false);
+    assert_eq!(doc["tensor_types"]["Q4_K"], 1);
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap()
+            .contains("blk.0.ffn_down.weight"),
+        "{doc}"
+    );
+    // Loading for generation refuses the same way, without a panic.
+    let out = pagoda(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ]);
+    assert_clean_failure(&out, "blk.0.ffn_down.weight");
+    // The default model's census (the reference README: 210 Q4_1, 61 F32,
+    // 1 Q8_0) in the JSON plan.
+    let doc = stdout_json(&pagoda(&["plan", "--json"]));
+    assert_eq!(
+        doc["tensor_types"],
+        serde_json::json!({"F32": 61, "Q4_1": 210, "Q8_0": 1})
+    );
 }

@@ -88,7 +88,7 @@ fn gguf_real_file_metadata() {
     );
 
     let emb = f.tensor("token_embd.weight").expect("token_embd.weight");
-    assert_eq!(emb.dtype, DType::Q8_0);
+    assert_eq!(emb.dtype, Some(DType::Q8_0));
     assert_eq!(emb.shape, [576, 49152]);
     assert_eq!(emb.bytes, 576 / 32 * 34 * 49152);
     assert!(
@@ -98,12 +98,12 @@ fn gguf_real_file_metadata() {
     let q = f.tensor("blk.0.attn_q.weight").expect("attn_q");
     assert_eq!(
         (q.dtype, q.shape.as_slice()),
-        (DType::Q4_1, &[576, 576][..])
+        (Some(DType::Q4_1), &[576, 576][..])
     );
     let k = f.tensor("blk.29.attn_k.weight").expect("attn_k");
     assert_eq!(
         (k.dtype, k.shape.as_slice()),
-        (DType::Q4_1, &[576, 192][..])
+        (Some(DType::Q4_1), &[576, 192][..])
     );
 
     let mut counts = HashMap::new();
@@ -112,13 +112,20 @@ fn gguf_real_file_metadata() {
         assert_eq!(t.offset % 32, 0, "{}", t.name);
         assert!(t.offset + t.bytes as u64 <= f.file_bytes(), "{}", t.name);
     }
-    let counts: Vec<_> = counts.into_iter().map(|(d, n)| (d.name(), n)).collect();
+    let counts: Vec<_> = counts
+        .into_iter()
+        .map(|(d, n)| (d.expect("a type the engine has").name(), n))
+        .collect();
     let mut expected = vec![("q4_1", 210), ("f32", 61), ("q8_0", 1)];
     expected.sort();
     let mut counts_sorted = counts.clone();
     counts_sorted.sort();
     assert_eq!(counts_sorted, expected);
     assert_eq!(f.file_bytes(), 98_362_432);
+    // The file's own type census (what `pagoda plan` lists), by ggml id.
+    let census: Vec<(String, usize)> =
+        vec![("F32".into(), 61), ("Q4_1".into(), 210), ("Q8_0".into(), 1)];
+    assert_eq!(f.type_counts(), census);
 }
 
 // ----------------------------------------------------------- dequantization
@@ -177,9 +184,10 @@ fn decode_q4_1(raw: &[u8]) -> Vec<f32> {
 fn row_of(f: &GgufFile, name: &str, row: usize) -> (DType, Vec<u8>, usize) {
     let t = f.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
     let n = t.shape[0];
-    let rb = t.dtype.row_bytes(n).expect("row bytes");
+    let dtype = t.dtype.expect("a type the engine has");
+    let rb = dtype.row_bytes(n).expect("row bytes");
     let data = f.tensor_data(t);
-    (t.dtype, data[row * rb..(row + 1) * rb].to_vec(), n)
+    (dtype, data[row * rb..(row + 1) * rb].to_vec(), n)
 }
 
 fn check_row(lib: &[f32], mine: &[f32], what: &str) {

@@ -9,6 +9,7 @@
 //! ([`GgufFile::open`]); [`GgufFile::from_bytes`] parses bytes already in
 //! memory (synthetic models, tests). [`writer::GgufWriter`] writes GGUF v3.
 
+mod block_layout;
 #[cfg(test)]
 mod tests;
 mod value;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use pagoda_backend::DType;
 
+pub use block_layout::ggml_block_layout;
 pub use value::Value;
 pub use writer::GgufWriter;
 
@@ -62,7 +64,8 @@ pub enum GgufError {
         /// What is wrong.
         what: String,
     },
-    /// A tensor is missing, has an unsupported type, or the wrong shape.
+    /// A tensor is missing, malformed, has a type the engine cannot use,
+    /// or the wrong shape.
     #[error("{path}: tensor `{name}`: {what}")]
     Tensor {
         /// File.
@@ -106,6 +109,9 @@ pub fn ggml_type_name(id: u32) -> &'static str {
         28 => "F64",
         29 => "IQ1_M",
         30 => "BF16",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
         _ => "unknown",
     }
 }
@@ -144,11 +150,16 @@ pub struct TensorInfo {
     pub name: String,
     /// Dimensions, `ne0` (the contiguous one) first.
     pub shape: Vec<usize>,
-    /// Element type.
-    pub dtype: DType,
+    /// The ggml type id as stored in the file (any value: the reader
+    /// accepts every type, the loader decides what it can use).
+    pub ggml_type: u32,
+    /// The engine's element type for `ggml_type`, or `None` when the engine
+    /// has none ([`dtype_from_ggml`]).
+    pub dtype: Option<DType>,
     /// Absolute byte offset of the data in the file.
     pub offset: u64,
-    /// Size of the data in bytes.
+    /// Size of the data in bytes; 0 when the type's block layout is unknown
+    /// ([`TensorInfo::size_known`] is then false).
     pub bytes: usize,
 }
 
@@ -157,6 +168,42 @@ impl TensorInfo {
     pub fn num_elements(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The ggml type's name (`"Q4_K"`; `"unknown"` for an undefined id).
+    pub fn type_name(&self) -> &'static str {
+        ggml_type_name(self.ggml_type)
+    }
+
+    /// Whether [`TensorInfo::bytes`] is the real size (the ggml type's
+    /// block layout is known).
+    pub fn size_known(&self) -> bool {
+        ggml_block_layout(self.ggml_type).is_some()
+    }
+
+    /// The engine type, or an error naming the tensor and its ggml type
+    /// when the engine has none (`path` names the file in the error).
+    pub fn require_dtype(&self, path: &Path) -> Result<DType, GgufError> {
+        self.dtype.ok_or_else(|| GgufError::Tensor {
+            path: path.to_path_buf(),
+            name: self.name.clone(),
+            what: format!(
+                "tensor type {} ({}) is not supported by Pagoda (supported: {})",
+                self.ggml_type,
+                self.type_name(),
+                supported_type_names()
+            ),
+        })
+    }
+}
+
+/// The ggml types [`dtype_from_ggml`] maps, for error messages
+/// (`"F32, F16, ..."`, in id order).
+fn supported_type_names() -> String {
+    let names: Vec<&str> = (0..=u8::MAX as u32)
+        .filter(|&id| dtype_from_ggml(id).is_some())
+        .map(ggml_type_name)
+        .collect();
+    names.join(", ")
 }
 
 /// Where a [`GgufFile`]'s bytes live: a read-only memory map of the file
@@ -482,12 +529,8 @@ impl GgufFile {
                     name: name.clone(),
                     what,
                 };
-                let dtype = dtype_from_ggml(type_id).ok_or_else(|| {
-                    terr(format!(
-                        "unsupported tensor type {type_id} ({}) (tensor info at byte offset {at}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
-                        ggml_type_name(type_id)
-                    ))
-                })?;
+                // Every type is read; the loader refuses what it cannot use.
+                let dtype = dtype_from_ggml(type_id);
                 let mut n: u64 = 1;
                 for &d in &shape {
                     n = n
@@ -495,17 +538,24 @@ impl GgufFile {
                         .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
                 }
                 // Not `dtype.row_bytes(row)`: its byte count can overflow
-                // for a corrupted (huge) first dimension.
-                let row = shape[0];
-                if row % dtype.block_size() as u64 != 0 {
-                    return Err(terr(format!(
-                        "first dimension {row} is not a multiple of the {dtype} block size {}",
-                        dtype.block_size()
-                    )));
-                }
-                let bytes = (n / dtype.block_size() as u64)
-                    .checked_mul(dtype.block_bytes() as u64)
-                    .ok_or_else(|| terr("size overflows".into()))?;
+                // for a corrupted (huge) first dimension. A type whose
+                // layout is unknown has no size: 0 bytes, and its data is
+                // never read (the loader refuses the type first).
+                let bytes = match ggml_block_layout(type_id) {
+                    None => 0,
+                    Some((block, block_bytes)) => {
+                        let row = shape[0];
+                        if row % block as u64 != 0 {
+                            return Err(terr(format!(
+                                "first dimension {row} is not a multiple of the {} block size {block} (tensor info at byte offset {at})",
+                                ggml_type_name(type_id)
+                            )));
+                        }
+                        (n / block as u64)
+                            .checked_mul(block_bytes as u64)
+                            .ok_or_else(|| terr("size overflows".into()))?
+                    }
+                };
                 if offset % alignment != 0 {
                     return Err(terr(format!(
                         "data offset {offset} is not aligned to {alignment}"
@@ -522,6 +572,7 @@ impl GgufFile {
                 tensors.push(TensorInfo {
                     name,
                     shape: shape.iter().map(|&d| d as usize).collect(),
+                    ggml_type: type_id,
                     dtype,
                     offset: abs,
                     bytes: bytes as usize,
@@ -628,16 +679,36 @@ impl GgufFile {
             .unwrap_or(&[])
     }
 
-    /// Total bytes of all tensor data.
+    /// Total bytes of all tensor data (tensors of an unknown layout count 0).
     pub fn tensor_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.bytes as u64).sum()
+    }
+
+    /// How many tensors of each ggml type the file holds, as
+    /// `(type name, count)` in ascending type-id order (an undefined id is
+    /// named `"type N"`).
+    pub fn type_counts(&self) -> Vec<(String, usize)> {
+        let mut counts = BTreeMap::new();
+        for t in &self.tensors {
+            *counts.entry(t.ggml_type).or_insert(0usize) += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(id, n)| {
+                let name = match ggml_type_name(id) {
+                    "unknown" => format!("type {id}"),
+                    known => known.to_string(),
+                };
+                (name, n)
+            })
+            .collect()
     }
 }
 
 /// Refuses tensors whose data ranges overlap (a corrupted or crafted file:
-/// one tensor's weights would be read as another's), naming both. Every
-/// tensor here has a known type, and so a size: the reader refuses a type it
-/// does not know before this. Empty tensors overlap nothing.
+/// one tensor's weights would be read as another's), naming both. Empty
+/// tensors, and those of a type whose size is unknown (0 bytes), overlap
+/// nothing.
 fn check_no_overlap(
     path: &Path,
     tensors: &[TensorInfo],

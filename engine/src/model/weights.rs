@@ -143,42 +143,50 @@ impl LlamaWeights {
             ));
         }
         for (name, shape, must_f32) in names {
-            let t = check(f, &name, &shape, must_f32)?;
-            total += prepared_bytes(backend, &name, t.dtype, &t.shape)?;
+            let (t, dtype) = check(f, &name, &shape, must_f32)?;
+            total += prepared_bytes(backend, &name, dtype, &t.shape)?;
         }
         Ok(total)
     }
 
     /// Uploads every tensor into `pool` blocks tagged `weights`.
+    ///
+    /// Every tensor is checked first (present, shape, a type the engine has
+    /// and the backend supports), so a file with an unsupported tensor type
+    /// is refused, naming the tensor and type, before anything is uploaded.
     pub fn load<B: Backend>(
         f: &GgufFile,
         cfg: &LlamaConfig,
         backend: &B,
         pool: &Pool,
     ) -> Result<LlamaWeights> {
-        for (name, shape, must_f32) in Self::expected(cfg) {
-            check(f, &name, &shape, must_f32)?;
-        }
         let info = backend.info();
+        let mut names = Self::expected(cfg);
+        if f.tensor("output.weight").is_some() {
+            names.push((
+                "output.weight".into(),
+                vec![cfg.hidden_dim, cfg.vocab_size],
+                false,
+            ));
+        }
+        for (name, shape, must_f32) in names {
+            let (_, dtype) = check(f, &name, &shape, must_f32)?;
+            if !info.supports_weight(dtype) {
+                return Err(unsupported(&name, dtype));
+            }
+        }
         let load = |name: &str| -> Result<Tensor> {
             let t = f.tensor(name).ok_or_else(|| missing(f, name))?;
-            if !info.supports_weight(t.dtype) {
-                return Err(EngineError::Backend(
-                    pagoda_backend::BackendError::Unsupported {
-                        op: "matmul",
-                        dtype: format!("{} (tensor {name})", t.dtype),
-                    },
-                ));
-            }
+            let dtype = t.require_dtype(f.path())?;
             let data = f.tensor_data(t);
             let cols = t.shape.first().copied().unwrap_or(0);
-            let row_bytes = t.dtype.row_bytes(cols).unwrap_or(0);
+            let row_bytes = dtype.row_bytes(cols).unwrap_or(0);
             let mut pieces = Vec::new();
-            for (first_row, rows) in pieces_of(t.dtype, &t.shape, info.max_binding_bytes) {
-                let bytes = prepared_bytes(backend, name, t.dtype, &[cols, rows])?;
+            for (first_row, rows) in pieces_of(dtype, &t.shape, info.max_binding_bytes) {
+                let bytes = prepared_bytes(backend, name, dtype, &[cols, rows])?;
                 let block = pool.alloc_labeled(bytes, MemoryTag::Weights, name)?;
                 let src = &data[first_row * row_bytes..(first_row + rows) * row_bytes];
-                backend.upload_weight(block.buf(), src, t.dtype, rows, cols)?;
+                backend.upload_weight(block.buf(), src, dtype, rows, cols)?;
                 pieces.push(WeightPiece {
                     block,
                     first_row,
@@ -187,7 +195,7 @@ impl LlamaWeights {
             }
             Ok(Tensor {
                 pieces,
-                dtype: t.dtype,
+                dtype,
                 shape: t.shape.clone(),
             })
         };
@@ -207,10 +215,7 @@ impl LlamaWeights {
             });
         }
         let output = match f.tensor("output.weight") {
-            Some(_) => {
-                check(f, "output.weight", &[cfg.hidden_dim, cfg.vocab_size], false)?;
-                Some(load("output.weight")?)
-            }
+            Some(_) => Some(load("output.weight")?),
             None => None,
         };
         Ok(LlamaWeights {
@@ -234,14 +239,17 @@ fn prepared_bytes<B: Backend>(
     for (_, rows) in pieces_of(dtype, shape, backend.info().max_binding_bytes) {
         total += backend
             .prepared_weight_bytes(dtype, rows, cols)
-            .ok_or_else(|| {
-                EngineError::Backend(pagoda_backend::BackendError::Unsupported {
-                    op: "matmul",
-                    dtype: format!("{dtype} (tensor {name})"),
-                })
-            })?;
+            .ok_or_else(|| unsupported(name, dtype))?;
     }
     Ok(total)
+}
+
+/// The backend cannot multiply by (or hold) weights of `dtype`.
+fn unsupported(name: &str, dtype: DType) -> EngineError {
+    EngineError::Backend(pagoda_backend::BackendError::Unsupported {
+        op: "matmul",
+        dtype: format!("{dtype} (tensor {name})"),
+    })
 }
 
 fn missing(f: &GgufFile, name: &str) -> EngineError {
@@ -253,12 +261,14 @@ fn missing(f: &GgufFile, name: &str) -> EngineError {
     .into()
 }
 
+/// Checks that tensor `name` is present with `shape` and a type the engine
+/// has (f32 where `must_f32`), returning it and that type.
 fn check<'a>(
     f: &'a GgufFile,
     name: &str,
     shape: &[usize],
     must_f32: bool,
-) -> Result<&'a TensorInfo> {
+) -> Result<(&'a TensorInfo, DType)> {
     let t = f.tensor(name).ok_or_else(|| missing(f, name))?;
     let err = |what: String| -> EngineError {
         GgufError::Tensor {
@@ -271,8 +281,12 @@ fn check<'a>(
     if t.shape != shape {
         return Err(err(format!("shape {:?}, expected {:?}", t.shape, shape)));
     }
-    if must_f32 && t.dtype != DType::F32 {
-        return Err(err(format!("type {}, expected f32", t.dtype)));
+    let dtype = t.require_dtype(f.path())?;
+    if must_f32 && dtype != DType::F32 {
+        return Err(err(format!("type {dtype}, expected f32")));
     }
-    Ok(t)
+    Ok((t, dtype))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,9 +1,11 @@
-//! The tokenizer: GPT-2 style byte-level BPE built from a GGUF file's
-//! `tokenizer.ggml.*` metadata, giving the same ids as llama.cpp
-//! (`llama_tokenize` with `llm_tokenizer_bpe`) for the supported
-//! pre-tokenizers.
+//! The tokenizer, built from a GGUF file's `tokenizer.ggml.*` metadata and
+//! giving the same ids as llama.cpp's `llama_tokenize`: GPT-2 style
+//! byte-level BPE (`tokenizer.ggml.model = "gpt2"`, `llm_tokenizer_bpe`) for
+//! the supported pre-tokenizers, and SentencePiece (`"llama"`,
+//! `llm_tokenizer_spm`, see `spm.rs`). The model type is chosen by
+//! `tokenizer.ggml.model` ([`TokenizerModel`]); both share the interface.
 //!
-//! Encoding, in llama.cpp's order:
+//! BPE encoding, in llama.cpp's order:
 //! 1. **Special-token partition** (`tokenizer_st_partition`): the
 //!    special tokens (types control, user-defined and unknown), longest text
 //!    first, each cut out of the remaining raw text wherever it occurs. With
@@ -14,10 +16,19 @@
 //!    merges** within it (`bpe.rs`); each merged symbol is looked up by
 //!    string.
 //!
+//! SPM encoding: the same special-token partition; then every raw fragment
+//! gets a leading space when it starts the text or follows a special token
+//! and the vocabulary asks for it (`tokenizer.ggml.add_space_prefix`,
+//! default true), its spaces become "▁", and `spm.rs` merges it by score,
+//! with `<0xNN>` byte tokens for characters not in the vocabulary.
+//!
 //! Decoding maps every id to bytes once, at construction
 //! ([`Tokenizer::token_bytes`]): normal tokens are byte-level decoded,
 //! control/user-defined/unknown tokens are their text, `<0xNN>` byte tokens
-//! are that byte, and unused/undefined tokens are empty.
+//! are that byte, and unused/undefined tokens are empty; SPM normal tokens
+//! have "▁" turned back into spaces. [`Tokenizer::decode`] then drops one
+//! leading space of the first piece when the tokenizer adds a space prefix,
+//! as llama.cpp's `detokenize`, so that SPM text round-trips.
 //!
 //! Invariants: a `Tokenizer` is immutable after construction; nothing is
 //! cached between calls; malformed metadata gives an
@@ -27,6 +38,7 @@
 mod bpe;
 pub mod byte_level;
 mod pretokenize;
+mod spm;
 mod stream;
 mod unicode;
 mod unicode_data;
@@ -43,8 +55,12 @@ use pretokenize::PreConfig;
 
 /// The GGUF metadata keys the tokenizer reads.
 pub mod keys {
-    /// Tokenizer model type (`"gpt2"` is the one supported).
+    /// Tokenizer model type (`"gpt2"` or `"llama"`, see [`super::TokenizerModel`]).
     pub const MODEL: &str = "tokenizer.ggml.model";
+    /// SPM token scores (f32 per token; merges prefer higher scores).
+    pub const SCORES: &str = "tokenizer.ggml.scores";
+    /// Whether SPM prepends a space to the text (default true).
+    pub const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
     /// Pre-tokenizer type (e.g. `"smollm"`).
     pub const PRE: &str = "tokenizer.ggml.pre";
     /// Vocabulary strings.
@@ -156,18 +172,52 @@ const EOG_TEXTS: &[&str] = &[
     "</s>",
 ];
 
+/// The tokenizer algorithm, from `tokenizer.ggml.model`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenizerModel {
+    /// `"gpt2"`: byte-level BPE with merges and a pre-tokenizer.
+    #[default]
+    Bpe,
+    /// `"llama"`: SentencePiece, merges by token score, byte fallback.
+    Spm,
+}
+
+impl TokenizerModel {
+    /// The model for a `tokenizer.ggml.model` value, if supported.
+    pub fn from_gguf_name(name: &str) -> Option<TokenizerModel> {
+        match name {
+            "gpt2" => Some(TokenizerModel::Bpe),
+            "llama" => Some(TokenizerModel::Spm),
+            _ => None,
+        }
+    }
+
+    /// The `tokenizer.ggml.model` value.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            TokenizerModel::Bpe => "gpt2",
+            TokenizerModel::Spm => "llama",
+        }
+    }
+}
+
 /// The plain parts a [`Tokenizer`] is built from (what the GGUF metadata
 /// holds), for [`Tokenizer::new`].
 #[derive(Clone, Debug, Default)]
 pub struct TokenizerParts {
-    /// Vocabulary strings, in byte-level form; the index is the id.
+    /// The algorithm.
+    pub model: TokenizerModel,
+    /// Vocabulary strings (byte-level form for BPE, "▁" for spaces in
+    /// SPM); the index is the id.
     pub tokens: Vec<String>,
+    /// SPM scores, one per token; empty means all 0 (unused by BPE).
+    pub scores: Vec<f32>,
     /// One type per token; empty means all [`TokenType::Normal`].
     pub token_types: Vec<TokenType>,
-    /// Merges, `"left right"`; the index is the rank.
+    /// Merges, `"left right"`; the index is the rank (BPE only).
     pub merges: Vec<String>,
     /// `tokenizer.ggml.pre`; `None` means llama.cpp's `"default"` (with a
-    /// warning on stderr).
+    /// warning on stderr for BPE; SPM has no pre-tokenizer and ignores it).
     pub pre: Option<String>,
     /// Beginning-of-sequence id.
     pub bos_id: Option<u32>,
@@ -181,27 +231,34 @@ pub struct TokenizerParts {
     pub unknown_id: Option<u32>,
     /// Padding id.
     pub padding_id: Option<u32>,
-    /// Prepend BOS when adding special tokens; `None` means the
-    /// pre-tokenizer's default (true only for the Llama-3 family).
+    /// Prepend BOS when adding special tokens; `None` means the default:
+    /// true for SPM, the pre-tokenizer's for BPE (true only for the Llama-3
+    /// family).
     pub add_bos: Option<bool>,
     /// Append EOS when adding special tokens.
     pub add_eos: bool,
+    /// SPM: prepend a space to text that starts the input or follows a
+    /// special token; `None` means true. Ignored by BPE.
+    pub add_space_prefix: Option<bool>,
 }
 
 impl TokenizerParts {
     /// Reads the parts from a GGUF file's `tokenizer.ggml.*` metadata
     /// (checked further by [`Tokenizer::new`]).
     ///
-    /// Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported.
+    /// `tokenizer.ggml.model` must be `"gpt2"` (byte-level BPE) or
+    /// `"llama"` (SentencePiece). For SPM, absent BOS/EOS/unknown ids
+    /// default to 1/2/0, as in llama.cpp.
     pub fn from_gguf(gguf: &GgufFile) -> Result<TokenizerParts> {
-        let model = gguf.get_str(keys::MODEL)?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "metadata key `{}`: tokenizer model {model:?} is not supported \
-                 (only \"gpt2\", byte-level BPE)",
+        let name = gguf.get_str(keys::MODEL)?;
+        let model = TokenizerModel::from_gguf_name(name).ok_or_else(|| {
+            err(format!(
+                "metadata key `{}`: tokenizer model {name:?} is not supported \
+                 (supported: \"gpt2\", byte-level BPE; \"llama\", SentencePiece)",
                 keys::MODEL
-            )));
-        }
+            ))
+        })?;
+        let spm = model == TokenizerModel::Spm;
 
         let strings = |key: &str, arr: &[Value]| -> Result<Vec<String>> {
             arr.iter()
@@ -217,7 +274,42 @@ impl TokenizerParts {
                 .collect()
         };
         let tokens = strings(keys::TOKENS, gguf.get_array(keys::TOKENS)?)?;
-        let merges = strings(keys::MERGES, gguf.get_array(keys::MERGES)?)?;
+        let merges = if spm {
+            Vec::new()
+        } else {
+            strings(keys::MERGES, gguf.get_array(keys::MERGES)?)?
+        };
+        let scores = match (spm, gguf.get(keys::SCORES)) {
+            (false, _) | (true, None) => Vec::new(),
+            (true, Some(v)) => {
+                let arr = v.as_array().ok_or_else(|| {
+                    err(format!(
+                        "metadata key `{}`: expected an array, found {}",
+                        keys::SCORES,
+                        v.type_name()
+                    ))
+                })?;
+                arr.iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        v.as_f64().map(|x| x as f32).ok_or_else(|| {
+                            err(format!(
+                                "metadata key `{}`: element {i} is a {}, expected a number",
+                                keys::SCORES,
+                                v.type_name()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        // llama.cpp's SPM defaults for ids the file does not set.
+        let id_or = |key: &str, default: u32| -> Result<Option<u32>> {
+            match (spm, gguf.get(key)) {
+                (true, None) => Ok(Some(default)),
+                _ => opt_id(gguf, key),
+            }
+        };
 
         let token_types = match gguf.get(keys::TOKEN_TYPE) {
             None => Vec::new(),
@@ -260,18 +352,25 @@ impl TokenizerParts {
         };
 
         Ok(TokenizerParts {
+            model,
             tokens,
+            scores,
             token_types,
             merges,
             pre,
-            bos_id: opt_id(gguf, keys::BOS_ID)?,
-            eos_id: opt_id(gguf, keys::EOS_ID)?,
+            bos_id: id_or(keys::BOS_ID, 1)?,
+            eos_id: id_or(keys::EOS_ID, 2)?,
             eot_id: opt_id(gguf, keys::EOT_ID)?,
             eom_id: opt_id(gguf, keys::EOM_ID)?,
-            unknown_id: opt_id(gguf, keys::UNKNOWN_ID)?,
+            unknown_id: id_or(keys::UNKNOWN_ID, 0)?,
             padding_id: opt_id(gguf, keys::PADDING_ID)?,
             add_bos: gguf.get_bool_opt(keys::ADD_BOS)?,
             add_eos: gguf.get_bool_opt(keys::ADD_EOS)?.unwrap_or(false),
+            add_space_prefix: if spm {
+                gguf.get_bool_opt(keys::ADD_SPACE_PREFIX)?
+            } else {
+                None
+            },
         })
     }
 }
@@ -285,9 +384,12 @@ enum Fragment {
     Token(u32),
 }
 
-/// A byte-level BPE tokenizer (see the module docs).
+/// A BPE or SPM tokenizer (see the module docs).
 pub struct Tokenizer {
+    model: TokenizerModel,
     tokens: Vec<String>,
+    /// SPM scores, one per token (all 0 when the file has none; empty for BPE).
+    scores: Vec<f32>,
     types: Vec<TokenType>,
     attrs: Vec<u8>,
     token_to_id: HashMap<String, u32>,
@@ -308,6 +410,8 @@ pub struct Tokenizer {
     padding: Option<u32>,
     add_bos: bool,
     add_eos: bool,
+    /// SPM only: prepend a space (always false for BPE).
+    add_space_prefix: bool,
     /// Sorted, deduplicated.
     eog: Vec<u32>,
 }
@@ -315,6 +419,7 @@ pub struct Tokenizer {
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tokenizer")
+            .field("model", &self.model)
             .field("vocab_size", &self.tokens.len())
             .field("merges", &self.merges.len())
             .field("pre", &self.pre_name)
@@ -350,9 +455,10 @@ fn opt_id(gguf: &GgufFile, key: &str) -> Result<Option<u32>> {
 impl Tokenizer {
     /// Builds the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
     ///
-    /// Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported.
-    /// An unknown `tokenizer.ggml.pre` is an error, as in llama.cpp; a
-    /// missing one means `"default"` (with a warning on stderr).
+    /// `tokenizer.ggml.model` is `"gpt2"` (byte-level BPE) or `"llama"`
+    /// (SentencePiece). For BPE an unknown `tokenizer.ggml.pre` is an error,
+    /// as in llama.cpp; a missing one means `"default"` (with a warning on
+    /// stderr). The file may hold no tensors (a vocab-only GGUF).
     /// Errors name the file as well as the key.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         let path = gguf.path().display().to_string();
@@ -367,7 +473,9 @@ impl Tokenizer {
     /// reads), checking them the same way.
     pub fn new(parts: TokenizerParts) -> Result<Tokenizer> {
         let TokenizerParts {
+            model,
             mut tokens,
+            scores,
             token_types,
             merges,
             pre,
@@ -379,7 +487,9 @@ impl Tokenizer {
             padding_id,
             add_bos,
             add_eos,
+            add_space_prefix,
         } = parts;
+        let spm = model == TokenizerModel::Spm;
 
         let n = tokens.len();
         if n == 0 {
@@ -421,8 +531,24 @@ impl Tokenizer {
             }
         }
 
+        let scores = if !spm {
+            Vec::new()
+        } else if scores.is_empty() {
+            vec![0.0; n]
+        } else if scores.len() < n {
+            return Err(err(format!(
+                "metadata key `{}`: {} scores for {n} tokens",
+                keys::SCORES,
+                scores.len()
+            )));
+        } else {
+            scores[..n].to_vec()
+        };
+
         let pre_name = match pre {
             Some(p) => p,
+            // SPM has no pre-tokenizer: llama.cpp uses "default" silently.
+            None if spm => "default".to_owned(),
             None => {
                 eprintln!(
                     "warning: GGUF has no `{}`; using the \"default\" pre-tokenizer \
@@ -432,7 +558,9 @@ impl Tokenizer {
                 "default".to_owned()
             }
         };
-        let pre_cfg = PreTokenizer::config(&pre_name).ok_or_else(|| {
+        // SPM ignores the pre-tokenizer (llama.cpp sets it to "default").
+        let pre_lookup = if spm { "default" } else { pre_name.as_str() };
+        let pre_cfg = PreTokenizer::config(pre_lookup).ok_or_else(|| {
             let names: Vec<&str> = PreTokenizer::supported_names().collect();
             err(format!(
                 "metadata key `{}`: unknown pre-tokenizer type {pre_name:?} (supported: {})",
@@ -456,7 +584,7 @@ impl Tokenizer {
         let unknown = check(keys::UNKNOWN_ID, unknown_id)?;
         let padding = check(keys::PADDING_ID, padding_id)?;
 
-        let add_bos = add_bos.unwrap_or(pre_cfg.default_add_bos);
+        let add_bos = add_bos.unwrap_or(spm || pre_cfg.default_add_bos);
         if add_bos && bos.is_none() {
             return Err(err(format!(
                 "metadata key `{}` is true, but `{}` is not set",
@@ -511,7 +639,11 @@ impl Tokenizer {
             if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED) != 0 {
                 piece_data.extend_from_slice(text.as_bytes());
             } else if attr & ATTR_NORMAL != 0 {
-                byte_level::decode_into(text, &mut piece_data);
+                if spm {
+                    piece_data.extend_from_slice(spm::unescape_whitespace(text).as_bytes());
+                } else {
+                    byte_level::decode_into(text, &mut piece_data);
+                }
             } else if attr & ATTR_BYTE != 0
                 && let Some(b) = parse_byte_token(text)
             {
@@ -521,7 +653,9 @@ impl Tokenizer {
         }
 
         Ok(Tokenizer {
+            model,
             tokens,
+            scores,
             types,
             attrs,
             token_to_id,
@@ -539,6 +673,7 @@ impl Tokenizer {
             padding,
             add_bos,
             add_eos,
+            add_space_prefix: spm && add_space_prefix.unwrap_or(true),
             eog,
         })
     }
@@ -548,10 +683,22 @@ impl Tokenizer {
     /// without it, such text is tokenized as plain text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        // SPM: a fragment at the start or after a special token gets the
+        // space prefix (llama.cpp's `is_prev_special`).
+        let mut prev_special = true;
         for frag in self.partition(text, parse_special) {
             match frag {
-                Fragment::Token(id) => out.push(id),
-                Fragment::Text(s, e) => self.encode_text(&text[s..e], &mut out),
+                Fragment::Token(id) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                Fragment::Text(s, e) => {
+                    match self.model {
+                        TokenizerModel::Bpe => self.encode_text(&text[s..e], &mut out),
+                        TokenizerModel::Spm => self.encode_spm(&text[s..e], prev_special, &mut out),
+                    }
+                    prev_special = false;
+                }
             }
         }
         out
@@ -658,6 +805,17 @@ impl Tokenizer {
         }
     }
 
+    /// SPM-encodes one raw fragment (llama.cpp's `LLAMA_VOCAB_TYPE_SPM`
+    /// branch of `tokenize`).
+    fn encode_spm(&self, text: &str, prev_special: bool, out: &mut Vec<u32>) {
+        let mut escaped = String::with_capacity(text.len() + 8);
+        if self.add_space_prefix && prev_special {
+            escaped.push('\u{2581}');
+        }
+        spm::escape_whitespace(text, &mut escaped);
+        spm::encode(self, &escaped, out);
+    }
+
     /// The bytes token `id` decodes to (empty for an id outside the
     /// vocabulary, and for unused/undefined tokens).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
@@ -669,11 +827,20 @@ impl Tokenizer {
     }
 
     /// The concatenated bytes of `ids` (ids outside the vocabulary add
-    /// nothing). Control tokens are included as their text.
+    /// nothing). Control tokens are included as their text. When the
+    /// tokenizer adds a space prefix (SPM), one leading space of the first
+    /// piece is dropped, as llama.cpp's `detokenize`, so that
+    /// `decode(encode(t)) == t`; [`Tokenizer::token_bytes`] and
+    /// [`StreamDecoder`] keep every space.
     pub fn decode(&self, ids: &[u32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(ids.len() * 4);
-        for &id in ids {
-            out.extend_from_slice(self.token_bytes(id));
+        for (i, &id) in ids.iter().enumerate() {
+            let piece = self.token_bytes(id);
+            let piece = match piece {
+                [b' ', rest @ ..] if i == 0 && self.add_space_prefix => rest,
+                _ => piece,
+            };
+            out.extend_from_slice(piece);
         }
         out
     }
@@ -767,6 +934,22 @@ impl Tokenizer {
         self.add_eos
     }
 
+    /// The algorithm (`tokenizer.ggml.model`).
+    pub fn model(&self) -> TokenizerModel {
+        self.model
+    }
+
+    /// Whether SPM prepends a space (`tokenizer.ggml.add_space_prefix`;
+    /// always false for BPE).
+    pub fn add_space_prefix(&self) -> bool {
+        self.add_space_prefix
+    }
+
+    /// The SPM score of `id` (0 for BPE and for ids outside the vocabulary).
+    pub fn score(&self, id: u32) -> f32 {
+        self.scores.get(id as usize).copied().unwrap_or(0.0)
+    }
+
     /// The `tokenizer.ggml.pre` value in use.
     pub fn pre_tokenizer_name(&self) -> &str {
         &self.pre_name
@@ -775,6 +958,32 @@ impl Tokenizer {
     /// The pre-tokenizer family in use.
     pub fn pre_tokenizer(&self) -> PreTokenizer {
         self.pre.kind
+    }
+}
+
+impl spm::SpmVocab for Tokenizer {
+    fn id(&self, text: &str) -> Option<u32> {
+        self.token_to_id.get(text).copied()
+    }
+
+    fn score(&self, id: u32) -> f32 {
+        Tokenizer::score(self, id)
+    }
+
+    /// `<0xNN>`, else the one-byte text, else the unknown token (where
+    /// llama.cpp would throw).
+    fn byte_token(&self, byte: u8) -> Option<u32> {
+        let hex = format!("<0x{byte:02X}>");
+        self.token_to_id
+            .get(&hex)
+            .copied()
+            .or_else(|| {
+                let one = [byte];
+                std::str::from_utf8(&one)
+                    .ok()
+                    .and_then(|c| self.token_to_id.get(c).copied())
+            })
+            .or(self.unknown)
     }
 }
 

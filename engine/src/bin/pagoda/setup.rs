@@ -81,7 +81,7 @@ impl ModelSource {
                 let t = f
                     .tensor("blk.0.attn_q.weight")
                     .ok_or_else(|| anyhow!("{}: no tensor blk.0.attn_q.weight", self.name()))?;
-                Ok(t.dtype)
+                Ok(t.require_dtype(f.path())?)
             }
         }
     }

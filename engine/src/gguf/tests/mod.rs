@@ -212,7 +212,7 @@ fn tensors_round_trip() {
     let a = f.tensor("a.weight").expect("a.weight");
     assert_eq!(
         (a.shape.as_slice(), a.dtype, a.bytes),
-        (&[3, 2][..], DType::F32, 24)
+        (&[3, 2][..], Some(DType::F32), 24)
     );
     let vals: Vec<f32> = f
         .tensor_data(a)
@@ -223,14 +223,14 @@ fn tensors_round_trip() {
     let b = f.tensor("b.weight").expect("b.weight");
     assert_eq!(
         (b.shape.as_slice(), b.dtype, b.bytes),
-        (&[64][..], DType::Q8_0, 68)
+        (&[64][..], Some(DType::Q8_0), 68)
     );
     assert_eq!(&f.tensor_data(b)[..2], &f16_bytes(0.25));
     assert_eq!(f.tensor_data(b)[2 + 5], 35);
     let c = f.tensor("c.weight").expect("c.weight");
     assert_eq!(
         (c.shape.as_slice(), c.dtype, c.bytes),
-        (&[32, 1][..], DType::Q4_1, 20)
+        (&[32, 1][..], Some(DType::Q4_1), 20)
     );
     assert_eq!(f.tensor_data(c)[4 + 15], 255);
     assert_eq!(f.tensor_bytes(), 24 + 68 + 20);
@@ -511,13 +511,96 @@ fn arrays_nested_too_deep_are_refused() {
 // -------------------------------------------------------------- bad tensors
 
 #[test]
-fn unknown_tensor_types_name_the_tensor_and_type() {
-    for (id, name) in [(12u32, "Q4_K"), (99, "unknown"), (14, "Q6_K"), (24, "I8")] {
+fn every_tensor_type_is_read_and_sized() {
+    // (ggml id, name, bytes of a [256, 2] tensor): ggml's block layouts.
+    let cases = [
+        (12u32, "Q4_K", 2 * 144),
+        (13, "Q5_K", 2 * 176),
+        (14, "Q6_K", 2 * 210),
+        (6, "Q5_0", 2 * 8 * 22),
+        (7, "Q5_1", 2 * 8 * 24),
+        (10, "Q2_K", 2 * 84),
+        (11, "Q3_K", 2 * 110),
+        (23, "IQ4_XS", 2 * 136),
+        (24, "I8", 2 * 256),
+    ];
+    for (id, name, bytes) in cases {
         let mut w = sample_writer();
-        w.tensor_raw("blk.0.attn_k.weight", &[256, 2], id, vec![0u8; 512]);
-        let msg = parse_err(&bytes_of(&w));
-        assert!(msg.contains("`blk.0.attn_k.weight`"), "{msg}");
-        assert!(msg.contains(&format!("type {id} ({name})")), "{msg}");
+        w.tensor_raw("blk.0.attn_k.weight", &[256, 2], id, vec![7u8; bytes]);
+        // A tensor after it: its offset is right only if the size was.
+        w.tensor_raw("after", &[8], 0, (0..32).collect::<Vec<u8>>());
+        let f = parse_ok(&bytes_of(&w));
+        let t = f.tensor("blk.0.attn_k.weight").expect("read");
+        // Metric: exact byte size and type; the engine has no DType for it.
+        assert_eq!((t.ggml_type, t.type_name(), t.bytes), (id, name, bytes));
+        assert!(t.size_known());
+        assert_eq!(t.dtype, None, "{name}");
+        assert!(f.tensor_data(t).iter().all(|&b| b == 7), "{name} data");
+        let after = f.tensor("after").expect("after");
+        assert_eq!(f.tensor_data(after), (0..32).collect::<Vec<u8>>(), "{name}");
+        // Asking for the engine type names the tensor and the type.
+        let msg = t.require_dtype(f.path()).expect_err("no DType").to_string();
+        assert!(
+            msg.contains("`blk.0.attn_k.weight`") && msg.contains(&format!("type {id} ({name})")),
+            "{msg}"
+        );
+        // The census lists it next to the sample's types.
+        assert!(
+            f.type_counts().contains(&(name.to_string(), 1)),
+            "{:?}",
+            f.type_counts()
+        );
+    }
+}
+
+#[test]
+fn an_undefined_tensor_type_is_read_with_no_size() {
+    for id in [4u32, 99, u32::MAX] {
+        let mut w = sample_writer();
+        w.tensor_raw("odd", &[256, 2], id, vec![0u8; 64]);
+        let f = parse_ok(&bytes_of(&w));
+        let t = f.tensor("odd").expect("read");
+        // Metric: no size, no data, and a clear error when its type is needed.
+        assert!(!t.size_known() && t.bytes == 0 && t.dtype.is_none());
+        assert!(f.tensor_data(t).is_empty());
+        let msg = t.require_dtype(f.path()).expect_err("unknown").to_string();
+        assert!(
+            msg.contains("`odd`") && msg.contains(&format!("type {id} (unknown)")),
+            "{msg}"
+        );
+        assert!(f.type_counts().contains(&(format!("type {id}"), 1)));
+    }
+}
+
+#[test]
+fn block_layouts_agree_with_the_engine_types() {
+    // Every ggml type the engine maps has the layout its DType says.
+    let mut mapped = 0;
+    for id in 0..64u32 {
+        if let Some(d) = dtype_from_ggml(id) {
+            assert_eq!(
+                ggml_block_layout(id),
+                Some((d.block_size(), d.block_bytes())),
+                "{d}"
+            );
+            assert_eq!(ggml_type_id(d), Some(id));
+            mapped += 1;
+        }
+    }
+    // F32, F16, BF16, Q8_0, Q4_0, Q4_1 at least.
+    assert!(mapped >= 6, "{mapped}");
+    // Known ids have names and layouts; removed ids have neither.
+    for id in [0u32, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, 39] {
+        assert!(
+            ggml_block_layout(id).is_some() && ggml_type_name(id) != "unknown",
+            "{id}"
+        );
+    }
+    for id in [4u32, 5, 31, 32, 33, 36, 37, 38, 40] {
+        assert!(
+            ggml_block_layout(id).is_none() && ggml_type_name(id) == "unknown",
+            "{id}"
+        );
     }
 }
 

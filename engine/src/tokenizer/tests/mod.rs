@@ -389,9 +389,9 @@ fn from_gguf_errors_name_the_key() {
             Err(e) => e.to_string(),
         }
     };
-    let m = msg(&[("tokenizer.ggml.model", Kv::Str("llama"))]);
+    let m = msg(&[("tokenizer.ggml.model", Kv::Str("rwkv"))]);
     assert!(
-        m.contains("tokenizer.ggml.model") && m.contains("\"llama\""),
+        m.contains("tokenizer.ggml.model") && m.contains("\"rwkv\""),
         "{m}"
     );
     assert!(m.contains("pagoda-tok-test-"), "names the file: {m}");
@@ -437,4 +437,134 @@ fn tokenizer_is_shareable_across_threads() {
         .map(|h| h.join().unwrap())
         .collect();
     assert!(got.iter().all(|g| *g == want), "{got:?} vs {want:?}");
+}
+
+/// A tiny SPM vocabulary: `<unk>`, `<s>`, `</s>`, the byte tokens for
+/// 'a', 'b' and '\n' only, then pieces with scores.
+fn spm(pieces: &[(&str, f32)]) -> Tokenizer {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![TokenType::Unknown, TokenType::Control, TokenType::Control];
+    let mut scores = vec![0.0; 3];
+    for b in [b'a', b'b', b'\n'] {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(TokenType::Byte);
+        scores.push(0.0);
+    }
+    for &(p, s) in pieces {
+        tokens.push(p.into());
+        types.push(TokenType::Normal);
+        scores.push(s);
+    }
+    Tokenizer::new(TokenizerParts {
+        model: TokenizerModel::Spm,
+        tokens,
+        scores,
+        token_types: types,
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unknown_id: Some(0),
+        ..Default::default()
+    })
+    .expect("valid SPM vocabulary")
+}
+
+#[test]
+fn spm_merges_the_highest_score_first() {
+    // "▁abc": the pairs "▁a" (-5), "ab" (-1), "bc" (-2). The best, "ab",
+    // merges first; then "▁ab" (-3) beats "abc" (-4).
+    let vocab = [
+        ("▁", -10.0),
+        ("a", -10.0),
+        ("b", -10.0),
+        ("c", -10.0),
+        ("▁a", -5.0),
+        ("ab", -1.0),
+        ("bc", -2.0),
+        ("▁ab", -3.0),
+        ("abc", -4.0),
+    ];
+    let t = spm(&vocab);
+    let ids = t.encode("abc", false);
+    assert_eq!(strs(&t, &ids), ["▁ab", "c"]);
+    // Swap the scores of "▁ab" and "abc": now "▁" + "abc".
+    let mut v2 = vocab;
+    v2[7].1 = -4.0;
+    v2[8].1 = -3.0;
+    let t2 = spm(&v2);
+    assert_eq!(strs(&t2, &t2.encode("abc", false)), ["▁", "abc"]);
+    // decode(encode(x)) == x: the prefix space is dropped again.
+    assert_eq!(t.decode(&ids), b"abc");
+}
+
+#[test]
+fn spm_equal_scores_merge_leftmost_first() {
+    // "aaa": "aa" at (0,1) and (1,2) tie; the left pair wins: "aa" "a".
+    let t = spm(&[("a", 0.0), ("aa", -1.0)]);
+    let tok = Tokenizer::new(TokenizerParts {
+        add_space_prefix: Some(false),
+        ..parts_of(&t)
+    })
+    .expect("valid");
+    assert_eq!(strs(&tok, &tok.encode("aaa", false)), ["aa", "a"]);
+    assert!(!tok.add_space_prefix());
+    // Without the prefix, nothing is added or dropped.
+    assert_eq!(tok.decode(&tok.encode("aaa", false)), b"aaa");
+}
+
+/// The parts of a tokenizer built by [`spm`] (rebuilt from its accessors).
+fn parts_of(t: &Tokenizer) -> TokenizerParts {
+    let n = t.vocab_size() as u32;
+    TokenizerParts {
+        model: t.model(),
+        tokens: (0..n)
+            .map(|i| t.token_str(i).unwrap_or("").to_string())
+            .collect(),
+        scores: (0..n).map(|i| t.score(i)).collect(),
+        token_types: (0..n)
+            .map(|i| t.token_type(i).unwrap_or(TokenType::Normal))
+            .collect(),
+        bos_id: t.bos_id(),
+        eos_id: t.eos_id(),
+        unknown_id: t.unknown_id(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn spm_byte_fallback_and_unknown() {
+    let t = spm(&[("▁", 0.0), ("x", 0.0)]);
+    // 'a' and '\n' are not pieces: their byte tokens; 'é' (C3 A9) has no
+    // byte token here, so each byte becomes <unk> (llama.cpp would throw).
+    let ids = t.encode("xa\né", false);
+    assert_eq!(
+        strs(&t, &ids),
+        ["▁", "x", "<0x61>", "<0x0A>", "<unk>", "<unk>"]
+    );
+    assert_eq!(t.decode(&ids[..4]), b"xa\n");
+}
+
+#[test]
+fn spm_space_prefix_after_special_tokens_only() {
+    let t = spm(&[("▁", 0.0), ("x", 0.0), ("▁x", 1.0)]);
+    // Start of text and after </s>: "▁x"; spaces become "▁" too.
+    let ids = t.encode("x</s>x x", true);
+    assert_eq!(strs(&t, &ids), ["▁x", "</s>", "▁x", "▁x"]);
+    // add_special: BOS (default true for SPM), no EOS.
+    assert!(t.add_bos());
+    assert_eq!(
+        t.encode_with_special("x", true, true),
+        [1, t.token_to_id("▁x").unwrap()]
+    );
+}
+
+#[test]
+fn spm_scores_of_the_wrong_length_are_an_error() {
+    let r = Tokenizer::new(TokenizerParts {
+        model: TokenizerModel::Spm,
+        tokens: vec!["<unk>".into(), "<s>".into(), "</s>".into()],
+        scores: vec![0.0],
+        ..Default::default()
+    });
+    let m = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(m.contains("tokenizer.ggml.scores"), "{m}");
 }
