@@ -130,11 +130,10 @@ impl LlamaWeights {
         e
     }
 
-    /// Bytes the weights will take on `backend` (after its weight
-    /// preparation, over the tensors' pieces): the memory plan's figure.
-    pub fn planned_bytes<B: Backend>(f: &GgufFile, cfg: &LlamaConfig, backend: &B) -> Result<u64> {
-        let mut total = 0u64;
-        let mut names: Vec<(String, Vec<usize>, bool)> = Self::expected(cfg);
+    /// The expected tensors plus `output.weight` when the file has one (untied head):
+    /// (name, shape, must be f32).
+    fn in_file(f: &GgufFile, cfg: &LlamaConfig) -> Vec<(String, Vec<usize>, bool)> {
+        let mut names = Self::expected(cfg);
         if f.tensor("output.weight").is_some() {
             names.push((
                 "output.weight".into(),
@@ -142,7 +141,14 @@ impl LlamaWeights {
                 false,
             ));
         }
-        for (name, shape, must_f32) in names {
+        names
+    }
+
+    /// Bytes the weights will take on `backend` (after its weight
+    /// preparation, over the tensors' pieces): the memory plan's figure.
+    pub fn planned_bytes<B: Backend>(f: &GgufFile, cfg: &LlamaConfig, backend: &B) -> Result<u64> {
+        let mut total = 0u64;
+        for (name, shape, must_f32) in Self::in_file(f, cfg) {
             let (t, dtype) = check(f, &name, &shape, must_f32)?;
             total += prepared_bytes(backend, &name, dtype, &t.shape)?;
         }
@@ -161,15 +167,7 @@ impl LlamaWeights {
         pool: &Pool,
     ) -> Result<LlamaWeights> {
         let info = backend.info();
-        let mut names = Self::expected(cfg);
-        if f.tensor("output.weight").is_some() {
-            names.push((
-                "output.weight".into(),
-                vec![cfg.hidden_dim, cfg.vocab_size],
-                false,
-            ));
-        }
-        for (name, shape, must_f32) in names {
+        for (name, shape, must_f32) in Self::in_file(f, cfg) {
             let (_, dtype) = check(f, &name, &shape, must_f32)?;
             if !info.supports_weight(dtype) {
                 return Err(unsupported(&name, dtype));
