@@ -17,8 +17,7 @@ struct CountingAlloc;
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 
-// SAFETY: delegates every call to the system allocator unchanged; the
-// counters are atomics that never allocate.
+// SAFETY: delegates every call to the system allocator unchanged; the counters are atomics that never allocate.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if COUNTING.load(Ordering::Relaxed) {

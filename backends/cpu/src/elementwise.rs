@@ -16,8 +16,7 @@ unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let n = out.len().min(gate.len()).min(up.len());
     let n8 = n / 8 * 8;
     let mut i = 0;
-    // SAFETY: every access is below n8 <= the three lengths; AVX2/FMA are
-    // enabled on this function and the caller checked the CPU has them.
+    // SAFETY: every access is below n8 <= the three lengths; AVX2/FMA are enabled on this function and the caller checked the CPU has them.
     unsafe {
         let sign = _mm256_set1_ps(-0.0);
         let one = _mm256_set1_ps(1.0);

@@ -34,8 +34,7 @@ pub(crate) struct Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        // SAFETY: `addr .. addr + bytes` is exactly the mapping made in
-        // `reserve`, unmapped once (the arena is dropped once).
+        // SAFETY: `addr .. addr + bytes` is exactly the mapping made in `reserve`, unmapped once (the arena is dropped once).
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.bytes as usize) };
     }
 }
@@ -181,10 +180,7 @@ impl KvArenaOps for HostMemory {
                 format!("range {offset}+{bytes} is not committed"),
             ));
         }
-        // SAFETY: the range lies inside the mapping (checked by `granules`);
-        // MADV_DONTNEED on a private anonymous mapping drops the pages, which
-        // then read as zeros. No view of these bytes is live: ops hold the
-        // stream lock, and so does the engine's call path.
+        // SAFETY: the range lies inside the mapping (checked by `granules`); MADV_DONTNEED on a private anonymous mapping drops the pages, which then read as zeros. No view of these bytes is live: ops hold the stream lock, and so does the engine's call path.
         let rc = unsafe {
             libc::madvise(
                 (a.addr + offset) as *mut libc::c_void,

@@ -141,8 +141,7 @@ fn rows_portable(
                 }
             }
             for (t, a) in acc.iter().enumerate().take(tn) {
-                // SAFETY: (t0 + t, j) is inside (n, m) and column j belongs to
-                // this call's `rows` only, so no other thread writes it.
+                // SAFETY: (t0 + t, j) is inside (n, m) and column j belongs to this call's `rows` only, so no other thread writes it.
                 unsafe { out.put(t0 + t, j, reduce(a)) };
             }
         }
@@ -180,8 +179,7 @@ mod x86 {
         t0: usize,
         j0: usize,
     ) {
-        // SAFETY: the caller guarantees the bounds, the features and the
-        // exclusive output columns.
+        // SAFETY: the caller guarantees the bounds, the features and the exclusive output columns.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); T]; R];
             for b in 0..k / QK {
@@ -222,8 +220,7 @@ mod x86 {
         let row_bytes = k / QK * F::BYTES;
         let xp = x[t0 * k..].as_ptr();
         let mut j = rows.start;
-        // SAFETY: rows.end <= m, w holds m rows and x holds tokens t0..t0+T
-        // (checked by `rows`); the caller owns columns `rows`.
+        // SAFETY: rows.end <= m, w holds m rows and x holds tokens t0..t0+T (checked by `rows`); the caller owns columns `rows`.
         unsafe {
             let wp = w.as_ptr();
             while j + R <= rows.end {
@@ -256,8 +253,7 @@ mod x86 {
         t0: usize,
         j0: usize,
     ) {
-        // SAFETY: the caller guarantees the bounds, the features and the
-        // exclusive output columns.
+        // SAFETY: the caller guarantees the bounds, the features and the exclusive output columns.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); T]; R];
             let mut c = 0;
@@ -406,8 +402,7 @@ mod x86 {
             let mut t0 = 0;
             while t0 < n {
                 let tn = (n - t0).min(TOKEN_TILE);
-                // SAFETY: bounds asserted above; features and column ownership
-                // per this function's contract.
+                // SAFETY: bounds asserted above; features and column ownership per this function's contract.
                 unsafe {
                     match tn {
                         1 => token_tile::<F, 4, 1>(x, w, out, k, t0, rb.clone()),
@@ -448,8 +443,7 @@ pub fn matmul_rows(
     {
         if crate::simd::has_avx2_fma_f16c() {
             use crate::simd::avx2 as f;
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); the
-            // caller owns output columns `rows`.
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); the caller owns output columns `rows`.
             unsafe {
                 match dtype {
                     DType::Q4_1 => x86::rows::<f::Q4_1>(x, w, out, n, k, m, rows),

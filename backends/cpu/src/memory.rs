@@ -104,8 +104,7 @@ impl RawAllocator for HostMemory {
             debug_assert_eq!(id, segment.id, "segment id mismatch on free");
             // `bytes` and the alignment made a valid layout when the segment was allocated.
             if let Ok(layout) = Layout::from_size_align(bytes as usize, SEGMENT_ALIGN as usize) {
-                // SAFETY: `segment.addr` came from `alloc_zeroed(layout)` with this
-                // exact layout and was still registered, so it is freed exactly once.
+                // SAFETY: `segment.addr` came from `alloc_zeroed(layout)` with this exact layout and was still registered, so it is freed exactly once.
                 unsafe { dealloc(segment.addr as *mut u8, layout) };
             }
         }

@@ -308,8 +308,7 @@ mod x86 {
     fn add_weighted_tail(acc: &mut [f32], mut d0: usize, w: &[f32], rows: &[&[f32]]) {
         let hd = acc.len();
         assert!(rows.iter().all(|r| r.len() >= hd));
-        // SAFETY: d0 + 8 <= hd <= every row's length (asserted); only inlined
-        // into functions compiled with AVX2/FMA.
+        // SAFETY: d0 + 8 <= hd <= every row's length (asserted); only inlined into functions compiled with AVX2/FMA.
         unsafe {
             while d0 + 8 <= hd {
                 weighted_block::<1>(acc, d0, w, rows);
@@ -327,8 +326,7 @@ mod x86 {
         #[inline(always)]
         fn max(x: &[f32]) -> f32 {
             let mut chunks = x.chunks_exact(8);
-            // SAFETY: 8 floats per load; only inlined into functions
-            // compiled with AVX2/FMA.
+            // SAFETY: 8 floats per load; only inlined into functions compiled with AVX2/FMA.
             let mut m = unsafe {
                 let mut v = _mm256_set1_ps(f32::NEG_INFINITY);
                 for c in &mut chunks {
@@ -347,8 +345,7 @@ mod x86 {
         #[inline(always)]
         fn lane_sums(p: &[f32; super::CHUNK]) -> [f32; 8] {
             let mut out = [0f32; 8];
-            // SAFETY: 32 floats in, 8 out; only inlined into functions
-            // compiled with AVX2/FMA.
+            // SAFETY: 32 floats in, 8 out; only inlined into functions compiled with AVX2/FMA.
             unsafe {
                 let v = |i: usize| _mm256_loadu_ps(p.as_ptr().add(8 * i));
                 let s = _mm256_add_ps(_mm256_add_ps(v(0), v(1)), _mm256_add_ps(v(2), v(3)));
@@ -361,8 +358,7 @@ mod x86 {
         fn exp_sub(x: &mut [f32], m: f32) {
             let mut chunks = x.chunks_exact_mut(8);
             for c in &mut chunks {
-                // SAFETY: 8 floats in and out; only inlined into functions
-                // compiled with AVX2/FMA.
+                // SAFETY: 8 floats in and out; only inlined into functions compiled with AVX2/FMA.
                 unsafe {
                     let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(m));
                     _mm256_storeu_ps(c.as_mut_ptr(), exp(v));
@@ -377,8 +373,7 @@ mod x86 {
         fn dot(a: &[f32], b: &[f32]) -> f32 {
             let n = a.len().min(b.len());
             let n8 = n / 8 * 8;
-            // SAFETY: loads stay below n8 <= both lengths; this is only
-            // inlined into functions compiled with AVX2/FMA on CPUs that have them.
+            // SAFETY: loads stay below n8 <= both lengths; this is only inlined into functions compiled with AVX2/FMA on CPUs that have them.
             unsafe {
                 let mut acc = _mm256_setzero_ps();
                 let mut i = 0;
@@ -400,8 +395,7 @@ mod x86 {
             let n = k.iter().chain(&q).fold(usize::MAX, |n, r| n.min(r.len()));
             let n8 = n / 8 * 8;
             let mut out = [[0f32; 4]; G];
-            // SAFETY: loads stay below n8 <= every length; this is only
-            // inlined into functions compiled with AVX2/FMA on CPUs that have them.
+            // SAFETY: loads stay below n8 <= every length; this is only inlined into functions compiled with AVX2/FMA on CPUs that have them.
             unsafe {
                 // G × 4 independent chains; each q and k vector loaded once.
                 let mut acc = [[_mm256_setzero_ps(); 4]; G];
@@ -480,8 +474,7 @@ mod x86 {
             let hd = acc.len();
             assert!(rows.iter().all(|r| r.len() >= hd));
             let mut d0 = 0;
-            // SAFETY: d0 + 8C <= hd <= every row's length (asserted); this is
-            // only inlined into functions compiled with AVX2/FMA.
+            // SAFETY: d0 + 8C <= hd <= every row's length (asserted); this is only inlined into functions compiled with AVX2/FMA.
             unsafe {
                 while d0 + 64 <= hd {
                     weighted_block::<8>(acc, d0, w, rows);

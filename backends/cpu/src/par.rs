@@ -26,8 +26,7 @@ pub struct SharedMut<T> {
     len: usize,
 }
 
-// SAFETY: threads only access disjoint elements (each op documents its split),
-// and the buffer outlives the parallel section (it is borrowed by the op).
+// SAFETY: threads only access disjoint elements (each op documents its split), and the buffer outlives the parallel section (it is borrowed by the op).
 unsafe impl<T: Send> Send for SharedMut<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SharedMut<T> {}

@@ -437,8 +437,7 @@ impl AttentionOps for CpuBackend {
                     }
                     let t1 = b.min(qsl[s + 1] as usize);
                     attend(&args, s, t0..t1, h, |t, rows| {
-                        // SAFETY: task (h, tile) owns output rows
-                        // (t, h*group .. (h+1)*group) for t in its tile, disjoint across tasks.
+                        // SAFETY: task (h, tile) owns output rows (t, h*group .. (h+1)*group) for t in its tile, disjoint across tasks.
                         let out = unsafe {
                             o.slice_mut((t * d.num_heads + h * group) * l.head_dim, span)
                         };

@@ -41,8 +41,7 @@ impl Args {
             return self;
         }
         let at = self.used * 8;
-        // SAFETY: `at + size` lies inside `data` (checked above); T is Copy and
-        // the destination is 8-aligned, at least T's alignment.
+        // SAFETY: `at + size` lies inside `data` (checked above); T is Copy and the destination is 8-aligned, at least T's alignment.
         unsafe {
             std::ptr::write((self.data.as_mut_ptr() as *mut u8).add(at) as *mut T, v);
         }
@@ -77,10 +76,7 @@ impl Args {
             // SAFETY: every offset was written by `arg` inside `data`.
             *p = unsafe { base.add(o as usize) } as *mut c_void;
         }
-        // SAFETY: `f` is a loaded kernel of this context; `ptrs` holds one
-        // pointer per parameter to a value of its type, alive for the call
-        // (the driver copies them before returning); buffers were checked by
-        // the caller to lie inside live device memory.
+        // SAFETY: `f` is a loaded kernel of this context; `ptrs` holds one pointer per parameter to a value of its type, alive for the call (the driver copies them before returning); buffers were checked by the caller to lie inside live device memory.
         let r = unsafe {
             sys::cuLaunchKernel(
                 f,

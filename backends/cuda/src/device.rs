@@ -55,9 +55,7 @@ impl Device {
             });
         }
         let ctx = CudaContext::new(ordinal).map_err(err("cuCtxCreate"))?;
-        // SAFETY: the backend orders all work on its one stream and
-        // synchronises explicitly; cudarc's per-buffer events would break
-        // graph capture (CUDA_ERROR_STREAM_CAPTURE_ISOLATION).
+        // SAFETY: the backend orders all work on its one stream and synchronises explicitly; cudarc's per-buffer events would break graph capture (CUDA_ERROR_STREAM_CAPTURE_ISOLATION).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(err("cuStreamCreate"))?;
         let name = ctx.name().map_err(err("cuDeviceGetName"))?;

@@ -105,8 +105,7 @@ impl GraphOps for Graphs {
     fn end_capture(&self) -> Result<GraphId> {
         self.dev.bind()?;
         let mut graph: cu::CUgraph = std::ptr::null_mut();
-        // SAFETY: ends the capture begun on this stream; writes one graph
-        // (null when the capture was invalidated).
+        // SAFETY: ends the capture begun on this stream; writes one graph (null when the capture was invalidated).
         let r = unsafe { cu::cuStreamEndCapture(self.dev.stream(), &mut graph) };
         check("cuStreamEndCapture", r)?;
         let mut exec: cu::CUgraphExec = std::ptr::null_mut();
@@ -138,8 +137,7 @@ impl GraphOps for Graphs {
                 op: "replay",
                 detail: format!("no graph {id:?}"),
             })?;
-        // SAFETY: exec is an instantiated graph of this context; its buffers
-        // are the engine's static workspace and KV pieces, alive while it is.
+        // SAFETY: exec is an instantiated graph of this context; its buffers are the engine's static workspace and KV pieces, alive while it is.
         check("cuGraphLaunch", unsafe {
             cu::cuGraphLaunch(c.exec, self.dev.stream())
         })

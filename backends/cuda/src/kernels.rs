@@ -127,8 +127,7 @@ pub fn nvrtc_present() -> bool {
 pub fn preload_nvrtc(dir: &Path) -> Result<()> {
     for name in ["libnvrtc-builtins.so.13.0", "libnvrtc.so.13"] {
         let path = dir.join(name);
-        // SAFETY: loading NVRTC runs only its initialisers, which have no
-        // preconditions; the library stays loaded for the process's life.
+        // SAFETY: loading NVRTC runs only its initialisers, which have no preconditions; the library stays loaded for the process's life.
         let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| BackendError::Device {
             op: "nvrtc",
             detail: format!("cannot load {}: {e}", path.display()),
@@ -308,8 +307,7 @@ pub(crate) struct Kernels {
     pub(crate) compile_seconds: f64,
 }
 
-// SAFETY: CUmodule / CUfunction are driver handles usable from any thread
-// with the context current; they are only read after construction.
+// SAFETY: CUmodule / CUfunction are driver handles usable from any thread with the context current; they are only read after construction.
 unsafe impl Send for Kernels {}
 // SAFETY: as above.
 unsafe impl Sync for Kernels {}
@@ -361,8 +359,7 @@ impl Kernels {
 impl Drop for Kernels {
     fn drop(&mut self) {
         for &m in &self.modules {
-            // SAFETY: each module was loaded once and is unloaded once; the
-            // backend synchronised its stream before dropping the kernels.
+            // SAFETY: each module was loaded once and is unloaded once; the backend synchronised its stream before dropping the kernels.
             unsafe { cu::cuModuleUnload(m) };
         }
     }

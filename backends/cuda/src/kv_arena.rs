@@ -59,8 +59,7 @@ pub struct KvArena {
     physical: AtomicU64,
 }
 
-// SAFETY: the raw descriptors are plain data; every use of the driver handles
-// is under `state`'s lock.
+// SAFETY: the raw descriptors are plain data; every use of the driver handles is under `state`'s lock.
 unsafe impl Send for KvArena {}
 // SAFETY: as above.
 unsafe impl Sync for KvArena {}
@@ -77,8 +76,7 @@ impl KvArena {
         let supported = dev.attribute(
             cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
         )? != 0;
-        // SAFETY: an all-zero descriptor is the documented starting point;
-        // the fields that matter are set below.
+        // SAFETY: an all-zero descriptor is the documented starting point; the fields that matter are set below.
         let mut prop: cu::CUmemAllocationProp = unsafe { std::mem::zeroed() };
         prop.type_ = cu::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
         prop.location.type_ = cu::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
@@ -219,8 +217,7 @@ impl KvArena {
         // SAFETY: prop is fully initialised; writes one handle.
         let r = unsafe { cu::cuMemCreate(&mut handle, g, &self.prop, 0) };
         check_alloc("cuMemCreate", r, MemoryTag::Kv, g as u64)?;
-        // SAFETY: addr is a granule of a live reservation with nothing mapped
-        // there (checked under the lock by the caller); handle is g bytes.
+        // SAFETY: addr is a granule of a live reservation with nothing mapped there (checked under the lock by the caller); handle is g bytes.
         let r = unsafe { cu::cuMemMap(addr, g, 0, handle, 0) };
         if let Err(e) = check("cuMemMap", r) {
             // SAFETY: the handle was created above and is not mapped.
@@ -290,8 +287,7 @@ impl KvArena {
             }
         }
         // Committed memory reads as zeros.
-        // SAFETY: the range is mapped (or allocated) and the memset is
-        // ordered on the stream before every later op.
+        // SAFETY: the range is mapped (or allocated) and the memset is ordered on the stream before every later op.
         let r = unsafe {
             cu::cuMemsetD8Async(range.addr + offset, 0, bytes as usize, self.dev.stream())
         };

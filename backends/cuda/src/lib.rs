@@ -338,8 +338,7 @@ impl CudaBackend {
                 ),
             });
         }
-        // SAFETY: scratch holds SCRATCH_BYTES; the pageable source is staged
-        // by the driver before this returns.
+        // SAFETY: scratch holds SCRATCH_BYTES; the pageable source is staged by the driver before this returns.
         check("cuMemcpyHtoDAsync", unsafe {
             cu::cuMemcpyHtoDAsync_v2(
                 self.scratch,
@@ -382,8 +381,7 @@ impl CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.dev.synchronize();
-        // SAFETY: the scratch buffer was allocated in `new` and is freed once,
-        // the stream idle.
+        // SAFETY: the scratch buffer was allocated in `new` and is freed once, the stream idle.
         unsafe { cu::cuMemFree_v2(self.scratch) };
     }
 }
@@ -450,8 +448,7 @@ impl Backend for CudaBackend {
         }
         let d = self.ptr(dst, dst.bytes, 1, "upload")?;
         self.dev.bind()?;
-        // SAFETY: d holds src.len() bytes (checked); a pageable source is
-        // staged by the driver before the call returns.
+        // SAFETY: d holds src.len() bytes (checked); a pageable source is staged by the driver before the call returns.
         check("cuMemcpyHtoDAsync", unsafe {
             cu::cuMemcpyHtoDAsync_v2(d, src.as_ptr() as *const _, src.len(), self.stream())
         })?;
@@ -470,8 +467,7 @@ impl Backend for CudaBackend {
         }
         let s = self.ptr(src, src.bytes, 1, "download")?;
         self.dev.bind()?;
-        // SAFETY: s holds dst.len() bytes (checked); the stream is synchronised
-        // before dst is read.
+        // SAFETY: s holds dst.len() bytes (checked); the stream is synchronised before dst is read.
         check("cuMemcpyDtoHAsync", unsafe {
             cu::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut _, s, dst.len(), self.stream())
         })?;

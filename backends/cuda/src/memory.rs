@@ -105,8 +105,7 @@ impl RawAllocator for DeviceAllocator {
     fn free_segment(&self, segment: RawSegment) {
         self.registry.remove(segment.addr);
         if self.dev.bind().is_ok() {
-            // SAFETY: the pool frees each segment once, after wait_idle, with
-            // no live block in it.
+            // SAFETY: the pool frees each segment once, after wait_idle, with no live block in it.
             unsafe { cu::cuMemFree_v2(segment.addr) };
         }
         self.live_bytes.fetch_sub(segment.bytes, Ordering::SeqCst);

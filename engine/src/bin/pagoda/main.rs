@@ -42,8 +42,7 @@ fn main() -> ExitCode {
 /// Sockets are not affected: std writes to them with `MSG_NOSIGNAL`.
 fn restore_sigpipe() {
     #[cfg(unix)]
-    // SAFETY: called first thing in `main`, before any thread is started;
-    // setting a signal's disposition to SIG_DFL has no other precondition.
+    // SAFETY: called first thing in `main`, before any thread is started; setting a signal's disposition to SIG_DFL has no other precondition.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }

@@ -263,8 +263,7 @@ impl TypeAhead {
         {
             // SAFETY: termios is plain C data; all-zero is a valid value to overwrite.
             let mut t: libc::termios = unsafe { std::mem::zeroed() };
-            // SAFETY: isatty only inspects fd 0; tcgetattr writes into `t`, which we
-            // own, and fails (checked) when stdin is not a terminal.
+            // SAFETY: isatty only inspects fd 0; tcgetattr writes into `t`, which we own, and fails (checked) when stdin is not a terminal.
             let is_tty = unsafe { libc::isatty(0) == 1 && libc::tcgetattr(0, &mut t) == 0 };
             if !is_tty {
                 return TypeAhead { saved: None };
