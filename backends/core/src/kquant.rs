@@ -71,35 +71,9 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Dequantizes one Q4_K super-block (144 bytes) into 256 floats.
-pub fn dequantize_block_q4_k(b: &[u8], out: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
-    let qs = &b[16..144];
-    for (g, (q, y)) in qs
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
-        let [(d1, mn1), (d2, mn2)] = [2 * g, 2 * g + 1].map(|j| {
-            let (sc, m) = scale_min_k4(j, scales);
-            (d * sc as f32, dmin * m as f32)
-        });
-        for l in 0..32 {
-            y[l] = d1 * (q[l] & 0x0F) as f32 - mn1;
-            y[32 + l] = d2 * (q[l] >> 4) as f32 - mn2;
-        }
-    }
-}
-
-/// Dequantizes one Q5_K super-block (176 bytes) into 256 floats.
-pub fn dequantize_block_q5_k(b: &[u8], out: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
-    let qh = &b[16..48];
-    let ql = &b[48..176];
+/// The 256 values of a Q4_K (`qh` = None) or Q5_K block: group g (64 values) = the low then
+/// the high nibbles of `ql[32g ..]`, plus 16 where bit 2g (low) / 2g + 1 (high) of `qh` is set.
+fn dequantize_k4(d: f32, dmin: f32, scales: &[u8], ql: &[u8], qh: Option<&[u8]>, out: &mut [f32]) {
     for (g, (q, y)) in ql
         .chunks_exact(32)
         .zip(out.chunks_exact_mut(64))
@@ -111,12 +85,41 @@ pub fn dequantize_block_q5_k(b: &[u8], out: &mut [f32]) {
         });
         let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
         for l in 0..32 {
-            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
-            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            let (h1, h2) = match qh {
+                Some(qh) => (
+                    if qh[l] & u1 != 0 { 16 } else { 0 },
+                    if qh[l] & u2 != 0 { 16 } else { 0 },
+                ),
+                None => (0, 0),
+            };
             y[l] = d1 * ((q[l] & 0x0F) + h1) as f32 - mn1;
             y[32 + l] = d2 * ((q[l] >> 4) + h2) as f32 - mn2;
         }
     }
+}
+
+/// Dequantizes one Q4_K super-block (144 bytes) into 256 floats.
+pub fn dequantize_block_q4_k(b: &[u8], out: &mut [f32]) {
+    dequantize_k4(
+        f16_at(b, 0),
+        f16_at(b, 2),
+        &b[4..16],
+        &b[16..144],
+        None,
+        out,
+    );
+}
+
+/// Dequantizes one Q5_K super-block (176 bytes) into 256 floats.
+pub fn dequantize_block_q5_k(b: &[u8], out: &mut [f32]) {
+    dequantize_k4(
+        f16_at(b, 0),
+        f16_at(b, 2),
+        &b[4..16],
+        &b[48..176],
+        Some(&b[16..48]),
+        out,
+    );
 }
 
 /// Dequantizes one Q6_K super-block (210 bytes) into 256 floats.

@@ -378,16 +378,18 @@ pub fn quantize_block_q6_k(x: &[f32], b: &mut [u8]) {
 /// A block quantizer: block elements in, block bytes out.
 pub type BlockEncoder = fn(&[f32], &mut [u8]);
 
-/// (block elements, block bytes, quantizer) of a 5-bit or K-quant type by its GGUF name.
+/// (block elements, block bytes, quantizer) of a 5-bit or K-quant type by its GGUF name
+/// (sizes from [`crate::kquant::block_format`]).
 pub fn block_encoder(name: &str) -> Option<(usize, usize, BlockEncoder)> {
-    Some(match name {
-        "Q5_0" => (32, 22, quantize_block_q5_0 as BlockEncoder),
-        "Q5_1" => (32, 24, quantize_block_q5_1),
-        "Q4_K" => (QK_K, 144, quantize_block_q4_k),
-        "Q5_K" => (QK_K, 176, quantize_block_q5_k),
-        "Q6_K" => (QK_K, 210, quantize_block_q6_k),
-        _ => return None,
-    })
+    let (block, bytes, _) = crate::kquant::block_format(name)?;
+    let encode: BlockEncoder = match name {
+        "Q5_0" => quantize_block_q5_0,
+        "Q5_1" => quantize_block_q5_1,
+        "Q4_K" => quantize_block_q4_k,
+        "Q5_K" => quantize_block_q5_k,
+        _ => quantize_block_q6_k,
+    };
+    Some((block, bytes, encode))
 }
 
 #[cfg(test)]

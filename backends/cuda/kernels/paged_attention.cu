@@ -290,6 +290,20 @@ extern "C" __global__ void attention_combine(const float* partial, float* out, i
 #define PP_MAX_ROW 512
 #define PP_OUT ((PP_Q * PP_MAX_HD) / PA_THREADS)  // outputs a thread (4)
 
+// Stages the K (off = k_off) or V (off = v_off) rows of keys p0 .. p0 + ns into s_kv as u16
+// words (zeros for a key whose page is outside the table), by the whole block (no barrier).
+__device__ __forceinline__ void stage_rows(const u64* s_page, int first, int page_size, u64 off,
+                                           u64 tok_stride, int p0, int ns, int row16, u8* s_kv) {
+    for (int i = threadIdx.x; i < ns * row16; i += blockDim.x) {
+        int jj = i / row16, w = i % row16;
+        int p = p0 + jj;
+        u64 base = s_page[p / page_size - first];
+        u16 v = 0;
+        if (base != 0) v = ((const u16*)(base + off + (u64)(p % page_size) * tok_stride))[w];
+        ((u16*)s_kv)[jj * row16 + w] = v;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(PA_THREADS)
 paged_attention_prefill(const float* q, KvPieces pieces, const u32* page_table,
                         const u32* positions, const u32* block_tables, const u32* context_lens,
@@ -363,15 +377,7 @@ paged_attention_prefill(const float* q, KvPieces pieces, const u32* page_table,
             // Pass 1: scores, a stretch of 32 K rows at a time.
             for (int sub = 0; sub < n_c; sub += PP_SUB) {
                 int ns = min(PP_SUB, n_c - sub);
-                for (int i = tid; i < ns * row16; i += PA_THREADS) {
-                    int jj = i / row16, w = i % row16;
-                    int p = c0 + sub + jj;
-                    u64 base = s_page[p / page_size - first];
-                    u16 v = 0;
-                    if (base != 0)
-                        v = ((const u16*)(base + k_off + (u64)(p % page_size) * tok_stride))[w];
-                    ((u16*)s_kv)[jj * row16 + w] = v;
-                }
+                stage_rows(s_page, first, page_size, k_off, tok_stride, c0 + sub, ns, row16, s_kv);
                 __syncthreads();
                 for (int i = tid; i < nq * PP_SUB; i += PA_THREADS) {
                     int qi = i / PP_SUB, jj = i % PP_SUB;
@@ -412,15 +418,7 @@ paged_attention_prefill(const float* q, KvPieces pieces, const u32* page_table,
             for (int sub = 0; sub < n_c; sub += PP_SUB) {
                 int ns = min(PP_SUB, n_c - sub);
                 __syncthreads();  // pass 2 / the previous stretch are done
-                for (int i = tid; i < ns * row16; i += PA_THREADS) {
-                    int jj = i / row16, w = i % row16;
-                    int p = c0 + sub + jj;
-                    u64 base = s_page[p / page_size - first];
-                    u16 v = 0;
-                    if (base != 0)
-                        v = ((const u16*)(base + v_off + (u64)(p % page_size) * tok_stride))[w];
-                    ((u16*)s_kv)[jj * row16 + w] = v;
-                }
+                stage_rows(s_page, first, page_size, v_off, tok_stride, c0 + sub, ns, row16, s_kv);
                 __syncthreads();
 #pragma unroll
                 for (int r = 0; r < PP_OUT; r++) {

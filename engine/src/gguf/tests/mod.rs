@@ -589,6 +589,18 @@ fn block_layouts_agree_with_the_engine_types() {
     }
     // F32, F16, BF16, Q8_0, Q4_0, Q4_1 at least.
     assert!(mapped >= 6, "{mapped}");
+    // The core crate's 5-bit and K-quant decoders have ggml's layouts.
+    for (id, name) in [
+        (6u32, "Q5_0"),
+        (7, "Q5_1"),
+        (12, "Q4_K"),
+        (13, "Q5_K"),
+        (14, "Q6_K"),
+    ] {
+        let (block, bytes, _) = pagoda_backend::kquant::block_format(name).expect(name);
+        assert_eq!(ggml_block_layout(id), Some((block, bytes)), "{name}");
+        assert_eq!(ggml_type_name(id), name);
+    }
     // Known ids have names and layouts; removed ids have neither.
     for id in [0u32, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, 39] {
         assert!(
