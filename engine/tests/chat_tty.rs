@@ -4,7 +4,13 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// Numbers every session's socket: a server killed by one session's drop can
+/// still be shutting down when the next session starts, and a client that
+/// reached the dying server fails with "server exited unexpectedly".
+static SESSIONS: AtomicUsize = AtomicUsize::new(0);
 
 /// A chat session in a detached tmux server of its own.
 struct Session {
@@ -25,7 +31,8 @@ fn tmux_available() {
 impl Session {
     fn start(name: &str, args: &[&str]) -> Session {
         tmux_available();
-        let socket = format!("pagoda-chat-test-{}-{name}", std::process::id());
+        let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
+        let socket = format!("pagoda-chat-test-{}-{name}-{n}", std::process::id());
         let mut cmd = format!("'{}' chat", env!("CARGO_BIN_EXE_pagoda"));
         for a in args {
             cmd.push_str(&format!(" '{a}'"));
@@ -33,24 +40,36 @@ impl Session {
         // Keep the pane after the exit so the exit status can be read.
         cmd.push_str("; echo EXITED:$?; sleep 600");
         let s = Session { socket };
-        s.tmux(&["new-session", "-d", "-x", "200", "-y", "50", &cmd]);
+        // A fresh server on a fresh socket; a start that lost a race with
+        // the system (the server died before the client attached) is retried.
+        let new_session = ["new-session", "-d", "-x", "200", "-y", "50", &cmd];
+        let mut attempt = 0;
+        while let Err(e) = s.try_tmux(&new_session) {
+            attempt += 1;
+            assert!(attempt < 3, "tmux {new_session:?}: {e}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         s.wait_for("the prompt", |lines| lines.last().is_some_and(|l| l == ">"));
         s
     }
 
-    fn tmux(&self, args: &[&str]) -> String {
+    fn try_tmux(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new("tmux")
             .args(["-L", &self.socket])
             .args(args)
             .env("TERM", "xterm")
             .output()
             .expect("tmux runs");
-        assert!(
-            out.status.success(),
-            "tmux {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        self.try_tmux(args)
+            .unwrap_or_else(|e| panic!("tmux {args:?}: {e}"))
     }
 
     /// Types `text` literally.
