@@ -20,6 +20,7 @@ pub mod model_runner;
 pub mod perplexity;
 pub mod plan;
 pub mod prefix_hash;
+pub mod quantize;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

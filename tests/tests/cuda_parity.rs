@@ -436,7 +436,7 @@ fn run_embedding<X: Backend>(
 }
 
 fn check_embedding<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &mut ChaCha8Rng) {
-    for dtype in DType::WEIGHT_TYPES {
+    for dtype in pagoda_cuda::WEIGHT_DTYPES {
         // The model's table, ids at both ends and a repeat.
         let table = weights(rng, dtype, VOCAB, HIDDEN, 1.0);
         let mut ids: Vec<u32> = (0..9).map(|_| rng.random_range(0..VOCAB as u32)).collect();
@@ -582,7 +582,7 @@ fn check_matmul<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &mut ChaCha
         (1, 32, 1, 1, false),             // one block, one row
         (64, 64, 33, 40, false),          // odd m
     ]);
-    for dtype in DType::WEIGHT_TYPES {
+    for dtype in pagoda_cuda::WEIGHT_DTYPES {
         for &(n, k, m, stride, acc) in &cases {
             let x = rand_f32(rng, n * k, 1.0);
             let w = weights(rng, dtype, m, k, 0.2);
@@ -682,7 +682,7 @@ fn check_rms_norm_matmul<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &m
         (3, 64, 200, &[(32, 0), (96, 100)]),                   // gaps between projections
         (64, HIDDEN, 384, &[(192, 0), (192, 192)]),
     ];
-    for dtype in DType::WEIGHT_TYPES {
+    for dtype in pagoda_cuda::WEIGHT_DTYPES {
         for &(n, k, stride, ms) in cases {
             let x = rand_f32(rng, n * k, 2.0);
             let nw = rand_f32(rng, k, 1.5);

@@ -5,6 +5,7 @@ use std::fmt;
 /// A tensor element type. Quantized types store blocks of `block_size()`
 /// elements in `block_bytes()` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // GGUF's own type names (Q4_K, ...)
 pub enum DType {
     /// 32-bit float.
     F32,
@@ -18,36 +19,61 @@ pub enum DType {
     Q4_0,
     /// GGUF Q4_1: blocks of 32, f16 scale, f16 min and 16 bytes of nibbles.
     Q4_1,
+    /// GGUF Q5_0: blocks of 32, an f16 scale, 32 high bits and 16 bytes of nibbles (offset 16).
+    Q5_0,
+    /// GGUF Q5_1: blocks of 32, f16 scale, f16 min, 32 high bits and 16 bytes of nibbles.
+    Q5_1,
+    /// GGUF Q4_K: super-blocks of 256 (8 sub-blocks of 32 with 6-bit scales and mins).
+    Q4_K,
+    /// GGUF Q5_K: super-blocks of 256, as Q4_K plus a fifth bit per element.
+    Q5_K,
+    /// GGUF Q6_K: super-blocks of 256 (16 sub-blocks of 16 with i8 scales), 6 bits per element.
+    Q6_K,
     /// 32-bit unsigned integer (token ids, positions, slot mappings).
     U32,
 }
 
 impl DType {
     /// Every type, in declaration order.
-    pub const ALL: [DType; 7] = [
+    pub const ALL: [DType; 12] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q8_0,
         DType::Q4_0,
         DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
         DType::U32,
     ];
 
-    /// The GGUF tensor types a weight can have.
-    pub const WEIGHT_TYPES: [DType; 6] = [
+    /// The GGUF tensor types a weight can have (what the CPU backend computes with;
+    /// other backends list their own subset in `BackendInfo::weight_dtypes`).
+    pub const WEIGHT_TYPES: [DType; 11] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q8_0,
         DType::Q4_0,
         DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
     ];
+
+    /// The 32-element block types of the first GGUF versions.
+    pub const LEGACY_QUANTS: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
     /// Elements per block (1 for plain types).
     pub const fn block_size(self) -> usize {
         match self {
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
             _ => 1,
         }
     }
@@ -60,6 +86,11 @@ impl DType {
             DType::Q8_0 => 34,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
+            DType::Q4_K => 144,
+            DType::Q5_K => 176,
+            DType::Q6_K => 210,
         }
     }
 
@@ -86,6 +117,11 @@ impl DType {
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
+            DType::Q4_K => "q4_k",
+            DType::Q5_K => "q5_k",
+            DType::Q6_K => "q6_k",
             DType::U32 => "u32",
         }
     }
@@ -114,6 +150,9 @@ mod tests {
         assert_eq!(DType::Q8_0.row_bytes(64), Some(68));
         assert_eq!(DType::Q4_0.row_bytes(33), None);
         assert_eq!(DType::F16.row_bytes(3), Some(6));
+        assert_eq!(DType::Q4_K.row_bytes(1536), Some(6 * 144));
+        assert_eq!(DType::Q6_K.row_bytes(576), None);
+        assert_eq!(DType::Q5_0.row_bytes(576), Some(18 * 22));
     }
 
     #[test]
@@ -121,6 +160,7 @@ mod tests {
         for d in DType::ALL {
             assert_eq!(DType::from_name(d.name()), Some(d));
         }
-        assert_eq!(DType::from_name("q5_k"), None);
+        assert_eq!(DType::from_name("Q5_K"), Some(DType::Q5_K));
+        assert_eq!(DType::from_name("q2_k"), None);
     }
 }

@@ -19,6 +19,8 @@
 
 use half::f16;
 
+use crate::dtype::DType;
+
 /// Elements of a K-quant super-block.
 pub const QK_K: usize = 256;
 
@@ -71,93 +73,95 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// The 256 values of a Q4_K (`qh` = None) or Q5_K block: group g (64 values) = the low then
-/// the high nibbles of `ql[32g ..]`, plus 16 where bit 2g (low) / 2g + 1 (high) of `qh` is set.
-fn dequantize_k4(d: f32, dmin: f32, scales: &[u8], ql: &[u8], qh: Option<&[u8]>, out: &mut [f32]) {
-    for (g, (q, y)) in ql
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
-        let [(d1, mn1), (d2, mn2)] = [2 * g, 2 * g + 1].map(|j| {
-            let (sc, m) = scale_min_k4(j, scales);
-            (d * sc as f32, dmin * m as f32)
-        });
-        let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
-        for l in 0..32 {
-            let (h1, h2) = match qh {
-                Some(qh) => (
-                    if qh[l] & u1 != 0 { 16 } else { 0 },
-                    if qh[l] & u2 != 0 { 16 } else { 0 },
-                ),
-                None => (0, 0),
-            };
-            y[l] = d1 * ((q[l] & 0x0F) + h1) as f32 - mn1;
-            y[32 + l] = d2 * ((q[l] >> 4) + h2) as f32 - mn2;
-        }
+/// Sub-block `j` (0..8: 32 values) of a Q4_K (`qh` = None) or Q5_K super-block: the low
+/// (even `j`) or high (odd `j`) nibbles of `ql[32 (j / 2) ..]`, plus 16 where bit `j` of
+/// `qh[l]` is set; value `d * sc * q - dmin * m` with the sub-block's 6-bit scale and min.
+fn sub_k4(b: &[u8], j: usize, qh: Option<&[u8]>, out: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (sc, m) = scale_min_k4(j, &b[4..16]);
+    let (d1, mn1) = (d * sc as f32, dmin * m as f32);
+    let ql_at = if qh.is_some() { 48 } else { 16 } + 32 * (j / 2);
+    let ql = &b[ql_at..ql_at + 32];
+    let shift = 4 * (j % 2);
+    for (l, y) in out[..32].iter_mut().enumerate() {
+        let h = match qh {
+            Some(qh) if (qh[l] >> j) & 1 != 0 => 16,
+            _ => 0,
+        };
+        *y = d1 * (((ql[l] >> shift) & 0x0F) + h) as f32 - mn1;
+    }
+}
+
+/// Sub-block `j` (0..8: 32 values) of a Q6_K super-block: half `n = j / 4`, quarter
+/// `i = j % 4` of it; 4 bits from `ql` (low or high nibbles), 2 from `qh`, minus 32, times
+/// `d * sc` with one i8 scale per 16 values.
+fn sub_q6_k(b: &[u8], j: usize, out: &mut [f32]) {
+    let (n, i) = (j / 4, j % 4);
+    let ql = &b[64 * n + 32 * (i & 1)..][..32];
+    let qh = &b[128 + 32 * n..][..32];
+    let sc = &b[192 + 8 * n + 2 * i..][..2];
+    let d = f16_at(b, 208);
+    let (ql_shift, qh_shift) = (4 * (i >> 1), 2 * i);
+    for (l, y) in out[..32].iter_mut().enumerate() {
+        let q = (((ql[l] >> ql_shift) & 0x0F) | (((qh[l] >> qh_shift) & 3) << 4)) as i32 - 32;
+        *y = d * (sc[l / 16] as i8) as f32 * q as f32;
+    }
+}
+
+/// Dequantizes sub-block `j` (32 values, `j < 8`) of a Q4_K, Q5_K or Q6_K super-block `b`
+/// into `out[..32]`: the same floats as the matching 32 of the whole-block dequantizer.
+///
+/// # Panics
+/// For any other type (a caller's bug, not bad input).
+pub fn dequantize_sub(dtype: DType, b: &[u8], j: usize, out: &mut [f32]) {
+    match dtype {
+        DType::Q4_K => sub_k4(b, j, None, out),
+        DType::Q5_K => sub_k4(b, j, Some(&b[16..48]), out),
+        DType::Q6_K => sub_q6_k(b, j, out),
+        _ => panic!("{dtype} has no 32-element sub-blocks"),
+    }
+}
+
+fn dequantize_subs(dtype: DType, b: &[u8], out: &mut [f32]) {
+    for (j, y) in out[..QK_K].chunks_exact_mut(32).enumerate() {
+        dequantize_sub(dtype, b, j, y);
     }
 }
 
 /// Dequantizes one Q4_K super-block (144 bytes) into 256 floats.
 pub fn dequantize_block_q4_k(b: &[u8], out: &mut [f32]) {
-    dequantize_k4(
-        f16_at(b, 0),
-        f16_at(b, 2),
-        &b[4..16],
-        &b[16..144],
-        None,
-        out,
-    );
+    dequantize_subs(DType::Q4_K, b, out);
 }
 
 /// Dequantizes one Q5_K super-block (176 bytes) into 256 floats.
 pub fn dequantize_block_q5_k(b: &[u8], out: &mut [f32]) {
-    dequantize_k4(
-        f16_at(b, 0),
-        f16_at(b, 2),
-        &b[4..16],
-        &b[48..176],
-        Some(&b[16..48]),
-        out,
-    );
+    dequantize_subs(DType::Q5_K, b, out);
 }
 
 /// Dequantizes one Q6_K super-block (210 bytes) into 256 floats.
 pub fn dequantize_block_q6_k(b: &[u8], out: &mut [f32]) {
-    let (ql, rest) = b.split_at(128);
-    let (qh, rest) = rest.split_at(64);
-    let sc = &rest[..16];
-    let d = f16_at(rest, 16);
-    for n in 0..2 {
-        let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-        let y = &mut out[128 * n..128 * (n + 1)];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-        }
-    }
+    dequantize_subs(DType::Q6_K, b, out);
 }
 
 /// A block decoder: block bytes in, block elements out.
 pub type BlockDecoder = fn(&[u8], &mut [f32]);
 
-/// (block elements, block bytes, decoder) of a 5-bit or K-quant type by its GGUF name.
-pub fn block_format(name: &str) -> Option<(usize, usize, BlockDecoder)> {
-    Some(match name {
-        "Q5_0" => (32, 22, dequantize_block_q5_0 as BlockDecoder),
-        "Q5_1" => (32, 24, dequantize_block_q5_1),
-        "Q4_K" => (QK_K, 144, dequantize_block_q4_k),
-        "Q5_K" => (QK_K, 176, dequantize_block_q5_k),
-        "Q6_K" => (QK_K, 210, dequantize_block_q6_k),
+/// The decoder of a 5-bit or K-quant type.
+pub fn decoder(dtype: DType) -> Option<BlockDecoder> {
+    Some(match dtype {
+        DType::Q5_0 => dequantize_block_q5_0 as BlockDecoder,
+        DType::Q5_1 => dequantize_block_q5_1,
+        DType::Q4_K => dequantize_block_q4_k,
+        DType::Q5_K => dequantize_block_q5_k,
+        DType::Q6_K => dequantize_block_q6_k,
         _ => return None,
     })
+}
+
+/// (block elements, block bytes, decoder) of a 5-bit or K-quant type by its GGUF name.
+pub fn block_format(name: &str) -> Option<(usize, usize, BlockDecoder)> {
+    let dtype = DType::from_name(name)?;
+    Some((dtype.block_size(), dtype.block_bytes(), decoder(dtype)?))
 }
 
 #[cfg(test)]

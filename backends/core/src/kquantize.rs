@@ -6,6 +6,7 @@
 
 use half::f16;
 
+use crate::dtype::DType;
 use crate::kquant::QK_K;
 
 /// ggml's `GROUP_MAX_EPS`: a group whose largest magnitude is below it is all zeros.
@@ -378,18 +379,22 @@ pub fn quantize_block_q6_k(x: &[f32], b: &mut [u8]) {
 /// A block quantizer: block elements in, block bytes out.
 pub type BlockEncoder = fn(&[f32], &mut [u8]);
 
-/// (block elements, block bytes, quantizer) of a 5-bit or K-quant type by its GGUF name
-/// (sizes from [`crate::kquant::block_format`]).
+/// The quantizer of a 5-bit or K-quant type.
+pub fn encoder(dtype: DType) -> Option<BlockEncoder> {
+    Some(match dtype {
+        DType::Q5_0 => quantize_block_q5_0 as BlockEncoder,
+        DType::Q5_1 => quantize_block_q5_1,
+        DType::Q4_K => quantize_block_q4_k,
+        DType::Q5_K => quantize_block_q5_k,
+        DType::Q6_K => quantize_block_q6_k,
+        _ => return None,
+    })
+}
+
+/// (block elements, block bytes, quantizer) of a 5-bit or K-quant type by its GGUF name.
 pub fn block_encoder(name: &str) -> Option<(usize, usize, BlockEncoder)> {
-    let (block, bytes, _) = crate::kquant::block_format(name)?;
-    let encode: BlockEncoder = match name {
-        "Q5_0" => quantize_block_q5_0,
-        "Q5_1" => quantize_block_q5_1,
-        "Q4_K" => quantize_block_q4_k,
-        "Q5_K" => quantize_block_q5_k,
-        _ => quantize_block_q6_k,
-    };
-    Some((block, bytes, encode))
+    let dtype = DType::from_name(name)?;
+    Some((dtype.block_size(), dtype.block_bytes(), encoder(dtype)?))
 }
 
 #[cfg(test)]

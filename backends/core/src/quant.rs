@@ -8,6 +8,9 @@
 //!
 //! where `nib(j) = qs[j] & 0xF` for `j < 16` and `qs[j - 16] >> 4` for `j >= 16`
 //! (low nibbles hold the first half of the block, high nibbles the second).
+//! Q5_0, Q5_1 and the K-quants (Q4_K, Q5_K, Q6_K) are in [`crate::kquant`] (decoders) and
+//! [`crate::kquantize`] (llama.cpp's reference quantizers); the row functions here dispatch
+//! to them.
 
 use half::{bf16, f16};
 
@@ -103,6 +106,13 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         DType::Q4_1 => {
             for (o, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(20)) {
                 dequantize_block_q4_1(b, o);
+            }
+        }
+        DType::Q5_0 | DType::Q5_1 | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            let decode = crate::kquant::decoder(dtype).expect("a decoder for every 5-bit and K type");
+            let (bs, bb) = (dtype.block_size(), dtype.block_bytes());
+            for (o, b) in dst.chunks_exact_mut(bs).zip(src.chunks_exact(bb)) {
+                decode(b, o);
             }
         }
         DType::U32 => {
@@ -204,6 +214,13 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         DType::Q8_0 => quantize_row_q8_0(src, dst)?,
         DType::Q4_0 => quantize_row_q4_0(src, dst)?,
         DType::Q4_1 => quantize_row_q4_1(src, dst)?,
+        DType::Q5_0 | DType::Q5_1 | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            let encode = crate::kquantize::encoder(dtype).expect("an encoder for every 5-bit and K type");
+            let (bs, bb) = (dtype.block_size(), dtype.block_bytes());
+            for (x, b) in src.chunks_exact(bs).zip(dst.chunks_exact_mut(bb)) {
+                encode(x, b);
+            }
+        }
         DType::U32 => {
             return Err(BackendError::Unsupported {
                 op: "quantize_row",

@@ -157,7 +157,7 @@ mod x86 {
     use pagoda_backend::quant::QK;
 
     use super::{DECODE_BLOCK, OutPtr, PREDECODE_MIN_TOKENS, ROW_BLOCK, TOKEN_TILE};
-    use crate::simd::avx2::{Block, reduce};
+    use crate::simd::avx2::{Block, decode_at, reduce, row_bytes};
 
     /// One `R` rows × `T` tokens tile over the whole of `k`.
     ///
@@ -184,9 +184,9 @@ mod x86 {
             let mut acc = [[_mm256_setzero_ps(); T]; R];
             for b in 0..k / QK {
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let wp = w.add(r * row_bytes + b * F::BYTES);
-                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(R * row_bytes) as *const i8);
-                    let wv = F::decode(wp);
+                    let wr = w.add(r * row_bytes);
+                    _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(R * row_bytes + b / F::SUBS * F::BYTES) as *const i8);
+                    let wv = decode_at::<F>(wr, b);
                     for (t, a) in acc_r.iter_mut().enumerate() {
                         let xb = x.add(t * k + b * QK);
                         for (c, wc) in wv.iter().enumerate() {
@@ -217,7 +217,7 @@ mod x86 {
         t0: usize,
         rows: Range<usize>,
     ) {
-        let row_bytes = k / QK * F::BYTES;
+        let row_bytes = row_bytes::<F>(k);
         let xp = x[t0 * k..].as_ptr();
         let mut j = rows.start;
         // SAFETY: rows.end <= m, w holds m rows and x holds tokens t0..t0+T (checked by `rows`); the caller owns columns `rows`.
@@ -330,7 +330,7 @@ mod x86 {
         k: usize,
         rows: Range<usize>,
     ) {
-        let row_bytes = k / QK * F::BYTES;
+        let row_bytes = row_bytes::<F>(k);
         DECODED.with_borrow_mut(|wd| {
             if wd.len() < DECODE_BLOCK * k {
                 wd.resize(DECODE_BLOCK * k, 0.0);
@@ -345,7 +345,7 @@ mod x86 {
                         // (DECODE_BLOCK · k long); features per the contract.
                         // SAFETY: reads and writes are in bounds (above).
                         unsafe {
-                            let v = F::decode(w.as_ptr().add(j * row_bytes + b * F::BYTES));
+                            let v = decode_at::<F>(w.as_ptr().add(j * row_bytes), b);
                             let d = wd.as_mut_ptr().add(i * k + b * QK);
                             for (c, vc) in v.iter().enumerate() {
                                 _mm256_storeu_ps(d.add(8 * c), *vc);
@@ -389,8 +389,8 @@ mod x86 {
         m: usize,
         rows: Range<usize>,
     ) {
-        assert!(k.is_multiple_of(QK) && rows.end <= m);
-        assert!(x.len() >= n * k && w.len() >= m * (k / QK * F::BYTES) && out.holds(n, m));
+        assert!(k.is_multiple_of(QK * F::SUBS) && rows.end <= m);
+        assert!(x.len() >= n * k && w.len() >= m * row_bytes::<F>(k) && out.holds(n, m));
         if n >= PREDECODE_MIN_TOKENS {
             // SAFETY: as this function (bounds asserted above).
             unsafe { rows_predecoded::<F>(x, w, out, n, k, rows) };
@@ -452,6 +452,11 @@ pub fn matmul_rows(
                     DType::F32 => x86::rows::<f::F32>(x, w, out, n, k, m, rows),
                     DType::F16 => x86::rows::<f::F16>(x, w, out, n, k, m, rows),
                     DType::BF16 => x86::rows::<f::BF16>(x, w, out, n, k, m, rows),
+                    DType::Q5_0 => x86::rows::<f::Q5_0>(x, w, out, n, k, m, rows),
+                    DType::Q5_1 => x86::rows::<f::Q5_1>(x, w, out, n, k, m, rows),
+                    DType::Q4_K => x86::rows::<f::Q4_K>(x, w, out, n, k, m, rows),
+                    DType::Q5_K => x86::rows::<f::Q5_K>(x, w, out, n, k, m, rows),
+                    DType::Q6_K => x86::rows::<f::Q6_K>(x, w, out, n, k, m, rows),
                     DType::U32 => rows_portable(x, w, dtype, 0, out, n, k, m, rows),
                 }
             }

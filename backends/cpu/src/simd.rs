@@ -7,6 +7,7 @@
 //! `avx2,fma,f16c` on a CPU that has them (see [`has_avx2_fma_f16c`]).
 
 use pagoda_backend::DType;
+use pagoda_backend::kquant;
 use pagoda_backend::quant::QK;
 
 /// Lanes of one f32 accumulator (one AVX register).
@@ -93,8 +94,10 @@ pub mod scalar {
         half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
     }
 
-    /// Decodes block `b` of a weight row: `w = d·q + m` (Q4_1, one rounding),
-    /// `w = d·(q − 8)` (Q4_0), `w = d·q` (Q8_0), or the stored float.
+    /// Decodes 32-element block `b` of a weight row: `w = d·q + m` (Q4_1, one rounding),
+    /// `w = d·(q − 8)` (Q4_0), `w = d·q` (Q8_0), the stored float, or for Q5_0, Q5_1 and
+    /// the K-quants (sub-block `b % 8` of super-block `b / 8`) the reference dequantizer's
+    /// values ([`kquant`]).
     #[inline(always)]
     pub fn decode_block(dtype: DType, row: &[u8], b: usize, out: &mut [f32; QK]) {
         match dtype {
@@ -122,6 +125,20 @@ pub mod scalar {
                 for j in 0..QK {
                     out[j] = (blk[2 + j] as i8) as f32 * d;
                 }
+            }
+            DType::Q5_0 | DType::Q5_1 => {
+                let bb = dtype.block_bytes();
+                let blk = &row[b * bb..b * bb + bb];
+                if dtype == DType::Q5_0 {
+                    kquant::dequantize_block_q5_0(blk, out);
+                } else {
+                    kquant::dequantize_block_q5_1(blk, out);
+                }
+            }
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+                let (bb, subs) = (dtype.block_bytes(), dtype.block_size() / QK);
+                let at = b / subs * bb;
+                kquant::dequantize_sub(dtype, &row[at..at + bb], b % subs, out);
             }
             DType::F32 => {
                 for (j, o) in out.iter_mut().enumerate() {
@@ -154,16 +171,36 @@ pub mod scalar {
 pub mod avx2 {
     use std::arch::x86_64::*;
 
-    /// One weight format, decoded 32 elements (one block) at a time.
+    /// One weight format, decoded 32 elements at a time: a whole block, or one
+    /// sub-block of a 256-element K-quant super-block.
     pub trait Block {
-        /// Bytes of one 32-element block.
+        /// Bytes of one stored block.
         const BYTES: usize;
-        /// Decodes the block at `p` into 32 floats (4 vectors, in element order).
+        /// 32-element sub-blocks in a stored block (1, or 8 for the K-quants).
+        const SUBS: usize = 1;
+        /// Decodes sub-block `sub` (< `SUBS`) of the block at `p` into 32 floats
+        /// (4 vectors, in element order).
         ///
         /// # Safety
         /// `p` must point at `BYTES` readable bytes; the CPU must have
         /// AVX2, FMA and F16C and the caller must be compiled with them.
-        unsafe fn decode(p: *const u8) -> [__m256; 4];
+        unsafe fn decode(p: *const u8, sub: usize) -> [__m256; 4];
+    }
+
+    /// Bytes of a row of `k` elements (a multiple of `32 · F::SUBS`).
+    #[inline(always)]
+    pub const fn row_bytes<F: Block>(k: usize) -> usize {
+        k / (32 * F::SUBS) * F::BYTES
+    }
+
+    /// Decodes 32-element block `b` of the row at `row`.
+    ///
+    /// # Safety
+    /// As [`Block::decode`] for the stored block holding `b`.
+    #[inline(always)]
+    pub unsafe fn decode_at<F: Block>(row: *const u8, b: usize) -> [__m256; 4] {
+        // SAFETY: the caller guarantees the stored block b / SUBS is readable, and the features.
+        unsafe { F::decode(row.add(b / F::SUBS * F::BYTES), b % F::SUBS) }
     }
 
     /// Two f16 at `p`, `p + 2` as f32 `[a, b, 0, 0]`.
@@ -183,15 +220,66 @@ pub mod avx2 {
         }
     }
 
+    /// Bytes `p[0..8]` as 8 u32 lanes.
+    #[inline(always)]
+    unsafe fn bytes8(p: *const u8) -> __m256i {
+        // SAFETY: 8 readable bytes at p (caller); AVX2 (caller).
+        unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)) }
+    }
+
+    /// Bytes `p[0..8]` as 8 u32 lanes: (low nibbles, high nibbles).
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> (__m256i, __m256i) {
+        // SAFETY: 8 readable bytes at p (caller); AVX2 (caller).
+        unsafe {
+            let b = bytes8(p);
+            (_mm256_and_si256(b, _mm256_set1_epi32(0x0F)), _mm256_srli_epi32(b, 4))
+        }
+    }
+
     /// Bytes `p[0..8]` as 8 u32 lanes: (low nibbles, high nibbles) as f32.
     #[inline(always)]
     unsafe fn nibbles_to_f32(p: *const u8) -> (__m256, __m256) {
         // SAFETY: 8 readable bytes at p (caller); AVX2 (caller).
         unsafe {
-            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-            let lo = _mm256_and_si256(b, _mm256_set1_epi32(0x0F));
-            let hi = _mm256_srli_epi32(b, 4);
+            let (lo, hi) = nibbles(p);
             (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
+        }
+    }
+
+    /// Bits `b0 .. b0 + 8` of `bits`, each as a u32 lane holding 0 or 16.
+    #[inline(always)]
+    unsafe fn fifth_bits(bits: u32, b0: i32) -> __m256i {
+        // SAFETY: register-only AVX2 ops (caller compiled with AVX2).
+        unsafe {
+            let at = _mm256_add_epi32(_mm256_set1_epi32(b0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits as i32), at), _mm256_set1_epi32(1));
+            _mm256_slli_epi32(bit, 4)
+        }
+    }
+
+    /// The f16 at `p` as f32 (exact, as `half` converts it).
+    #[inline(always)]
+    unsafe fn f16_scalar(p: *const u8) -> f32 {
+        // SAFETY: 2 readable bytes at p (caller).
+        half::f16::from_bits(unsafe { std::ptr::read_unaligned(p as *const u16) }).to_f32()
+    }
+
+    /// The 32 five-bit values of a Q5 block (`qh` at `p`, the 16 nibble bytes at `p + 4`),
+    /// element order, as i32 lanes 0..32.
+    #[inline(always)]
+    unsafe fn q5_values(p: *const u8) -> [__m256i; 4] {
+        // SAFETY: 20 readable bytes at p (caller); AVX2 (caller).
+        unsafe {
+            let qh = std::ptr::read_unaligned(p as *const u32);
+            let (l0, h0) = nibbles(p.add(4));
+            let (l1, h1) = nibbles(p.add(12));
+            [
+                _mm256_or_si256(l0, fifth_bits(qh, 0)),
+                _mm256_or_si256(l1, fifth_bits(qh, 8)),
+                _mm256_or_si256(h0, fifth_bits(qh, 16)),
+                _mm256_or_si256(h1, fifth_bits(qh, 24)),
+            ]
         }
     }
 
@@ -201,7 +289,7 @@ pub mod avx2 {
     impl Block for Q4_1 {
         const BYTES: usize = 20;
         #[inline(always)]
-        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
             // SAFETY: 20 readable bytes at p (caller); AVX2/FMA/F16C (caller).
             unsafe {
                 let dm = two_f16(p);
@@ -224,7 +312,7 @@ pub mod avx2 {
     impl Block for Q4_0 {
         const BYTES: usize = 18;
         #[inline(always)]
-        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
             // SAFETY: 18 readable bytes at p (caller); AVX2/F16C (caller).
             unsafe {
                 let d = f16_splat(p);
@@ -246,7 +334,7 @@ pub mod avx2 {
     impl Block for Q8_0 {
         const BYTES: usize = 34;
         #[inline(always)]
-        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
             // SAFETY: 34 readable bytes at p (caller); AVX2/F16C (caller).
             unsafe {
                 let d = f16_splat(p);
@@ -259,12 +347,133 @@ pub mod avx2 {
         }
     }
 
+    /// Q5_0: `d: f16, qh: u32, qs: [u8; 16]`; element `j` is nibble `j` (as in Q4_0) with
+    /// bit `j` of `qh` as its fifth bit; `w = (q − 16)·d`.
+    pub struct Q5_0;
+    impl Block for Q5_0 {
+        const BYTES: usize = 22;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
+            // SAFETY: 22 readable bytes at p (caller); AVX2/F16C (caller).
+            unsafe {
+                let d = f16_splat(p);
+                let e = _mm256_set1_epi32(16);
+                q5_values(p.add(2)).map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, e)), d))
+            }
+        }
+    }
+
+    /// Q5_1: `d: f16, m: f16, qh: u32, qs: [u8; 16]`, values as in Q5_0 without the
+    /// offset; `w = q·d + m` (two roundings, as the reference dequantizer).
+    pub struct Q5_1;
+    impl Block for Q5_1 {
+        const BYTES: usize = 24;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
+            // SAFETY: 24 readable bytes at p (caller); AVX2/F16C (caller).
+            unsafe {
+                let dm = two_f16(p);
+                let d = _mm256_broadcastss_ps(dm);
+                let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+                q5_values(p.add(4)).map(|q| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m))
+            }
+        }
+    }
+
+    /// Sub-block `j` of a Q4_K (`HIGH = false`) or Q5_K super-block, as
+    /// `pagoda_backend::kquant::dequantize_sub`: `w = (d·sc)·q − dmin·m`.
+    ///
+    /// # Safety
+    /// 144 (Q4_K) or 176 (Q5_K) readable bytes at `p`; AVX2/F16C.
+    #[inline(always)]
+    unsafe fn decode_k4<const HIGH: bool>(p: *const u8, j: usize) -> [__m256; 4] {
+        // SAFETY: the stored block is readable (caller); AVX2/F16C (caller).
+        unsafe {
+            let (d, dmin) = (f16_scalar(p), f16_scalar(p.add(2)));
+            let scales = std::slice::from_raw_parts(p.add(4), 12);
+            let (sc, m) = pagoda_backend::kquant::scale_min_k4(j, scales);
+            let d1 = _mm256_set1_ps(d * sc as f32);
+            let mn1 = _mm256_set1_ps(dmin * m as f32);
+            let ql = p.add(if HIGH { 48 } else { 16 } + 32 * (j / 2));
+            let shift = _mm_cvtsi32_si128(4 * (j % 2) as i32);
+            let low4 = _mm256_set1_epi32(0x0F);
+            let v = |c: usize| {
+                let mut q = _mm256_and_si256(_mm256_srl_epi32(bytes8(ql.add(8 * c)), shift), low4);
+                if HIGH {
+                    let qh = bytes8(p.add(16 + 8 * c));
+                    let bit = _mm256_and_si256(_mm256_srl_epi32(qh, _mm_cvtsi32_si128(j as i32)), _mm256_set1_epi32(1));
+                    q = _mm256_add_epi32(q, _mm256_slli_epi32(bit, 4));
+                }
+                _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(q)), mn1)
+            };
+            [v(0), v(1), v(2), v(3)]
+        }
+    }
+
+    /// Q4_K: super-blocks of 256 (`d, dmin: f16, scales: [u8; 12], qs: [u8; 128]`), decoded
+    /// a 32-element sub-block at a time.
+    #[allow(non_camel_case_types)]
+    pub struct Q4_K;
+    impl Block for Q4_K {
+        const BYTES: usize = 144;
+        const SUBS: usize = 8;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8, sub: usize) -> [__m256; 4] {
+            // SAFETY: 144 readable bytes at p (caller); AVX2/F16C (caller).
+            unsafe { decode_k4::<false>(p, sub) }
+        }
+    }
+
+    /// Q5_K: as Q4_K with `qh: [u8; 32]` (bit `j` of `qh[l]` is the fifth bit of element
+    /// `l` of sub-block `j`) before the nibbles.
+    #[allow(non_camel_case_types)]
+    pub struct Q5_K;
+    impl Block for Q5_K {
+        const BYTES: usize = 176;
+        const SUBS: usize = 8;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8, sub: usize) -> [__m256; 4] {
+            // SAFETY: 176 readable bytes at p (caller); AVX2/F16C (caller).
+            unsafe { decode_k4::<true>(p, sub) }
+        }
+    }
+
+    /// Q6_K: super-blocks of 256 (`ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`),
+    /// as `pagoda_backend::kquant::dequantize_sub`: `w = (d·sc)·(q − 32)`.
+    #[allow(non_camel_case_types)]
+    pub struct Q6_K;
+    impl Block for Q6_K {
+        const BYTES: usize = 210;
+        const SUBS: usize = 8;
+        #[inline(always)]
+        unsafe fn decode(p: *const u8, sub: usize) -> [__m256; 4] {
+            // SAFETY: 210 readable bytes at p (caller); AVX2/F16C (caller).
+            unsafe {
+                let (n, i) = (sub / 4, sub % 4);
+                let ql = p.add(64 * n + 32 * (i & 1));
+                let qh = p.add(128 + 32 * n);
+                let sc = p.add(192 + 8 * n + 2 * i);
+                let d = f16_scalar(p.add(208));
+                let ql_shift = _mm_cvtsi32_si128(4 * (i >> 1) as i32);
+                let qh_shift = _mm_cvtsi32_si128(2 * i as i32);
+                let v = |c: usize| {
+                    let lo = _mm256_and_si256(_mm256_srl_epi32(bytes8(ql.add(8 * c)), ql_shift), _mm256_set1_epi32(0x0F));
+                    let hi = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh.add(8 * c)), qh_shift), _mm256_set1_epi32(3));
+                    let q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+                    let s = d * (*sc.add(c / 2) as i8) as f32;
+                    _mm256_mul_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(q))
+                };
+                [v(0), v(1), v(2), v(3)]
+            }
+        }
+    }
+
     /// F32: 32 little-endian floats.
     pub struct F32;
     impl Block for F32 {
         const BYTES: usize = 128;
         #[inline(always)]
-        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
             // SAFETY: 128 readable bytes at p (caller); AVX (caller).
             unsafe {
                 let f = p as *const f32;
@@ -283,7 +492,7 @@ pub mod avx2 {
     impl Block for F16 {
         const BYTES: usize = 64;
         #[inline(always)]
-        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
             // SAFETY: 64 readable bytes at p (caller); F16C (caller).
             unsafe {
                 let h =
@@ -298,7 +507,7 @@ pub mod avx2 {
     impl Block for BF16 {
         const BYTES: usize = 64;
         #[inline(always)]
-        unsafe fn decode(p: *const u8) -> [__m256; 4] {
+        unsafe fn decode(p: *const u8, _sub: usize) -> [__m256; 4] {
             // SAFETY: 64 readable bytes at p (caller); AVX2 (caller).
             unsafe {
                 let h = |i: usize| {

@@ -249,8 +249,9 @@ impl SyntheticSpec {
         }
         if !DType::WEIGHT_TYPES.contains(&self.weight_dtype) {
             return bad(format!(
-                "weights of type {} are not supported (f32, f16, bf16, q8_0, q4_0, q4_1)",
-                self.weight_dtype
+                "weights of type {} are not supported ({})",
+                self.weight_dtype,
+                DType::WEIGHT_TYPES.map(DType::name).join(", ")
             ));
         }
         let bs = self.weight_dtype.block_size();
@@ -458,26 +459,39 @@ fn uniform_into(key: u64, first: usize, scale: f32, dst: &mut [f32]) {
 }
 
 /// Writes random blocks of a quantized type straight (no float pass, so a
-/// 7B shape takes seconds): block `b`'s quants come from splitmix64 of
-/// `key + 4b + c`, its scale is fixed so values span `±scale` (Q8_0:
-/// `d = scale / 127`, quants any i8; Q4_0: `d = scale / 8`; Q4_1:
-/// `d = 2 scale / 15`, `m = -scale`).
+/// 7B shape takes seconds): block `b`'s bits come from splitmix64 of
+/// `key + 4b + c`, its f16 scales are fixed so values span about `±scale`
+/// (Q8_0: `d = scale / 127`, quants any i8; Q4_0: `d = scale / 8`; Q4_1:
+/// `d = 2 scale / 15`, `m = -scale`; Q5_0 / Q5_1 likewise over 5 bits; the
+/// K-quants' random 6-bit or i8 sub-block scales are sized by their mean).
 fn quantized_blocks_into(key: u64, dtype: DType, scale: f32, dst: &mut [u8]) {
     let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
-    let (head, quant_bytes): (Vec<u8>, usize) = match dtype {
-        DType::Q8_0 => (f16(scale / 127.0).to_vec(), 32),
-        DType::Q4_0 => (f16(scale / 8.0).to_vec(), 16),
-        DType::Q4_1 => ([f16(2.0 * scale / 15.0), f16(-scale)].concat(), 16),
+    // The fixed f16 fields and their offset in the block; every other byte is random.
+    let (head, head_at): (Vec<u8>, usize) = match dtype {
+        DType::Q8_0 => (f16(scale / 127.0).to_vec(), 0),
+        DType::Q4_0 => (f16(scale / 8.0).to_vec(), 0),
+        DType::Q4_1 => ([f16(2.0 * scale / 15.0), f16(-scale)].concat(), 0),
+        DType::Q5_0 => (f16(scale / 16.0).to_vec(), 0),
+        DType::Q5_1 => ([f16(2.0 * scale / 31.0), f16(-scale)].concat(), 0),
+        // Sub-block scales and mins average 31.5 of 63.
+        DType::Q4_K => ([f16(2.0 * scale / (15.0 * 32.0)), f16(scale / 32.0)].concat(), 0),
+        DType::Q5_K => ([f16(2.0 * scale / (31.0 * 32.0)), f16(scale / 32.0)].concat(), 0),
+        // |i8 scale| averages 64, |q - 32| 16.
+        DType::Q6_K => (f16(scale / 1024.0).to_vec(), 208),
         _ => {
             debug_assert!(false, "{dtype} is not a block type");
             return;
         }
     };
     for (b, block) in dst.chunks_exact_mut(dtype.block_bytes()).enumerate() {
-        let (h, qs) = block.split_at_mut(head.len());
-        h.copy_from_slice(&head);
-        debug_assert_eq!(qs.len(), quant_bytes);
-        for (c, chunk) in qs.chunks_mut(8).enumerate() {
+        let (h, rest) = if head_at == 0 {
+            block.split_at_mut(head.len())
+        } else {
+            let (rest, h) = block.split_at_mut(head_at);
+            (h, rest)
+        };
+        h[..head.len()].copy_from_slice(&head);
+        for (c, chunk) in rest.chunks_mut(8).enumerate() {
             let r = splitmix64(key.wrapping_add(4 * b as u64 + c as u64)).to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use pagoda::sampler::SamplingParams;
 
 use crate::backend::{BackendArg, BackendParser};
-use crate::commands::{bench, chat, devices, generate, logits, perplexity, plan, tokenize};
+use crate::commands::{bench, chat, devices, generate, logits, perplexity, plan, quantize, tokenize};
 
 /// Pagoda: an LLM inference engine that shows where every byte goes.
 #[derive(Debug, Parser)]
@@ -188,4 +188,6 @@ pub enum Command {
     Plan(plan::Args),
     /// List every backend and the devices each finds.
     Devices(devices::Args),
+    /// Write a GGUF in another weight type (llama-quantize's mixes, no importance matrix).
+    Quantize(quantize::Args),
 }

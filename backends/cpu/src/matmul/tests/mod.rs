@@ -19,10 +19,11 @@ fn reference(x: &[f32], w: &[f32], n: usize, k: usize, m: usize) -> Vec<f64> {
 #[test]
 fn matches_f64_reference_for_every_weight_dtype() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let (n, k, m) = (11, 96, 13);
+    // k = 512: two K-quant super-blocks, sixteen 32-element blocks.
+    let (n, k, m) = (11, 512, 13);
     let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
     let wf: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0] {
+    for dtype in DType::WEIGHT_TYPES {
         let rb = dtype.row_bytes(k).unwrap();
         let mut w = vec![0u8; m * rb];
         for j in 0..m {
@@ -74,15 +75,30 @@ fn random_weights(rng: &mut impl Rng, dtype: DType, m: usize, k: usize) -> Vec<u
     let rb = dtype.row_bytes(k).unwrap();
     let mut w = vec![0u8; m * rb];
     match dtype {
-        DType::Q4_0 | DType::Q4_1 => {
-            // Random nibbles with finite, realistic scales.
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => {
+            // Random nibbles (and fifth bits) with finite, realistic scales.
             for (i, blk) in w.chunks_exact_mut(dtype.block_bytes()).enumerate() {
                 rng.fill(&mut blk[..]);
                 let d = half::f16::from_f32(0.01 + (i % 7) as f32 * 0.003);
                 blk[0..2].copy_from_slice(&d.to_le_bytes());
-                if dtype == DType::Q4_1 {
+                if matches!(dtype, DType::Q4_1 | DType::Q5_1) {
                     let m = half::f16::from_f32(-0.05 - (i % 5) as f32 * 0.01);
                     blk[2..4].copy_from_slice(&m.to_le_bytes());
+                }
+            }
+        }
+        DType::Q4_K | DType::Q5_K | DType::Q6_K if rng.random::<bool>() => {
+            // Random bits everywhere (negative Q6_K scales, every 6-bit scale and min),
+            // finite super-block scales.
+            for (i, blk) in w.chunks_exact_mut(dtype.block_bytes()).enumerate() {
+                rng.fill(&mut blk[..]);
+                let d = half::f16::from_f32(0.001 + (i % 7) as f32 * 0.0003);
+                if dtype == DType::Q6_K {
+                    blk[208..210].copy_from_slice(&d.to_le_bytes());
+                } else {
+                    let dmin = half::f16::from_f32(0.002 + (i % 5) as f32 * 0.0004);
+                    blk[0..2].copy_from_slice(&d.to_le_bytes());
+                    blk[2..4].copy_from_slice(&dmin.to_le_bytes());
                 }
             }
         }
@@ -95,12 +111,17 @@ fn random_weights(rng: &mut impl Rng, dtype: DType, m: usize, k: usize) -> Vec<u
     w
 }
 
-const ALL: [DType; 6] = DType::WEIGHT_TYPES;
+const ALL: [DType; 11] = DType::WEIGHT_TYPES;
+
+/// The smallest `k` at least `k` that holds whole blocks of `dtype`.
+fn k_for(dtype: DType, k: usize) -> usize {
+    k.next_multiple_of(dtype.block_size())
+}
 
 #[test]
 fn simd_path_matches_portable_bit_for_bit() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let (n, k, m) = (PREDECODE_MIN_TOKENS + 3, 128, 21);
+    let (n, k, m) = (PREDECODE_MIN_TOKENS + 3, 512, 21);
     let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
     for (dtype, n) in ALL.iter().flat_map(|&d| [(d, 9), (d, n)]) {
         let w = random_weights(&mut rng, dtype, m, k);
@@ -117,9 +138,10 @@ fn simd_path_matches_portable_bit_for_bit() {
 fn every_tile_shape_gives_the_same_bits() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
     // Up to 21 tokens: both the fused and the predecoded paths.
-    let (n, k, m) = (PREDECODE_MIN_TOKENS + 5, 96, 137);
-    let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let (n, m) = (PREDECODE_MIN_TOKENS + 5, 137);
     for dtype in ALL {
+        let k = k_for(dtype, 96);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let w = random_weights(&mut rng, dtype, m, k);
         let mut all = vec![0f32; n * m];
         matmul_rows(&x, &w, dtype, OutPtr::new(&mut all), n, k, m, 0..m);
