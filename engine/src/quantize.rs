@@ -299,7 +299,12 @@ pub fn plan(file: &GgufFile, mix: QuantMix) -> Result<QuantizePlan> {
 
 /// The bytes of tensor `t` of `file` in `to`: every row dequantized to f32 and quantized
 /// again, rows split over `threads` threads.
-pub fn convert_tensor(file: &GgufFile, t: &TensorInfo, to: DType, threads: usize) -> Result<Vec<u8>> {
+pub fn convert_tensor(
+    file: &GgufFile,
+    t: &TensorInfo,
+    to: DType,
+    threads: usize,
+) -> Result<Vec<u8>> {
     let from = t.dtype.ok_or_else(|| {
         EngineError::InvalidInput(format!(
             "tensor `{}`: cannot dequantize {} to requantize it",

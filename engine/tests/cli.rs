@@ -462,12 +462,19 @@ fn generate_hi_with(model: &std::path::Path) -> Output {
 #[test]
 fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
     use pagoda::gguf::{GgufWriter, Value};
-    // A K-quant tensor in an otherwise complete model: the reader reads
-    // it, the loader refuses it, naming it with its type.
-    let kq = q4_k_model_file("q4_k-generate.gguf");
+    // A tensor of a type the engine lacks (Q2_K) in an otherwise complete
+    // model: the reader reads it, the loader refuses it, naming it with its type.
+    let kq = model_with_ffn_down_as("q2_k-generate.gguf", 10);
     let out = generate_hi_with(&kq);
-    assert_clean_failure(&out, "Q4_K");
+    assert_clean_failure(&out, "Q2_K");
     assert_clean_failure(&out, "blk.0.ffn_down.weight");
+    // The same model with a Q4_K tensor runs.
+    let ok = generate_hi_with(&model_with_ffn_down_as("q4_k-generate.gguf", 12));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     // A file holding only that tensor is read too; what is missing is named.
     let bare = scratch("kquant.gguf");
     let mut w = GgufWriter::new();
@@ -550,7 +557,7 @@ fn devices_lists_every_backend_and_the_cpu_device() {
     };
     assert_eq!(
         list("weight_dtypes"),
-        ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+        ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
     );
     assert!(list("kv_dtypes").contains(&"q8_0".to_string()));
     assert_eq!(d["can_grow_kv"], true);
@@ -758,8 +765,13 @@ fn bench_runs_the_default_models_shape_with_dummy_weights() {
         "unknown dummy model",
     );
     assert_clean_failure(
-        &pagoda(&["plan", "--dummy-weights", "tiny", "--dummy-dtype", "q5_k"]),
+        &pagoda(&["plan", "--dummy-weights", "tiny", "--dummy-dtype", "q2_k"]),
         "--dummy-dtype",
+    );
+    // A K-quant on a shape whose rows are not whole super-blocks: the advice names one.
+    assert_clean_failure(
+        &pagoda(&["plan", "--dummy-weights", "tiny", "--dummy-dtype", "q5_k"]),
+        "llama2-7b",
     );
     let both = pagoda(&["plan", "--dummy-weights", "tiny", "--model", "x.gguf"]);
     assert!(
@@ -1659,10 +1671,10 @@ fn tokenize_spm_vocab_only_file_matches_fixture() {
     }
 }
 
-/// A small model 256 wide with `blk.0.ffn_down.weight` stored as Q4_K
-/// (ggml type 12), written by the repository's own GGUF writer to scratch
+/// A small model 256 wide with `blk.0.ffn_down.weight` stored as ggml type
+/// `ggml_type` (zeros), written by the repository's own GGUF writer to scratch
 /// file `name` (one per test: tests run in parallel).
-fn q4_k_model_file(name: &str) -> PathBuf {
+fn model_with_ffn_down_as(name: &str, ggml_type: u32) -> PathBuf {
     use pagoda::gguf::{GgufWriter, ggml_block_layout};
     use pagoda::model::synthetic::{SyntheticSpec, synthetic_gguf_file};
     let spec = SyntheticSpec {
@@ -1677,10 +1689,10 @@ fn q4_k_model_file(name: &str) -> PathBuf {
     }
     for t in &src.tensors {
         if t.name == "blk.0.ffn_down.weight" {
-            let (block, block_bytes) = ggml_block_layout(12).unwrap();
+            let (block, block_bytes) = ggml_block_layout(ggml_type).unwrap();
             let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
             let n = t.num_elements() / block * block_bytes;
-            w.tensor_raw(t.name.clone(), &shape, 12, vec![0u8; n]);
+            w.tensor_raw(t.name.clone(), &shape, ggml_type, vec![0u8; n]);
         } else {
             w.tensor(
                 t.name.clone(),
@@ -1697,25 +1709,25 @@ fn q4_k_model_file(name: &str) -> PathBuf {
 
 #[test]
 fn plan_lists_tensor_types_and_refuses_an_unsupported_one_by_name() {
-    let p = q4_k_model_file("q4_k-plan.gguf");
+    let p = model_with_ffn_down_as("q2_k-plan.gguf", 10);
     let model = p.to_str().unwrap();
     let out = pagoda(&["plan", "--model", model]);
     // Refused cleanly, naming the tensor and its type.
     assert_clean_failure(&out, "blk.0.ffn_down.weight");
-    assert_clean_failure(&out, "Q4_K");
+    assert_clean_failure(&out, "Q2_K");
     // The types were read and listed first: 2 layers × 2 norms + output
     // norm = 5 F32; 2 × 7 matrices + embedding + output = 16, one of them
-    // Q4_K and 15 Q8_0.
+    // Q2_K and 15 Q8_0.
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("tensor types: F32 5, Q8_0 15, Q4_K 1"),
+        stdout.contains("tensor types: F32 5, Q8_0 15, Q2_K 1"),
         "{stdout}"
     );
     let out = pagoda(&["plan", "--model", model, "--json"]);
     assert!(!out.status.success());
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
     assert_eq!(doc["fits"], false);
-    assert_eq!(doc["tensor_types"]["Q4_K"], 1);
+    assert_eq!(doc["tensor_types"]["Q2_K"], 1);
     assert!(
         doc["error"]
             .as_str()
@@ -1741,4 +1753,71 @@ fn plan_lists_tensor_types_and_refuses_an_unsupported_one_by_name() {
         doc["tensor_types"],
         serde_json::json!({"F32": 61, "Q4_1": 210, "Q8_0": 1})
     );
+}
+
+#[test]
+fn quantize_writes_llama_cpps_q4_k_m_and_refuses_bad_input_cleanly() {
+    // The default model (fetched on first use), quantized to Q4_K_M.
+    let model = pagoda::fetch::default_model_path().expect("default model");
+    let model = model.to_str().unwrap().to_string();
+    let out_path = scratch("smol-q4_k_m.gguf");
+    let out = pagoda(&[
+        "quantize",
+        &model,
+        out_path.to_str().unwrap(),
+        "--type",
+        "q4_k_m",
+        "--json",
+    ]);
+    let doc = stdout_json(&out);
+    assert_eq!(
+        doc["tensor_types"],
+        serde_json::json!({"F32": 61, "Q8_0": 15, "Q5_0": 166, "Q6_K": 14, "Q4_K": 16})
+    );
+    // The Q4_1 input is dequantized and quantized again, and stderr says so.
+    assert_eq!(doc["requantized"], 210);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("210 tensors are already quantized"), "{err}");
+    // The written file plans with those types and generates.
+    let p = stdout_json(&pagoda(&[
+        "plan",
+        "--json",
+        "--model",
+        out_path.to_str().unwrap(),
+    ]));
+    assert_eq!(p["tensor_types"], doc["tensor_types"]);
+    let g = pagoda(&[
+        "generate",
+        "--model",
+        out_path.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+
+    // An unknown type is named with the known ones.
+    let o = out_path.to_str().unwrap();
+    let bad = pagoda(&["quantize", &model, o, "--type", "q2_k"]);
+    assert_clean_failure(&bad, "Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0, Q4_1");
+    // The input as output is refused before anything is written.
+    assert_clean_failure(
+        &pagoda(&["quantize", &model, &model, "--type", "q8_0"]),
+        "is the input file",
+    );
+    // A truncated input is a clear error naming the file, and writes nothing.
+    let bytes = std::fs::read(&model).unwrap();
+    let cut = scratch("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let never = scratch("never-written.gguf");
+    let out = pagoda(&[
+        "quantize",
+        cut.to_str().unwrap(),
+        never.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
+    assert_clean_failure(&out, "truncated.gguf");
+    assert!(!never.exists());
 }

@@ -24,7 +24,11 @@ fn quantized(mix: QuantMix) -> PathBuf {
     // then renamed, so a reader never sees half a file).
     if !out.exists() {
         let src = GgufFile::open(model_path()).expect("default model");
-        let tmp = dir.join(format!("{}.{:?}.part", mix.name(), std::thread::current().id()));
+        let tmp = dir.join(format!(
+            "{}.{:?}.part",
+            mix.name(),
+            std::thread::current().id()
+        ));
         quantize(&src, mix, &tmp, 2, |_, _, _| {}).expect("quantizes");
         std::fs::rename(&tmp, &out).unwrap();
     }
@@ -90,12 +94,21 @@ fn q4_k_m_matches_llama_cpp_types_bytes_and_perplexity() {
     let p = quantized(QuantMix::Q4_K_M);
     assert_eq!(
         sorted(census(&p)),
-        c(&[("F32", 61), ("Q8_0", 15), ("Q5_0", 166), ("Q6_K", 14), ("Q4_K", 16)])
+        c(&[
+            ("F32", 61),
+            ("Q8_0", 15),
+            ("Q5_0", 166),
+            ("Q6_K", 14),
+            ("Q4_K", 16)
+        ])
     );
     rows_match_llama_cpp(|f, _| f == "smol-Q4_K_M.gguf", &p);
     // Metric: relative difference to llama.cpp's 30.2882 on its own Q4_K_M file; bound 2%.
     let ppl = perplexity(&p);
-    assert!((ppl - 30.2882).abs() / 30.2882 < 0.02, "Q4_K_M perplexity {ppl}");
+    assert!(
+        (ppl - 30.2882).abs() / 30.2882 < 0.02,
+        "Q4_K_M perplexity {ppl}"
+    );
 }
 
 #[test]
@@ -103,20 +116,38 @@ fn q5_k_m_matches_llama_cpp_types_bytes_and_perplexity() {
     let p = quantized(QuantMix::Q5_K_M);
     assert_eq!(
         sorted(census(&p)),
-        c(&[("F32", 61), ("Q8_0", 15), ("Q5_1", 166), ("Q6_K", 14), ("Q5_K", 16)])
+        c(&[
+            ("F32", 61),
+            ("Q8_0", 15),
+            ("Q5_1", 166),
+            ("Q6_K", 14),
+            ("Q5_K", 16)
+        ])
     );
     rows_match_llama_cpp(|f, _| f == "smol-Q5_K_M.gguf", &p);
     let ppl = perplexity(&p);
-    assert!((ppl - 31.4914).abs() / 31.4914 < 0.02, "Q5_K_M perplexity {ppl}");
+    assert!(
+        (ppl - 31.4914).abs() / 31.4914 < 0.02,
+        "Q5_K_M perplexity {ppl}"
+    );
 }
 
 #[test]
 fn q6_k_matches_llama_cpp_types_bytes_and_perplexity() {
     let p = quantized(QuantMix::Q6_K);
-    assert_eq!(sorted(census(&p)), c(&[("F32", 61), ("Q8_0", 181), ("Q6_K", 30)]));
+    assert_eq!(
+        sorted(census(&p)),
+        c(&[("F32", 61), ("Q8_0", 181), ("Q6_K", 30)])
+    );
     // The fixture has no rows of llama.cpp's Q6_K file, but its Q6_K and Q8_0 rows of the
     // Q4_K_M file (the same quantizers on the same rows, where Q6_K picks the same types).
-    rows_match_llama_cpp(|f, t| f == "smol-Q4_K_M.gguf" && (t == "Q6_K" || t == "Q8_0"), &p);
+    rows_match_llama_cpp(
+        |f, t| f == "smol-Q4_K_M.gguf" && (t == "Q6_K" || t == "Q8_0"),
+        &p,
+    );
     let ppl = perplexity(&p);
-    assert!((ppl - 28.3952).abs() / 28.3952 < 0.02, "Q6_K perplexity {ppl}");
+    assert!(
+        (ppl - 28.3952).abs() / 28.3952 < 0.02,
+        "Q6_K perplexity {ppl}"
+    );
 }

@@ -61,6 +61,14 @@ impl CpuBackend {
         Self::with_limits(threads, u64::MAX, u64::MAX)
     }
 
+    /// The same backend claiming only `dtypes` as weight types (`BackendInfo::weight_dtypes`):
+    /// how the engine treats a device that lacks a type (a GPU backend without K-quant
+    /// kernels) is tested with it on the CPU.
+    pub fn with_weight_dtypes(mut self, dtypes: &[DType]) -> Self {
+        self.info.weight_dtypes = dtypes.to_vec();
+        self
+    }
+
     /// A backend with artificial device limits: no buffer above
     /// `max_buffer_bytes`, no kernel argument above `max_binding_bytes` (as
     /// lavapipe's 128 MiB bindings), so the engine's splitting of weights and

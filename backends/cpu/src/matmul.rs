@@ -185,7 +185,9 @@ mod x86 {
             for b in 0..k / QK {
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let wr = w.add(r * row_bytes);
-                    _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(R * row_bytes + b / F::SUBS * F::BYTES) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wr.wrapping_add(R * row_bytes + b / F::SUBS * F::BYTES) as *const i8,
+                    );
                     let wv = decode_at::<F>(wr, b);
                     for (t, a) in acc_r.iter_mut().enumerate() {
                         let xb = x.add(t * k + b * QK);

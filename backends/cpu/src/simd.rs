@@ -233,7 +233,10 @@ pub mod avx2 {
         // SAFETY: 8 readable bytes at p (caller); AVX2 (caller).
         unsafe {
             let b = bytes8(p);
-            (_mm256_and_si256(b, _mm256_set1_epi32(0x0F)), _mm256_srli_epi32(b, 4))
+            (
+                _mm256_and_si256(b, _mm256_set1_epi32(0x0F)),
+                _mm256_srli_epi32(b, 4),
+            )
         }
     }
 
@@ -252,8 +255,14 @@ pub mod avx2 {
     unsafe fn fifth_bits(bits: u32, b0: i32) -> __m256i {
         // SAFETY: register-only AVX2 ops (caller compiled with AVX2).
         unsafe {
-            let at = _mm256_add_epi32(_mm256_set1_epi32(b0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits as i32), at), _mm256_set1_epi32(1));
+            let at = _mm256_add_epi32(
+                _mm256_set1_epi32(b0),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            let bit = _mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_set1_epi32(bits as i32), at),
+                _mm256_set1_epi32(1),
+            );
             _mm256_slli_epi32(bit, 4)
         }
     }
@@ -358,7 +367,8 @@ pub mod avx2 {
             unsafe {
                 let d = f16_splat(p);
                 let e = _mm256_set1_epi32(16);
-                q5_values(p.add(2)).map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, e)), d))
+                q5_values(p.add(2))
+                    .map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, e)), d))
             }
         }
     }
@@ -375,7 +385,8 @@ pub mod avx2 {
                 let dm = two_f16(p);
                 let d = _mm256_broadcastss_ps(dm);
                 let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-                q5_values(p.add(4)).map(|q| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m))
+                q5_values(p.add(4))
+                    .map(|q| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m))
             }
         }
     }
@@ -401,7 +412,10 @@ pub mod avx2 {
                 let mut q = _mm256_and_si256(_mm256_srl_epi32(bytes8(ql.add(8 * c)), shift), low4);
                 if HIGH {
                     let qh = bytes8(p.add(16 + 8 * c));
-                    let bit = _mm256_and_si256(_mm256_srl_epi32(qh, _mm_cvtsi32_si128(j as i32)), _mm256_set1_epi32(1));
+                    let bit = _mm256_and_si256(
+                        _mm256_srl_epi32(qh, _mm_cvtsi32_si128(j as i32)),
+                        _mm256_set1_epi32(1),
+                    );
                     q = _mm256_add_epi32(q, _mm256_slli_epi32(bit, 4));
                 }
                 _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(q)), mn1)
@@ -457,9 +471,18 @@ pub mod avx2 {
                 let ql_shift = _mm_cvtsi32_si128(4 * (i >> 1) as i32);
                 let qh_shift = _mm_cvtsi32_si128(2 * i as i32);
                 let v = |c: usize| {
-                    let lo = _mm256_and_si256(_mm256_srl_epi32(bytes8(ql.add(8 * c)), ql_shift), _mm256_set1_epi32(0x0F));
-                    let hi = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh.add(8 * c)), qh_shift), _mm256_set1_epi32(3));
-                    let q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+                    let lo = _mm256_and_si256(
+                        _mm256_srl_epi32(bytes8(ql.add(8 * c)), ql_shift),
+                        _mm256_set1_epi32(0x0F),
+                    );
+                    let hi = _mm256_and_si256(
+                        _mm256_srl_epi32(bytes8(qh.add(8 * c)), qh_shift),
+                        _mm256_set1_epi32(3),
+                    );
+                    let q = _mm256_sub_epi32(
+                        _mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)),
+                        _mm256_set1_epi32(32),
+                    );
                     let s = d * (*sc.add(c / 2) as i8) as f32;
                     _mm256_mul_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(q))
                 };

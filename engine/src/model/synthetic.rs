@@ -257,8 +257,14 @@ impl SyntheticSpec {
         let bs = self.weight_dtype.block_size();
         for (what, k) in [("hidden_dim", self.hidden_dim), ("ffn_dim", self.ffn_dim)] {
             if !k.is_multiple_of(bs) {
+                let advice = if bs == 256 {
+                    " (K-quant rows are whole 256-element super-blocks: use a 256-wide shape \
+                     such as llama2-7b, or q5_0 / q5_1 / q8_0, llama.cpp's fall-backs)"
+                } else {
+                    ""
+                };
                 return bad(format!(
-                    "{what} {k} is not a multiple of the {} block size {bs}",
+                    "{what} {k} is not a multiple of the {} block size {bs}{advice}",
                     self.weight_dtype
                 ));
             }
@@ -459,41 +465,60 @@ fn uniform_into(key: u64, first: usize, scale: f32, dst: &mut [f32]) {
 }
 
 /// Writes random blocks of a quantized type straight (no float pass, so a
-/// 7B shape takes seconds): block `b`'s bits come from splitmix64 of
-/// `key + 4b + c`, its f16 scales are fixed so values span about `±scale`
-/// (Q8_0: `d = scale / 127`, quants any i8; Q4_0: `d = scale / 8`; Q4_1:
-/// `d = 2 scale / 15`, `m = -scale`; Q5_0 / Q5_1 likewise over 5 bits; the
-/// K-quants' random 6-bit or i8 sub-block scales are sized by their mean).
+/// 7B shape takes seconds): block `b`'s quants come from splitmix64 of
+/// `key + 4b + c`, its scales are fixed so values span `±scale` on a
+/// uniform grid (Q8_0: `d = scale / 127`, quants any i8; Q4_0: `d = scale / 8`;
+/// Q4_1: `d = 2 scale / 15`, `m = -scale`; Q5_0 / Q5_1 likewise over 5 bits;
+/// the K-quants with every sub-block scale (and min) 32).
 fn quantized_blocks_into(key: u64, dtype: DType, scale: f32, dst: &mut [u8]) {
     let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
-    // The fixed f16 fields and their offset in the block; every other byte is random.
-    let (head, head_at): (Vec<u8>, usize) = match dtype {
-        DType::Q8_0 => (f16(scale / 127.0).to_vec(), 0),
-        DType::Q4_0 => (f16(scale / 8.0).to_vec(), 0),
-        DType::Q4_1 => ([f16(2.0 * scale / 15.0), f16(-scale)].concat(), 0),
-        DType::Q5_0 => (f16(scale / 16.0).to_vec(), 0),
-        DType::Q5_1 => ([f16(2.0 * scale / 31.0), f16(-scale)].concat(), 0),
-        // Sub-block scales and mins average 31.5 of 63.
-        DType::Q4_K => ([f16(2.0 * scale / (15.0 * 32.0)), f16(scale / 32.0)].concat(), 0),
-        DType::Q5_K => ([f16(2.0 * scale / (31.0 * 32.0)), f16(scale / 32.0)].concat(), 0),
-        // |i8 scale| averages 64, |q - 32| 16.
-        DType::Q6_K => (f16(scale / 1024.0).to_vec(), 208),
+    // Every sub-block scale and min of a Q4_K / Q5_K block 32 (kquant::scale_min_k4's
+    // packing: low 6 bits in bytes 0..8, the top 2 of sub-blocks 4..8 in bytes 0..8's top bits).
+    let k4_scales = [0xA0u8, 0xA0, 0xA0, 0xA0, 0xA0, 0xA0, 0xA0, 0xA0, 0, 0, 0, 0];
+    // The fixed fields of a block, as (offset, bytes) in ascending order; every other byte
+    // is random.
+    let fixed: Vec<(usize, Vec<u8>)> = match dtype {
+        DType::Q8_0 => vec![(0, f16(scale / 127.0).to_vec())],
+        DType::Q4_0 => vec![(0, f16(scale / 8.0).to_vec())],
+        DType::Q4_1 => vec![(0, [f16(2.0 * scale / 15.0), f16(-scale)].concat())],
+        DType::Q5_0 => vec![(0, f16(scale / 16.0).to_vec())],
+        DType::Q5_1 => vec![(0, [f16(2.0 * scale / 31.0), f16(-scale)].concat())],
+        DType::Q4_K => vec![(
+            0,
+            [
+                &f16(2.0 * scale / (15.0 * 32.0))[..],
+                &f16(scale / 32.0),
+                &k4_scales,
+            ]
+            .concat(),
+        )],
+        DType::Q5_K => vec![(
+            0,
+            [
+                &f16(2.0 * scale / (31.0 * 32.0))[..],
+                &f16(scale / 32.0),
+                &k4_scales,
+            ]
+            .concat(),
+        )],
+        DType::Q6_K => vec![(192, [vec![32u8; 16], f16(scale / 1024.0).to_vec()].concat())],
         _ => {
             debug_assert!(false, "{dtype} is not a block type");
             return;
         }
     };
     for (b, block) in dst.chunks_exact_mut(dtype.block_bytes()).enumerate() {
-        let (h, rest) = if head_at == 0 {
-            block.split_at_mut(head.len())
-        } else {
-            let (rest, h) = block.split_at_mut(head_at);
-            (h, rest)
-        };
-        h[..head.len()].copy_from_slice(&head);
-        for (c, chunk) in rest.chunks_mut(8).enumerate() {
-            let r = splitmix64(key.wrapping_add(4 * b as u64 + c as u64)).to_le_bytes();
-            chunk.copy_from_slice(&r[..chunk.len()]);
+        // The random stretches between the fixed fields, each filled from its own start.
+        let mut at = 0;
+        let mut c = 0u64;
+        for (off, bytes) in fixed.iter().chain([(block.len(), Vec::new())].iter()) {
+            for chunk in block[at..*off].chunks_mut(8) {
+                let r = splitmix64(key.wrapping_add(4 * b as u64 + c)).to_le_bytes();
+                chunk.copy_from_slice(&r[..chunk.len()]);
+                c += 1;
+            }
+            block[*off..*off + bytes.len()].copy_from_slice(bytes);
+            at = off + bytes.len();
         }
     }
 }

@@ -150,6 +150,9 @@ impl LlamaWeights {
         let mut total = 0u64;
         for (name, shape, must_f32) in Self::in_file(f, cfg) {
             let (t, dtype) = check(f, &name, &shape, must_f32)?;
+            if !backend.info().supports_weight(dtype) {
+                return Err(unsupported(backend.info(), &name, dtype));
+            }
             total += prepared_bytes(backend, &name, dtype, &t.shape)?;
         }
         Ok(total)
@@ -170,7 +173,7 @@ impl LlamaWeights {
         for (name, shape, must_f32) in Self::in_file(f, cfg) {
             let (_, dtype) = check(f, &name, &shape, must_f32)?;
             if !info.supports_weight(dtype) {
-                return Err(unsupported(&name, dtype));
+                return Err(unsupported(info, &name, dtype));
             }
         }
         let load = |name: &str| -> Result<Tensor> {
@@ -237,16 +240,26 @@ fn prepared_bytes<B: Backend>(
     for (_, rows) in pieces_of(dtype, shape, backend.info().max_binding_bytes) {
         total += backend
             .prepared_weight_bytes(dtype, rows, cols)
-            .ok_or_else(|| unsupported(name, dtype))?;
+            .ok_or_else(|| unsupported(backend.info(), name, dtype))?;
     }
     Ok(total)
 }
 
 /// The backend cannot multiply by (or hold) weights of `dtype`.
-fn unsupported(name: &str, dtype: DType) -> EngineError {
+fn unsupported(info: &pagoda_backend::BackendInfo, name: &str, dtype: DType) -> EngineError {
+    let list: Vec<String> = info
+        .weight_dtypes
+        .iter()
+        .map(|d| d.name().to_ascii_uppercase())
+        .collect();
     EngineError::Backend(pagoda_backend::BackendError::Unsupported {
         op: "matmul",
-        dtype: format!("{dtype} (tensor {name})"),
+        dtype: format!(
+            "{} (tensor `{name}`; the {} backend computes with {})",
+            dtype.name().to_ascii_uppercase(),
+            info.name,
+            list.join(", ")
+        ),
     })
 }
 

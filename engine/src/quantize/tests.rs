@@ -62,8 +62,20 @@ fn smollm2_like() -> GgufFile {
         ] {
             add(&mut w, format!("blk.{l}.{t}.weight"), nx, 2, DType::Q4_1);
         }
-        add(&mut w, format!("blk.{l}.attn_norm.weight"), 576, 1, DType::F32);
-        add(&mut w, format!("blk.{l}.ffn_norm.weight"), 576, 1, DType::F32);
+        add(
+            &mut w,
+            format!("blk.{l}.attn_norm.weight"),
+            576,
+            1,
+            DType::F32,
+        );
+        add(
+            &mut w,
+            format!("blk.{l}.ffn_norm.weight"),
+            576,
+            1,
+            DType::F32,
+        );
     }
     GgufFile::from_bytes("smollm2-like", w.to_bytes().unwrap()).unwrap()
 }
@@ -82,7 +94,13 @@ fn q4_k_m_census_of_the_default_model_is_llama_cpps() {
     // llama-quantize's choice for SmolLM2-135M (the figures).
     assert_eq!(
         census(QuantMix::Q4_K_M),
-        c(&[("Q5_0", 166), ("F32", 61), ("Q4_K", 16), ("Q8_0", 15), ("Q6_K", 14)])
+        c(&[
+            ("Q5_0", 166),
+            ("F32", 61),
+            ("Q4_K", 16),
+            ("Q8_0", 15),
+            ("Q6_K", 14)
+        ])
     );
 }
 
@@ -90,7 +108,13 @@ fn q4_k_m_census_of_the_default_model_is_llama_cpps() {
 fn other_mixes_fall_back_where_576_is_not_256_wide() {
     assert_eq!(
         census(QuantMix::Q5_K_M),
-        c(&[("Q5_1", 166), ("F32", 61), ("Q5_K", 16), ("Q8_0", 15), ("Q6_K", 14)])
+        c(&[
+            ("Q5_1", 166),
+            ("F32", 61),
+            ("Q5_K", 16),
+            ("Q8_0", 15),
+            ("Q6_K", 14)
+        ])
     );
     assert_eq!(
         census(QuantMix::Q6_K),
@@ -107,11 +131,23 @@ fn other_mixes_fall_back_where_576_is_not_256_wide() {
 fn tensors_already_in_their_type_are_copied_and_the_rest_counted_as_requantized() {
     let f = smollm2_like();
     let p = plan(&f, QuantMix::Q4_K_M).unwrap();
-    let embd = p.tensors.iter().find(|t| t.name == "token_embd.weight").unwrap();
+    let embd = p
+        .tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap();
     assert_eq!(embd.to, None, "Q8_0 already");
-    let q = p.tensors.iter().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
+    let q = p
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.weight")
+        .unwrap();
     assert_eq!((q.to, q.fallback), (Some(DType::Q5_0), true));
-    let down = p.tensors.iter().find(|t| t.name == "blk.3.ffn_down.weight").unwrap();
+    let down = p
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.3.ffn_down.weight")
+        .unwrap();
     assert_eq!((down.to, down.fallback), (Some(DType::Q4_K), false));
     assert_eq!(p.requantized(), 210);
     // Q4_1 to Q4_1: the matrices stay, the tied embedding's Q6_K falls back to its Q8_0.
@@ -123,7 +159,12 @@ fn a_width_no_type_divides_is_an_error_naming_the_tensor() {
     let mut w = GgufWriter::new();
     w.metadata("general.architecture", "llama")
         .metadata("llama.block_count", 1u32)
-        .tensor("blk.0.attn_q.weight", &[48, 2], DType::F32, vec![0u8; 48 * 2 * 4]);
+        .tensor(
+            "blk.0.attn_q.weight",
+            &[48, 2],
+            DType::F32,
+            vec![0u8; 48 * 2 * 4],
+        );
     let f = GgufFile::from_bytes("odd", w.to_bytes().unwrap()).unwrap();
     let e = plan(&f, QuantMix::Q4_0).unwrap_err().to_string();
     assert!(e.contains("blk.0.attn_q.weight") && e.contains("48"), "{e}");

@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use pagoda::sampler::SamplingParams;
 
 use crate::backend::{BackendArg, BackendParser};
-use crate::commands::{bench, chat, devices, generate, logits, perplexity, plan, quantize, tokenize};
+use crate::commands::{
+    bench, chat, devices, generate, logits, perplexity, plan, quantize, tokenize,
+};
 
 /// Pagoda: an LLM inference engine that shows where every byte goes.
 #[derive(Debug, Parser)]
@@ -28,8 +30,9 @@ pub struct Common {
     /// weights built in memory (llama2-7b, smollm2-135m, tiny).
     #[arg(long, global = true, value_name = "NAME")]
     pub dummy_weights: Option<String>,
-    /// Weight type of the dummy model's matrices: q4_0, q4_1, q8_0, f16, bf16
-    /// or f32 (default: the shape's own, q4_0 for llama2-7b, q4_1 for smollm2-135m).
+    /// Weight type of the dummy model's matrices: q4_0, q4_1, q8_0, q5_0, q5_1,
+    /// q4_k, q5_k, q6_k (256-wide rows: llama2-7b), f16, bf16 or f32 (default: the
+    /// shape's own, q4_0 for llama2-7b, q4_1 for smollm2-135m).
     #[arg(long, global = true, requires = "dummy_weights")]
     pub dummy_dtype: Option<String>,
     /// Backend (only those compiled into this binary are listed).

@@ -174,15 +174,30 @@ fn greedy_generation_is_deterministic() {
     assert!(distinct.len() > 1, "{a:?}");
 }
 
+/// The tiny shape in `dtype`, widened to 256 / 512 for the 256-element K-quants.
+fn tiny_in(dtype: DType) -> SyntheticSpec {
+    let tiny = SyntheticSpec::tiny();
+    let (hidden_dim, ffn_dim) = if dtype.block_size() > tiny.hidden_dim {
+        (256, 512)
+    } else {
+        (tiny.hidden_dim, tiny.ffn_dim)
+    };
+    SyntheticSpec {
+        weight_dtype: dtype,
+        hidden_dim,
+        ffn_dim,
+        ..tiny
+    }
+}
+
 /// The tiny shape with each weight type, tied and untied.
 fn tiny_variants() -> Vec<SyntheticSpec> {
     let mut v = Vec::new();
     for dtype in DType::WEIGHT_TYPES {
         for tie_embeddings in [false, true] {
             v.push(SyntheticSpec {
-                weight_dtype: dtype,
                 tie_embeddings,
-                ..SyntheticSpec::tiny()
+                ..tiny_in(dtype)
             });
         }
     }
@@ -309,15 +324,12 @@ fn random_matrices_span_their_scale_with_uniform_variance() {
     // ffn_down has fan-in 128: values uniform in +-1/sqrt(128), variance
     // scale^2 / 3, for every type (quantized ones on their grid).
     for dtype in DType::WEIGHT_TYPES {
-        let spec = SyntheticSpec {
-            weight_dtype: dtype,
-            ..SyntheticSpec::tiny()
-        };
+        let spec = tiny_in(dtype);
         let f = synthetic_gguf_file(&spec).expect("in memory");
         let t = f.tensor("blk.0.ffn_down.weight").expect("ffn_down");
         let mut x = vec![0f32; t.num_elements()];
         pagoda_backend::quant::dequantize_row(dtype, f.tensor_data(t), &mut x).expect("dequantize");
-        let scale = 1.0 / (128f32).sqrt();
+        let scale = 1.0 / (spec.ffn_dim as f32).sqrt();
         let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(max <= scale * 1.01, "{dtype}: max {max} > {scale}");
         let mean = x.iter().sum::<f32>() / x.len() as f32;

@@ -42,39 +42,75 @@ fn cpu() -> CpuBackend {
     CpuBackend::new(1).expect("cpu backend")
 }
 
+/// `model_with(name, id)` is refused by `b` before any upload, and by the plan, with a
+/// message naming the tensor and `ty`.
+fn refused(b: &CpuBackend, name: &str, id: u32, ty: &str) {
+    let f = model_with(name, id);
+    // The reader read it; the census counts it.
+    assert_eq!(f.tensor(name).map(|t| t.ggml_type), Some(id));
+    assert!(f.type_counts().contains(&(ty.to_string(), 1)));
+    let cfg = LlamaConfig::from_gguf(&f).expect("config");
+    let pool = Pool::new(
+        b.raw_allocator(),
+        PoolConfig::default(),
+        FaultInjector::new(),
+    );
+    let msg = match LlamaWeights::load(&f, &cfg, b, &pool) {
+        Ok(_) => panic!("{name} as {ty} loaded"),
+        Err(e) => e.to_string(),
+    };
+    // Metric: the message names the tensor and the type.
+    assert!(msg.contains(name) && msg.contains(ty), "{msg}");
+    // Metric: 0 weight bytes were allocated (nothing uploaded).
+    assert_eq!(pool.stats().allocated(MemoryTag::Weights), 0, "{name}");
+    // The plan's figure refuses the same way.
+    let msg = LlamaWeights::planned_bytes(&f, &cfg, b)
+        .map(|_| String::new())
+        .unwrap_or_else(|e| e.to_string());
+    assert!(msg.contains(name) && msg.contains(ty), "{msg}");
+}
+
 #[test]
-fn an_unsupported_type_is_refused_by_name_before_any_upload() {
-    let b = cpu();
+fn a_type_the_engine_lacks_is_refused_by_name_before_any_upload() {
     // token_embd is loaded last, so a loader that checked as it went would
     // have uploaded every other tensor first.
+    for (name, id, ty) in [
+        ("token_embd.weight", 10u32, "Q2_K"),
+        ("blk.1.ffn_down.weight", 11, "Q3_K"),
+        ("blk.0.attn_q.weight", 23, "IQ4_XS"),
+    ] {
+        refused(&cpu(), name, id, ty);
+    }
+}
+
+#[test]
+fn a_type_the_backend_lacks_is_refused_by_name_before_any_upload() {
+    // A device with only the 32-element types (as the CUDA backend today).
+    let legacy = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ];
+    let b = cpu().with_weight_dtypes(&legacy);
     for (name, id, ty) in [
         ("token_embd.weight", 12u32, "Q4_K"),
         ("blk.1.ffn_down.weight", 14, "Q6_K"),
         ("blk.0.attn_q.weight", 6, "Q5_0"),
     ] {
+        refused(&b, name, id, ty);
+        // The full CPU backend loads the same file.
         let f = model_with(name, id);
-        // The reader read it; the census counts it.
-        assert_eq!(f.tensor(name).map(|t| t.ggml_type), Some(id));
-        assert!(f.type_counts().contains(&(ty.to_string(), 1)));
         let cfg = LlamaConfig::from_gguf(&f).expect("config");
+        let full = cpu();
         let pool = Pool::new(
-            b.raw_allocator(),
+            full.raw_allocator(),
             PoolConfig::default(),
             FaultInjector::new(),
         );
-        let msg = match LlamaWeights::load(&f, &cfg, &b, &pool) {
-            Ok(_) => panic!("{name} as {ty} loaded"),
-            Err(e) => e.to_string(),
-        };
-        // Metric: the message names the tensor and the type.
-        assert!(msg.contains(name) && msg.contains(ty), "{msg}");
-        // Metric: 0 weight bytes were allocated (nothing uploaded).
-        assert_eq!(pool.stats().allocated(MemoryTag::Weights), 0, "{name}");
-        // The plan's figure refuses the same way.
-        let msg = LlamaWeights::planned_bytes(&f, &cfg, &b)
-            .map(|_| String::new())
-            .unwrap_or_else(|e| e.to_string());
-        assert!(msg.contains(name) && msg.contains(ty), "{msg}");
+        LlamaWeights::load(&f, &cfg, &full, &pool).unwrap_or_else(|e| panic!("{ty}: {e}"));
     }
 }
 
