@@ -1,6 +1,7 @@
 //! Shared helpers for Pagoda's integration tests.
 
 pub mod nvrtc;
+pub mod parity;
 pub mod recording;
 pub mod reference;
 

@@ -27,6 +27,7 @@ pub mod kv_cache;
 pub mod memory_tag;
 pub mod pool;
 pub mod quant;
+pub mod weight_layout;
 
 pub use backend::{
     AttentionDims, AttentionOps, Backend, BackendInfo, DeviceMemory, EmbeddingDims, GraphId,

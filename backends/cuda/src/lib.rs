@@ -27,7 +27,7 @@ mod paged_attention;
 pub mod pinned;
 mod sampling;
 mod tensor_ops;
-pub mod weight_layout;
+pub use pagoda_backend::weight_layout;
 
 use std::sync::Arc;
 

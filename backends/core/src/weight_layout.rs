@@ -1,5 +1,5 @@
 //! The device layout of quantized weights, written by `upload_weight`
-//! (`kernels/common.cuh` reads it).
+//! (the CUDA kernels' `common.cuh` and the wgpu shaders read it).
 //!
 //! A GGUF piece of `rows` rows of `cols / 32` blocks interleaves each block's
 //! scales and quants (18, 20 or 34 bytes), so no block starts on a 16-byte
@@ -14,7 +14,7 @@
 //! 16-byte loads and a warp reads whole cache lines. The size is unchanged:
 //! `rows * nb * (QB + SB)` is the GGUF size.
 
-use pagoda_backend::DType;
+use crate::dtype::DType;
 
 /// (bytes of a GGUF block, bytes of its scales = where its quants start, bytes of its quants).
 fn block_parts(dtype: DType) -> Option<(usize, usize, usize)> {

@@ -1,0 +1,415 @@
+//! Shaders, pipelines and dispatches.
+//!
+//! - Sources: `shaders/*.wgsl` embedded with `include_str!`; each pipeline's module is
+//!   `common.wgsl`, then `weights.wgsl` (matmul, embedding) or the generated KV piece
+//!   bindings and `kv.wgsl` (kv_cache, paged_attention), then the shader itself.
+//! - Pipelines: cached by (shader, entry point, KV pieces), layouts derived from the shader.
+//! - Arguments: each `BufRef` is bound as a window of its buffer starting at the largest
+//!   offset-aligned byte at or below it; the word offset of the data inside the window goes
+//!   into the parameter buffer (`common.wgsl`).
+//! - Recording: every dispatch and copy goes into one pending command encoder, submitted
+//!   when the host needs a result (`download`, `synchronize`) or before a staging write.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use pagoda_backend::{BackendError, BufRef, Result};
+use wgpu::util::DeviceExt;
+
+use crate::Shared;
+
+/// Most KV arena pieces a KV shader binds (bindings 8 ..), the engine's own limit; the
+/// adapter's `max_storage_buffers_per_shader_stage` may allow fewer.
+pub const MAX_BOUND_PIECES: usize = pagoda_backend::MAX_KV_PIECES;
+
+/// Words of the parameter buffer before the op's own parameters: one offset per binding
+/// 1 ..= 80 (`common.wgsl`).
+const HEADER_WORDS: usize = 80;
+
+/// Largest workgroup count of one dimension.
+const MAX_GROUPS: u32 = 65535;
+
+/// The shaders (the stems of `kernels/*.cu` and the CPU backend's files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shader {
+    /// matmul.wgsl.
+    Matmul,
+    /// embedding.wgsl.
+    Embedding,
+    /// rms_norm.wgsl.
+    RmsNorm,
+    /// elementwise.wgsl.
+    Elementwise,
+    /// rope.wgsl.
+    Rope,
+    /// sampling.wgsl.
+    Sampling,
+    /// kv_cache.wgsl with this many KV pieces bound.
+    KvCache(u32),
+    /// paged_attention.wgsl with this many KV pieces bound.
+    PagedAttention(u32),
+}
+
+const COMMON: &str = include_str!("../shaders/common.wgsl");
+const WEIGHTS: &str = include_str!("../shaders/weights.wgsl");
+const KV: &str = include_str!("../shaders/kv.wgsl");
+
+/// Every `.wgsl` file (name, text), for validation.
+pub const SHADER_FILES: [(&str, &str); 11] = [
+    ("common.wgsl", COMMON),
+    ("weights.wgsl", WEIGHTS),
+    ("kv.wgsl", KV),
+    ("matmul.wgsl", include_str!("../shaders/matmul.wgsl")),
+    ("embedding.wgsl", include_str!("../shaders/embedding.wgsl")),
+    ("rms_norm.wgsl", include_str!("../shaders/rms_norm.wgsl")),
+    (
+        "elementwise.wgsl",
+        include_str!("../shaders/elementwise.wgsl"),
+    ),
+    ("rope.wgsl", include_str!("../shaders/rope.wgsl")),
+    ("sampling.wgsl", include_str!("../shaders/sampling.wgsl")),
+    ("kv_cache.wgsl", include_str!("../shaders/kv_cache.wgsl")),
+    (
+        "paged_attention.wgsl",
+        include_str!("../shaders/paged_attention.wgsl"),
+    ),
+];
+
+fn file(name: &str) -> &'static str {
+    SHADER_FILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .expect("embedded shader")
+}
+
+/// The bindings of `pieces` KV arena pieces and the accessors kv.wgsl uses: plain words
+/// (paged_attention reads), or atomic words (kv_cache writes, whose rows may share a word
+/// with the next row's: Q8_0 rows of an odd number of blocks), with `kv_st_bytes` storing
+/// only the bytes of `mask`.
+pub fn kv_prelude(pieces: u32, atomic: bool) -> String {
+    let ty = if atomic {
+        "array<atomic<u32>>"
+    } else {
+        "array<u32>"
+    };
+    let mut s = String::new();
+    for p in 0..pieces {
+        s += &format!(
+            "@group(0) @binding({}) var<storage, read_write> KV{p}: {ty};\n",
+            8 + p
+        );
+    }
+    let cases = |body: &dyn Fn(u32) -> String| -> String {
+        (0..pieces)
+            .map(|p| format!("        case {p}u: {{ {} }}\n", body(p)))
+            .collect()
+    };
+    let at = |p: u32| format!("KV{p}[off({}u) + w]", 7 + p);
+    let ld = if atomic {
+        cases(&|p| format!("return atomicLoad(&{});", at(p)))
+    } else {
+        cases(&|p| format!("return {};", at(p)))
+    };
+    s += &format!(
+        "fn kv_ld(p: u32, w: u32) -> u32 {{\n    switch p {{\n{ld}        default: {{ return 0u; }}\n    }}\n}}\n"
+    );
+    let st = if atomic {
+        cases(&|p| format!("atomicStore(&{}, v);", at(p)))
+    } else {
+        cases(&|p| format!("{} = v;", at(p)))
+    };
+    s += &format!(
+        "fn kv_st(p: u32, w: u32, v: u32) {{\n    switch p {{\n{st}        default: {{}}\n    }}\n}}\n"
+    );
+    if atomic {
+        let sb = cases(&|p| {
+            format!(
+                "atomicAnd(&{a}, ~mask); atomicOr(&{a}, v & mask);",
+                a = at(p)
+            )
+        });
+        s += &format!(
+            "fn kv_st_bytes(p: u32, w: u32, v: u32, mask: u32) {{\n    switch p {{\n{sb}        default: {{}}\n    }}\n}}\n"
+        );
+    }
+    s
+}
+
+/// The whole WGSL module of a shader.
+pub fn module_source(shader: Shader) -> String {
+    let kv = |p: u32, atomic: bool| format!("{}\n{}", kv_prelude(p, atomic), KV);
+    match shader {
+        Shader::Matmul => format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl")),
+        Shader::Embedding => format!("{COMMON}\n{WEIGHTS}\n{}", file("embedding.wgsl")),
+        Shader::RmsNorm => format!("{COMMON}\n{}", file("rms_norm.wgsl")),
+        Shader::Elementwise => format!("{COMMON}\n{}", file("elementwise.wgsl")),
+        Shader::Rope => format!("{COMMON}\n{}", file("rope.wgsl")),
+        Shader::Sampling => format!("{COMMON}\n{}", file("sampling.wgsl")),
+        Shader::KvCache(p) => format!("{COMMON}\n{}\n{}", kv(p, true), file("kv_cache.wgsl")),
+        Shader::PagedAttention(p) => {
+            format!(
+                "{COMMON}\n{}\n{}",
+                kv(p, false),
+                file("paged_attention.wgsl")
+            )
+        }
+    }
+}
+
+/// Every (shader, entry point) the backend dispatches, for validation and warm-up.
+pub const ENTRY_POINTS: [(Shader, &str); 13] = [
+    (Shader::Matmul, "matmul"),
+    (Shader::Embedding, "embedding"),
+    (Shader::RmsNorm, "rms_norm"),
+    (Shader::Elementwise, "silu_mul"),
+    (Shader::Elementwise, "add_assign"),
+    (Shader::Elementwise, "gather_rows"),
+    (Shader::Elementwise, "copy_words"),
+    (Shader::Rope, "rope"),
+    (Shader::Sampling, "argmax_rows"),
+    (Shader::Sampling, "top_k_rows"),
+    (Shader::KvCache(1), "write_kv"),
+    (Shader::KvCache(1), "copy_pages"),
+    (Shader::PagedAttention(1), "paged_attention"),
+];
+
+/// Pipeline cache and the pending encoder.
+#[derive(Default)]
+pub(crate) struct Kernels {
+    pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
+    pub(crate) pending: Mutex<Option<wgpu::CommandEncoder>>,
+    /// A 4-byte buffer bound for zero-byte arguments.
+    dummy: Mutex<Option<wgpu::Buffer>>,
+}
+
+fn device_err(op: &'static str, detail: String) -> BackendError {
+    BackendError::Device { op, detail }
+}
+
+/// One argument of a dispatch: binding number and buffer.
+pub(crate) type Arg = (u32, BufRef);
+
+/// Workgroup counts for `groups` groups (2D beyond 65535).
+fn grid(groups: u32) -> (u32, u32) {
+    if groups <= MAX_GROUPS {
+        (groups.max(1), 1)
+    } else {
+        (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
+    }
+}
+
+impl Shared {
+    pub(crate) fn pipeline_for(
+        &self,
+        shader: Shader,
+        entry: &'static str,
+    ) -> Result<wgpu::ComputePipeline> {
+        let mut map = self
+            .kernels
+            .pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = map.get(&(shader, entry)) {
+            return Ok(p.clone());
+        }
+        let dev = &self.gpu.device;
+        let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(entry),
+            source: wgpu::ShaderSource::Wgsl(module_source(shader).into()),
+        });
+        let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err("pipeline", format!("{shader:?}::{entry}: {e}")));
+        }
+        map.insert((shader, entry), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Runs `f` on the pending encoder (created when there is none).
+    pub(crate) fn record<T>(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> T) -> T {
+        let mut pending = self
+            .kernels
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let enc = pending.get_or_insert_with(|| {
+            self.gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                })
+        });
+        f(enc)
+    }
+
+    /// Submits the pending encoder (if any).
+    pub(crate) fn submit(&self) {
+        let enc = self
+            .kernels
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(enc) = enc {
+            self.gpu.queue.submit([enc.finish()]);
+        }
+    }
+
+    /// Submits and waits for all work, then frees the scratch buffers it used.
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        self.submit();
+        self.gpu
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| device_err("synchronize", e.to_string()))?;
+        let retired =
+            std::mem::take(&mut *self.retired.lock().unwrap_or_else(PoisonError::into_inner));
+        for addr in retired {
+            self.registry.free(addr);
+        }
+        Ok(())
+    }
+
+    fn dummy(&self) -> wgpu::Buffer {
+        let mut d = self
+            .kernels
+            .dummy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        d.get_or_insert_with(|| {
+            self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("empty argument"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        })
+        .clone()
+    }
+
+    /// Records one dispatch of `entry` with buffers `args` and op parameters `params`, over
+    /// `groups` workgroups.
+    pub(crate) fn dispatch(
+        &self,
+        op: &'static str,
+        shader: Shader,
+        entry: &'static str,
+        args: &[Arg],
+        params: &[u32],
+        groups: u32,
+    ) -> Result<()> {
+        if groups == 0 {
+            return Ok(());
+        }
+        let pipeline = self.pipeline_for(shader, entry)?;
+        let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
+        let max_bind = self.gpu.limits.max_storage_buffer_binding_size as u64;
+        let mut header = [0u32; HEADER_WORDS];
+        // (binding, buffer, window offset, window size)
+        let mut windows: Vec<(u32, wgpu::Buffer, u64, u64)> = Vec::with_capacity(args.len());
+        for &(binding, r) in args {
+            if r.is_empty() {
+                windows.push((binding, self.dummy(), 0, 16));
+                continue;
+            }
+            let res = self.registry.resolve(op, r)?;
+            if res.offset % 4 != 0 {
+                return Err(BackendError::InvalidArgument {
+                    op,
+                    detail: format!("buffer {r:?} does not start on a 4-byte boundary"),
+                });
+            }
+            let win = res.offset / align * align;
+            let size = (res.offset + res.bytes - win).next_multiple_of(4);
+            if size > max_bind {
+                return Err(BackendError::InvalidArgument {
+                    op,
+                    detail: format!(
+                        "a binding of {size} bytes is above the adapter's max_storage_buffer_binding_size {max_bind}"
+                    ),
+                });
+            }
+            header[binding as usize - 1] = ((res.offset - win) / 4) as u32;
+            windows.push((binding, res.buffer, win, size));
+        }
+        let mut words = header.to_vec();
+        words.extend_from_slice(params);
+        let pbuf = self
+            .gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::cast_slice(&words),
+                usage: wgpu::BufferUsages::STORAGE,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: pbuf.as_entire_binding(),
+        }];
+        for (binding, buf, offset, size) in &windows {
+            entries.push(wgpu::BindGroupEntry {
+                binding: *binding,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: buf,
+                    offset: *offset,
+                    size: wgpu::BufferSize::new(*size),
+                }),
+            });
+        }
+        let dev = &self.gpu.device;
+        let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+        let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err(op, format!("binding {entry}'s arguments: {e}")));
+        }
+        let (gx, gy) = grid(groups);
+        self.record(|enc| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(entry),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_is_2d_beyond_65535_groups() {
+        assert_eq!(grid(1), (1, 1));
+        assert_eq!(grid(65535), (65535, 1));
+        assert_eq!(grid(65536), (65535, 2));
+    }
+
+    #[test]
+    fn kv_prelude_binds_each_piece_once() {
+        let s = kv_prelude(3, false);
+        assert_eq!(s.matches("var<storage, read_write> KV").count(), 3);
+        assert!(s.contains("@binding(10)") && !s.contains("@binding(11)"));
+        assert!(s.contains("case 2u: { return KV2[off(9u) + w]; }"));
+        assert!(!s.contains("kv_st_bytes"));
+        let a = kv_prelude(2, true);
+        assert!(
+            a.contains("array<atomic<u32>>") && a.contains("atomicAnd(&KV1[off(8u) + w], ~mask)")
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! [`AttentionOps`] on the device: `shaders/paged_attention.wgsl`.
+
+use pagoda_backend::{AttentionDims, AttentionOps, BackendError, BufRef, KvLayerRef, Result};
+
+use crate::WgpuBackend;
+use crate::kernels::Shader;
+use crate::kv_cache::{kv_args, kv_params};
+use crate::tensor_ops::{need, u32_of};
+
+/// Largest head_dim the shader holds (its per-invocation output row).
+const MAX_HEAD_DIM: usize = 128;
+
+impl AttentionOps for WgpuBackend {
+    fn paged_attention(
+        &self,
+        q: BufRef,
+        cache: KvLayerRef<'_>,
+        positions: BufRef,
+        block_tables: BufRef,
+        context_lens: BufRef,
+        query_start_locs: BufRef,
+        out: BufRef,
+        d: AttentionDims,
+    ) -> Result<()> {
+        const OP: &str = "paged_attention";
+        if d.num_tokens == 0 || d.num_heads == 0 {
+            return Ok(());
+        }
+        let l = cache.layout;
+        if l.head_dim > MAX_HEAD_DIM || l.num_kv_heads == 0 || d.num_heads % l.num_kv_heads != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                detail: format!(
+                    "head_dim {} (at most {MAX_HEAD_DIM}), {} heads over {} KV heads",
+                    l.head_dim, d.num_heads, l.num_kv_heads
+                ),
+            });
+        }
+        if d.num_seqs == 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                detail: "tokens but no sequences".into(),
+            });
+        }
+        let (mut args, pieces) = kv_args(OP, &cache, self.max_storage_buffers())?;
+        let rows = (d.num_tokens * d.num_heads * l.head_dim * 4) as u64;
+        need(OP, "q", q, rows)?;
+        need(OP, "out", out, rows)?;
+        need(OP, "positions", positions, (d.num_tokens * 4) as u64)?;
+        need(
+            OP,
+            "block_tables",
+            block_tables,
+            (d.num_seqs * d.max_blocks_per_seq * 4) as u64,
+        )?;
+        need(OP, "context_lens", context_lens, (d.num_seqs * 4) as u64)?;
+        need(
+            OP,
+            "query_start_locs",
+            query_start_locs,
+            ((d.num_seqs + 1) * 4) as u64,
+        )?;
+        args.extend([
+            (1, q),
+            (2, out),
+            (3, positions),
+            (4, block_tables),
+            (5, context_lens),
+            (6, query_start_locs),
+        ]);
+        let mut params = vec![
+            u32_of(OP, d.num_tokens)?,
+            u32_of(OP, d.num_seqs)?,
+            u32_of(OP, d.num_heads)?,
+            u32_of(OP, d.max_blocks_per_seq)?,
+            d.scale.to_bits(),
+        ];
+        params.extend(kv_params(OP, &cache)?);
+        self.shared.dispatch(
+            OP,
+            Shader::PagedAttention(pieces),
+            "paged_attention",
+            &args,
+            &params,
+            u32_of(OP, d.num_tokens * d.num_heads)?,
+        )
+    }
+}
