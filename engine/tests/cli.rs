@@ -557,7 +557,9 @@ fn devices_lists_every_backend_and_the_cpu_device() {
     };
     assert_eq!(
         list("weight_dtypes"),
-        ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+        [
+            "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"
+        ]
     );
     assert!(list("kv_dtypes").contains(&"q8_0".to_string()));
     assert_eq!(d["can_grow_kv"], true);

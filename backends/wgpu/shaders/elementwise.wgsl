@@ -1,6 +1,7 @@
 // elementwise.wgsl — silu_mul, add_assign, gather_rows (reference:
 // backends/cpu/src/elementwise.rs and tensor_ops.rs).
 //
+// Bindings per entry point:
 // silu_mul:    1 A: gate (len) f32; 2 B: up (len) f32; 3 C: out (len) f32.
 //              out = gate / (1 + exp(−gate)) · up. Params: 0 len.
 // add_assign:  1 A: x (len) f32, in place; 2 B: y (len) f32. Params: 0 len.

@@ -1,6 +1,7 @@
 // kv_cache.wgsl — write_kv and copy_pages (reference: backends/cpu/src/kv_cache.rs; the fused
 // rope_write_kv is rope.wgsl on q and k, then write_kv).
 //
+// Bindings per entry point:
 // write_kv: 1 KS: k (num_tokens, kv_heads, head_dim) f32; 2 VS: v, same shape;
 //   3 SLOTS: slot_mapping (num_tokens) u32 (page · page_size + offset); 7 PT; 8.. pieces.
 //   Params: 0 num_tokens, 1 page_size, 2 kv_heads, 3 head_dim, 4 row_bytes, 5 page_bytes,

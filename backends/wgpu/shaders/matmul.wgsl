@@ -4,10 +4,11 @@
 // Bindings: 1 X: array<f32> (n, k); 2 W: array<u32>, the weight piece (weights.wgsl's
 //   layout); 3 OUT: array<f32> (n, out_stride), columns 0 .. m written.
 // Params: 0 n, 1 k, 2 m, 3 out_stride, 4 accumulate (0/1), 5 dtype, 6 blocks in the piece.
-// Workgroups: one per (row j, group of 8 tokens), j fastest: m · ceil(n / 8) in all;
-//   64 invocations. Invocation l takes blocks l, l + 64, … of row j (quantized) or elements
-//   l, l + 64, … (float), one accumulator per token, then a fixed tree over the 64 partial
-//   sums: a token's result does not depend on the other tokens of the dispatch.
+// Workgroups: one per (64 rows, group of 8 tokens), rows fastest: ceil(m / 64) · ceil(n / 8)
+//   in all; invocation l owns row j = 64 · (group % row groups) + l and the group's tokens,
+//   one accumulator per token, fed block by block (quantized) or element by element
+//   (float) in row order: every output has one summation order, whatever the batch or the
+//   other rows (no reduction across invocations, no barrier).
 // Dtypes: x, out f32; w any weight dtype (weights.wgsl).
 
 @group(0) @binding(1) var<storage, read_write> X: array<f32>;
@@ -16,7 +17,6 @@
 
 const TOK: u32 = 8u;
 const WG: u32 = 64u;
-var<workgroup> red: array<f32, 512>; // TOK · WG partial sums
 
 @compute @workgroup_size(64)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -24,9 +24,10 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let n = pu(0u); let k = pu(1u); let m = pu(2u); let out_stride = pu(3u);
     let accumulate = pu(4u) != 0u; let dt = pu(5u); let nblocks = pu(6u);
     let g = wg_index(wid, nwg);
-    let j = g % m;
-    let t0 = (g / m) * TOK;
-    if (t0 >= n) { return; }
+    let row_groups = (m + WG - 1u) / WG;
+    let j = (g % row_groups) * WG + lid;
+    let t0 = (g / row_groups) * TOK;
+    if (j >= m || t0 >= n) { return; }
     let nt = min(TOK, n - t0);
     let xb = off(0u); let wb = off(1u); let ob = off(2u);
     var acc: array<f32, 8>;
@@ -34,34 +35,29 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (dt >= DT_Q8_0) {
         let nb = k / 32u;
         var blk: array<f32, 32>;
-        for (var b = lid; b < nb; b += WG) {
+        for (var b = 0u; b < nb; b++) {
             w_block(wb, dt, j * nb + b, nblocks, &blk);
-            for (var t = 0u; t < nt; t++) {
-                let x0 = xb + (t0 + t) * k + b * 32u;
-                var s = acc[t];
-                for (var e = 0u; e < 32u; e++) { s = fma(blk[e], X[x0 + e], s); }
-                acc[t] = s;
+            for (var t = 0u; t < TOK; t++) {
+                if (t < nt) {
+                    let x0 = xb + (t0 + t) * k + b * 32u;
+                    var s = acc[t];
+                    for (var e = 0u; e < 32u; e++) { s = fma(blk[e], X[x0 + e], s); }
+                    acc[t] = s;
+                }
             }
         }
     } else {
-        for (var e = lid; e < k; e += WG) {
+        for (var e = 0u; e < k; e++) {
             let w = w_elem(wb, dt, j * k + e);
-            for (var t = 0u; t < nt; t++) {
-                acc[t] = fma(w, X[xb + (t0 + t) * k + e], acc[t]);
+            for (var t = 0u; t < TOK; t++) {
+                if (t < nt) { acc[t] = fma(w, X[xb + (t0 + t) * k + e], acc[t]); }
             }
         }
     }
-    for (var t = 0u; t < TOK; t++) { red[t * WG + lid] = acc[t]; }
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            for (var t = 0u; t < TOK; t++) { red[t * WG + lid] += red[t * WG + lid + s]; }
+    for (var t = 0u; t < TOK; t++) {
+        if (t < nt) {
+            let o = ob + (t0 + t) * out_stride + j;
+            OUT[o] = select(acc[t], OUT[o] + acc[t], accumulate);
         }
-        workgroupBarrier();
-    }
-    if (lid < nt) {
-        let o = ob + (t0 + lid) * out_stride + j;
-        let v = red[lid * WG];
-        OUT[o] = select(v, OUT[o] + v, accumulate);
     }
 }

@@ -1,5 +1,6 @@
 // sampling.wgsl — argmax_rows and top_k_rows (reference: backends/cpu/src/sampling.rs).
 //
+// Bindings per entry point:
 // argmax_rows: 1 L: logits (rows, vocab) f32; 2 IDS: (rows) u32. Params: 0 rows, 1 vocab.
 //   The host's greedy pick: the first index whose value is greater than every earlier one
 //   (`v > best` from index 0: ties to the lower id, NaN never wins, a NaN at index 0 stays).

@@ -176,7 +176,7 @@ impl TensorOps for WgpuBackend {
             "matmul",
             &[(1, x), (2, w), (3, out)],
             &params,
-            u32_of(op, d.m * d.n.div_ceil(8))?,
+            u32_of(op, d.m.div_ceil(64) * d.n.div_ceil(8))?,
         )
     }
 

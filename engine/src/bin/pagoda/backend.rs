@@ -26,6 +26,9 @@ pub enum BackendKind {
     /// The CUDA backend (feature `cuda`, on by default).
     #[cfg(feature = "cuda")]
     Cuda,
+    /// The wgpu backend (feature `wgpu`, on by default).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
 }
 
 impl BackendKind {
@@ -35,6 +38,8 @@ impl BackendKind {
             BackendKind::Cpu => "cpu",
             #[cfg(feature = "cuda")]
             BackendKind::Cuda => "cuda",
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => "wgpu",
         }
     }
 }
@@ -45,6 +50,8 @@ impl ValueEnum for BackendKind {
             BackendKind::Cpu,
             #[cfg(feature = "cuda")]
             BackendKind::Cuda,
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu,
         ]
     }
 
@@ -55,6 +62,9 @@ impl ValueEnum for BackendKind {
             BackendKind::Cuda => {
                 PossibleValue::new("cuda").help("an NVIDIA GPU through CUDA (device 0)")
             }
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => PossibleValue::new("wgpu")
+                .help("any GPU through wgpu (Vulkan, Metal, DX12); --adapter picks one"),
         })
     }
 }
@@ -150,8 +160,32 @@ macro_rules! with_backend {
                 let $b = ::std::sync::Arc::new($crate::backend::cuda_backend()?);
                 $body
             }
+            #[cfg(feature = "wgpu")]
+            $crate::backend::BackendKind::Wgpu => {
+                let $b = ::std::sync::Arc::new($crate::backend::wgpu_backend()?);
+                $body
+            }
         }
     };
+}
+
+/// `--adapter`: a case-insensitive substring of the wgpu adapter's name (set once by
+/// `main`).
+pub static ADAPTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// The wgpu backend on the adapter `--adapter` names (or wgpu's preferred one), with the
+/// features `PAGODA_WGPU_MASK` leaves on, or why there is none.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_backend() -> anyhow::Result<pagoda_wgpu::WgpuBackend> {
+    let opts = pagoda_wgpu::WgpuOptions {
+        adapter: ADAPTER.get().cloned().flatten(),
+        ..pagoda_wgpu::WgpuOptions::from_env()
+    };
+    let b = pagoda_wgpu::WgpuBackend::new(&opts)
+        .map_err(|e| anyhow::anyhow!("the wgpu backend has no device: {e}"))?;
+    b.warm_up()
+        .map_err(|e| anyhow::anyhow!("the wgpu backend cannot build its pipelines: {e}"))?;
+    Ok(b)
 }
 
 /// The CUDA backend of device 0, or why there is none (no driver, no GPU,

@@ -18,6 +18,9 @@ use crate::commands::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// wgpu adapter: a case-insensitive substring of its name as `pagoda devices` prints it.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub adapter: Option<String>,
 }
 
 /// Options every command that loads a model takes.

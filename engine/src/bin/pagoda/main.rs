@@ -22,6 +22,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     restore_sigpipe();
     let args = cli::Cli::parse();
+    let _ = backend::ADAPTER.set(args.adapter.clone());
     match commands::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`pagoda ... | head`) is not an error.

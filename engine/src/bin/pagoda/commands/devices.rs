@@ -37,7 +37,7 @@ pub fn exec(a: Args) -> Result<()> {
     let mut found = 0;
     for kind in kinds {
         let probe = || -> Result<Value> { with_backend!(kind, a.threads, |b| describe(b)) };
-        backends.push(match probe() {
+        let mut entry = match probe() {
             Ok(dev) => {
                 found += 1;
                 json!({ "backend": kind.name(), "compiled": true, "devices": [dev] })
@@ -45,7 +45,16 @@ pub fn exec(a: Args) -> Result<()> {
             Err(e) => json!({
                 "backend": kind.name(), "compiled": true, "devices": [], "error": format!("{e:#}")
             }),
-        });
+        };
+        #[cfg(feature = "wgpu")]
+        if kind == BackendKind::Wgpu {
+            // Every adapter wgpu sees, the names `--adapter` matches against.
+            entry["adapters"] = pagoda_wgpu::adapter_infos()
+                .into_iter()
+                .map(|i| json!({"name": i.name, "backend": format!("{:?}", i.backend), "device_type": format!("{:?}", i.device_type)}))
+                .collect();
+        }
+        backends.push(entry);
     }
     if a.backend.is_none() {
         for (name, feature) in not_compiled_backends() {
@@ -112,6 +121,23 @@ fn print_backend(b: &Value) {
         return;
     }
     let devices = b["devices"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if let Some(adapters) = b["adapters"].as_array() {
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} ({}, {})",
+                    a["name"].as_str().unwrap_or("?"),
+                    a["backend"].as_str().unwrap_or("?"),
+                    a["device_type"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        println!(
+            "{name} adapters (--adapter NAME picks one): {}",
+            names.join("; ")
+        );
+    }
     if devices.is_empty() {
         println!(
             "{name}: no device ({})",
