@@ -401,6 +401,54 @@ pub struct GenerationParams {
     /// Return the logits the first generated token was sampled from (the
     /// last prompt position), without keeping every position's.
     pub want_first_logits: bool,
+    /// Log-probabilities of each generated token and of the `n` most likely
+    /// tokens at its position (`Some(0)`: the chosen token's only), up to
+    /// [`MAX_TOP_LOGPROBS`]. Of the model's distribution (log-softmax of the
+    /// raw logits, before penalties and temperature). Such rows are read back
+    /// whole.
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives [`GenerationParams::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Log-probabilities at one generated position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the token generated.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, descending (ties
+    /// to the lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The log-probabilities of `token` and of the `n` best tokens of a
+    /// logits row: a logsumexp over the row and a partial selection.
+    pub fn from_logits(row: &[f32], token: u32, n: usize) -> TokenLogprobs {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        let mut top: Vec<(u32, f32)> = Vec::new();
+        let n = n.min(row.len());
+        if n > 0 {
+            let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+            let by =
+                |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+            if n < ids.len() {
+                ids.select_nth_unstable_by(n - 1, by);
+                ids.truncate(n);
+            }
+            ids.sort_unstable_by(by);
+            top = ids.iter().map(|&i| (i, row[i as usize] - lse)).collect();
+        }
+        TokenLogprobs {
+            logprob: row
+                .get(token as usize)
+                .map_or(f32::NEG_INFINITY, |&l| l - lse),
+            top,
+        }
+    }
 }
 
 impl Default for GenerationParams {
@@ -412,6 +460,7 @@ impl Default for GenerationParams {
             ignore_eog: false,
             want_all_logits: false,
             want_first_logits: false,
+            logprobs: None,
         }
     }
 }
@@ -427,6 +476,8 @@ pub struct RequestOutput {
     pub text: String,
     /// Set when the request finished this step.
     pub finished: Option<FinishReason>,
+    /// Log-probabilities of `token`, when the request asked for them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// A finished request's full result.
@@ -463,6 +514,10 @@ struct RequestState {
     /// Wanted and not yet captured: `Some(empty)`; captured: `Some(vocab values)`.
     first_logits: Option<Vec<f32>>,
     finished: Option<FinishReason>,
+    /// Alternatives wanted per generated token ([`GenerationParams::logprobs`]).
+    logprobs: Option<usize>,
+    /// Log-probabilities of the token sampled this step, until its event is built.
+    pending_logprobs: Option<TokenLogprobs>,
     /// Per-request stream of outputs, when the caller asked for one.
     stream: Option<Sender<RequestOutput>>,
 }
@@ -599,6 +654,13 @@ impl<B: Backend> Engine<B> {
                 self.ctx
             )));
         }
+        if let Some(n) = params.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "top logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+            )));
+        }
         let dims = self.runner.workspace_dims();
         if params.want_all_logits && dims.max_logits_rows < dims.max_tokens {
             return Err(EngineError::InvalidInput(format!(
@@ -628,6 +690,8 @@ impl<B: Backend> Engine<B> {
                 prompt_logits: params.want_all_logits.then(|| vec![0f32; n * vocab]),
                 first_logits: params.want_first_logits.then(|| Vec::with_capacity(vocab)),
                 finished: None,
+                logprobs: params.logprobs,
+                pending_logprobs: None,
                 stream: None,
             },
         );
@@ -671,6 +735,7 @@ impl<B: Backend> Engine<B> {
                     token: None,
                     text: String::new(),
                     finished: Some(reason),
+                    logprobs: None,
                 });
             }
         }
@@ -737,6 +802,7 @@ impl<B: Backend> Engine<B> {
                 token: None,
                 text: String::new(),
                 finished: Some(reason),
+                logprobs: None,
             });
         }
         let Some(plan) = out.plan else {
@@ -767,6 +833,7 @@ impl<B: Backend> Engine<B> {
                         token: None,
                         text: String::new(),
                         finished: Some(FinishReason::Error(msg.clone())),
+                        logprobs: None,
                     });
                 }
                 self.forward_to_streams(&events);
@@ -815,6 +882,13 @@ impl<B: Backend> Engine<B> {
                     }
                 }
             });
+            if let (Some(n), Some(t), Some(row)) = (r.logprobs, tok, plan.sample_rows[i]) {
+                r.pending_logprobs = Some(TokenLogprobs::from_logits(
+                    out.row(row as usize, vocab),
+                    t,
+                    n,
+                ));
+            }
             self.sampled.push(tok);
         }
         let updates = self.scheduler.postprocess(&plan, &self.sampled);
@@ -861,6 +935,11 @@ impl<B: Backend> Engine<B> {
                 token: u.new_token,
                 text,
                 finished,
+                logprobs: if u.new_token.is_some() {
+                    r.pending_logprobs.take()
+                } else {
+                    None
+                },
             });
         }
         // Units released by postprocess: the step's work was read back, so
@@ -890,8 +969,9 @@ impl<B: Backend> Engine<B> {
                 continue;
             };
             let p = r.sampler.params();
-            let wants_row =
-                r.prompt_logits.is_some() || r.first_logits.as_ref().is_some_and(|f| f.is_empty());
+            let wants_row = r.prompt_logits.is_some()
+                || r.logprobs.is_some()
+                || r.first_logits.as_ref().is_some_and(|f| f.is_empty());
             let penalize = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
             self.needs[row as usize] = if wants_row || penalize {
                 RowNeed::Full

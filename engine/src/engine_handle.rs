@@ -63,7 +63,7 @@ use crate::model::LlamaConfig;
 use crate::plan::MemoryPlan;
 use crate::scheduler::SchedulerStats;
 use crate::sequence::{FinishReason, SeqId};
-use crate::telemetry::TelemetryEvent;
+use crate::telemetry::{MemoryTotals, TelemetryEvent};
 use crate::tokenizer::Tokenizer;
 
 /// A prompt: token ids, or text tokenized on the submitting thread the way
@@ -108,6 +108,11 @@ pub struct EngineStats {
     pub num_running: usize,
     /// Requests queued for admission.
     pub num_waiting: usize,
+    /// Preempted requests whose KV pages are swapped out to host memory.
+    pub num_swapped: usize,
+    /// Token positions whose K/V the running requests hold, summed over
+    /// requests (a prefix page shared by two requests counts twice).
+    pub num_kv_tokens: usize,
     /// Request states the engine holds (finished ones are removed every
     /// iteration, so this is `num_running + num_waiting` between iterations).
     pub num_requests_held: usize,
@@ -139,8 +144,11 @@ pub struct EngineStats {
     pub num_requests_failed: u64,
     /// Scheduler totals (preemptions, prefix-cache hits).
     pub scheduler: SchedulerStats,
-    /// Pool totals (reserved, allocated, per tag, fragmentation).
+    /// Pool totals (reserved, allocated, per tag, per size class, fragmentation).
     pub pool: PoolStats,
+    /// Device memory, pool, KV arena and graph totals: the telemetry
+    /// stream's `totals` (`docs/trace-schema.md`).
+    pub memory: MemoryTotals,
     /// Whether the engine thread has stopped.
     pub stopped: bool,
 }
@@ -498,16 +506,26 @@ impl<B: Backend> Worker<B> {
     fn publish(&mut self) {
         let s = self.engine.scheduler();
         let bm = s.block_manager();
+        let pool = self.engine.runner().pool().stats();
+        let num_kv_tokens = s
+            .running_ids()
+            .iter()
+            .filter_map(|&id| s.get(id))
+            .map(|q| q.num_computed_tokens)
+            .sum();
         let snapshot = EngineStats {
             num_running: s.num_running(),
             num_waiting: s.num_waiting(),
+            num_swapped: s.num_swapped(),
+            num_kv_tokens,
+            memory: crate::telemetry::totals(self.engine.runner(), s, &pool),
             num_requests_held: self.engine.num_requests(),
             num_sequences_held: s.num_sequences(),
             num_kv_pages: bm.num_pages(),
             num_kv_pages_free: bm.num_free_pages(),
             num_kv_pages_cached: bm.num_cached_free_pages(),
             scheduler: s.stats().clone(),
-            pool: self.engine.runner().pool().stats(),
+            pool,
             ..self.counters.clone()
         };
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = snapshot;

@@ -251,7 +251,9 @@ impl MemoryState {
     }
 }
 
-fn totals<B: Backend>(
+/// The totals of an engine's parts now (one device memory reading, the
+/// pool's and the KV arena's counters): what every memory event carries.
+pub(crate) fn totals<B: Backend>(
     runner: &ModelRunner<B>,
     s: &Scheduler,
     pool: &pagoda_backend::PoolStats,

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use pagoda::sampler::SamplingParams;
 
 use crate::backend::{BackendArg, BackendParser};
-use crate::commands::{bench, chat, devices, generate, logits, perplexity, plan, tokenize};
+use crate::commands::{bench, chat, devices, generate, logits, perplexity, plan, serve, tokenize};
 
 /// Pagoda: an LLM inference engine that shows where every byte goes.
 #[derive(Debug, Parser)]
@@ -188,4 +188,7 @@ pub enum Command {
     Plan(plan::Args),
     /// List every backend and the devices each finds.
     Devices(devices::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, with Prometheus
+    /// metrics and a telemetry stream.
+    Serve(serve::Args),
 }

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod logits;
 pub mod perplexity;
 pub mod plan;
+pub mod serve;
 pub mod tokenize;
 
 use anyhow::Result;
@@ -26,5 +27,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::exec(a),
         Command::Plan(a) => plan::exec(a),
         Command::Devices(a) => devices::exec(a),
+        Command::Serve(a) => serve::exec(a),
     }
 }
