@@ -121,6 +121,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the server said, to explain the failure.
+            for line in self.stderr.try_iter() {
+                eprintln!("server: {line}");
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -161,6 +167,15 @@ impl SseReader {
         None
     }
 
+    /// The rest of the body as text (a non-SSE answer such as an error).
+    pub fn text(&mut self) -> String {
+        self.lines
+            .by_ref()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Every remaining payload.
     pub fn rest(&mut self) -> Vec<String> {
         std::iter::from_fn(|| self.next_data()).collect()
@@ -168,6 +183,15 @@ impl SseReader {
 }
 
 impl Client {
+    /// The same client on a connection pool of its own (a client that went
+    /// away mid-stream leaves nothing behind for the next request).
+    pub fn fresh(&self) -> Client {
+        Client {
+            agent: agent(),
+            ..self.clone()
+        }
+    }
+
     /// The same client with another key (`None`: no header).
     pub fn with_key(&self, key: Option<&str>) -> Client {
         Client {

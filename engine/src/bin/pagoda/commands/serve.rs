@@ -49,6 +49,7 @@ pub struct Args {
 
 /// Runs `pagoda serve`.
 pub fn exec(a: Args) -> Result<()> {
+    ignore_sigpipe();
     if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
         bail!(
             "--shutdown-timeout must be a number of seconds >= 0, got {}",
@@ -79,6 +80,19 @@ pub fn exec(a: Args) -> Result<()> {
             .unwrap_or_else(|| model_name(&source)),
     };
     with_backend!(kind, a.common.threads, |b| run(&a, &source, b, cfg))
+}
+
+/// Makes SIGPIPE ignored again (`main` gives it its default action for the
+/// CLI's stdout). The HTTP stack writes to sockets with `writev`, which,
+/// unlike std's `send`, has no `MSG_NOSIGNAL`: a client that hung up would
+/// kill the whole server. Ignored, such a write is an EPIPE error that ends
+/// that connection only.
+fn ignore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called before the server's and the engine's threads start; setting SIGPIPE's disposition to SIG_IGN has no other precondition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
 }
 
 /// The model file's stem, or the dummy shape's name.
