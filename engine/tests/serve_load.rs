@@ -2,7 +2,7 @@
 //! 64 concurrent streaming clients send 400 requests of up to 64 tokens, a
 //! tenth of them disconnecting after a few chunks, within 5 minutes. Every
 //! request must be answered in full or cleanly refused (a 429 in OpenAI's
-//! shape), and afterwards no request, KV page or pool byte may be left held.
+//! shape; the client sends it again after a pause, so all 400 are answered), and afterwards no request, KV page or pool byte may be left held.
 //! The tiny dummy model keeps it fast on 2 cores (the server, the HTTP path
 //! and the scheduler are what is under test, not the model's speed). Prints
 //! throughput and latency percentiles (`notes/benchmarks.md`).
@@ -20,15 +20,13 @@ use support::{Server, eventually};
 const CLIENTS: usize = 64;
 const REQUESTS: usize = 400;
 const MAX_TOKENS: usize = 64;
-/// A refused client's pause before its next request.
+/// A refused client's pause before it sends the request again.
 const REFUSED_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct Tally {
     answered: usize,
     refused: usize,
-    /// Refused requests that were to disconnect.
-    refused_disconnecting: usize,
     disconnected: usize,
     tokens: usize,
     /// Seconds: send to first token, send to the end.
@@ -60,33 +58,30 @@ fn one_request(c: &support::Client, i: usize, tally: &Mutex<Tally>) {
         "stream_options": {"include_usage": true},
     });
     let t0 = Instant::now();
-    let (status, mut sse) = c.post_sse("/v1/completions", &body);
-    if status == 429 {
-        let first = sse.text();
-        // Not SSE: the OpenAI error body, read through the same reader.
-        if !first.contains("queue_full") {
-            tally
-                .lock()
-                .unwrap()
-                .failures
-                .push(format!("request {i}: 429 body {first}"));
+    // A refused request is sent again after a pause, as clients do on a 429.
+    let mut sse = loop {
+        let (status, mut sse) = c.post_sse("/v1/completions", &body);
+        if status != 429 {
+            if status != 200 {
+                tally
+                    .lock()
+                    .unwrap()
+                    .failures
+                    .push(format!("request {i}: status {status}"));
+                return;
+            }
+            break sse;
         }
+        // Not SSE: the OpenAI error body, read through the same reader.
+        let text = sse.text();
         let mut t = tally.lock().unwrap();
+        if !text.contains("queue_full") {
+            t.failures.push(format!("request {i}: 429 body {text}"));
+        }
         t.refused += 1;
-        t.refused_disconnecting += disconnect as usize;
         drop(t);
-        // What a client does on a 429: wait a little before its next request.
         std::thread::sleep(REFUSED_BACKOFF);
-        return;
-    }
-    if status != 200 {
-        tally
-            .lock()
-            .unwrap()
-            .failures
-            .push(format!("request {i}: status {status}"));
-        return;
-    }
+    };
     let mut first_token = None;
     let mut chunks = 0;
     let mut usage = None;
@@ -168,9 +163,8 @@ fn sixty_four_streaming_clients_400_requests() {
     let elapsed = t0.elapsed().as_secs_f64();
     let mut t = Arc::try_unwrap(tally).ok().unwrap().into_inner().unwrap();
     assert!(t.failures.is_empty(), "{:#?}", t.failures);
-    assert_eq!(t.answered + t.refused + t.disconnected, REQUESTS);
-    assert!(t.answered >= REQUESTS / 2, "answered {}", t.answered);
-    assert_eq!(t.disconnected + t.refused_disconnecting, REQUESTS / 10);
+    assert_eq!(t.answered + t.disconnected, REQUESTS);
+    assert_eq!(t.disconnected, REQUESTS / 10);
     assert!(elapsed < 300.0, "{elapsed:.1} s");
 
     // Everything given back: no request held, no KV page used, the pool as before.
@@ -213,10 +207,10 @@ fn sixty_four_streaming_clients_400_requests() {
         percentile(&mut t.e2e, 99.0),
     );
     eprintln!(
-        "serve load: {REQUESTS} requests from {CLIENTS} clients in {elapsed:.2} s: {} answered, {} refused (429), {} disconnected; {} tokens, {tps:.0} tokens/s; TTFT p50 {:.1} / p90 {:.1} / p99 {:.1} ms; end-to-end p50 {:.1} / p90 {:.1} / p99 {:.1} ms",
+        "serve load: {REQUESTS} requests from {CLIENTS} clients in {elapsed:.2} s: {} answered, {} disconnected, {} refusals (429, retried); {} tokens, {tps:.0} tokens/s; TTFT p50 {:.1} / p90 {:.1} / p99 {:.1} ms; end-to-end p50 {:.1} / p90 {:.1} / p99 {:.1} ms",
         t.answered,
-        t.refused,
         t.disconnected,
+        t.refused,
         t.tokens,
         ms(tt50),
         ms(tt90),
