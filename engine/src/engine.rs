@@ -1075,6 +1075,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn logprobs_are_a_log_softmax_with_the_best_first() {
+        let row = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln() as f32;
+        let lp = TokenLogprobs::from_logits(&row, 2, 3);
+        assert!((lp.logprob - (2.0 - lse)).abs() < 1e-6);
+        // Descending, ties to the lower id.
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        assert!((lp.top[0].1 - (3.0 - lse)).abs() < 1e-6);
+        let all = TokenLogprobs::from_logits(&row, 4, 20);
+        assert_eq!(all.top.len(), row.len());
+        let mass: f64 = all.top.iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-5, "{mass}");
+        assert!(TokenLogprobs::from_logits(&row, 0, 0).top.is_empty());
+    }
+
+    #[test]
     fn stop_strings_are_found_across_pieces_and_held_back() {
         let stops = vec!["</end>".to_string()];
         assert_eq!(find_stop("abc</en", &stops, 0), None);

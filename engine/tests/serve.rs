@@ -234,6 +234,8 @@ fn errors_are_openai_shaped_with_the_right_codes() {
         "--max-body",
         "2KiB",
     ]);
+    // Loopback unless --host says otherwise.
+    assert!(s.addr.starts_with("127.0.0.1:"), "{}", s.addr);
     let c = s.client();
     let chat = "/v1/chat/completions";
     let user = json!([{"role": "user", "content": "hi"}]);
