@@ -156,6 +156,18 @@ pub struct SseReader {
 }
 
 impl SseReader {
+    /// The status and the body reader of a response.
+    fn of(r: ureq::http::Response<ureq::Body>) -> (u16, SseReader) {
+        let status = r.status().as_u16();
+        let reader: Box<dyn Read + Send> = Box::new(r.into_body().into_reader());
+        (
+            status,
+            SseReader {
+                lines: BufReader::new(reader).lines(),
+            },
+        )
+    }
+
     /// The next `data:` payload (`None` at the end of the stream).
     pub fn next_data(&mut self) -> Option<String> {
         for line in self.lines.by_ref() {
@@ -249,14 +261,7 @@ impl Client {
             .header("Content-Type", "application/json")
             .send(body.to_string().as_bytes())
             .expect("POST answered");
-        let status = r.status().as_u16();
-        let reader: Box<dyn Read + Send> = Box::new(r.into_body().into_reader());
-        (
-            status,
-            SseReader {
-                lines: BufReader::new(reader).lines(),
-            },
-        )
+        SseReader::of(r)
     }
 
     /// GET and read the answer as SSE.
@@ -265,14 +270,7 @@ impl Client {
             .auth(self.agent.get(format!("{}{path}", self.base)))
             .call()
             .expect("GET answered");
-        let status = r.status().as_u16();
-        let reader: Box<dyn Read + Send> = Box::new(r.into_body().into_reader());
-        (
-            status,
-            SseReader {
-                lines: BufReader::new(reader).lines(),
-            },
-        )
+        SseReader::of(r)
     }
 }
 

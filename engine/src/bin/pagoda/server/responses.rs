@@ -59,6 +59,17 @@ pub struct ChoiceState {
 }
 
 impl ChoiceState {
+    /// Empty states for the choices of a submission.
+    pub fn for_choices(choices: &[crate::server::generation::Choice]) -> Vec<ChoiceState> {
+        choices
+            .iter()
+            .map(|c| ChoiceState {
+                prompt_tokens: c.prompt_tokens,
+                ..ChoiceState::default()
+            })
+            .collect()
+    }
+
     /// Adds one event; returns the log-probabilities entry it added, if any.
     pub fn push(&mut self, ev: &RequestOutput) -> Option<(u32, TokenLogprobs)> {
         self.text.push_str(&ev.text);

@@ -225,14 +225,7 @@ async fn collect(
     mut sub: Submitted,
     mut phase: watch::Receiver<Phase>,
 ) -> Result<Vec<ChoiceState>, ApiError> {
-    let mut choices: Vec<ChoiceState> = sub
-        .choices
-        .iter()
-        .map(|c| ChoiceState {
-            prompt_tokens: c.prompt_tokens,
-            ..ChoiceState::default()
-        })
-        .collect();
+    let mut choices = ChoiceState::for_choices(&sub.choices);
     let mut open = choices.len();
     while open > 0 {
         let got = tokio::select! {

@@ -123,14 +123,7 @@ pub fn sse(
     sub: Submitted,
     phase: watch::Receiver<Phase>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let choices: Vec<ChoiceState> = sub
-        .choices
-        .iter()
-        .map(|c| ChoiceState {
-            prompt_tokens: c.prompt_tokens,
-            ..ChoiceState::default()
-        })
-        .collect();
+    let choices = ChoiceState::for_choices(&sub.choices);
     let mut st = State {
         open: choices.len(),
         choices,
