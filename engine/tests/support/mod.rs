@@ -86,19 +86,23 @@ impl Server {
         assert!(ok, "kill -{sig} failed");
     }
 
-    /// Waits for the process to exit (at most `limit`); its exit status.
+    /// Waits for the process to exit (at most `limit`, then it is killed
+    /// and the test fails); its exit status.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        let t = std::time::Instant::now();
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
+        let mut child = self.child.take().expect("the server runs");
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(status) => status.expect("wait for the server"),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                panic!("the server did not exit within {limit:?}");
             }
-            assert!(
-                t.elapsed() < limit,
-                "the server did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
