@@ -539,3 +539,30 @@ fn after_the_shutdown_timeout_streams_are_cancelled() {
     assert!(status.success(), "{status}");
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
 }
+
+#[test]
+fn bad_flags_and_a_taken_port_are_clear_errors() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for (args, needle) in [
+        (vec!["--max-body", "lots"], "cannot parse --max-body"),
+        (
+            vec!["--shutdown-timeout", "-1"],
+            "--shutdown-timeout must be",
+        ),
+        (vec!["--api-key", ""], "--api-key cannot be empty"),
+        (vec!["--port", port.as_str()], "cannot listen on 127.0.0.1:"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pagoda"))
+            .args(["serve", "--dummy-weights", "tiny"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -39,7 +39,7 @@ pub struct Args {
     pub max_body: Option<String>,
     /// Seconds in-flight requests may go on after SIGINT/SIGTERM before they
     /// are cancelled.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     pub shutdown_timeout: f64,
     /// The model name clients use (default: the model file's stem, or the
     /// dummy shape's name).
