@@ -606,6 +606,17 @@ impl<B: Backend> Engine<B> {
         &mut self.telemetry
     }
 
+    /// A telemetry subscriber that, with `with_memory`, gets a keyframe of
+    /// the memory now at once ([`Telemetry::subscribe_now`]), not at the next step.
+    pub fn subscribe_telemetry_now(
+        &mut self,
+        capacity: usize,
+        with_memory: bool,
+    ) -> Receiver<crate::telemetry::TelemetryEvent> {
+        let memory = EngineMemory::new(&self.runner, &mut self.scheduler, &self.plan);
+        self.telemetry.subscribe_now(capacity, with_memory, &memory)
+    }
+
     /// The whole memory state now (what a telemetry keyframe holds).
     /// `O(segments + blocks + pages)`.
     pub fn memory_state(&self) -> MemoryState {

@@ -311,9 +311,10 @@ impl EngineHandle {
         answer.recv().map_err(|_| stopped())?
     }
 
-    /// A telemetry subscriber: `StepStats` every step, plus a
-    /// `MemorySnapshot` when `snapshots`. Never slows the engine: a full
-    /// channel of `capacity` events drops new ones.
+    /// A telemetry subscriber: `StepStats` every step, plus memory events
+    /// when `snapshots`, the first a keyframe of the state at subscription
+    /// (sent at once, also to an idle engine), then deltas. Never slows the
+    /// engine: a full channel of `capacity` events drops new ones.
     pub fn subscribe_telemetry(
         &self,
         capacity: usize,
@@ -471,7 +472,7 @@ impl<B: Backend> Worker<B> {
                 snapshots,
                 reply,
             } => {
-                let _ = reply.send(self.engine.telemetry().subscribe(capacity, snapshots));
+                let _ = reply.send(self.engine.subscribe_telemetry_now(capacity, snapshots));
             }
             Command::Shutdown => return Flow::Stop,
         }

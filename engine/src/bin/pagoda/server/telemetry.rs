@@ -1,8 +1,9 @@
 //! `GET /v1/telemetry`: the engine's telemetry as server-sent events, one
 //! event per SSE `data:` line in the `--trace` schema (`docs/trace-schema.md`):
-//! a `step` event every engine step and a memory event after it, the first
-//! memory event a keyframe, then deltas (a keyframe again after an event was
-//! dropped for this subscriber, and every 50 memory events).
+//! a keyframe of the memory at once (an idle engine included), then a `step`
+//! event every engine step and a memory event after it: deltas (a keyframe
+//! again after an event was dropped for this subscriber, and every 50
+//! memory events).
 //!
 //! A bridge thread moves events from the engine's bounded channel to the
 //! HTTP stream; the engine never waits for a slow reader (its channel drops
