@@ -424,23 +424,27 @@ pub struct TokenLogprobs {
 
 impl TokenLogprobs {
     /// The log-probabilities of `token` and of the `n` best tokens of a
-    /// logits row: a logsumexp over the row and a partial selection.
+    /// logits row: a logsumexp over the row and one pass that keeps the best
+    /// `n` in order (`O(vocab)` for small `n`; allocates `n` entries).
     pub fn from_logits(row: &[f32], token: u32, n: usize) -> TokenLogprobs {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
         let lse = max + sum.ln() as f32;
-        let mut top: Vec<(u32, f32)> = Vec::new();
         let n = n.min(row.len());
+        let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
         if n > 0 {
-            let mut ids: Vec<u32> = (0..row.len() as u32).collect();
-            let by =
-                |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-            if n < ids.len() {
-                ids.select_nth_unstable_by(n - 1, by);
-                ids.truncate(n);
+            for (i, &l) in row.iter().enumerate() {
+                if top.len() == n && top[n - 1].1 >= l {
+                    continue;
+                }
+                // After every entry with a logit >= l: ties keep the lower id first.
+                let at = top.partition_point(|e| e.1 >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(n);
             }
-            ids.sort_unstable_by(by);
-            top = ids.iter().map(|&i| (i, row[i as usize] - lse)).collect();
+            for e in &mut top {
+                e.1 -= lse;
+            }
         }
         TokenLogprobs {
             logprob: row
