@@ -473,7 +473,7 @@ fn a_client_that_disconnects_has_its_request_cancelled_and_pages_freed() {
     let t = Instant::now();
     drop(sse);
     assert!(
-        eventually(Duration::from_secs(3), || {
+        eventually(Duration::from_secs(5), || {
             let m = s.metrics();
             m.value("pagoda_kv_pages_used", &[]) == 0.0
                 && m.value("pagoda_requests_running", &[]) == 0.0
@@ -487,7 +487,7 @@ fn a_client_that_disconnects_has_its_request_cancelled_and_pages_freed() {
     );
     assert!(m.value("pagoda_generation_tokens_total", &[]) < 1000.0);
     assert_eq!(m.value("pagoda_server_requests_held", &[]), 0.0);
-    assert!(t.elapsed() < Duration::from_secs(3));
+    assert!(t.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
@@ -504,7 +504,7 @@ fn sigterm_lets_streams_finish_and_refuses_new_connections() {
     s.signal("TERM");
     // The listener closes while the stream goes on.
     assert!(
-        eventually(Duration::from_secs(2), || std::net::TcpStream::connect(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
             &s.addr
         )
         .is_err()),
