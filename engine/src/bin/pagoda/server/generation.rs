@@ -126,6 +126,22 @@ pub struct Submitted {
 }
 
 impl Submitted {
+    /// A submission of `choices` whose events come from `events`, with no
+    /// engine requests behind it (for the stream's tests).
+    #[cfg(test)]
+    pub fn for_test(
+        choices: Vec<Choice>,
+        events: mpsc::UnboundedReceiver<(usize, RequestOutput)>,
+        admission: Admission,
+    ) -> Self {
+        Submitted {
+            choices,
+            events,
+            guards: Vec::new(),
+            _admission: admission,
+        }
+    }
+
     /// Marks a choice finished (its guard no longer aborts).
     pub fn finished(&mut self, index: usize) {
         if let Some(g) = self.guards.get_mut(index) {

@@ -39,13 +39,14 @@ struct State {
     sub: Submitted,
     choices: Vec<ChoiceState>,
     open: usize,
-    pending: VecDeque<Event>,
+    /// `data:` payloads ready to send.
+    pending: VecDeque<String>,
     done: bool,
     phase: watch::Receiver<Phase>,
 }
 
-fn data(v: &serde_json::Value) -> Event {
-    Event::default().data(v.to_string())
+fn data(v: &serde_json::Value) -> String {
+    v.to_string()
 }
 
 impl State {
@@ -56,7 +57,7 @@ impl State {
         text: &str,
         lp: Option<(&[(u32, pagoda::TokenLogprobs)], usize)>,
         finish: Option<&str>,
-    ) -> Event {
+    ) -> String {
         data(&responses::chunk(
             &self.spec.meta,
             &self.spec.tokenizer,
@@ -107,7 +108,7 @@ impl State {
                                 responses::usage_chunk(&self.spec.meta, &self.choices, self.spec.n);
                             self.pending.push_back(data(&u));
                         }
-                        self.pending.push_back(Event::default().data("[DONE]"));
+                        self.pending.push_back("[DONE]".to_string());
                         self.done = true;
                     }
                 }
@@ -123,6 +124,16 @@ pub fn sse(
     sub: Submitted,
     phase: watch::Receiver<Phase>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    use futures_util::StreamExt;
+    Sse::new(payloads(spec, sub, phase).map(|d| Ok(Event::default().data(d))))
+}
+
+/// The `data:` payloads of a streamed generation, in order.
+pub fn payloads(
+    spec: StreamSpec,
+    sub: Submitted,
+    phase: watch::Receiver<Phase>,
+) -> impl Stream<Item = String> {
     let choices = ChoiceState::for_choices(&sub.choices);
     let mut st = State {
         open: choices.len(),
@@ -142,7 +153,7 @@ pub fn sse(
     let s = futures_util::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(ev) = st.pending.pop_front() {
-                return Some((Ok(ev), st));
+                return Some((ev, st));
             }
             if st.done {
                 return None;
@@ -164,5 +175,155 @@ pub fn sse(
             }
         }
     });
-    Sse::new(s)
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pagoda::engine::RequestOutput;
+    use pagoda::model::synthetic::SyntheticSpec;
+    use pagoda::tokenizer::Tokenizer;
+    use pagoda::{FinishReason, SeqId};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::server::generation::{Admissions, Choice};
+    use crate::server::openai::Endpoint;
+    use crate::server::shutdown::Shutdown;
+
+    fn spec(endpoint: Endpoint, n: usize) -> StreamSpec {
+        let gguf = SyntheticSpec::tiny().header_file().unwrap();
+        StreamSpec {
+            meta: ResponseMeta {
+                id: "x-1".into(),
+                created: 0,
+                model: "tiny".into(),
+                endpoint,
+            },
+            tokenizer: Arc::new(Tokenizer::from_gguf(&gguf).unwrap()),
+            n,
+            include_usage: true,
+            logprobs: false,
+        }
+    }
+
+    fn ev(token: Option<u32>, text: &str, finished: Option<FinishReason>) -> RequestOutput {
+        RequestOutput {
+            id: SeqId(0),
+            token,
+            text: text.into(),
+            finished,
+            logprobs: None,
+        }
+    }
+
+    /// Runs a stream over `events` (sent before it starts) to its end; the
+    /// engine's side of the channel closes after them when `close`.
+    fn run(
+        endpoint: Endpoint,
+        choices: usize,
+        events: Vec<(usize, RequestOutput)>,
+        shutdown: &Shutdown,
+        close: bool,
+    ) -> Vec<String> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for e in events {
+            tx.send(e).unwrap();
+        }
+        let _open = (!close).then_some(tx);
+        let admissions = Arc::new(Admissions::new(choices));
+        let sub = Submitted::for_test(
+            vec![Choice { prompt_tokens: 3 }; choices],
+            rx,
+            admissions.admit(choices).unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let out = rt.block_on(async {
+            use futures_util::StreamExt;
+            payloads(spec(endpoint, choices), sub, shutdown.watch())
+                .collect::<Vec<String>>()
+                .await
+        });
+        assert_eq!(admissions.held(), 0, "the stream's places are given back");
+        out
+    }
+
+    fn json(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn two_choices_then_usage_then_done() {
+        let out = run(
+            Endpoint::Chat,
+            2,
+            vec![
+                (1, ev(Some(5), "b", None)),
+                (0, ev(Some(6), "a", Some(FinishReason::Length))),
+                (1, ev(Some(7), "", Some(FinishReason::Eog))),
+            ],
+            &Shutdown::default(),
+            true,
+        );
+        // Two role chunks, b, a, a's finish, b's finish, usage, [DONE].
+        assert_eq!(out.len(), 8, "{out:#?}");
+        assert_eq!(json(&out[0])["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(json(&out[2])["choices"][0]["delta"]["content"], "b");
+        assert_eq!(json(&out[4])["choices"][0]["finish_reason"], "length");
+        assert_eq!(json(&out[5])["choices"][0]["finish_reason"], "stop");
+        let usage = json(&out[6]);
+        assert_eq!(usage["choices"], serde_json::json!([]));
+        assert_eq!(usage["usage"]["completion_tokens"], 3);
+        assert_eq!(
+            usage["usage"]["prompt_tokens"], 3,
+            "once per prompt, not per choice"
+        );
+        assert_eq!(out[7], "[DONE]");
+    }
+
+    #[test]
+    fn a_failed_request_ends_the_stream_with_an_error_and_no_done() {
+        let out = run(
+            Endpoint::Completion,
+            1,
+            vec![
+                (0, ev(Some(5), "x", None)),
+                (0, ev(None, "", Some(FinishReason::Error("boom".into())))),
+            ],
+            &Shutdown::default(),
+            true,
+        );
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert_eq!(json(&out[0])["choices"][0]["text"], "x");
+        let e = json(&out[1]);
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("boom"),
+            "{e}"
+        );
+        assert_eq!(e["error"]["type"], "server_error");
+    }
+
+    #[test]
+    fn a_vanished_engine_or_a_cancel_ends_the_stream_with_an_error() {
+        // The engine's side closed before the request finished.
+        let out = run(
+            Endpoint::Completion,
+            1,
+            vec![(0, ev(Some(5), "x", None))],
+            &Shutdown::default(),
+            true,
+        );
+        assert_eq!(json(out.last().unwrap())["error"]["code"], "unavailable");
+        // Cancelled at shutdown: the error event names it.
+        let shutdown = Shutdown::default();
+        shutdown.set(Phase::Cancelled);
+        let out = run(Endpoint::Completion, 1, vec![], &shutdown, false);
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(json(&out[0])["error"]["code"], "server_shutdown");
+    }
 }
