@@ -150,7 +150,7 @@ pub fn payloads(
             st.pending.push_back(ev);
         }
     }
-    let s = futures_util::stream::unfold(st, |mut st| async move {
+    futures_util::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(ev) = st.pending.pop_front() {
                 return Some((ev, st));
@@ -174,8 +174,7 @@ pub fn payloads(
                 )),
             }
         }
-    });
-    s
+    })
 }
 
 #[cfg(test)]
