@@ -46,15 +46,18 @@
 //!
 //! A command is one channel send plus, for `submit` and `abort`, one reply:
 //! it waits at most for the step in flight. [`EngineHandle::stats`] is one
-//! uncontended mutex lock and a copy of a few hundred bytes, no round trip to
+//! uncontended mutex lock and a copy of about a kilobyte (six small heap
+//! blocks: the memory totals' per-tag list), no round trip to
 //! the engine thread. The snapshot is refreshed once per loop iteration
-//! (`O(log free pool blocks)`).
+//! (`O(segments + free pool blocks + running requests)`, and a device
+//! memory reading at most every 100 ms).
 
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use pagoda_backend::{Backend, PoolStats};
+use pagoda_backend::{Backend, DeviceMemory, PoolStats};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::{Engine, GenerationParams, RequestOutput};
@@ -147,7 +150,8 @@ pub struct EngineStats {
     /// Pool totals (reserved, allocated, per tag, per size class, fragmentation).
     pub pool: PoolStats,
     /// Device memory, pool, KV arena and graph totals: the telemetry
-    /// stream's `totals` (`docs/trace-schema.md`).
+    /// stream's `totals` (`docs/trace-schema.md`); the device memory
+    /// reading is at most 100 ms old.
     pub memory: MemoryTotals,
     /// Whether the engine thread has stopped.
     pub stopped: bool,
@@ -258,6 +262,7 @@ impl EngineHandle {
             commands: rx,
             stats: stats.clone(),
             counters: EngineStats::default(),
+            device: None,
         };
         worker.publish();
         let thread = std::thread::Builder::new()
@@ -393,7 +398,12 @@ struct Worker<B: Backend> {
     stats: Arc<Mutex<EngineStats>>,
     /// Running totals; the gauges are filled in by [`Worker::publish`].
     counters: EngineStats,
+    /// The last device memory reading and when it was taken.
+    device: Option<(Instant, DeviceMemory)>,
 }
+
+/// How old the stats' device memory reading may be.
+const DEVICE_READING_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Whether the loop goes on after a command.
 #[derive(PartialEq)]
@@ -505,6 +515,16 @@ impl<B: Backend> Worker<B> {
     }
 
     fn publish(&mut self) {
+        // A device memory reading (on the CPU, a read of /proc/meminfo) at
+        // most every DEVICE_READING_INTERVAL, not every step.
+        let device = match self.device {
+            Some((at, d)) if at.elapsed() < DEVICE_READING_INTERVAL => d,
+            _ => {
+                let d = crate::telemetry::device_memory(self.engine.runner());
+                self.device = Some((Instant::now(), d));
+                d
+            }
+        };
         let s = self.engine.scheduler();
         let bm = s.block_manager();
         let pool = self.engine.runner().pool().stats();
@@ -519,7 +539,7 @@ impl<B: Backend> Worker<B> {
             num_waiting: s.num_waiting(),
             num_swapped: s.num_swapped(),
             num_kv_tokens,
-            memory: crate::telemetry::totals(self.engine.runner(), s, &pool),
+            memory: crate::telemetry::totals_with(self.engine.runner(), s, &pool, device),
             num_requests_held: self.engine.num_requests(),
             num_sequences_held: s.num_sequences(),
             num_kv_pages: bm.num_pages(),

@@ -255,18 +255,32 @@ impl MemoryState {
 
 /// The totals of an engine's parts now (one device memory reading, the
 /// pool's and the KV arena's counters): what every memory event carries.
-pub(crate) fn totals<B: Backend>(
+fn totals<B: Backend>(
     runner: &ModelRunner<B>,
     s: &Scheduler,
     pool: &pagoda_backend::PoolStats,
 ) -> MemoryTotals {
-    let dev = runner
+    totals_with(runner, s, pool, device_memory(runner))
+}
+
+/// The backend's device memory reading (zeros when it has none).
+pub(crate) fn device_memory<B: Backend>(runner: &ModelRunner<B>) -> pagoda_backend::DeviceMemory {
+    runner
         .backend()
         .memory()
         .unwrap_or(pagoda_backend::DeviceMemory {
             total_bytes: 0,
             free_bytes: 0,
-        });
+        })
+}
+
+/// [`totals`] with a device memory reading taken earlier.
+pub(crate) fn totals_with<B: Backend>(
+    runner: &ModelRunner<B>,
+    s: &Scheduler,
+    pool: &pagoda_backend::PoolStats,
+    dev: pagoda_backend::DeviceMemory,
+) -> MemoryTotals {
     let kv = runner.kv_cache();
     let bm = s.block_manager();
     MemoryTotals {
