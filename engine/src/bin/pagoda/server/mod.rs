@@ -87,15 +87,26 @@ pub async fn serve(
     ));
     let app = router(state, cfg.api_key.as_deref().map(auth::ApiKey::new));
     let timeout = cfg.shutdown_timeout;
+    let mut phase = shutdown.watch();
     let drain = async move {
         stop.await;
         tokio::spawn(async move { shutdown.drain_then_cancel(timeout).await });
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(drain)
-        .await
-        .map_err(ServerError::Serve)
+    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    tokio::select! {
+        r = server => r.map_err(ServerError::Serve),
+        // Cancelled streams end at once; a connection still open after
+        // CANCEL_GRACE (a client that stopped reading, its socket full) is
+        // dropped rather than holding the process.
+        _ = async {
+            shutdown::reached(&mut phase, shutdown::Phase::Cancelled).await;
+            tokio::time::sleep(CANCEL_GRACE).await;
+        } => Ok(()),
+    }
 }
+
+/// How long connections may stay open after in-flight work was cancelled.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// Binds `host:port`.
 pub async fn bind(cfg: &ServerConfig) -> Result<TcpListener, ServerError> {
