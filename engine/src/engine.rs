@@ -401,6 +401,58 @@ pub struct GenerationParams {
     /// Return the logits the first generated token was sampled from (the
     /// last prompt position), without keeping every position's.
     pub want_first_logits: bool,
+    /// Log-probabilities of each generated token and of the `n` most likely
+    /// tokens at its position (`Some(0)`: the chosen token's only), up to
+    /// [`MAX_TOP_LOGPROBS`]. Of the model's distribution (log-softmax of the
+    /// raw logits, before penalties and temperature). Such rows are read back
+    /// whole.
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives [`GenerationParams::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Log-probabilities at one generated position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the token generated.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, descending (ties
+    /// to the lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The log-probabilities of `token` and of the `n` best tokens of a
+    /// logits row: a logsumexp over the row and one pass that keeps the best
+    /// `n` in order (`O(vocab)` for small `n`; allocates `n` entries).
+    pub fn from_logits(row: &[f32], token: u32, n: usize) -> TokenLogprobs {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        let n = n.min(row.len());
+        let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+        if n > 0 {
+            for (i, &l) in row.iter().enumerate() {
+                if top.len() == n && top[n - 1].1 >= l {
+                    continue;
+                }
+                // After every entry with a logit >= l: ties keep the lower id first.
+                let at = top.partition_point(|e| e.1 >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(n);
+            }
+            for e in &mut top {
+                e.1 -= lse;
+            }
+        }
+        TokenLogprobs {
+            logprob: row
+                .get(token as usize)
+                .map_or(f32::NEG_INFINITY, |&l| l - lse),
+            top,
+        }
+    }
 }
 
 impl Default for GenerationParams {
@@ -412,6 +464,7 @@ impl Default for GenerationParams {
             ignore_eog: false,
             want_all_logits: false,
             want_first_logits: false,
+            logprobs: None,
         }
     }
 }
@@ -427,6 +480,8 @@ pub struct RequestOutput {
     pub text: String,
     /// Set when the request finished this step.
     pub finished: Option<FinishReason>,
+    /// Log-probabilities of `token`, when the request asked for them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// A finished request's full result.
@@ -463,6 +518,10 @@ struct RequestState {
     /// Wanted and not yet captured: `Some(empty)`; captured: `Some(vocab values)`.
     first_logits: Option<Vec<f32>>,
     finished: Option<FinishReason>,
+    /// Alternatives wanted per generated token ([`GenerationParams::logprobs`]).
+    logprobs: Option<usize>,
+    /// Log-probabilities of the token sampled this step, until its event is built.
+    pending_logprobs: Option<TokenLogprobs>,
     /// Per-request stream of outputs, when the caller asked for one.
     stream: Option<Sender<RequestOutput>>,
 }
@@ -551,6 +610,17 @@ impl<B: Backend> Engine<B> {
         &mut self.telemetry
     }
 
+    /// A telemetry subscriber that, with `with_memory`, gets a keyframe of
+    /// the memory now at once ([`Telemetry::subscribe_now`]), not at the next step.
+    pub fn subscribe_telemetry_now(
+        &mut self,
+        capacity: usize,
+        with_memory: bool,
+    ) -> Receiver<crate::telemetry::TelemetryEvent> {
+        let memory = EngineMemory::new(&self.runner, &mut self.scheduler, &self.plan);
+        self.telemetry.subscribe_now(capacity, with_memory, &memory)
+    }
+
     /// The whole memory state now (what a telemetry keyframe holds).
     /// `O(segments + blocks + pages)`.
     pub fn memory_state(&self) -> MemoryState {
@@ -599,6 +669,13 @@ impl<B: Backend> Engine<B> {
                 self.ctx
             )));
         }
+        if let Some(n) = params.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "top logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+            )));
+        }
         let dims = self.runner.workspace_dims();
         if params.want_all_logits && dims.max_logits_rows < dims.max_tokens {
             return Err(EngineError::InvalidInput(format!(
@@ -628,6 +705,8 @@ impl<B: Backend> Engine<B> {
                 prompt_logits: params.want_all_logits.then(|| vec![0f32; n * vocab]),
                 first_logits: params.want_first_logits.then(|| Vec::with_capacity(vocab)),
                 finished: None,
+                logprobs: params.logprobs,
+                pending_logprobs: None,
                 stream: None,
             },
         );
@@ -671,6 +750,7 @@ impl<B: Backend> Engine<B> {
                     token: None,
                     text: String::new(),
                     finished: Some(reason),
+                    logprobs: None,
                 });
             }
         }
@@ -737,6 +817,7 @@ impl<B: Backend> Engine<B> {
                 token: None,
                 text: String::new(),
                 finished: Some(reason),
+                logprobs: None,
             });
         }
         let Some(plan) = out.plan else {
@@ -767,6 +848,7 @@ impl<B: Backend> Engine<B> {
                         token: None,
                         text: String::new(),
                         finished: Some(FinishReason::Error(msg.clone())),
+                        logprobs: None,
                     });
                 }
                 self.forward_to_streams(&events);
@@ -815,6 +897,13 @@ impl<B: Backend> Engine<B> {
                     }
                 }
             });
+            if let (Some(n), Some(t), Some(row)) = (r.logprobs, tok, plan.sample_rows[i]) {
+                r.pending_logprobs = Some(TokenLogprobs::from_logits(
+                    out.row(row as usize, vocab),
+                    t,
+                    n,
+                ));
+            }
             self.sampled.push(tok);
         }
         let updates = self.scheduler.postprocess(&plan, &self.sampled);
@@ -861,6 +950,11 @@ impl<B: Backend> Engine<B> {
                 token: u.new_token,
                 text,
                 finished,
+                logprobs: if u.new_token.is_some() {
+                    r.pending_logprobs.take()
+                } else {
+                    None
+                },
             });
         }
         // Units released by postprocess: the step's work was read back, so
@@ -890,8 +984,9 @@ impl<B: Backend> Engine<B> {
                 continue;
             };
             let p = r.sampler.params();
-            let wants_row =
-                r.prompt_logits.is_some() || r.first_logits.as_ref().is_some_and(|f| f.is_empty());
+            let wants_row = r.prompt_logits.is_some()
+                || r.logprobs.is_some()
+                || r.first_logits.as_ref().is_some_and(|f| f.is_empty());
             let penalize = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
             self.needs[row as usize] = if wants_row || penalize {
                 RowNeed::Full
@@ -993,6 +1088,23 @@ fn stop_safe_len(text: &str, stops: &[String], reported: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_best_first() {
+        let row = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln() as f32;
+        let lp = TokenLogprobs::from_logits(&row, 2, 3);
+        assert!((lp.logprob - (2.0 - lse)).abs() < 1e-6);
+        // Descending, ties to the lower id.
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        assert!((lp.top[0].1 - (3.0 - lse)).abs() < 1e-6);
+        let all = TokenLogprobs::from_logits(&row, 4, 20);
+        assert_eq!(all.top.len(), row.len());
+        let mass: f64 = all.top.iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-5, "{mass}");
+        assert!(TokenLogprobs::from_logits(&row, 0, 0).top.is_empty());
+    }
 
     #[test]
     fn stop_strings_are_found_across_pieces_and_held_back() {

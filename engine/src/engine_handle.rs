@@ -46,15 +46,18 @@
 //!
 //! A command is one channel send plus, for `submit` and `abort`, one reply:
 //! it waits at most for the step in flight. [`EngineHandle::stats`] is one
-//! uncontended mutex lock and a copy of a few hundred bytes, no round trip to
+//! uncontended mutex lock and a copy of about a kilobyte (six small heap
+//! blocks: the memory totals' per-tag list), no round trip to
 //! the engine thread. The snapshot is refreshed once per loop iteration
-//! (`O(log free pool blocks)`).
+//! (`O(segments + free pool blocks + running requests)`, and a device
+//! memory reading at most every 100 ms).
 
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use pagoda_backend::{Backend, PoolStats};
+use pagoda_backend::{Backend, DeviceMemory, PoolStats};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::{Engine, GenerationParams, RequestOutput};
@@ -63,7 +66,7 @@ use crate::model::LlamaConfig;
 use crate::plan::MemoryPlan;
 use crate::scheduler::SchedulerStats;
 use crate::sequence::{FinishReason, SeqId};
-use crate::telemetry::TelemetryEvent;
+use crate::telemetry::{MemoryTotals, TelemetryEvent};
 use crate::tokenizer::Tokenizer;
 
 /// A prompt: token ids, or text tokenized on the submitting thread the way
@@ -108,6 +111,11 @@ pub struct EngineStats {
     pub num_running: usize,
     /// Requests queued for admission.
     pub num_waiting: usize,
+    /// Preempted requests whose KV pages are swapped out to host memory.
+    pub num_swapped: usize,
+    /// Token positions whose K/V the running requests hold, summed over
+    /// requests (a prefix page shared by two requests counts twice).
+    pub num_kv_tokens: usize,
     /// Request states the engine holds (finished ones are removed every
     /// iteration, so this is `num_running + num_waiting` between iterations).
     pub num_requests_held: usize,
@@ -139,8 +147,12 @@ pub struct EngineStats {
     pub num_requests_failed: u64,
     /// Scheduler totals (preemptions, prefix-cache hits).
     pub scheduler: SchedulerStats,
-    /// Pool totals (reserved, allocated, per tag, fragmentation).
+    /// Pool totals (reserved, allocated, per tag, per size class, fragmentation).
     pub pool: PoolStats,
+    /// Device memory, pool, KV arena and graph totals: the telemetry
+    /// stream's `totals` (`docs/trace-schema.md`); the device memory
+    /// reading is at most 100 ms old.
+    pub memory: MemoryTotals,
     /// Whether the engine thread has stopped.
     pub stopped: bool,
 }
@@ -250,6 +262,7 @@ impl EngineHandle {
             commands: rx,
             stats: stats.clone(),
             counters: EngineStats::default(),
+            device: None,
         };
         worker.publish();
         let thread = std::thread::Builder::new()
@@ -303,9 +316,10 @@ impl EngineHandle {
         answer.recv().map_err(|_| stopped())?
     }
 
-    /// A telemetry subscriber: `StepStats` every step, plus a
-    /// `MemorySnapshot` when `snapshots`. Never slows the engine: a full
-    /// channel of `capacity` events drops new ones.
+    /// A telemetry subscriber: `StepStats` every step, plus memory events
+    /// when `snapshots`, the first a keyframe of the state at subscription
+    /// (sent at once, also to an idle engine), then deltas. Never slows the
+    /// engine: a full channel of `capacity` events drops new ones.
     pub fn subscribe_telemetry(
         &self,
         capacity: usize,
@@ -384,7 +398,12 @@ struct Worker<B: Backend> {
     stats: Arc<Mutex<EngineStats>>,
     /// Running totals; the gauges are filled in by [`Worker::publish`].
     counters: EngineStats,
+    /// The last device memory reading and when it was taken.
+    device: Option<(Instant, DeviceMemory)>,
 }
+
+/// How old the stats' device memory reading may be.
+const DEVICE_READING_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Whether the loop goes on after a command.
 #[derive(PartialEq)]
@@ -463,7 +482,7 @@ impl<B: Backend> Worker<B> {
                 snapshots,
                 reply,
             } => {
-                let _ = reply.send(self.engine.telemetry().subscribe(capacity, snapshots));
+                let _ = reply.send(self.engine.subscribe_telemetry_now(capacity, snapshots));
             }
             Command::Shutdown => return Flow::Stop,
         }
@@ -496,18 +515,38 @@ impl<B: Backend> Worker<B> {
     }
 
     fn publish(&mut self) {
+        // A device memory reading (on the CPU, a read of /proc/meminfo) at
+        // most every DEVICE_READING_INTERVAL, not every step.
+        let device = match self.device {
+            Some((at, d)) if at.elapsed() < DEVICE_READING_INTERVAL => d,
+            _ => {
+                let d = crate::telemetry::device_memory(self.engine.runner());
+                self.device = Some((Instant::now(), d));
+                d
+            }
+        };
         let s = self.engine.scheduler();
         let bm = s.block_manager();
+        let pool = self.engine.runner().pool().stats();
+        let num_kv_tokens = s
+            .running_ids()
+            .iter()
+            .filter_map(|&id| s.get(id))
+            .map(|q| q.num_computed_tokens)
+            .sum();
         let snapshot = EngineStats {
             num_running: s.num_running(),
             num_waiting: s.num_waiting(),
+            num_swapped: s.num_swapped(),
+            num_kv_tokens,
+            memory: crate::telemetry::totals_with(self.engine.runner(), s, &pool, device),
             num_requests_held: self.engine.num_requests(),
             num_sequences_held: s.num_sequences(),
             num_kv_pages: bm.num_pages(),
             num_kv_pages_free: bm.num_free_pages(),
             num_kv_pages_cached: bm.num_cached_free_pages(),
             scheduler: s.stats().clone(),
-            pool: self.engine.runner().pool().stats(),
+            pool,
             ..self.counters.clone()
         };
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = snapshot;

@@ -29,7 +29,8 @@ pub mod telemetry;
 pub mod tokenizer;
 
 pub use engine::{
-    Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, RequestOutput,
+    Completion, Engine, EngineBuilder, EngineConfig, GenerationParams, MAX_TOP_LOGPROBS,
+    RequestOutput, TokenLogprobs,
 };
 pub use engine_handle::{EngineHandle, EngineInfo, EngineStats, Prompt};
 pub use error::{EngineError, Result};

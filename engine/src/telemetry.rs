@@ -18,8 +18,10 @@
 //! # Policy
 //!
 //! 1. A subscriber's first memory event is a keyframe (a late subscriber can
-//!    start at once), and so is the first one after an event was dropped for
-//!    it (a delta only applies to the state just before it).
+//!    start at once; [`Telemetry::subscribe_now`] sends it at subscription,
+//!    stamped with the last memory event's step, which the next delta
+//!    follows), and so is the first one after an event was dropped for it
+//!    (a delta only applies to the state just before it).
 //! 2. Every [`Telemetry::keyframe_interval`] memory events (default
 //!    [`DEFAULT_KEYFRAME_INTERVAL`]) everyone gets a keyframe, so a replay can
 //!    seek to any step by reading back to the nearest keyframe.
@@ -251,18 +253,34 @@ impl MemoryState {
     }
 }
 
+/// The totals of an engine's parts now (one device memory reading, the
+/// pool's and the KV arena's counters): what every memory event carries.
 fn totals<B: Backend>(
     runner: &ModelRunner<B>,
     s: &Scheduler,
     pool: &pagoda_backend::PoolStats,
 ) -> MemoryTotals {
-    let dev = runner
+    totals_with(runner, s, pool, device_memory(runner))
+}
+
+/// The backend's device memory reading (zeros when it has none).
+pub(crate) fn device_memory<B: Backend>(runner: &ModelRunner<B>) -> pagoda_backend::DeviceMemory {
+    runner
         .backend()
         .memory()
         .unwrap_or(pagoda_backend::DeviceMemory {
             total_bytes: 0,
             free_bytes: 0,
-        });
+        })
+}
+
+/// [`totals`] with a device memory reading taken earlier.
+pub(crate) fn totals_with<B: Backend>(
+    runner: &ModelRunner<B>,
+    s: &Scheduler,
+    pool: &pagoda_backend::PoolStats,
+    dev: pagoda_backend::DeviceMemory,
+) -> MemoryTotals {
     let kv = runner.kv_cache();
     let bm = s.block_manager();
     MemoryTotals {
@@ -396,6 +414,45 @@ impl Telemetry {
             needs_keyframe: true,
         });
         rx
+    }
+
+    /// A new subscriber, as [`Telemetry::subscribe`], that with
+    /// `with_memory` gets a keyframe of the state *now* at once, so a viewer
+    /// that connects to an idle engine sees its memory without waiting for
+    /// a step. The keyframe carries the step of the last memory event (0
+    /// before any), so the next delta, which holds every change since that
+    /// step, applies to it: a delta replaces what changed with its current
+    /// value, and changes the keyframe already shows are set to the same
+    /// values again.
+    pub fn subscribe_now(
+        &mut self,
+        capacity: usize,
+        with_memory: bool,
+        memory: &impl MemorySource,
+    ) -> Receiver<TelemetryEvent> {
+        let rx = self.subscribe(capacity, with_memory);
+        if with_memory {
+            let key = self.keyframe(self.baseline.step_id.unwrap_or(0), memory);
+            if let Some(s) = self.subscribers.last_mut()
+                && s.tx.try_send(key).is_ok()
+            {
+                s.needs_keyframe = false;
+            }
+        }
+        rx
+    }
+
+    /// A keyframe of `memory` now, stamped with `step_id`.
+    fn keyframe(&self, step_id: u64, memory: &impl MemorySource) -> TelemetryEvent {
+        TelemetryEvent::Keyframe(Keyframe {
+            schema: SCHEMA.to_string(),
+            step_id,
+            t_us: self.now_us(),
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            memory: memory.capture(),
+        })
     }
 
     /// Memory events between keyframes sent to everyone.

@@ -42,6 +42,6 @@ pub use host_buffer::{HeapBuffer, HostBuffer};
 pub use kv_cache::{KvGeometry, KvLayerRef, KvLayout, MAX_KV_PIECES};
 pub use memory_tag::MemoryTag;
 pub use pool::{
-    Block, BufRef, Pool, PoolChanges, PoolConfig, PoolSnapshot, PoolStats, RawAllocator,
-    RawSegment, SegmentId,
+    Block, BufRef, ClassStats, Pool, PoolChanges, PoolConfig, PoolSnapshot, PoolStats,
+    RawAllocator, RawSegment, SegmentId,
 };

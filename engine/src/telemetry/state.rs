@@ -25,7 +25,7 @@ use crate::plan::MemoryPlan;
 pub const SCHEMA: &str = "pagoda-trace/2";
 
 /// Bytes and blocks of one tag.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TagTotals {
     /// `weights`, `activations`, `kv`, `graph` or `scratch`.
     pub tag: String,
@@ -38,7 +38,7 @@ pub struct TagTotals {
 }
 
 /// Totals of the caching pool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PoolTotals {
     /// Bytes held from the backend in segments.
     pub reserved_bytes: u64,
@@ -91,7 +91,7 @@ impl PoolTotals {
 }
 
 /// Totals of the paged KV cache.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KvTotals {
     /// Pages (the length of the page map).
     pub num_pages: u64,
@@ -120,7 +120,7 @@ pub struct GraphTotals {
 }
 
 /// The numbers sent with every memory event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryTotals {
     /// Device memory (host RAM on the CPU backend); a live reading.
     pub device_total_bytes: u64,

@@ -241,6 +241,29 @@ pub struct PoolStats {
     pub requested_by_tag: [u64; 5],
     /// Live blocks per tag (for `graph`: captured graphs, one block each).
     pub live_blocks_by_tag: [usize; 5],
+    /// Segments of each size class: `[small, large]` (requests up to
+    /// [`SMALL_REQUEST_MAX_BYTES`] are served from small segments only).
+    pub by_class: [ClassStats; 2],
+}
+
+/// The segments of one size class ([`PoolStats::by_class`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ClassStats {
+    /// Segments of the class.
+    pub num_segments: usize,
+    /// Bytes of those segments.
+    pub reserved_bytes: u64,
+    /// Bytes in their free blocks.
+    pub free_bytes: u64,
+    /// Their largest free block.
+    pub largest_free_bytes: u64,
+    /// `1 - largest_free / free` over the class (0 when nothing is free).
+    pub fragmentation: f64,
+}
+
+impl ClassStats {
+    /// The names of the classes, in [`PoolStats::by_class`] order.
+    pub const NAMES: [&'static str; 2] = ["small", "large"];
 }
 
 impl PoolStats {

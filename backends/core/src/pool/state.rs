@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::{
-    BlockInfo, MemoryTag, PoolChanges, PoolStats, RawSegment, SMALL_REQUEST_MAX_BYTES, SegmentId,
-    SegmentInfo,
+    BlockInfo, ClassStats, MemoryTag, PoolChanges, PoolStats, RawSegment, SMALL_REQUEST_MAX_BYTES,
+    SegmentId, SegmentInfo,
 };
 
 /// Most distinct block labels the pool interns; later new labels share
@@ -44,7 +44,7 @@ impl SizeClass {
         }
     }
 
-    fn index(self) -> usize {
+    pub(super) fn index(self) -> usize {
         match self {
             SizeClass::Small => 0,
             SizeClass::Large => 1,
@@ -428,6 +428,17 @@ impl State {
             .map(|key| key.0)
             .max()
             .unwrap_or(0);
+        let mut by_class = [ClassStats::default(); 2];
+        for seg in self.segments.values() {
+            let c = &mut by_class[seg.class.index()];
+            c.num_segments += 1;
+            c.reserved_bytes += seg.bytes;
+        }
+        for (c, free) in by_class.iter_mut().zip(&self.free) {
+            c.free_bytes = free.iter().map(|key| key.0).sum();
+            c.largest_free_bytes = free.last().map_or(0, |key| key.0);
+            c.fragmentation = fragmentation(c.largest_free_bytes, c.free_bytes);
+        }
         PoolStats {
             reserved_bytes: self.reserved,
             allocated_bytes: self.allocated,
@@ -440,6 +451,7 @@ impl State {
             allocated_by_tag: self.by_tag,
             requested_by_tag: self.requested_by_tag,
             live_blocks_by_tag: self.live_by_tag,
+            by_class,
         }
     }
 

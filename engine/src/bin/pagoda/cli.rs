@@ -9,7 +9,7 @@ use pagoda::sampler::SamplingParams;
 
 use crate::backend::{BackendArg, BackendParser};
 use crate::commands::{
-    bench, chat, devices, generate, logits, perplexity, plan, quantize, tokenize,
+    bench, chat, devices, generate, logits, perplexity, plan, quantize, serve, tokenize,
 };
 
 /// Pagoda: an LLM inference engine that shows where every byte goes.
@@ -196,4 +196,7 @@ pub enum Command {
     Devices(devices::Args),
     /// Write a GGUF in another weight type (llama-quantize's mixes, no importance matrix).
     Quantize(quantize::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, with Prometheus
+    /// metrics and a telemetry stream.
+    Serve(serve::Args),
 }

@@ -7,12 +7,13 @@
 //! flag groups commands share, `backend.rs` the one place a backend is named,
 //! `setup.rs` the helpers every command uses (model source, engine settings,
 //! building), `commands/<name>.rs` one subcommand each with its flags and
-//! `exec`.
+//! `exec`, `server/` the HTTP server behind `pagoda serve`.
 
 #[macro_use]
 mod backend;
 mod cli;
 mod commands;
+mod server;
 mod setup;
 
 use std::process::ExitCode;

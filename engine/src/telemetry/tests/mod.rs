@@ -140,6 +140,41 @@ fn keyframe_first_then_deltas_then_a_keyframe_every_n_events() {
 }
 
 #[test]
+fn subscribe_now_sends_a_keyframe_at_once_that_the_next_delta_follows() {
+    let mut t = Telemetry::new();
+    let mut fake = Fake::default();
+    // Before any memory event: a keyframe of step 0.
+    let first = t.subscribe_now(100, true, &fake);
+    let got: Vec<_> = first.try_iter().collect();
+    assert!(matches!(&got[..], [TelemetryEvent::Keyframe(k)] if k.step_id == 0));
+    for i in 1..=3 {
+        fake.value = i;
+        t.publish_step(stats(i), &mut fake);
+    }
+    // The state changes between steps, then a viewer connects.
+    fake.value = 7;
+    let late = t.subscribe_now(100, true, &fake);
+    fake.value = 8;
+    t.publish_step(stats(4), &mut fake);
+    let mut trace = Trace::default();
+    for ev in late.try_iter() {
+        trace.push(ev).unwrap();
+    }
+    let k: Vec<_> = trace.events().iter().map(TelemetryEvent::step_id).collect();
+    assert_eq!(
+        k,
+        vec![3, 4, 4],
+        "keyframe at the last memory step, then step 4's events"
+    );
+    assert!(matches!(trace.events()[2], TelemetryEvent::Delta(_)));
+    let states = trace.replay().expect("the delta follows the keyframe");
+    assert_eq!(states[0].1.totals.kv.free_pages, 7);
+    assert_eq!(states.last().unwrap().1.totals.kv.free_pages, 8);
+    // Without memory events: nothing at once.
+    assert_eq!(kinds(&t.subscribe_now(10, false, &fake)), "");
+}
+
+#[test]
 fn a_subscriber_that_dropped_a_memory_event_gets_a_keyframe_next() {
     let mut t = Telemetry::new();
     t.set_keyframe_interval(1000);
@@ -219,6 +254,47 @@ fn without_live_readings(mut m: MemoryState) -> MemoryState {
     assert!(m.totals.device_total_bytes > 0);
     m.totals.device_free_bytes = 0;
     m
+}
+
+/// A viewer that subscribes between steps, after an abort and a removal
+/// changed pages and pool blocks since the last memory event, replays to
+/// the full capture at every later step.
+#[test]
+fn a_keyframe_sent_at_subscription_is_followed_by_the_next_deltas() {
+    let path = tiny_model();
+    let mut e = engine(&path, 16, 4);
+    let ids: Vec<SeqId> = (0..3u32)
+        .map(|i| {
+            e.add_request((10..20 + i).collect(), params(20, i as u64))
+                .unwrap()
+        })
+        .collect();
+    let _warm = e.telemetry().subscribe(1 << 10, true);
+    for _ in 0..3 {
+        e.step().unwrap();
+    }
+    // Between steps: an abort frees pages, removal drops the request.
+    e.abort(ids[0]).unwrap();
+    e.remove_finished();
+    let late = e.subscribe_telemetry_now(1 << 16, true);
+    let at_once = without_live_readings(e.memory_state());
+    let mut trace = Trace::default();
+    for ev in late.try_iter() {
+        trace.push(ev).unwrap();
+    }
+    let (_, first) = trace.replay().unwrap().pop().expect("a keyframe at once");
+    assert_eq!(without_live_readings(first), at_once);
+    while e.has_unfinished() {
+        e.step().unwrap();
+        for ev in late.try_iter() {
+            trace.push(ev).unwrap();
+        }
+        let (_, replayed) = trace.replay().expect("no gap").pop().unwrap();
+        assert_eq!(
+            without_live_readings(replayed),
+            without_live_readings(e.memory_state())
+        );
+    }
 }
 
 /// Pins the invariant: for every subscriber (from the start, late, slow),

@@ -562,7 +562,8 @@ fn budget_is_enforced() {
             ..PoolConfig::default()
         },
     );
-    let big = pool.alloc(3 * MIB, MemoryTag::Weights).unwrap();
+    // 4 MiB large segment; the remainder of 1.5 MiB (above 1 MiB) is split off.
+    let big = pool.alloc(2 * MIB + 512 * KIB, MemoryTag::Weights).unwrap();
     assert_eq!(pool.stats().reserved_bytes, 4 * MIB);
     // A 2 MiB small segment would exceed the budget; a segment of just the
     // request fits.
@@ -656,7 +657,8 @@ fn empty_cache_returns_free_segments() {
     let pool = new_pool(&raw);
     let small = pool.alloc(KIB, MemoryTag::Scratch).unwrap();
     let small_kept = pool.alloc(KIB, MemoryTag::Scratch).unwrap();
-    let big = pool.alloc(3 * MIB, MemoryTag::Weights).unwrap();
+    // 4 MiB large segment; the remainder of 1.5 MiB (above 1 MiB) is split off.
+    let big = pool.alloc(2 * MIB + 512 * KIB, MemoryTag::Weights).unwrap();
     let big_kept = pool.alloc(5 * MIB, MemoryTag::Weights).unwrap();
     assert_eq!(pool.stats().num_segments, 3);
     drop((small, big));
@@ -1077,4 +1079,34 @@ fn segments_never_exceed_the_largest_buffer() {
     let err = pool.alloc(4 * MIB + 1, MemoryTag::Weights).unwrap_err();
     assert!(err.to_string().contains("largest buffer"), "{err}");
     drop((a, b));
+}
+
+#[test]
+fn stats_by_size_class_split_segments_and_free_bytes() {
+    let raw = FakeRaw::new();
+    let pool = new_pool(&raw);
+    let a = pool.alloc(256 * KIB, MemoryTag::Kv).unwrap();
+    let b = pool.alloc(256 * KIB, MemoryTag::Kv).unwrap();
+    let _c = pool.alloc(256 * KIB, MemoryTag::Kv).unwrap();
+    // 4 MiB large segment; the remainder of 1.5 MiB (above 1 MiB) is split off.
+    let big = pool.alloc(2 * MIB + 512 * KIB, MemoryTag::Weights).unwrap();
+    drop(a);
+    drop(b);
+    let s = pool.stats();
+    let [small, large] = s.by_class;
+    assert_eq!((small.num_segments, large.num_segments), (1, 1));
+    assert_eq!(
+        small.reserved_bytes + large.reserved_bytes,
+        s.reserved_bytes
+    );
+    assert_eq!(small.free_bytes + large.free_bytes, s.free_bytes);
+    // Small segment: a and b coalesced (512 KiB) before c, the tail after it.
+    assert_eq!(small.free_bytes, 2 * MIB - 256 * KIB);
+    assert_eq!(small.largest_free_bytes, 2 * MIB - 768 * KIB);
+    let f = 1.0 - small.largest_free_bytes as f64 / small.free_bytes as f64;
+    assert!((small.fragmentation - f).abs() < 1e-12);
+    assert_eq!(large.reserved_bytes, 4 * MIB);
+    assert_eq!(large.free_bytes, MIB + 512 * KIB);
+    assert_eq!(large.fragmentation, 0.0);
+    drop(big);
 }

@@ -10,6 +10,7 @@ pub mod logits;
 pub mod perplexity;
 pub mod plan;
 pub mod quantize;
+pub mod serve;
 pub mod tokenize;
 
 use anyhow::Result;
@@ -28,5 +29,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plan(a) => plan::exec(a),
         Command::Devices(a) => devices::exec(a),
         Command::Quantize(a) => quantize::exec(a),
+        Command::Serve(a) => serve::exec(a),
     }
 }
