@@ -293,6 +293,42 @@ pub fn greedy_matches_llama_cpp<B: Backend>(backend: Arc<B>) {
     }
 }
 
+/// [`greedy_matches_llama_cpp`] with every case in one batch (decoded together, as batch
+/// invariance allows): the same checks in one eighth of the steps, for slow backends.
+pub fn greedy_matches_llama_cpp_batched<B: Backend>(backend: Arc<B>) {
+    let fx = load_fixture("greedy.json");
+    let cases = fx["cases"].as_array().unwrap();
+    let mut engine = engine_on(
+        backend,
+        EngineConfig {
+            max_seqs: Some(cases.len()),
+            ..EngineConfig::default()
+        },
+    );
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_tokens"])).collect();
+    for (case, p) in cases.iter().zip(&prompts) {
+        assert_eq!(
+            &engine.tokenize(case["prompt_text"].as_str().unwrap()),
+            p,
+            "case {}",
+            case["id"]
+        );
+    }
+    let outs = engine.generate(prompts, greedy(32)).unwrap();
+    assert_eq!(outs.len(), cases.len());
+    for (case, c) in cases.iter().zip(&outs) {
+        let want = ids(&case["generated_tokens"]);
+        let checked = clear_steps(case);
+        // Metric: generated ids; bound: equal before the first low-margin step.
+        assert_eq!(
+            &c.generated_tokens[..checked.min(c.generated_tokens.len())],
+            &want[..checked.min(want.len())],
+            "case {}",
+            case["id"]
+        );
+    }
+}
+
 /// Teacher-forcing each `greedy.json` reference continuation: the argmax
 /// equals llama.cpp's at every step whose margin is at least 0.3 (more than
 /// 100 such steps).

@@ -49,7 +49,7 @@ both!(
 both!(
     greedy_generation_matches_llama_cpp_up_to_low_margin_steps,
     greedy_generation_matches_llama_cpp_up_to_low_margin_steps_masked,
-    reference::greedy_matches_llama_cpp
+    reference::greedy_matches_llama_cpp_batched
 );
 both!(
     perplexity_of_the_first_chunk_matches_the_exact_reference,

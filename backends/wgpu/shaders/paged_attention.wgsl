@@ -10,7 +10,8 @@
 // Workgroups: one per (token, head), head fastest; 32 invocations. Invocation l takes keys
 //   l, l + 32, … of positions 0 ..= min(pos, context_len − 1) with its own running max, sum
 //   and output row (online softmax); the 32 partial states are merged in workgroup memory.
-// Limits: head_dim ≤ 128 (checked by the host).
+// Constants: override HEAD_DIM (the layout's head_dim, ≤ 128, checked by the host), so the
+//   per-key loops have constant trip counts.
 
 @group(0) @binding(1) var<storage, read_write> Q: array<f32>;
 @group(0) @binding(2) var<storage, read_write> O: array<f32>;
@@ -19,6 +20,7 @@
 @group(0) @binding(5) var<storage, read_write> CTX: array<u32>;
 @group(0) @binding(6) var<storage, read_write> QSL: array<u32>;
 
+override HEAD_DIM: u32 = 64u;
 const LANES: u32 = 32u;
 const MAX_HD: u32 = 128u;
 
@@ -37,14 +39,15 @@ fn paged_attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let t = g / heads;
     let h = g % heads;
     if (t >= ntok) { return; }
-    let hd = kv.head_dim;
+    let hd = HEAD_DIM;
     // The sequence of token t: the last s with query_start_locs[s] <= t.
     var s = 0u;
     for (var i = 1u; i < nseq; i++) {
         if (QSL[off(5u) + i] <= t) { s = i; }
     }
     let ctx = CTX[off(4u) + s];
-    let last = min(POS[off(2u) + t], ctx - 1u);
+    // Keys 0 ..= min(pos, ctx − 1); none for an empty sequence (its rows come out zero).
+    let nkeys = select(0u, min(POS[off(2u) + t], ctx - 1u) + 1u, ctx > 0u);
     let kvh = h / (heads / kv.kv_heads);
     let q0 = off(0u) + (t * heads + h) * hd;
     for (var e = lid; e < hd; e += LANES) { q_row[e] = Q[q0 + e]; }
@@ -54,7 +57,7 @@ fn paged_attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     var l = 0.0;
     var acc: array<f32, 128>;
     for (var e = 0u; e < hd; e++) { acc[e] = 0.0; }
-    for (var j = lid; j <= last; j += LANES) {
+    for (var j = lid; j < nkeys; j += LANES) {
         let page = BT[off(3u) + s * max_blocks + j / kv.page_size];
         let tok = j % kv.page_size;
         let kl = kv_loc(kv, page, 0u, tok, kvh);
@@ -85,6 +88,6 @@ fn paged_attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         for (var i = 0u; i < LANES; i++) {
             if (part_l[i] > 0.0) { v += part_acc[i * MAX_HD + e] * exp(part_m[i] - mm); }
         }
-        O[o0 + e] = v / ll;
+        O[o0 + e] = select(0.0, v / ll, ll > 0.0);
     }
 }

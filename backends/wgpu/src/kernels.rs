@@ -3,7 +3,8 @@
 //! - Sources: `shaders/*.wgsl` embedded with `include_str!`; each pipeline's module is
 //!   `common.wgsl`, then `weights.wgsl` (matmul, embedding) or the generated KV piece
 //!   bindings and `kv.wgsl` (kv_cache, paged_attention), then the shader itself.
-//! - Pipelines: cached by (shader, entry point, KV pieces), layouts derived from the shader.
+//! - Pipelines: cached by (shader, entry point, constants: KV pieces bound, the attention's
+//!   `override HEAD_DIM`), layouts derived from the shader.
 //! - Arguments: each `BufRef` is bound as a window of its buffer starting at the largest
 //!   offset-aligned byte at or below it; the word offset of the data inside the window goes
 //!   into the parameter buffer (`common.wgsl`).
@@ -46,8 +47,9 @@ pub enum Shader {
     Sampling,
     /// kv_cache.wgsl with this many KV pieces bound.
     KvCache(u32),
-    /// paged_attention.wgsl with this many KV pieces bound.
-    PagedAttention(u32),
+    /// paged_attention.wgsl with (KV pieces bound, head_dim): head_dim is the shader's
+    /// `override HEAD_DIM`, so its loops have constant trip counts.
+    PagedAttention(u32, u32),
 }
 
 const COMMON: &str = include_str!("../shaders/common.wgsl");
@@ -147,7 +149,7 @@ pub fn module_source(shader: Shader) -> String {
         Shader::Rope => format!("{COMMON}\n{}", file("rope.wgsl")),
         Shader::Sampling => format!("{COMMON}\n{}", file("sampling.wgsl")),
         Shader::KvCache(p) => format!("{COMMON}\n{}\n{}", kv(p, true), file("kv_cache.wgsl")),
-        Shader::PagedAttention(p) => {
+        Shader::PagedAttention(p, _) => {
             format!(
                 "{COMMON}\n{}\n{}",
                 kv(p, false),
@@ -171,7 +173,7 @@ pub const ENTRY_POINTS: [(Shader, &str); 13] = [
     (Shader::Sampling, "top_k_rows"),
     (Shader::KvCache(1), "write_kv"),
     (Shader::KvCache(1), "copy_pages"),
-    (Shader::PagedAttention(1), "paged_attention"),
+    (Shader::PagedAttention(1, 64), "paged_attention"),
 ];
 
 /// Pipeline cache and the pending encoder.
@@ -219,12 +221,20 @@ impl Shared {
             label: Some(entry),
             source: wgpu::ShaderSource::Wgsl(module_source(shader).into()),
         });
+        // Override constants: (shader, entry point, constants) is the cache key.
+        let constants: Vec<(&str, f64)> = match shader {
+            Shader::PagedAttention(_, hd) => vec![("HEAD_DIM", hd as f64)],
+            _ => Vec::new(),
+        };
         let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
             layout: None,
             module: &module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                ..Default::default()
+            },
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {

@@ -78,7 +78,7 @@ impl AttentionOps for WgpuBackend {
         params.extend(kv_params(OP, &cache)?);
         self.shared.dispatch(
             OP,
-            Shader::PagedAttention(pieces),
+            Shader::PagedAttention(pieces, u32_of(OP, l.head_dim)?),
             "paged_attention",
             &args,
             &params,

@@ -9,7 +9,7 @@ use pagoda::sampler::SamplingParams;
 
 use crate::backend::{BackendArg, BackendParser};
 use crate::commands::{
-    bench, chat, devices, generate, logits, perplexity, plan, quantize, serve, tokenize,
+    bench, chat, compare, devices, generate, logits, perplexity, plan, quantize, serve, tokenize,
 };
 
 /// Pagoda: an LLM inference engine that shows where every byte goes.
@@ -194,6 +194,9 @@ pub enum Command {
     Plan(plan::Args),
     /// List every backend and the devices each finds.
     Devices(devices::Args),
+    /// Run the same prompts on several backends: logits and KL against the CPU, greedy
+    /// agreement, speed and memory.
+    Compare(compare::Args),
     /// Write a GGUF in another weight type (llama-quantize's mixes, no importance matrix).
     Quantize(quantize::Args),
     /// Serve the model over an OpenAI-compatible HTTP API, with Prometheus

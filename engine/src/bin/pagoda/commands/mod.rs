@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod compare;
 pub mod devices;
 pub mod generate;
 pub mod logits;
@@ -28,6 +29,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::exec(a),
         Command::Plan(a) => plan::exec(a),
         Command::Devices(a) => devices::exec(a),
+        Command::Compare(a) => compare::exec(a),
         Command::Quantize(a) => quantize::exec(a),
         Command::Serve(a) => serve::exec(a),
     }
