@@ -4,8 +4,10 @@
 // Bindings: 1 X: array<f32> (n, k); 2 W: array<u32>, the weight piece (weights.wgsl's
 //   layout); 3 OUT: array<f32> (n, out_stride), columns 0 .. m written.
 // Params: 0 n, 1 k, 2 m, 3 out_stride, 4 accumulate (0/1), 5 dtype, 6 blocks in the piece.
-// Workgroups: one per (64 rows, group of 8 tokens), rows fastest: ceil(m / 64) · ceil(n / 8)
-//   in all; invocation l owns row j = 64 · (group % row groups) + l and the group's tokens,
+// Constants: override TOK, tokens a workgroup takes (8, or 32 for prefill-sized n: each
+//   weight block is then decoded once per 32 tokens).
+// Workgroups: one per (64 rows, group of TOK tokens), rows fastest: ceil(m / 64) ·
+//   ceil(n / TOK) in all; invocation l owns row j = 64 · (group % row groups) + l and the group's tokens,
 //   one accumulator per token, fed block by block (quantized) or element by element
 //   (float) in row order: every output has one summation order, whatever the batch or the
 //   other rows (no reduction across invocations, no barrier).
@@ -15,7 +17,8 @@
 @group(0) @binding(2) var<storage, read_write> W: array<u32>;
 @group(0) @binding(3) var<storage, read_write> OUT: array<f32>;
 
-const TOK: u32 = 8u;
+override TOK: u32 = 8u;
+const MAX_TOK: u32 = 32u;
 const WG: u32 = 64u;
 
 @compute @workgroup_size(64)
@@ -30,7 +33,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (j >= m || t0 >= n) { return; }
     let nt = min(TOK, n - t0);
     let xb = off(0u); let wb = off(1u); let ob = off(2u);
-    var acc: array<f32, 8>;
+    var acc: array<f32, MAX_TOK>;
     for (var t = 0u; t < TOK; t++) { acc[t] = 0.0; }
     if (dt >= DT_Q8_0) {
         let nb = k / 32u;

@@ -33,8 +33,8 @@ const MAX_GROUPS: u32 = 65535;
 /// The shaders (the stems of `kernels/*.cu` and the CPU backend's files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Shader {
-    /// matmul.wgsl.
-    Matmul,
+    /// matmul.wgsl with this many tokens a workgroup (`override TOK`: 8 or 32).
+    Matmul(u32),
     /// embedding.wgsl.
     Embedding,
     /// rms_norm.wgsl.
@@ -142,7 +142,7 @@ pub fn kv_prelude(pieces: u32, atomic: bool) -> String {
 pub fn module_source(shader: Shader) -> String {
     let kv = |p: u32, atomic: bool| format!("{}\n{}", kv_prelude(p, atomic), KV);
     match shader {
-        Shader::Matmul => format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl")),
+        Shader::Matmul(_) => format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl")),
         Shader::Embedding => format!("{COMMON}\n{WEIGHTS}\n{}", file("embedding.wgsl")),
         Shader::RmsNorm => format!("{COMMON}\n{}", file("rms_norm.wgsl")),
         Shader::Elementwise => format!("{COMMON}\n{}", file("elementwise.wgsl")),
@@ -160,8 +160,9 @@ pub fn module_source(shader: Shader) -> String {
 }
 
 /// Every (shader, entry point) the backend dispatches, for validation and warm-up.
-pub const ENTRY_POINTS: [(Shader, &str); 13] = [
-    (Shader::Matmul, "matmul"),
+pub const ENTRY_POINTS: [(Shader, &str); 14] = [
+    (Shader::Matmul(8), "matmul"),
+    (Shader::Matmul(32), "matmul"),
     (Shader::Embedding, "embedding"),
     (Shader::RmsNorm, "rms_norm"),
     (Shader::Elementwise, "silu_mul"),
@@ -224,6 +225,7 @@ impl Shared {
         // Override constants: (shader, entry point, constants) is the cache key.
         let constants: Vec<(&str, f64)> = match shader {
             Shader::PagedAttention(_, hd) => vec![("HEAD_DIM", hd as f64)],
+            Shader::Matmul(tok) => vec![("TOK", tok as f64)],
             _ => Vec::new(),
         };
         let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -170,13 +170,15 @@ impl TensorOps for WgpuBackend {
             dt,
             u32_of(op, Self::blocks(w_dtype, d.m, d.k))?,
         ];
+        // Prefill-sized batches take 32 tokens a workgroup (same per-output order).
+        let tok = if d.n >= 32 { 32 } else { 8 };
         self.shared.dispatch(
             op,
-            Shader::Matmul,
+            Shader::Matmul(tok),
             "matmul",
             &[(1, x), (2, w), (3, out)],
             &params,
-            u32_of(op, d.m.div_ceil(64) * d.n.div_ceil(8))?,
+            u32_of(op, d.m.div_ceil(64) * d.n.div_ceil(tok as usize))?,
         )
     }
 
