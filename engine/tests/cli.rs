@@ -493,13 +493,6 @@ fn unknown_quant_type_and_unsupported_architecture_are_clear_errors() {
     assert_clean_failure(&out, "general.architecture");
 }
 
-/// Asserts the run failed with exactly one stderr line, `error: {line}`.
-fn assert_one_error_line(out: &Output, line: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure; stderr: {err}");
-    assert_eq!(err.trim_end(), format!("error: {line}"), "stderr: {err}");
-}
-
 #[test]
 fn a_wgpu_adapter_no_name_matches_is_one_clear_error_line() {
     // Every known backend is compiled into the default build; an adapter name that

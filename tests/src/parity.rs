@@ -63,13 +63,15 @@ const PAGE: usize = 16;
 
 const KV_TYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0];
 
-/// The weight types both backends compute with.
+/// The weight types both backends compute with, of 32-element blocks (the shapes here are
+/// SmolLM2's, 576 wide; the 256-element K-quants need their own cases once a GPU backend
+/// has them — on the CPU they are checked by its matmul tests).
 fn common_weight_types<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>) -> Vec<DType> {
     a.info()
         .weight_dtypes
         .iter()
         .copied()
-        .filter(|d| b.info().supports_weight(*d))
+        .filter(|d| b.info().supports_weight(*d) && d.block_size() <= 32)
         .collect()
 }
 
