@@ -597,7 +597,10 @@ fn devices_lists_every_backend_and_the_cpu_device() {
     ] {
         assert!(text.contains(needle), "lacks {needle:?}: {text}");
     }
-    assert!(text.contains("wgpu adapters (--adapter NAME picks one): "), "{text}");
+    assert!(
+        text.contains("wgpu adapters (--adapter NAME picks one): "),
+        "{text}"
+    );
     assert!(text.contains("wgpu:0: "), "{text}");
 }
 
