@@ -110,7 +110,10 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         }
         DType::Q5_0 | DType::Q5_1 | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
             let decode =
-                crate::kquant::decoder(dtype).expect("a decoder for every 5-bit and K type");
+                crate::kquant::decoder(dtype).ok_or_else(|| BackendError::Unsupported {
+                    op: "dequantize_row",
+                    dtype: dtype.to_string(),
+                })?;
             let (bs, bb) = (dtype.block_size(), dtype.block_bytes());
             for (o, b) in dst.chunks_exact_mut(bs).zip(src.chunks_exact(bb)) {
                 decode(b, o);
@@ -217,7 +220,10 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         DType::Q4_1 => quantize_row_q4_1(src, dst)?,
         DType::Q5_0 | DType::Q5_1 | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
             let encode =
-                crate::kquantize::encoder(dtype).expect("an encoder for every 5-bit and K type");
+                crate::kquantize::encoder(dtype).ok_or_else(|| BackendError::Unsupported {
+                    op: "quantize_row",
+                    dtype: dtype.to_string(),
+                })?;
             let (bs, bb) = (dtype.block_size(), dtype.block_bytes());
             for (x, b) in src.chunks_exact(bs).zip(dst.chunks_exact_mut(bb)) {
                 encode(x, b);
