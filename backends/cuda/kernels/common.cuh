@@ -8,11 +8,11 @@
 //   Q4_0 (18 B / 32): d f16, qs u8[16]      -> d * (nib(j) - 8)
 //   Q4_1 (20 B / 32): d f16, m f16, qs[16]  -> d * nib(j) + m
 //   nib(j) = qs[j] & 15 for j < 16, qs[j - 16] >> 4 for j >= 16.
-// Quantized *weights* are repacked by the backend's upload_weight (src/weight_layout.rs):
-// for a (m, k) piece with nb = k / 32 blocks a row, first the quants of every block,
-// [m][nb][QB] bytes (QB = 32 for Q8_0, 16 for Q4_0 / Q4_1: 16-byte aligned, read with
-// 16-byte loads), then the scales, [m][nb][SB] bytes (SB = 2: d; Q4_1: 4, d then m).
-// Q8_0 KV rows keep the GGUF block layout.
+//   Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: as pagoda_backend::kquant (decode_half below).
+// Quantized *weights* are repacked by the backend's upload_weight
+// (pagoda_backend::weight_layout): one region per block field (`QLayout` below), the
+// quants first, 16-byte aligned and read with 16-byte loads. Q8_0 KV rows keep the GGUF
+// block layout.
 // KV arena pieces: `KvPieces` (by value, 64 piece base addresses), pages found
 // through the layer's page table (num_pages, 2) u32 = (piece, page in piece).
 
@@ -27,6 +27,11 @@ typedef unsigned long long u64;
 #define DT_Q8_0 3
 #define DT_Q4_0 4
 #define DT_Q4_1 5
+#define DT_Q5_0 6
+#define DT_Q5_1 7
+#define DT_Q4_K 8
+#define DT_Q5_K 9
+#define DT_Q6_K 10
 
 #define MAX_KV_PIECES 64
 #define INFINITY __int_as_float(0x7f800000)
@@ -98,7 +103,12 @@ __device__ __forceinline__ u64 row_bytes_of(int dtype, int n) {
     case DT_BF16: return (u64)n * 2;
     case DT_Q8_0: return (u64)(n / 32) * 34;
     case DT_Q4_0: return (u64)(n / 32) * 18;
-    default: return (u64)(n / 32) * 20;
+    case DT_Q4_1: return (u64)(n / 32) * 20;
+    case DT_Q5_0: return (u64)(n / 32) * 22;
+    case DT_Q5_1: return (u64)(n / 32) * 24;
+    case DT_Q4_K: return (u64)(n / 256) * 144;
+    case DT_Q5_K: return (u64)(n / 256) * 176;
+    default: return (u64)(n / 256) * 210;
     }
 }
 
@@ -132,37 +142,230 @@ __device__ __forceinline__ void load8_float(const u8* row, int dtype, int e0, fl
 }
 
 __device__ __forceinline__ bool is_quant(int dtype) {
-    return dtype == DT_Q8_0 || dtype == DT_Q4_0 || dtype == DT_Q4_1;
+    return dtype >= DT_Q8_0 && dtype <= DT_Q6_K;
 }
 
-// Bytes of one block's quants / scales in the repacked weight layout.
-__device__ __forceinline__ int quant_qb(int dtype) { return dtype == DT_Q8_0 ? 32 : 16; }
-__device__ __forceinline__ int quant_sb(int dtype) { return dtype == DT_Q4_1 ? 4 : 2; }
+__device__ __forceinline__ bool is_kquant(int dtype) {
+    return dtype == DT_Q4_K || dtype == DT_Q5_K || dtype == DT_Q6_K;
+}
 
-// Scale d (and min m, Q4_1) of block i (= row * nb + b) of a repacked weight.
-__device__ __forceinline__ void quant_scales(const u8* sc, int dtype, u64 i, float* d, float* m) {
-    if (dtype == DT_Q4_1) {
-        u32 dm = ((const u32*)sc)[i];
-        *d = f16_to_f32((u16)(dm & 0xFFFF));
-        *m = f16_to_f32((u16)(dm >> 16));
+// Elements of one block (32, or 256 for the K-quants).
+__device__ __forceinline__ int quant_block_elems(int dtype) { return is_kquant(dtype) ? 256 : 32; }
+
+// ---- the repacked weight layout (pagoda_backend::weight_layout): per piece of nblk
+// blocks, one region per block field, [nblk][len] bytes each, in this order:
+//   Q8_0 qs 32 | d 2          Q4_0 qs 16 | d 2        Q4_1 qs 16 | d,m 4
+//   Q5_0 qs 16 | qh 4 | d 2   Q5_1 qs 16 | qh 4 | d,m 4
+//   Q4_K qs 128 | d,dmin,scales[12] 16      Q5_K qh[32],qs[128] 160 | d,dmin,scales 16
+//   Q6_K ql[128],qh[64] 192 | scales i8[16] 16 | d 2
+struct QLayout {
+    const u8* r0;  // quants (16-byte aligned)
+    const u8* r1;  // second field
+    const u8* r2;  // third field (Q5_0, Q5_1, Q6_K)
+};
+
+__device__ __forceinline__ QLayout qlayout(const u8* w, int dtype, u64 nblk) {
+    int l0, l1;
+    switch (dtype) {
+    case DT_Q8_0: l0 = 32; l1 = 2; break;
+    case DT_Q4_0: l0 = 16; l1 = 2; break;
+    case DT_Q4_1: l0 = 16; l1 = 4; break;
+    case DT_Q5_0:
+    case DT_Q5_1: l0 = 16; l1 = 4; break;
+    case DT_Q4_K: l0 = 128; l1 = 16; break;
+    case DT_Q5_K: l0 = 160; l1 = 16; break;
+    default: l0 = 192; l1 = 16; break;  // Q6_K
+    }
+    QLayout L;
+    L.r0 = w;
+    L.r1 = w + nblk * l0;
+    L.r2 = L.r1 + nblk * l1;
+    return L;
+}
+
+// The raw bits of half `hh` (16 values) of 32-element unit `j` of block `bi` (j = 0 for
+// the 32-element types; 0..8 for the K-quants): loads only, no arithmetic, so callers
+// can put several in flight. Which 16 values: the Q4/Q5 legacy types hold elements
+// 8hh .. 8hh+7 (low nibbles) and 16+8hh .. 16+8hh+7 (high nibbles) of the unit; every
+// other type elements 16hh .. 16hh+15 of the unit.
+struct RawHalf {
+    uint4 q;  // quants: 16 bytes (Q8_0, K-quants) or 8 (legacy Q4/Q5, in x, y)
+    uint4 h;  // high bits: Q5_0/Q5_1 qh in x; Q5_K / Q6_K 16 bytes of qh
+    uint4 s;  // scales: d (u16) or d,m (u32) in x; K4 head (d, dmin, scales[12]);
+              // Q6_K: x = the i8 scale, y = d
+};
+
+__device__ __forceinline__ RawHalf load_half(const QLayout& L, int dtype, u64 bi, int j, int hh,
+                                             bool valid) {
+    RawHalf r;
+    r.q = make_uint4(0, 0, 0, 0);
+    r.h = make_uint4(0, 0, 0, 0);
+    r.s = make_uint4(0, 0, 0, 0);
+    if (!valid) return r;
+    switch (dtype) {
+    case DT_Q8_0:
+        r.q = *(const uint4*)(L.r0 + bi * 32 + hh * 16);
+        r.s.x = ((const u16*)L.r1)[bi];
+        break;
+    case DT_Q4_0:
+    case DT_Q4_1:
+    case DT_Q5_0:
+    case DT_Q5_1: {
+        uint2 v = *(const uint2*)(L.r0 + bi * 16 + hh * 8);
+        r.q.x = v.x;
+        r.q.y = v.y;
+        if (dtype == DT_Q4_0) r.s.x = ((const u16*)L.r1)[bi];
+        else if (dtype == DT_Q4_1) r.s.x = ((const u32*)L.r1)[bi];
+        else {
+            r.h.x = ((const u32*)L.r1)[bi];
+            r.s.x = dtype == DT_Q5_0 ? (u32)((const u16*)L.r2)[bi] : ((const u32*)L.r2)[bi];
+        }
+        break;
+    }
+    case DT_Q4_K:
+        r.q = *(const uint4*)(L.r0 + bi * 128 + 32 * (j / 2) + 16 * hh);
+        r.s = *(const uint4*)(L.r1 + bi * 16);
+        break;
+    case DT_Q5_K:
+        r.q = *(const uint4*)(L.r0 + bi * 160 + 32 + 32 * (j / 2) + 16 * hh);
+        r.h = *(const uint4*)(L.r0 + bi * 160 + 16 * hh);
+        r.s = *(const uint4*)(L.r1 + bi * 16);
+        break;
+    default:  // Q6_K
+        r.q = *(const uint4*)(L.r0 + bi * 192 + 64 * (j / 4) + 32 * ((j % 4) & 1) + 16 * hh);
+        r.h = *(const uint4*)(L.r0 + bi * 192 + 128 + 32 * (j / 4) + 16 * hh);
+        r.s.x = L.r1[bi * 16 + 8 * (j / 4) + 2 * (j % 4) + hh];
+        r.s.y = ((const u16*)L.r2)[bi];
+        break;
+    }
+    return r;
+}
+
+__device__ __forceinline__ u32 byte_of(const uint4& v, int i) {
+    u32 w = i < 4 ? v.x : i < 8 ? v.y : i < 12 ? v.z : v.w;
+    return (w >> (8 * (i % 4))) & 0xFF;
+}
+
+// Scale and min of sub-block j (0..8) of a Q4_K / Q5_K head (bytes 4..16 of s),
+// as pagoda_backend::kquant::scale_min_k4.
+__device__ __forceinline__ void scale_min_k4(const uint4& s, int j, u32* sc, u32* mn) {
+    // scales[i] = byte 4 + i of the head.
+    if (j < 4) {
+        *sc = byte_of(s, 4 + j) & 63;
+        *mn = byte_of(s, 8 + j) & 63;
     } else {
-        *d = f16_to_f32(((const u16*)sc)[i]);
-        *m = 0.0f;
+        *sc = (byte_of(s, 8 + j) & 0x0F) | ((byte_of(s, j) >> 6) << 4);
+        *mn = (byte_of(s, 8 + j) >> 4) | ((byte_of(s, 4 + j) >> 6) << 4);
     }
 }
 
-// Element e of row r of a repacked quantized weight of (m, k).
-__device__ __forceinline__ float packed_elem(const u8* w, int dtype, u64 m, int k, u64 r, int e) {
-    u64 nb = (u64)(k / 32);
-    u64 i = r * nb + (u64)(e / 32);
-    const u8* qs = w + i * quant_qb(dtype);
-    const u8* sc = w + m * nb * quant_qb(dtype);
-    float d, mn;
-    quant_scales(sc, dtype, i, &d, &mn);
-    int j = e % 32;
-    if (dtype == DT_Q8_0) return d * (float)(signed char)qs[j];
-    int q = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
-    return dtype == DT_Q4_0 ? d * (float)(q - 8) : d * (float)q + mn;
+// A decoded half: value i = a * q[i] + b (q exact small integers as floats), and where
+// its values sit in the unit: q[0..8] at elements x0 .. x0+7, q[8..16] at x1 .. x1+7.
+struct Half {
+    float q[16];
+    float a, b;
+    int x0, x1;
+};
+
+// Decodes a half as the reference dequantizers do: a and b are the f32 products the
+// CPU forms (d, d*sc, -(dmin*m)), so a * q + b rounded once each is the CPU's value.
+__device__ __forceinline__ Half decode_half(const RawHalf& r, int dtype, int j, int hh) {
+    Half o;
+    o.b = 0.0f;
+    switch (dtype) {
+    case DT_Q8_0:
+#pragma unroll
+        for (int i = 0; i < 16; i++) o.q[i] = (float)(signed char)byte_of(r.q, i);
+        o.a = f16_to_f32((u16)(r.s.x & 0xFFFF));
+        o.x0 = 16 * hh;
+        o.x1 = o.x0 + 8;
+        break;
+    case DT_Q4_0:
+    case DT_Q4_1:
+    case DT_Q5_0:
+    case DT_Q5_1: {
+        bool five = dtype == DT_Q5_0 || dtype == DT_Q5_1;
+        int off = dtype == DT_Q4_0 ? 8 : dtype == DT_Q5_0 ? 16 : 0;
+        u32 qh = r.h.x;
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            int byte = (int)byte_of(r.q, c);
+            int lo = byte & 15, hi = byte >> 4;
+            if (five) {
+                lo |= (int)((qh >> (8 * hh + c)) & 1) << 4;
+                hi |= (int)((qh >> (16 + 8 * hh + c)) & 1) << 4;
+            }
+            o.q[c] = (float)(lo - off);
+            o.q[8 + c] = (float)(hi - off);
+        }
+        o.a = f16_to_f32((u16)(r.s.x & 0xFFFF));
+        if (dtype == DT_Q4_1 || dtype == DT_Q5_1) o.b = f16_to_f32((u16)(r.s.x >> 16));
+        o.x0 = 8 * hh;
+        o.x1 = 16 + 8 * hh;
+        break;
+    }
+    case DT_Q4_K:
+    case DT_Q5_K: {
+        int shift = 4 * (j % 2);
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            int v = (int)((byte_of(r.q, i) >> shift) & 0x0F);
+            if (dtype == DT_Q5_K) v += (int)((byte_of(r.h, i) >> j) & 1) << 4;
+            o.q[i] = (float)v;
+        }
+        u32 sc, mn;
+        scale_min_k4(r.s, j, &sc, &mn);
+        float d = f16_to_f32((u16)(r.s.x & 0xFFFF)), dmin = f16_to_f32((u16)(r.s.x >> 16));
+        o.a = __fmul_rn(d, (float)sc);
+        o.b = -__fmul_rn(dmin, (float)mn);
+        o.x0 = 16 * hh;
+        o.x1 = o.x0 + 8;
+        break;
+    }
+    default: {  // Q6_K
+        int i4 = j % 4;
+        int qs = 4 * (i4 >> 1), hs = 2 * i4;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            int v = (int)(((byte_of(r.q, i) >> qs) & 0x0F) | (((byte_of(r.h, i) >> hs) & 3) << 4));
+            o.q[i] = (float)(v - 32);
+        }
+        float d = f16_to_f32((u16)(r.s.y & 0xFFFF));
+        o.a = __fmul_rn(d, (float)(signed char)(r.s.x & 0xFF));
+        o.x0 = 16 * hh;
+        o.x1 = o.x0 + 8;
+        break;
+    }
+    }
+    return o;
+}
+
+// Element value i of a decoded half, rounded as the reference dequantizers.
+__device__ __forceinline__ float half_value(const Half& h, int i) {
+    return __fadd_rn(__fmul_rn(h.a, h.q[i]), h.b);
+}
+
+// Writes row r of a repacked quantized weight (m rows of k) as f32 into out[0..k], the
+// calling threads (tid of nthreads) taking halves tid, tid + nthreads, ...
+__device__ __forceinline__ void dequantize_packed_row(const u8* w, int dtype, u64 m, int k, u64 r,
+                                                      float* out, int tid, int nthreads) {
+    int qk = quant_block_elems(dtype);
+    u64 nbr = (u64)(k / qk);
+    QLayout L = qlayout(w, dtype, m * nbr);
+    int halves = (k / 32) * 2;
+    for (int hb = tid; hb < halves; hb += nthreads) {
+        int u = hb / 2, hh = hb % 2;
+        int ups = qk / 32;
+        int j = u % ups;
+        u64 bi = r * nbr + (u64)(u / ups);
+        Half h = decode_half(load_half(L, dtype, bi, j, hh, true), dtype, j, hh);
+        float* o = out + u * 32;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            o[h.x0 + i] = half_value(h, i);
+            o[h.x1 + i] = half_value(h, 8 + i);
+        }
+    }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -12,24 +12,26 @@
 //           w (m_i, k) in dtype_i, out (n, out_stride_i) f32 with columns 0 .. m_i written
 //           (added to when accumulate != 0), and owns grid.x blocks
 //           first_block_i .. first_block_{i+1}. One launch holds only quantized
-//           projections (Q8_0, Q4_0, Q4_1, in the repacked layout of common.cuh) or only
-//           float ones (F32, F16, BF16, row-major).
+//           projections (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, in the repacked
+//           layout of common.cuh; k a multiple of 256 for the K-quants) or only float ones
+//           (F32, F16, BF16, row-major).
 //
 // matmul_vec (quantized, n <= 8: decode). Launch: grid (sum of ceil(m_i / 4), 1), block 128 = 4
 //   warps; shared: 8 floats. Warp w owns row j = (blockIdx.x - first_block) * 4 + w; lane l
-//   takes the half-blocks l, l + 32, ... of the row (16 values: 8 bytes of Q4 quants or 16
-//   of Q8_0), two at a time, loaded before any arithmetic (the first two even before the
-//   norm scales), sums q * x per token with the scale applied once per half (and
-//   m * sum(x) for Q4_1); a warp sum ends each dot.
+//   takes the halves l, l + 32, ... of the row's 32-element units (16 values: common.cuh's
+//   load_half / decode_half), two at a time, loaded before any arithmetic (the first two
+//   even before the norm scales), sums q * x per token with the scale applied once per
+//   half (and the offset times sum(x) for Q4_1, Q5_1 and the K4 mins); a warp sum ends
+//   each dot.
 //
 // matmul_t<TN> / matmul_r8_t<TN> (quantized, n > 8; TN = 16, 32, 64 tokens; TM = 32 rows a
 //   block, or 8 for the r8 kernels, which give small m more blocks). Launch: grid (sum of
 //   ceil(m_i / TM), ceil(n / TN)), block 128; shared: a 32 x TM weight tile and a 32 x TN
 //   x tile, both k-major (about 4.6 + 8.7 KB at TM = 32, TN = 64), TN floats of scales.
-//   Each step of 32 (one block of every row) the block decodes TM rows x 32 values
-//   (thread: one row, a quarter of the block) and loads TN tokens x 32 values of x (normed
-//   on the fly) into shared memory, the next step's global loads in flight during this
-//   step's products; thread (tx, ty) then accumulates rows ty*TM/8 .. + TM/8 x tokens
+//   Each step of 32 (one unit of every row) the block decodes TM rows x 32 values
+//   (threads 0 .. 2 TM: one row, one half of the unit, rounded as the CPU dequantizes)
+//   and loads TN tokens x 32 values of x (normed on the fly) into shared memory, the next
+//   step's global loads in flight during this step's products; thread (tx, ty) then accumulates rows ty*TM/8 .. + TM/8 x tokens
 //   tx*TN/16 .. + TN/16.
 //
 // matmul (float weights). Launch: grid (sum of ceil(m_i / 4), ceil(n / 8)), block 128 = 4 warps;
@@ -104,86 +106,49 @@ __device__ __forceinline__ void load_x8(const float* xr, const float* norm_w, fl
     }
 }
 
-// Half a quantized block's raw bits: 16 of its 32 values (8 bytes of Q4 quants: values
-// 8h .. 8h+7 and 16+8h .. 16+8h+7; 16 bytes of Q8_0 quants: values 16h .. 16h+15) and the
-// block's scales word.
-struct RawHalf {
-    uint4 q;
-    u32 sc;
-};
-
-// Half h of block i (= row * nb + b) of a repacked weight; zeros when !valid.
-__device__ __forceinline__ RawHalf load_half(const u8* qs, const u8* sc, int dtype, u64 i, int h,
-                                             bool valid) {
-    RawHalf r;
-    r.q = make_uint4(0, 0, 0, 0);
-    r.sc = 0;
-    if (!valid) return r;
-    if (dtype == DT_Q8_0) {
-        r.q = *(const uint4*)(qs + i * 32 + h * 16);
-        r.sc = ((const u16*)sc)[i];
-    } else {
-        uint2 v = *(const uint2*)(qs + i * 16 + h * 8);
-        r.q.x = v.x;
-        r.q.y = v.y;
-        r.sc = dtype == DT_Q4_1 ? ((const u32*)sc)[i] : (u32)((const u16*)sc)[i];
-    }
-    return r;
-}
-
-// acc[t] += half h of the block (values from element e0 = block start) . x[t0 + t] for t < nt.
-__device__ __forceinline__ void half_dot(const RawHalf& r, int dtype, int h, const float* x,
-                                         const float* norm_w, const float* s_scale, int nt, int k,
-                                         int e0, float acc[MV_TOKENS]) {
-    float q[16];
-    // x offsets of the two runs of 8 values this half holds.
-    int xa, xb;
-    if (dtype == DT_Q8_0) {
-        u32 w[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) q[4 * i + c] = (float)(signed char)((w[i] >> (8 * c)) & 0xFF);
-        xa = e0 + 16 * h;
-        xb = xa + 8;
-    } else {
-        int off = dtype == DT_Q4_0 ? 8 : 0;
-        u32 w[2] = {r.q.x, r.q.y};
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                int byte = (int)((w[i] >> (8 * c)) & 0xFF);
-                q[4 * i + c] = (float)((byte & 15) - off);
-                q[8 + 4 * i + c] = (float)((byte >> 4) - off);
-            }
-        xa = e0 + 8 * h;
-        xb = xa + 16;
-    }
-    float d = f16_to_f32((u16)(r.sc & 0xFFFF));
-    float mn = dtype == DT_Q4_1 ? f16_to_f32((u16)(r.sc >> 16)) : 0.0f;
+// acc[t] += the decoded half h . x[t] (x from element e0 = the unit's start) for t < nt:
+// a * sum(q x) + b * sum(x), one rounding chain per token.
+__device__ __forceinline__ void half_dot(const Half& h, const float* x, const float* norm_w,
+                                         const float* s_scale, int nt, int k, int e0,
+                                         float acc[MV_TOKENS]) {
+    bool offset = h.b != 0.0f;
 #pragma unroll
     for (int t = 0; t < MV_TOKENS; t++) {
         if (t >= nt) break;
         const float* xr = x + (u64)t * k;
         float sc = norm_w != 0 ? s_scale[t] : 1.0f;
         float va[8], vb[8];
-        load_x8(xr, norm_w, sc, xa, va);
-        load_x8(xr, norm_w, sc, xb, vb);
+        load_x8(xr, norm_w, sc, e0 + h.x0, va);
+        load_x8(xr, norm_w, sc, e0 + h.x1, vb);
         float sq = 0.0f, sx = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            sq = fmaf(q[i], va[i], sq);
+            sq = fmaf(h.q[i], va[i], sq);
             sx += va[i];
         }
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            sq = fmaf(q[8 + i], vb[i], sq);
+            sq = fmaf(h.q[8 + i], vb[i], sq);
             sx += vb[i];
         }
-        acc[t] = fmaf(d, sq, acc[t]);
-        if (dtype == DT_Q4_1) acc[t] = fmaf(mn, sx, acc[t]);
+        acc[t] = fmaf(h.a, sq, acc[t]);
+        if (offset) acc[t] = fmaf(h.b, sx, acc[t]);
     }
+}
+
+// Half hb of a row's halves (two per 32-element unit): its block, unit in the block, half.
+struct HalfPos {
+    u64 bi;
+    int j, hh;
+};
+
+__device__ __forceinline__ HalfPos half_pos(u64 row0, u64 hb, int ups) {
+    HalfPos p;
+    u64 u = hb / 2;
+    p.bi = row0 + u / (u64)ups;
+    p.j = (int)(u % (u64)ups);
+    p.hh = (int)(hb % 2);
+    return p;
 }
 
 extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)
@@ -195,29 +160,34 @@ matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n,
     int dtype = p.dtype, m = p.m;
     int j = ((int)blockIdx.x - p.first_block) * MM_WARPS + warp;
     int nt = min(MV_TOKENS, n);
-    u64 nb = (u64)(k / 32);
-    u64 nh = 2 * nb;  // halves of the row
-    const u8* qs = (const u8*)p.w;
-    const u8* sc = qs + (u64)m * nb * quant_qb(dtype);
-    u64 row0 = (u64)j * nb;
+    int ups = quant_block_elems(dtype) / 32;  // 32-element units a block
+    u64 nbr = (u64)(k / quant_block_elems(dtype));
+    u64 nh = (u64)(k / 32) * 2;  // halves of the row
+    QLayout L = qlayout((const u8*)p.w, dtype, (u64)m * nbr);
+    u64 row0 = (u64)j * nbr;
     // The first two halves of this lane are loaded before the norm scales are computed.
     u64 hb = lane;
-    RawHalf r0 = load_half(qs, sc, dtype, row0 + hb / 2, (int)(hb % 2), j < m && hb < nh);
-    RawHalf r1 = load_half(qs, sc, dtype, row0 + (hb + 32) / 2, (int)(hb % 2),
-                           j < m && hb + 32 < nh);
+    HalfPos p0 = half_pos(row0, hb, ups), p1 = half_pos(row0, hb + 32, ups);
+    RawHalf r0 = load_half(L, dtype, p0.bi, p0.j, p0.hh, j < m && hb < nh);
+    RawHalf r1 = load_half(L, dtype, p1.bi, p1.j, p1.hh, j < m && hb + 32 < nh);
     if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
     if (j >= m) return;
     float acc[MV_TOKENS];
 #pragma unroll
     for (int t = 0; t < MV_TOKENS; t++) acc[t] = 0.0f;
     for (;;) {
-        if (hb < nh) half_dot(r0, dtype, (int)(hb % 2), x, norm_w, s_scale, nt, k, (int)(hb / 2) * 32, acc);
+        if (hb < nh)
+            half_dot(decode_half(r0, dtype, p0.j, p0.hh), x, norm_w, s_scale, nt, k,
+                     (int)(hb / 2) * 32, acc);
         if (hb + 32 < nh)
-            half_dot(r1, dtype, (int)(hb % 2), x, norm_w, s_scale, nt, k, (int)((hb + 32) / 2) * 32, acc);
+            half_dot(decode_half(r1, dtype, p1.j, p1.hh), x, norm_w, s_scale, nt, k,
+                     (int)((hb + 32) / 2) * 32, acc);
         hb += 64;
         if (hb >= nh) break;
-        r0 = load_half(qs, sc, dtype, row0 + hb / 2, (int)(hb % 2), true);
-        r1 = load_half(qs, sc, dtype, row0 + (hb + 32) / 2, (int)(hb % 2), hb + 32 < nh);
+        p0 = half_pos(row0, hb, ups);
+        p1 = half_pos(row0, hb + 32, ups);
+        r0 = load_half(L, dtype, p0.bi, p0.j, p0.hh, true);
+        r1 = load_half(L, dtype, p1.bi, p1.j, p1.hh, hb + 32 < nh);
     }
     float* out = (float*)p.out;
 #pragma unroll
@@ -246,13 +216,14 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
     int t0 = blockIdx.y * TN;
     int nt = min(TN, n - t0);
     if (norm_w != 0) token_scales(x, t0, nt, k, eps, s_scale);
-    u64 nb = (u64)(k / 32);
-    const u8* qs = (const u8*)p.w;
-    const u8* sc = qs + (u64)m * nb * quant_qb(dtype);
-    // Loader roles: weight row r0 + lr, quarter lq of each block (8 values).
-    int lr = tid / 4, lq = tid % 4;
+    int ups = quant_block_elems(dtype) / 32;  // 32-element units a block
+    u64 nbr = (u64)(k / quant_block_elems(dtype));
+    u64 nu = (u64)(k / 32);  // units a row = steps
+    QLayout L = qlayout((const u8*)p.w, dtype, (u64)m * nbr);
+    // Loader roles: weight row r0 + lr, half lh of each unit (16 values; 2 * TM loaders).
+    int lr = tid / 2, lh = tid % 2;
     bool wvalid = lr < TM && r0 + lr < m;
-    u64 wrow = (u64)(r0 + lr) * nb;
+    u64 wrow = (u64)(r0 + lr) * nbr;
     // Compute roles.
     int tx = tid % 16, ty = tid / 16;
     float acc[RPT][TPT];
@@ -261,21 +232,11 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
 #pragma unroll
         for (int i = 0; i < TPT; i++) acc[r][i] = 0.0f;
 
-    // Raw loads of step b into registers.
-    uint2 wq = make_uint2(0, 0);
-    u32 wsc = 0;
+    // Raw loads of step (unit) b into registers.
+    RawHalf wr;
     float4 xv[XF];
     auto load_step = [&](u64 b) {
-        if (wvalid) {
-            u64 i = wrow + b;
-            if (dtype == DT_Q8_0) {
-                wq = *(const uint2*)(qs + i * 32 + lq * 8);
-                wsc = ((const u16*)sc)[i];
-            } else {
-                wq.x = *(const u32*)(qs + i * 16 + lq * 4);
-                wsc = dtype == DT_Q4_1 ? ((const u32*)sc)[i] : (u32)((const u16*)sc)[i];
-            }
-        }
+        wr = load_half(L, dtype, wrow + b / (u64)ups, (int)(b % (u64)ups), lh, wvalid);
 #pragma unroll
         for (int f = 0; f < XF; f++) {
             int idx = tid + MT_THREADS * f;
@@ -295,24 +256,14 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
         }
     };
     load_step(0);
-    for (u64 b = 0; b < nb; b++) {
+    for (u64 b = 0; b < nu; b++) {
         __syncthreads();  // the previous step's products are done with the tiles
         if (lr < TM) {
-            float d = f16_to_f32((u16)(wsc & 0xFFFF));
-            if (dtype == DT_Q8_0) {
-                u32 w2[2] = {wq.x, wq.y};
+            Half h = decode_half(wr, dtype, (int)(b % (u64)ups), lh);
 #pragma unroll
-                for (int c = 0; c < 8; c++)
-                    s_w[lq * 8 + c][lr] = d * (float)(signed char)((w2[c / 4] >> (8 * (c % 4))) & 0xFF);
-            } else {
-                float mn = dtype == DT_Q4_1 ? f16_to_f32((u16)(wsc >> 16)) : 0.0f;
-                int off = dtype == DT_Q4_0 ? 8 : 0;
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    int byte = (int)((wq.x >> (8 * c)) & 0xFF);
-                    s_w[lq * 4 + c][lr] = fmaf(d, (float)((byte & 15) - off), mn);
-                    s_w[16 + lq * 4 + c][lr] = fmaf(d, (float)((byte >> 4) - off), mn);
-                }
+            for (int i = 0; i < 8; i++) {
+                s_w[h.x0 + i][lr] = half_value(h, i);
+                s_w[h.x1 + i][lr] = half_value(h, 8 + i);
             }
         }
         {
@@ -327,7 +278,7 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
             }
         }
         __syncthreads();
-        if (b + 1 < nb) load_step(b + 1);  // in flight during the products below
+        if (b + 1 < nu) load_step(b + 1);  // in flight during the products below
 #pragma unroll 8
         for (int e = 0; e < 32; e++) {
             float av[RPT], bv[TPT];

@@ -129,8 +129,6 @@ impl CudaBackend {
                     "fixed (no VMM)"
                 }
             ),
-            // The 5-bit and K-quant types have no kernels yet (issue 15): models holding
-            // them are refused before loading, by tensor name.
             weight_dtypes: WEIGHT_DTYPES.to_vec(),
             kv_dtypes: vec![DType::F32, DType::F16, DType::BF16, DType::Q8_0],
             alignment: memory::SEGMENT_ALIGN,
@@ -404,15 +402,8 @@ pub(crate) fn weight_bytes(
         })
 }
 
-/// The weight types the kernels compute with.
-pub const WEIGHT_DTYPES: [DType; 6] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-];
+/// The weight types the kernels compute with: every GGUF weight type the CPU has.
+pub const WEIGHT_DTYPES: [DType; 11] = DType::WEIGHT_TYPES;
 
 /// The kernels' code of a dtype (`kernels/common.cuh`'s `DT_*`).
 pub(crate) fn dtype_code(op: &'static str, dtype: DType) -> Result<i32> {
@@ -423,7 +414,12 @@ pub(crate) fn dtype_code(op: &'static str, dtype: DType) -> Result<i32> {
         DType::Q8_0 => 3,
         DType::Q4_0 => 4,
         DType::Q4_1 => 5,
-        DType::Q5_0 | DType::Q5_1 | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::U32 => {
+        DType::Q5_0 => 6,
+        DType::Q5_1 => 7,
+        DType::Q4_K => 8,
+        DType::Q5_K => 9,
+        DType::Q6_K => 10,
+        DType::U32 => {
             return Err(BackendError::Unsupported {
                 op,
                 dtype: dtype.to_string(),
