@@ -3,7 +3,9 @@
 # Usage: scripts/gpu-suite.sh DIR PHASE
 #   DIR holds pagoda, tests/<name> (test binaries) and the model at
 #   cache/models/SmolLM2-135M-Instruct.Q4_1.gguf.
-#   PHASE: tests | novmm | sanitize | sanitize-nomodel | racecheck | bench | profile | cli
+#   PHASE: tests | novmm | sanitize | sanitize-nomodel | racecheck | bench | kquant-bench |
+#          wgpu | wgpu-bench | profile | cli
+#   (wgpu phases: DIR/wgpu/tests/<name>, the Vulkan loader unpacked from .gl first)
 # Logs go to $OUT/<phase>-<name>.log; a summary line per binary is printed last.
 set -uo pipefail
 DIR=${1:?dir}; PHASE=${2:?phase}
@@ -21,8 +23,10 @@ runbin() { # name, extra env..., then args after --
 }
 case $PHASE in
 tests)
+  # ONLY="a b" runs just those binaries.
   for t in "$DIR"/tests/*; do
     n=$(basename "$t")
+    [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $n "* ]] && continue
     runbin "$n" timeout 420 "$t" --ignored --test-threads 1 --nocapture
   done ;;
 novmm)
@@ -40,6 +44,30 @@ sanitize-nomodel)
   runbin racecheck-parity timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu
   runbin novmm-arena env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_arena" --ignored --test-threads 1
   runbin novmm-parity env PAGODA_CUDA_VMM=0 timeout 100 "$DIR/tests/cuda_parity" --ignored --test-threads 1 ;;
+wgpu)
+  # The wgpu parity and model fixture tests on NVIDIA's Vulkan driver (each runs as the
+  # adapter is and with SHADER_F16 / SUBGROUP masked).
+  for t in "$DIR"/wgpu/tests/*; do
+    n=$(basename "$t")
+    runbin "$n" env XDG_RUNTIME_DIR=/tmp timeout 400 "$t" --test-threads 1 --nocapture
+  done ;;
+wgpu-bench)
+  # Issue 12 item 4: wgpu beside CUDA on the same shapes (f16 KV).
+  P=$DIR/pagoda
+  {
+    timeout 120 "$P" bench --backend wgpu --kv-dtype f16 --batch 1 --prompt-len 512 --gen-len 128 --reps 2 --json
+    timeout 200 "$P" bench --backend wgpu --kv-dtype f16 --batch 8,64 --prompt-len 128 --gen-len 128 --reps 1 --json
+  } > "$OUT/wgpu-bench.jsonl" 2> "$OUT/wgpu-bench.log"
+  python3 "$REPO/scripts/bench-table.py" "$OUT/wgpu-bench.jsonl" ;;
+kquant-bench)
+  # Issue 15 item 5: the 7B shape in every K-quant / Q5 type (f16 KV; batch 1 pp512 + tg128,
+  # batch 64 prompt 128 + 128).
+  P=$DIR/pagoda
+  for t in ${KQ_TYPES:-q4_k q5_k q6_k q5_0 q5_1}; do
+    timeout 150 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype "$t" --batch 1 --prompt-len 512 --gen-len 128 --reps 1 --json
+    timeout 150 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype "$t" --batch 64 --prompt-len 128 --gen-len 64 --reps 1 --json
+  done > "$OUT/kquant-bench.jsonl" 2> "$OUT/kquant-bench.log"
+  python3 "$REPO/scripts/bench-table.py" "$OUT/kquant-bench.jsonl" ;;
 racecheck)
   runbin racecheck-parity timeout 400 compute-sanitizer --tool racecheck "$DIR/tests/cuda_parity" --ignored --test-threads 1 cuda_matches_cpu ;;
 bench)
@@ -53,15 +81,7 @@ bench)
     timeout 200 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 64 --prompt-len 128 --gen-len 128 --reps 1 --json
     fi
   } > "$OUT/bench.jsonl" 2> "$OUT/bench.log"
-  python3 - "$OUT/bench.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    line = line.strip()
-    if not line: continue
-    for r in json.loads(line):
-        print(f"{r['model'][-30:]:>30} B={r['batch']:<4} prefill {r['prefill_tokens_per_s']:>9.0f} t/s  decode {r['decode_tokens_per_s']:>9.0f} t/s  step p50 {r['decode_step_ms_p50']:.3f} ms")
-PY
-  ;;
+  python3 "$REPO/scripts/bench-table.py" "$OUT/bench.jsonl" ;;
 profile)
   # Per-kernel GPU time and DRAM traffic (ncu, clocks left alone) of short bench runs;
   # PROFILE_7B=0 skips the 7B shape. Summaries: scripts/ncu-summary.py.
