@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the GPU test binaries and the CLI here (no Rust on the GPU machine) and packs them
-# into device-carry-a (with the model's first half) and device-carry-c (binaries only);
+# into device-carry-c (binaries only; device-carry-a holds the model's first half);
 # device-carry-b holds the model's second half and the wgpu test binaries (wgpu.tgz).
 # Usage: scripts/gpu-pack.sh   (carry .gl beside device-carry-b for NVIDIA Vulkan: the
 # Vulkan loader, see notes/gpu-runs.md)
@@ -23,8 +23,8 @@ mkdir -p device-carry-a device-carry-b device-carry-c
 if [ ! -s device-carry-a/model.part00 ] || [ ! -s device-carry-b/model.part01 ]; then
   ( cd "$stage" && split -n 2 -d "$model" model.part && mv model.part00 "$OLDPWD/device-carry-a/" && mv model.part01 "$OLDPWD/device-carry-b/" )
 fi
-tar czf device-carry-a/bins.tgz -C "$stage" pagoda tests
+tar czf device-carry-c/bins.tgz -C "$stage" pagoda tests
 tar czf device-carry-b/wgpu.tgz -C "$stage/wgpu" tests
-cp device-carry-a/bins.tgz device-carry-c/bins.tgz
+
 rm -rf "$stage"
 ls -la device-carry-a device-carry-b device-carry-c

@@ -103,3 +103,61 @@ fn kernel_files_have_headers_and_the_readme_lists_every_symbol() {
         }
     }
 }
+
+/// The text of the function whose definition starts at `at` (its first `{` to the matching
+/// `}`), or `None` when the braces do not close.
+fn body_at(src: &str, at: usize) -> Option<&str> {
+    let open = at + src[at..].find('{')?;
+    let mut depth = 0;
+    for (i, c) in src[open..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&src[open..open + i + 1]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Programmatic dependent launch lets a kernel start while the previous one still runs,
+/// so every kernel must wait (`pdl_begin` / `pdl_wait`, common.cuh) before touching memory
+/// other kernels write: each `extern "C"` kernel calls one itself or through a helper
+/// (a `__device__` function of the same file whose body calls it).
+#[test]
+fn every_kernel_waits_for_the_previous_one() {
+    let waits = |body: &str| body.contains("pdl_begin()") || body.contains("pdl_wait()");
+    for file in FILES {
+        let src = file.source;
+        // Helpers that wait: `name(` of every function (template or not) whose body waits.
+        let mut helpers = Vec::new();
+        for (at, _) in src.match_indices("__device__ __forceinline__") {
+            let sig_end = at + src[at..].find('{').unwrap();
+            let sig = &src[at..sig_end];
+            let Some(name) = sig.split('(').next().and_then(|s| s.split_whitespace().last())
+            else {
+                continue;
+            };
+            if body_at(src, at).is_some_and(waits) {
+                helpers.push(format!("{name}<"));
+                helpers.push(format!("{name}("));
+            }
+        }
+        for sym in file.symbols {
+            let at = src
+                .find(&format!("void {sym}("))
+                .or_else(|| src.find(&format!("\n{sym}(")))
+                .unwrap_or_else(|| panic!("{sym} not defined in {}", file.stem));
+            let body = body_at(src, at).unwrap_or_else(|| panic!("{sym}: unbalanced braces"));
+            assert!(
+                waits(body) || helpers.iter().any(|h| body.contains(h.as_str())),
+                "kernels/{}.cu: {sym} never calls pdl_begin()/pdl_wait()",
+                file.stem
+            );
+        }
+    }
+}

@@ -40,6 +40,30 @@ struct KvPieces {
     u64 base[MAX_KV_PIECES];
 };
 
+// Programmatic dependent launch (sm_90+). The backend launches kernels with programmatic
+// stream serialization, so a kernel may start while the one before it in the stream still
+// runs. pdl_wait() returns once every earlier kernel has finished and its writes are
+// visible; before it a kernel may only read memory no kernel writes (weights). Every kernel
+// calls pdl_begin() (= wait, then let the next kernel start) before touching anything
+// else, or pdl_wait() after loading only weights (matmul_vec); the cuda_kernels test checks
+// every kernel does. Without the launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));

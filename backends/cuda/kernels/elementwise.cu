@@ -10,6 +10,7 @@
 //         gather_rows: grid (m), block 256, threads stride over dim.
 
 extern "C" __global__ void silu_mul(const float* gate, const float* up, float* out, u64 len) {
+    pdl_begin();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
     float g = gate[i];
@@ -17,6 +18,7 @@ extern "C" __global__ void silu_mul(const float* gate, const float* up, float* o
 }
 
 extern "C" __global__ void add_assign(float* x, const float* y, u64 len) {
+    pdl_begin();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
     x[i] += y[i];
@@ -24,6 +26,7 @@ extern "C" __global__ void add_assign(float* x, const float* y, u64 len) {
 
 extern "C" __global__ void gather_rows(const float* x, const u32* idx, float* out, int m, int dim,
                                        u32 n) {
+    pdl_begin();
     int r = blockIdx.x;
     if (r >= m) return;
     u32 i = idx[r];

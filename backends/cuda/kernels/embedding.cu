@@ -10,6 +10,7 @@
 
 extern "C" __global__ void embedding(const u8* table, int dtype, const u32* ids, float* out,
                                      int n, int dim, u32 first_row, u32 num_rows) {
+    pdl_begin();
     int i = blockIdx.x;
     if (i >= n) return;
     u32 id = ids[i];

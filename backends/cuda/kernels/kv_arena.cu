@@ -14,11 +14,13 @@ __device__ __forceinline__ u32 word_hash(u32 seed, u64 i) {
 }
 
 extern "C" __global__ void fill_words(u32* dst, u64 words, u32 seed) {
+    pdl_begin();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < words; i += (u64)gridDim.x * blockDim.x)
         dst[i] = word_hash(seed, i);
 }
 
 extern "C" __global__ void check_words(const u32* src, u64 words, u32 seed, u32* bad) {
+    pdl_begin();
     u32 n = 0;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < words; i += (u64)gridDim.x * blockDim.x)
         n += src[i] != word_hash(seed, i);

@@ -19,6 +19,7 @@ extern "C" __global__ void write_kv(KvPieces pieces, const u32* page_table, cons
                                     const float* v, const u32* slots, int num_tokens,
                                     int num_kv_heads, int head_dim, int page_size, int num_pages,
                                     int dtype) {
+    pdl_begin();
     int t = blockIdx.x, kv = blockIdx.y, h = blockIdx.z;
     int e = threadIdx.x;
     if (t >= num_tokens) return;
@@ -35,6 +36,7 @@ extern "C" __global__ void write_kv(KvPieces pieces, const u32* page_table, cons
 
 extern "C" __global__ void copy_pages(KvPieces pieces, const u32* page_table, const u32* pairs,
                                       int num_pairs, u64 page_bytes, int num_pages) {
+    pdl_begin();
     int p = blockIdx.x;
     if (p >= num_pairs) return;
     u32 src = pairs[2 * p], dst = pairs[2 * p + 1];

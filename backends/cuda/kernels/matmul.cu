@@ -19,8 +19,8 @@
 // matmul_vec (quantized, n <= 8: decode). Launch: grid (sum of ceil(m_i / 4), 1), block 128 = 4
 //   warps; shared: 8 floats. Warp w owns row j = (blockIdx.x - first_block) * 4 + w; lane l
 //   takes the halves l, l + 32, ... of the row's 32-element units (16 values: common.cuh's
-//   load_half / decode_half), two at a time, loaded before any arithmetic (the first two
-//   even before the norm scales), sums q * x per token with the scale applied once per
+//   load_half / decode_half), MV_INFLIGHT (4) at a time, loaded before any arithmetic (the
+//   first four even before waiting for the previous kernel and the norm scales), sums q * x per token with the scale applied once per
 //   half (and the offset times sum(x) for Q4_1, Q5_1 and the K4 mins); a warp sum ends
 //   each dot.
 //
@@ -151,43 +151,53 @@ __device__ __forceinline__ HalfPos half_pos(u64 row0, u64 hb, int ups) {
     return p;
 }
 
-extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)
-matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
-           int accumulate) {
-    __shared__ float s_scale[MV_TOKENS];
+// Halves a lane has in flight (loads issued before the products of the previous ones).
+#define MV_INFLIGHT 4
+
+// The body of matmul_vec for one weight type DT (a compile-time constant, so the decoders
+// fold to that type's code and registers).
+template <int DT>
+__device__ __forceinline__ void matmul_vec_body(const float* x, const float* norm_w, float eps,
+                                                const MmProj& p, int n, int k, int accumulate,
+                                                float* s_scale) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const MmProj& p = proj_of_block(projs);
-    int dtype = p.dtype, m = p.m;
+    int m = p.m;
     int j = ((int)blockIdx.x - p.first_block) * MM_WARPS + warp;
     int nt = min(MV_TOKENS, n);
-    int ups = quant_block_elems(dtype) / 32;  // 32-element units a block
-    u64 nbr = (u64)(k / quant_block_elems(dtype));
+    int ups = quant_block_elems(DT) / 32;  // 32-element units a block
+    u64 nbr = (u64)(k / quant_block_elems(DT));
     u64 nh = (u64)(k / 32) * 2;  // halves of the row
-    QLayout L = qlayout((const u8*)p.w, dtype, (u64)m * nbr);
+    QLayout L = qlayout((const u8*)p.w, DT, (u64)m * nbr);
     u64 row0 = (u64)j * nbr;
-    // The first two halves of this lane are loaded before the norm scales are computed.
+    // Lane l takes halves l, l + 32, ...: MV_INFLIGHT of them loaded at a time, the first
+    // ones before waiting for the previous kernel (weights are never written by kernels).
     u64 hb = lane;
-    HalfPos p0 = half_pos(row0, hb, ups), p1 = half_pos(row0, hb + 32, ups);
-    RawHalf r0 = load_half(L, dtype, p0.bi, p0.j, p0.hh, j < m && hb < nh);
-    RawHalf r1 = load_half(L, dtype, p1.bi, p1.j, p1.hh, j < m && hb + 32 < nh);
+    RawHalf r[MV_INFLIGHT];
+    HalfPos ps[MV_INFLIGHT];
+#pragma unroll
+    for (int i = 0; i < MV_INFLIGHT; i++) {
+        ps[i] = half_pos(row0, hb + 32 * i, ups);
+        r[i] = load_half(L, DT, ps[i].bi, ps[i].j, ps[i].hh, j < m && hb + 32 * i < nh);
+    }
+    pdl_begin();
     if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
     if (j >= m) return;
     float acc[MV_TOKENS];
 #pragma unroll
     for (int t = 0; t < MV_TOKENS; t++) acc[t] = 0.0f;
     for (;;) {
-        if (hb < nh)
-            half_dot(decode_half(r0, dtype, p0.j, p0.hh), x, norm_w, s_scale, nt, k,
-                     (int)(hb / 2) * 32, acc);
-        if (hb + 32 < nh)
-            half_dot(decode_half(r1, dtype, p1.j, p1.hh), x, norm_w, s_scale, nt, k,
-                     (int)((hb + 32) / 2) * 32, acc);
-        hb += 64;
+#pragma unroll
+        for (int i = 0; i < MV_INFLIGHT; i++)
+            if (hb + 32 * i < nh)
+                half_dot(decode_half(r[i], DT, ps[i].j, ps[i].hh), x, norm_w, s_scale, nt, k,
+                         (int)((hb + 32 * i) / 2) * 32, acc);
+        hb += 32 * MV_INFLIGHT;
         if (hb >= nh) break;
-        p0 = half_pos(row0, hb, ups);
-        p1 = half_pos(row0, hb + 32, ups);
-        r0 = load_half(L, dtype, p0.bi, p0.j, p0.hh, true);
-        r1 = load_half(L, dtype, p1.bi, p1.j, p1.hh, hb + 32 < nh);
+#pragma unroll
+        for (int i = 0; i < MV_INFLIGHT; i++) {
+            ps[i] = half_pos(row0, hb + 32 * i, ups);
+            r[i] = load_half(L, DT, ps[i].bi, ps[i].j, ps[i].hh, hb + 32 * i < nh);
+        }
     }
     float* out = (float*)p.out;
 #pragma unroll
@@ -197,6 +207,23 @@ matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n,
             float* o = out + (u64)t * p.out_stride + j;
             *o = accumulate ? *o + s : s;
         }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)
+matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+           int accumulate) {
+    __shared__ float s_scale[MV_TOKENS];
+    const MmProj& p = proj_of_block(projs);
+    switch (p.dtype) {
+    case DT_Q8_0: matmul_vec_body<DT_Q8_0>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    case DT_Q4_0: matmul_vec_body<DT_Q4_0>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    case DT_Q4_1: matmul_vec_body<DT_Q4_1>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    case DT_Q5_0: matmul_vec_body<DT_Q5_0>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    case DT_Q5_1: matmul_vec_body<DT_Q5_1>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    case DT_Q4_K: matmul_vec_body<DT_Q4_K>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    case DT_Q5_K: matmul_vec_body<DT_Q5_K>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    default: matmul_vec_body<DT_Q6_K>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
     }
 }
 
@@ -310,42 +337,49 @@ __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_t16(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
            int accumulate) {
+    pdl_begin();
     matmul_tiled<32, 16>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_t32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
            int accumulate) {
+    pdl_begin();
     matmul_tiled<32, 32>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_t64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
            int accumulate) {
+    pdl_begin();
     matmul_tiled<32, 64>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_r8_t16(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
               int accumulate) {
+    pdl_begin();
     matmul_tiled<8, 16>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_r8_t32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
               int accumulate) {
+    pdl_begin();
     matmul_tiled<8, 32>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS)
 matmul_r8_t64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
               int accumulate) {
+    pdl_begin();
     matmul_tiled<8, 64>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)
 matmul(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
        int accumulate) {
+    pdl_begin();
     __shared__ float s_scale[MM_TOKENS];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const MmProj& p = proj_of_block(projs);

@@ -5,21 +5,22 @@
 // paged_attention(q, pieces, page_table, positions, block_tables, context_lens,
 //                 query_start_locs, out, num_tokens, num_seqs, num_heads, num_kv_heads,
 //                 head_dim, page_size, num_pages, dtype, max_blocks_per_seq, scale,
-//                 partial, splits)
-// attention_combine(partial, out, num_tokens, num_heads, head_dim, splits)
+//                 partial, counters, splits)
 // paged_attention_prefill(...): the same outputs for prefill tiles (its header is further down)
 //   q:   (num_tokens, num_heads, head_dim) f32;  out: (num_tokens, num_heads, head_dim) f32
 //   positions: (num_tokens) u32, token t attends to positions 0 ..= positions[t]
 //   block_tables: (num_seqs, max_blocks_per_seq) u32; context_lens: (num_seqs) u32
 //   query_start_locs: (num_seqs + 1) u32; KV dtype F32, F16, BF16 or Q8_0; head_dim <= 256
-//   partial: (num_tokens, num_heads, splits, head_dim + 2) f32 when splits > 1.
+//   partial: (num_tokens, num_heads, splits, head_dim + 2) f32 when splits > 1;
+//   counters: (num_tokens, num_heads) u32, zero before and after every launch.
 // Keys are taken in chunks of PA_CHUNK = 128 positions (chunk c: keys c*128 .. c*128+127).
 // Each chunk gives (m_c = max score, l_c = sum e^(s - m_c), a_c = sum e^(s - m_c) v), and the
 // chunks are merged in order by merge_chunk (running max, rescaled sums); out = a / l.
 // Split launches (splits = the chunks a sequence can have, for short batches: flash-decoding)
-// run one chunk a block and write it to partial; attention_combine merges them in the same
-// order with the same merge_chunk — so a token's output has the same bits split or not,
-// whatever else is in the batch.
+// run one chunk a block and write it to partial; the token-head's last block to finish
+// (split_arrive: an atomic counter) merges them in the same order with the same merge_chunk
+// — so a token's output has the same bits split or not, whatever else is in the batch, and
+// no second launch is needed.
 // Launch: grid (num_tokens, num_heads, splits), block 256 = 8 warps; shared: q (256 floats),
 //   128 scores, the chunk's page base addresses (129 u64), reduction scratch, 8 x 256 floats
 //   for the warps' V sums (about 11 KB). splits = 1: the block walks every chunk.
@@ -29,7 +30,6 @@
 //   allows); warp w accumulates V over the keys j = w (mod 8), lane l owning elements l,
 //   l + 32, ... (loads coalesced); the warps' sums are added in shared memory, and thread e
 //   merges element e. A token outside every sequence gets zeros.
-// attention_combine: grid (num_tokens, num_heads), block 256; merges the splits' chunks.
 
 #define PA_THREADS 256
 #define PA_CHUNK 128
@@ -123,7 +123,7 @@ __device__ __forceinline__ void translate_pages(const KvPieces& pieces, const u3
 }
 
 // Merges chunk (m_c, l_c, a_c) into the running (m, l, a); an empty chunk (m_c = -inf)
-// changes nothing. The one merge of both paths (in-block and attention_combine).
+// changes nothing. The one merge of both paths (in-block and split_arrive).
 __device__ __forceinline__ void merge_chunk(float& m, float& l, float& a, float m_c, float l_c,
                                             float a_c) {
     if (m_c == -INFINITY) return;
@@ -135,12 +135,40 @@ __device__ __forceinline__ void merge_chunk(float& m, float& l, float& a, float 
     m = mx;
 }
 
+// A split block's end: its chunk's partial (m, l, a[head_dim]) is written; count the block
+// in (one counter per token-head) and, in the block that arrives last, merge the splits'
+// chunks in order z = 0 .. splits-1 with merge_chunk (the bits of the unsplit walk) into
+// out, and reset the counter for the next launch. Every thread of the block calls it.
+__device__ __forceinline__ void split_arrive(const float* p, u32* counter, int splits,
+                                             int head_dim, float* o) {
+    __shared__ int s_last;
+    __threadfence();  // this block's partial is visible device-wide before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 prev = atomicAdd(counter, 1u);
+        s_last = prev == (u32)(splits - 1);
+        if (s_last) *counter = 0u;  // every split has arrived
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
+        float m = -INFINITY, l = 0.0f, a = 0.0f;
+        for (int z = 0; z < splits; z++) {
+            const float* pz = p + (u64)z * (head_dim + 2);
+            merge_chunk(m, l, a, __ldcg(pz), __ldcg(pz + 1), __ldcg(pz + 2 + e));
+        }
+        o[e] = a * (l > 0.0f ? 1.0f / l : 0.0f);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(PA_THREADS)
 paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u32* positions,
                 const u32* block_tables, const u32* context_lens, const u32* query_start_locs,
                 float* out, int num_tokens, int num_seqs, int num_heads, int num_kv_heads,
                 int head_dim, int page_size, int num_pages, int dtype, int max_blocks_per_seq,
-                float scale, float* partial, int splits) {
+                float scale, float* partial, u32* counters, int splits) {
+    pdl_begin();
     __shared__ float s_q[256];
     __shared__ float s_p[PA_CHUNK];
     __shared__ float s_red[32];
@@ -173,6 +201,8 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
         // No key: an empty chunk (split) or zeros (a token outside every sequence).
         if (part != 0) {
             for (int e = tid; e < head_dim + 2; e += blockDim.x) part[e] = e == 0 ? -INFINITY : 0.0f;
+            split_arrive(partial + ((u64)t * num_heads + h) * splits * (head_dim + 2),
+                         counters + (u64)t * num_heads + h, splits, head_dim, o);
         } else {
             for (int e = tid; e < head_dim; e += blockDim.x) o[e] = 0.0f;
         }
@@ -249,22 +279,9 @@ paged_attention(const float* q, KvPieces pieces, const u32* page_table, const u3
         __syncthreads();  // the next chunk overwrites s_p, s_page and s_acc
     }
     if (part == 0 && tid < head_dim) o[tid] = a_run * (l_run > 0.0f ? 1.0f / l_run : 0.0f);
-}
-
-extern "C" __global__ void attention_combine(const float* partial, float* out, int num_tokens,
-                                             int num_heads, int head_dim, int splits) {
-    int t = blockIdx.x, h = blockIdx.y;
-    if (t >= num_tokens) return;
-    const float* p = partial + ((u64)t * num_heads + h) * splits * (head_dim + 2);
-    float* o = out + ((u64)t * num_heads + h) * head_dim;
-    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
-        float m = -INFINITY, l = 0.0f, a = 0.0f;
-        for (int z = 0; z < splits; z++) {
-            const float* pz = p + (u64)z * (head_dim + 2);
-            merge_chunk(m, l, a, pz[0], pz[1], pz[2 + e]);
-        }
-        o[e] = a * (l > 0.0f ? 1.0f / l : 0.0f);
-    }
+    if (part != 0)
+        split_arrive(partial + ((u64)t * num_heads + h) * splits * (head_dim + 2),
+                     counters + (u64)t * num_heads + h, splits, head_dim, o);
 }
 
 // ---------------------------------------------------------------- prefill tiles
@@ -310,6 +327,7 @@ paged_attention_prefill(const float* q, KvPieces pieces, const u32* page_table,
                         const u32* query_start_locs, float* out, int num_tokens, int num_seqs,
                         int num_heads, int num_kv_heads, int head_dim, int page_size,
                         int num_pages, int dtype, int max_blocks_per_seq, float scale) {
+    pdl_begin();
     __shared__ float s_q[PP_Q][PP_MAX_HD];
     __shared__ float s_s[PP_Q][PA_CHUNK];
     __shared__ __align__(16) u8 s_kv[PP_SUB * PP_MAX_ROW];

@@ -8,6 +8,7 @@
 
 extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int n,
                                     int dim, float eps) {
+    pdl_begin();
     __shared__ float partial[32];
     int r = blockIdx.x;
     if (r >= n) return;

@@ -9,6 +9,7 @@
 
 extern "C" __global__ void rope(float* x, const u32* positions, int num_tokens, int num_heads,
                                 int head_dim, int rope_dim, float freq_base) {
+    pdl_begin();
     int t = blockIdx.x;
     if (t >= num_tokens) return;
     float* xt = x + (u64)t * num_heads * head_dim;

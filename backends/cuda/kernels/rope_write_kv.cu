@@ -19,6 +19,7 @@ extern "C" __global__ void rope_write_kv(float* q, float* k, const float* v, con
                                          int num_tokens, int num_heads, int num_kv_heads,
                                          int head_dim, int rope_dim, float freq_base,
                                          int page_size, int num_pages, int dtype) {
+    pdl_begin();
     int t = blockIdx.x;
     if (t >= num_tokens) return;
     float* qt = q + (u64)t * num_heads * head_dim;

@@ -39,6 +39,7 @@ __device__ __forceinline__ u32 total_order_bits(float f) {
 }
 
 extern "C" __global__ void argmax_partial(const float* logits, u64* keys, int rows, int vocab) {
+    pdl_begin();
     __shared__ u64 sh[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -61,6 +62,7 @@ extern "C" __global__ void argmax_partial(const float* logits, u64* keys, int ro
 
 extern "C" __global__ void argmax_finish(const float* logits, const u64* keys, u32* ids,
                                          int rows, int vocab) {
+    pdl_begin();
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     float v0 = logits[(u64)r * vocab];
@@ -70,6 +72,7 @@ extern "C" __global__ void argmax_finish(const float* logits, const u64* keys, u
 
 extern "C" __global__ void top_k_rows(const float* logits, float* values, u32* ids, int rows,
                                       int vocab, int k) {
+    pdl_begin();
     __shared__ u64 sh[32];
     int r = blockIdx.x;
     if (r >= rows) return;

@@ -2,11 +2,28 @@
 //! buffer, pointers to them built at launch (what `cuLaunchKernel` takes).
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::sys;
 use pagoda_backend::{BackendError, Result};
 
 use crate::driver::check;
+
+/// Whether launches carry programmatic stream serialization (programmatic dependent
+/// launch: a kernel may start while the previous one ends; `kernels/common.cuh`'s
+/// `pdl_begin`). Set by the backend from the device (compute capability 9.0 or newer) and
+/// `PAGODA_CUDA_PDL` (`0` turns it off).
+static PDL: AtomicBool = AtomicBool::new(false);
+
+/// Turns programmatic dependent launch on or off for every later launch.
+pub(crate) fn set_pdl(on: bool) {
+    PDL.store(on, Ordering::Relaxed);
+}
+
+/// Whether launches use programmatic dependent launch.
+pub fn pdl_enabled() -> bool {
+    PDL.load(Ordering::Relaxed)
+}
 
 const WORDS: usize = 128;
 const MAX_ARGS: usize = 24;
@@ -76,21 +93,28 @@ impl Args {
             // SAFETY: every offset was written by `arg` inside `data`.
             *p = unsafe { base.add(o as usize) } as *mut c_void;
         }
-        // SAFETY: `f` is a loaded kernel of this context; `ptrs` holds one pointer per parameter to a value of its type, alive for the call (the driver copies them before returning); buffers were checked by the caller to lie inside live device memory.
+        // Programmatic stream serialization: every kernel waits (griddepcontrol.wait) before
+        // touching memory an earlier kernel writes, so the next one may be scheduled early.
+        // SAFETY: an all-zero launch attribute is a valid (ignored) value; id and value set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = pdl_enabled();
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared_bytes,
+            hStream: stream,
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        // SAFETY: `f` is a loaded kernel of this context; `config` (and the attribute it points to) lives for the call; `ptrs` holds one pointer per parameter to a value of its type, alive for the call (the driver copies them before returning); buffers were checked by the caller to lie inside live device memory.
         let r = unsafe {
-            sys::cuLaunchKernel(
-                f,
-                grid.0,
-                grid.1,
-                grid.2,
-                block,
-                1,
-                1,
-                shared_bytes,
-                stream,
-                ptrs.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
+            sys::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut())
         };
         check(op, r)
     }

@@ -66,7 +66,6 @@ pub const FILES: &[KernelFile] = &[
         "paged_attention",
         [
             "paged_attention",
-            "attention_combine",
             "paged_attention_prefill"
         ]
     ),

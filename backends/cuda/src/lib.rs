@@ -96,12 +96,22 @@ pub const SCRATCH_BYTES: u64 = 64 << 10;
 /// (`kernels/paged_attention.cu`; counted in [`CudaBackend::own_device_bytes`]).
 pub const ATTN_PARTIAL_BYTES: u64 = 1 << 20;
 
+/// Bytes after the partials for split attention's arrival counters (one u32 a token-head,
+/// zeroed at start; the last chunk block of a token-head merges the partials and resets it).
+pub const ATTN_COUNTER_BYTES: u64 = 4096;
+
+/// Device bytes of the scratch, the partials and the counters.
+const OWN_DEVICE_BYTES: u64 = SCRATCH_BYTES + ATTN_PARTIAL_BYTES + ATTN_COUNTER_BYTES;
+
 impl CudaBackend {
     /// The backend of device `ordinal`: opens it, compiles (or reads from the
     /// cache) every kernel for its architecture and loads them. An error
     /// value when there is no driver, device or NVRTC.
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
         let dev = Device::open(ordinal)?;
+        args::set_pdl(
+            dev.capability.0 >= 9 && std::env::var("PAGODA_CUDA_PDL").map_or(true, |v| v != "0"),
+        );
         dev.bind()?;
         let arch = format!("sm_{}{}", dev.capability.0, dev.capability.1);
         let kernels = Kernels::load(&arch)?;
@@ -112,13 +122,23 @@ impl CudaBackend {
         let mut scratch: cu::CUdeviceptr = 0;
         // SAFETY: writes one device pointer; the context is current.
         check("cuMemAlloc (scratch)", unsafe {
-            cu::cuMemAlloc_v2(&mut scratch, (SCRATCH_BYTES + ATTN_PARTIAL_BYTES) as usize)
+            cu::cuMemAlloc_v2(&mut scratch, OWN_DEVICE_BYTES as usize)
         })?;
+        // SAFETY: the split-attention counters lie inside the allocation just made; the memset completes before any kernel runs (synchronised below).
+        check("cuMemsetD32 (attention counters)", unsafe {
+            cu::cuMemsetD32_v2(
+                scratch + SCRATCH_BYTES + ATTN_PARTIAL_BYTES,
+                0,
+                (ATTN_COUNTER_BYTES / 4) as usize,
+            )
+        })?;
+        // SAFETY: no arguments; the context is current.
+        check("cuCtxSynchronize", unsafe { cu::cuCtxSynchronize() })?;
         let (total, _) = memory::mem_info(&dev)?;
         let info = BackendInfo {
             name: "cuda".into(),
             device: format!(
-                "{} (sm_{}{}, {:.1} GiB, KV arena {})",
+                "{} (sm_{}{}, {:.1} GiB, KV arena {}, PDL {})",
                 dev.name,
                 dev.capability.0,
                 dev.capability.1,
@@ -127,7 +147,8 @@ impl CudaBackend {
                     "growable (VMM)"
                 } else {
                     "fixed (no VMM)"
-                }
+                },
+                if args::pdl_enabled() { "on" } else { "off" }
             ),
             weight_dtypes: WEIGHT_DTYPES.to_vec(),
             kv_dtypes: vec![DType::F32, DType::F16, DType::BF16, DType::Q8_0],
@@ -176,12 +197,17 @@ impl CudaBackend {
 
     /// Device bytes held outside the pool and the arenas (scratch and attention partials).
     pub fn own_device_bytes(&self) -> u64 {
-        SCRATCH_BYTES + ATTN_PARTIAL_BYTES
+        OWN_DEVICE_BYTES
     }
 
     /// Split attention's partials (ATTN_PARTIAL_BYTES); used under [`Self::lock_scratch`].
     pub(crate) fn attn_partials(&self) -> u64 {
         self.scratch + SCRATCH_BYTES
+    }
+
+    /// Split attention's arrival counters (ATTN_COUNTER_BYTES, zero between launches).
+    pub(crate) fn attn_counters(&self) -> u64 {
+        self.scratch + SCRATCH_BYTES + ATTN_PARTIAL_BYTES
     }
 
     /// Makes chunk maps of the KV arena fault sites of `faults`.

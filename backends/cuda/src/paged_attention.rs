@@ -5,7 +5,7 @@ use pagoda_backend::{
 };
 
 use crate::args::Args;
-use crate::{ATTN_PARTIAL_BYTES, CudaBackend, MAX_HEAD_DIM, dtype_code};
+use crate::{ATTN_COUNTER_BYTES, ATTN_PARTIAL_BYTES, CudaBackend, MAX_HEAD_DIM, dtype_code};
 
 /// Token-heads below which a launch splits keys (one wave of the H200's 132 SMs).
 const SPLIT_BELOW_BLOCKS: usize = 132;
@@ -28,7 +28,12 @@ fn uses_prefill_tiles(tokens: usize, seqs: usize, head_dim: usize, row_bytes: us
 fn splits_for(blocks: usize, max_keys: usize, head_dim: usize) -> usize {
     let chunks = max_keys.div_ceil(CHUNK_KEYS).max(1);
     let bytes = (blocks * chunks * (head_dim + 2) * 4) as u64;
-    if blocks == 0 || blocks >= SPLIT_BELOW_BLOCKS || chunks == 1 || bytes > ATTN_PARTIAL_BYTES {
+    if blocks == 0
+        || blocks >= SPLIT_BELOW_BLOCKS
+        || chunks == 1
+        || bytes > ATTN_PARTIAL_BYTES
+        || (blocks * 4) as u64 > ATTN_COUNTER_BYTES
+    {
         1
     } else {
         chunks
@@ -114,34 +119,25 @@ impl AttentionOps for CudaBackend {
             d.max_blocks_per_seq * l.page_size,
             l.head_dim,
         );
-        // The partials buffer is shared: held until both launches are enqueued.
+        // The partials and counters are shared: held until the launch is enqueued.
         let _g = (splits > 1).then(|| self.lock_scratch());
-        let partial = if splits > 1 { self.attn_partials() } else { 0 };
-        shared().arg(partial).arg(splits as i32).launch(
-            OP,
-            self.func("paged_attention")?,
-            (d.num_tokens as u32, d.num_heads as u32, splits as u32),
-            256,
-            0,
-            self.stream(),
-        )?;
-        if splits > 1 {
-            Args::new()
-                .arg(partial)
-                .arg(op)
-                .arg(d.num_tokens as i32)
-                .arg(d.num_heads as i32)
-                .arg(l.head_dim as i32)
-                .arg(splits as i32)
-                .launch(
-                    OP,
-                    self.func("attention_combine")?,
-                    (d.num_tokens as u32, d.num_heads as u32, 1),
-                    256,
-                    0,
-                    self.stream(),
-                )?;
-        }
+        let (partial, counters) = if splits > 1 {
+            (self.attn_partials(), self.attn_counters())
+        } else {
+            (0, 0)
+        };
+        shared()
+            .arg(partial)
+            .arg(counters)
+            .arg(splits as i32)
+            .launch(
+                OP,
+                self.func("paged_attention")?,
+                (d.num_tokens as u32, d.num_heads as u32, splits as u32),
+                256,
+                0,
+                self.stream(),
+            )?;
         Ok(())
     }
 }
