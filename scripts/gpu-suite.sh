@@ -10,6 +10,10 @@
 set -uo pipefail
 DIR=${1:?dir}; PHASE=${2:?phase}
 REPO=$PWD
+# NVIDIA's Vulkan driver for wgpu (the loader comes from .gl; see wgpu phases).
+for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
+  [ -f "$icd" ] && { export VK_DRIVER_FILES=$icd; break; }
+done
 # Test binaries find fixtures through their build-time paths.
 mkdir -p /work && [ -e /work/main ] || ln -s "$REPO" /work/main
 export PAGODA_CACHE=$DIR/cache RUST_BACKTRACE=1
@@ -47,6 +51,7 @@ sanitize-nomodel)
 wgpu)
   # The wgpu parity and model fixture tests on NVIDIA's Vulkan driver (each runs as the
   # adapter is and with SHADER_F16 / SUBGROUP masked).
+  "$DIR/pagoda" devices 2>&1 | tail -8
   for t in "$DIR"/wgpu/tests/*; do
     n=$(basename "$t")
     runbin "$n" env XDG_RUNTIME_DIR=/tmp timeout 400 "$t" --test-threads 1 --nocapture

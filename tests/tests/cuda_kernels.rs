@@ -138,7 +138,10 @@ fn every_kernel_waits_for_the_previous_one() {
         for (at, _) in src.match_indices("__device__ __forceinline__") {
             let sig_end = at + src[at..].find('{').unwrap();
             let sig = &src[at..sig_end];
-            let Some(name) = sig.split('(').next().and_then(|s| s.split_whitespace().last())
+            let Some(name) = sig
+                .split('(')
+                .next()
+                .and_then(|s| s.split_whitespace().last())
             else {
                 continue;
             };

@@ -44,24 +44,22 @@ struct KvPieces {
 // stream serialization, so a kernel may start while the one before it in the stream still
 // runs. pdl_wait() returns once every earlier kernel has finished and its writes are
 // visible; before it a kernel may only read memory no kernel writes (weights). Every kernel
-// calls pdl_begin() (= wait, then let the next kernel start) before touching anything
-// else, or pdl_wait() after loading only weights (matmul_vec); the cuda_kernels test checks
-// every kernel does. Without the launch attribute both are no-ops.
+// calls pdl_begin() before touching anything else, or pdl_wait() after loading only
+// weights (matmul_vec); the cuda_kernels test checks every kernel does. The next kernel
+// launches when this one's blocks exit, or (PAGODA_PDL_EARLY, `PAGODA_CUDA_PDL=early`) as
+// soon as all of them have started: earlier, but its blocks are then placed while this
+// kernel still holds SMs. Without the launch attribute both are no-ops.
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
-
 __device__ __forceinline__ void pdl_begin() {
     pdl_wait();
-    pdl_launch_dependents();
+#if __CUDA_ARCH__ >= 900 && defined(PAGODA_PDL_EARLY)
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
 }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {

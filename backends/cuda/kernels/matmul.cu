@@ -3,7 +3,8 @@
 // is dequantized to memory. Three kinds of kernel, one argument list:
 //
 // matmul_vec, matmul_t16, matmul_t32, matmul_t64, matmul_r8_t16, matmul_r8_t32,
-// matmul_r8_t64, matmul — all (x, norm_w, eps, projs, n, k, accumulate):
+// matmul_r8_t64, matmul_mma_t16, matmul_mma_t32, matmul_mma_t64, matmul — all
+// (x, norm_w, eps, projs, n, k, accumulate):
 //   x:      (n, k) f32, rows 16-byte aligned (k a multiple of 8; of 32 for quantized w)
 //   norm_w: (k) f32 or 0. When given, x is RMS-normed on the fly
 //           (x[e] * (1 / sqrt(mean(x^2) + eps)) * norm_w[e], as rms_norm.cu) — the fused
@@ -16,8 +17,10 @@
 //           layout of common.cuh; k a multiple of 256 for the K-quants) or only float ones
 //           (F32, F16, BF16, row-major).
 //
-// matmul_vec (quantized, n <= 8: decode). Launch: grid (sum of ceil(m_i / 4), 1), block 128 = 4
-//   warps; shared: 8 floats. Warp w owns row j = (blockIdx.x - first_block) * 4 + w; lane l
+// matmul_vec (quantized, n <= 8: decode). Launch: grid (sum of ceil(m_i / 8), 1), block 256 = 8
+//   warps; shared: 8 floats, plus n x k floats of dynamic shared memory when the launch gives
+//   them (then x, normed, is staged there once; the same values either way). Warp w owns row
+//   j = (blockIdx.x - first_block) * 8 + w; lane l
 //   takes the halves l, l + 32, ... of the row's 32-element units (16 values: common.cuh's
 //   load_half / decode_half), MV_INFLIGHT (4) at a time, loaded before any arithmetic (the
 //   first four even before waiting for the previous kernel and the norm scales), sums q * x per token with the scale applied once per
@@ -153,16 +156,24 @@ __device__ __forceinline__ HalfPos half_pos(u64 row0, u64 hb, int ups) {
 
 // Halves a lane has in flight (loads issued before the products of the previous ones).
 #define MV_INFLIGHT 4
+// Warps (= rows) of a matmul_vec block.
+#define MV_WARPS 8
+
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
 
 // The body of matmul_vec for one weight type DT (a compile-time constant, so the decoders
 // fold to that type's code and registers).
 template <int DT>
 __device__ __forceinline__ void matmul_vec_body(const float* x, const float* norm_w, float eps,
                                                 const MmProj& p, int n, int k, int accumulate,
-                                                float* s_scale) {
+                                                float* s_scale, float* s_x) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int m = p.m;
-    int j = ((int)blockIdx.x - p.first_block) * MM_WARPS + warp;
+    int j = ((int)blockIdx.x - p.first_block) * MV_WARPS + warp;
     int nt = min(MV_TOKENS, n);
     int ups = quant_block_elems(DT) / 32;  // 32-element units a block
     u64 nbr = (u64)(k / quant_block_elems(DT));
@@ -181,6 +192,30 @@ __device__ __forceinline__ void matmul_vec_body(const float* x, const float* nor
     }
     pdl_begin();
     if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
+    // x (normed when fused) staged once in shared memory when the launch gave room for it:
+    // the same values load_x8 forms, so the bits do not change.
+    const float* xs = x;
+    const float* nw = norm_w;
+    if ((u64)dynamic_smem_bytes() >= (u64)nt * k * 4) {
+        int k4 = k / 4;
+        for (int i = threadIdx.x; i < nt * k4; i += blockDim.x) {
+            int t = i / k4, e = (i % k4) * 4;
+            float v[8];
+            // load_x8's arithmetic on 4 of the 8 values (the other 4 unused).
+            const float4 a = *(const float4*)(x + (u64)t * k + e);
+            v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+            if (norm_w != 0) {
+                const float4 w = *(const float4*)(norm_w + e);
+                float sc = s_scale[t];
+                v[0] = v[0] * sc * w.x; v[1] = v[1] * sc * w.y;
+                v[2] = v[2] * sc * w.z; v[3] = v[3] * sc * w.w;
+            }
+            *(float4*)(s_x + (u64)t * k + e) = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        __syncthreads();
+        xs = s_x;
+        nw = 0;
+    }
     if (j >= m) return;
     float acc[MV_TOKENS];
 #pragma unroll
@@ -189,7 +224,7 @@ __device__ __forceinline__ void matmul_vec_body(const float* x, const float* nor
 #pragma unroll
         for (int i = 0; i < MV_INFLIGHT; i++)
             if (hb + 32 * i < nh)
-                half_dot(decode_half(r[i], DT, ps[i].j, ps[i].hh), x, norm_w, s_scale, nt, k,
+                half_dot(decode_half(r[i], DT, ps[i].j, ps[i].hh), xs, nw, s_scale, nt, k,
                          (int)((hb + 32 * i) / 2) * 32, acc);
         hb += 32 * MV_INFLIGHT;
         if (hb >= nh) break;
@@ -210,21 +245,24 @@ __device__ __forceinline__ void matmul_vec_body(const float* x, const float* nor
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)
 matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
            int accumulate) {
     __shared__ float s_scale[MV_TOKENS];
+    extern __shared__ __align__(16) float s_x[];
     const MmProj& p = proj_of_block(projs);
+#define MV_CASE(D) matmul_vec_body<D>(x, norm_w, eps, p, n, k, accumulate, s_scale, s_x)
     switch (p.dtype) {
-    case DT_Q8_0: matmul_vec_body<DT_Q8_0>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
-    case DT_Q4_0: matmul_vec_body<DT_Q4_0>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
-    case DT_Q4_1: matmul_vec_body<DT_Q4_1>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
-    case DT_Q5_0: matmul_vec_body<DT_Q5_0>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
-    case DT_Q5_1: matmul_vec_body<DT_Q5_1>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
-    case DT_Q4_K: matmul_vec_body<DT_Q4_K>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
-    case DT_Q5_K: matmul_vec_body<DT_Q5_K>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
-    default: matmul_vec_body<DT_Q6_K>(x, norm_w, eps, p, n, k, accumulate, s_scale); break;
+    case DT_Q8_0: MV_CASE(DT_Q8_0); break;
+    case DT_Q4_0: MV_CASE(DT_Q4_0); break;
+    case DT_Q4_1: MV_CASE(DT_Q4_1); break;
+    case DT_Q5_0: MV_CASE(DT_Q5_0); break;
+    case DT_Q5_1: MV_CASE(DT_Q5_1); break;
+    case DT_Q4_K: MV_CASE(DT_Q4_K); break;
+    case DT_Q5_K: MV_CASE(DT_Q5_K); break;
+    default: MV_CASE(DT_Q6_K); break;
     }
+#undef MV_CASE
 }
 
 template <int TM, int TN>
@@ -374,6 +412,206 @@ matmul_r8_t64(const float* x, const float* norm_w, float eps, MmProjs projs, int
               int accumulate) {
     pdl_begin();
     matmul_tiled<8, 64>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+// ---------------------------------------------------------------- tensor cores
+// matmul_mma_t<TN> (quantized, n > 8; TN = 16, 32, 64 tokens a block, TM = 64 rows).
+// Launch: grid (sum of ceil(m_i / 64), ceil(n / TN)), block 128 = 4 warps; shared: the
+// unit's 64 x 32 weight quants (exact small integers as f32), their scales, x's hi / lo
+// tf32 parts for TN tokens x 32 (about 9 + 2 x TN x 0.14 KB). Each step of 32 (one unit of
+// every row): threads (row, half) decode the weights, every thread loads a quarter of a
+// token's 32 x values (normed on the fly) and splits each into tf32 hi + lo (x - hi,
+// rounded to tf32 again); the next unit's global loads are in flight during the products.
+// Warp w computes rows 16w .. 16w+15 x all TN tokens with mma.sync m16n8k8 tf32: per
+// 16-element group g of the unit, tmp = q . x_hi + q . x_lo (two k8 steps each, f32
+// accumulation), acc += a_g * tmp; per unit acc += b * sum(x) (Q4_1, Q5_1, K4 mins).
+// q is exact in tf32 and x = hi + lo to about 2^-21, so the products carry nearly f32
+// precision. A token's outputs do not depend on the tile shape nor on the other tokens
+// (every output is its own chain of the same instructions), so TN is free.
+
+#define MMA_TM 64
+#define MMA_THREADS 128
+#define MMA_LD 36  // shared row stride (32 + 4): conflict-free fragment loads
+
+__device__ __forceinline__ u32 tf32_rna(float f) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return r;
+}
+
+// d += A (16x8, tf32, row) . B (8x8, tf32, col), f32 accumulators.
+__device__ __forceinline__ void mma_tf32(float d[4], const u32 a[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int TN>
+__device__ __forceinline__ void matmul_mma(const float* x, const float* norm_w, float eps,
+                                           const MmProjs& projs, int n, int k, int accumulate) {
+    constexpr int NT = TN / 8;                  // n-tiles of 8 tokens
+    constexpr int XF = TN * 8 / MMA_THREADS;    // x float4 loads per thread a step
+    __shared__ __align__(16) float s_w[MMA_TM][MMA_LD];  // q values [row][k]
+    __shared__ float s_a[MMA_TM][2];                     // scale of each 16-element group
+    __shared__ float s_b[MMA_TM];                        // offset (times sum x) of the unit
+    __shared__ __align__(16) u32 s_xh[TN][MMA_LD];       // tf32 hi of x [token][k]
+    __shared__ __align__(16) u32 s_xl[TN][MMA_LD];       // tf32 lo of x
+    __shared__ float s_sx[TN];                           // sum of the unit's x a token
+    __shared__ float s_scale[TN];
+    int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    int gid = lane >> 2, tig = lane & 3;
+    const MmProj& p = proj_of_block(projs);
+    int dtype = p.dtype, m = p.m;
+    int r0 = ((int)blockIdx.x - p.first_block) * MMA_TM;
+    int t0 = blockIdx.y * TN;
+    int nt = min(TN, n - t0);
+    if (norm_w != 0) token_scales(x, t0, nt, k, eps, s_scale);
+    int ups = quant_block_elems(dtype) / 32;
+    u64 nbr = (u64)(k / quant_block_elems(dtype));
+    u64 nu = (u64)(k / 32);
+    QLayout L = qlayout((const u8*)p.w, dtype, (u64)m * nbr);
+    int lr = tid / 2, lh = tid % 2;  // loader: row r0 + lr, half lh
+    bool wvalid = r0 + lr < m;
+    u64 wrow = (u64)(r0 + lr) * nbr;
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
+
+    RawHalf wr;
+    float4 xv[XF];
+    auto load_step = [&](u64 b) {
+        wr = load_half(L, dtype, wrow + b / (u64)ups, (int)(b % (u64)ups), lh, wvalid);
+#pragma unroll
+        for (int f = 0; f < XF; f++) {
+            int idx = tid + MMA_THREADS * f;
+            int ft = idx / 8, fq = idx % 8;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (ft < nt) {
+                int e = (int)b * 32 + fq * 4;
+                v = *(const float4*)(x + (u64)(t0 + ft) * k + e);
+                if (norm_w != 0) {
+                    float4 w = *(const float4*)(norm_w + e);
+                    float s = s_scale[ft];
+                    v.x = v.x * s * w.x; v.y = v.y * s * w.y;
+                    v.z = v.z * s * w.z; v.w = v.w * s * w.w;
+                }
+            }
+            xv[f] = v;
+        }
+    };
+    load_step(0);
+    for (u64 b = 0; b < nu; b++) {
+        __syncthreads();  // the previous step's products are done with the tiles
+        {
+            Half h = decode_half(wr, dtype, (int)(b % (u64)ups), lh);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                s_w[lr][h.x0 + i] = h.q[i];
+                s_w[lr][h.x1 + i] = h.q[8 + i];
+            }
+            s_a[lr][lh] = h.a;
+            if (lh == 0) s_b[lr] = h.b;
+        }
+#pragma unroll
+        for (int f = 0; f < XF; f++) {
+            int idx = tid + MMA_THREADS * f;
+            int ft = idx / 8, fq = idx % 8;
+            float v[4] = {xv[f].x, xv[f].y, xv[f].z, xv[f].w};
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                u32 hi = tf32_rna(v[c]);
+                s_xh[ft][fq * 4 + c] = hi;
+                s_xl[ft][fq * 4 + c] = tf32_rna(v[c] - __uint_as_float(hi));
+            }
+            // sum of the token's 32 values: the 8 lanes of a token, in one order.
+            float sx = ((v[0] + v[1]) + v[2]) + v[3];
+            sx += __shfl_xor_sync(0xFFFFFFFFu, sx, 4);
+            sx += __shfl_xor_sync(0xFFFFFFFFu, sx, 2);
+            sx += __shfl_xor_sync(0xFFFFFFFFu, sx, 1);
+            if (fq == 0) s_sx[ft] = sx;
+        }
+        __syncthreads();
+        if (b + 1 < nu) load_step(b + 1);  // in flight during the products below
+        int wr0 = warp * 16 + gid;
+#pragma unroll
+        for (int g = 0; g < 2; g++) {
+            float tmp[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) tmp[j][c] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++) {
+                int kb = 16 * g + 8 * kk;
+                u32 a[4];
+                a[0] = __float_as_uint(s_w[wr0][kb + tig]);
+                a[1] = __float_as_uint(s_w[wr0 + 8][kb + tig]);
+                a[2] = __float_as_uint(s_w[wr0][kb + tig + 4]);
+                a[3] = __float_as_uint(s_w[wr0 + 8][kb + tig + 4]);
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    int tok = j * 8 + gid;
+                    mma_tf32(tmp[j], a, s_xh[tok][kb + tig], s_xh[tok][kb + tig + 4]);
+                    mma_tf32(tmp[j], a, s_xl[tok][kb + tig], s_xl[tok][kb + tig + 4]);
+                }
+            }
+            float a0 = s_a[wr0][g], a1 = s_a[wr0 + 8][g];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                acc[j][0] = fmaf(a0, tmp[j][0], acc[j][0]);
+                acc[j][1] = fmaf(a0, tmp[j][1], acc[j][1]);
+                acc[j][2] = fmaf(a1, tmp[j][2], acc[j][2]);
+                acc[j][3] = fmaf(a1, tmp[j][3], acc[j][3]);
+            }
+        }
+        float b0 = s_b[wr0], b1 = s_b[wr0 + 8];
+        if (b0 != 0.0f || b1 != 0.0f) {
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                float sx0 = s_sx[j * 8 + 2 * tig], sx1 = s_sx[j * 8 + 2 * tig + 1];
+                acc[j][0] = fmaf(b0, sx0, acc[j][0]);
+                acc[j][1] = fmaf(b0, sx1, acc[j][1]);
+                acc[j][2] = fmaf(b1, sx0, acc[j][2]);
+                acc[j][3] = fmaf(b1, sx1, acc[j][3]);
+            }
+        }
+    }
+    float* out = (float*)p.out;
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int row = r0 + warp * 16 + gid + (c >= 2 ? 8 : 0);
+            int t = j * 8 + 2 * tig + (c & 1);
+            if (row >= m || t >= nt) continue;
+            float* o = out + (u64)(t0 + t) * p.out_stride + row;
+            *o = accumulate ? *o + acc[j][c] : acc[j][c];
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma_t16(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+               int accumulate) {
+    pdl_begin();
+    matmul_mma<16>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma_t32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+               int accumulate) {
+    pdl_begin();
+    matmul_mma<32>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma_t64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+               int accumulate) {
+    pdl_begin();
+    matmul_mma<64>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)

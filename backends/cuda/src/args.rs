@@ -113,9 +113,8 @@ impl Args {
             numAttrs: pdl as u32,
         };
         // SAFETY: `f` is a loaded kernel of this context; `config` (and the attribute it points to) lives for the call; `ptrs` holds one pointer per parameter to a value of its type, alive for the call (the driver copies them before returning); buffers were checked by the caller to lie inside live device memory.
-        let r = unsafe {
-            sys::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut())
-        };
+        let r =
+            unsafe { sys::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) };
         check(op, r)
     }
 }

@@ -59,15 +59,15 @@ pub const FILES: &[KernelFile] = &[
             "matmul_r8_t16",
             "matmul_r8_t32",
             "matmul_r8_t64",
+            "matmul_mma_t16",
+            "matmul_mma_t32",
+            "matmul_mma_t64",
             "matmul"
         ]
     ),
     kernel_file!(
         "paged_attention",
-        [
-            "paged_attention",
-            "paged_attention_prefill"
-        ]
+        ["paged_attention", "paged_attention_prefill"]
     ),
     kernel_file!("rms_norm", ["rms_norm"]),
     kernel_file!("rope", ["rope"]),
@@ -108,9 +108,25 @@ impl From<CompileError> for BackendError {
     }
 }
 
+/// Definitions put before the prelude: `PAGODA_CUDA_PDL=early` makes every kernel let the
+/// next one launch as it starts (`pdl_begin`), instead of when its blocks exit (measured
+/// both ways: notes/gpu-runs.md).
+fn defines() -> &'static str {
+    if std::env::var("PAGODA_CUDA_PDL").is_ok_and(|v| v == "early") {
+        "#define PAGODA_PDL_EARLY 1\n"
+    } else {
+        ""
+    }
+}
+
 /// The full text NVRTC compiles for `file`.
 pub fn full_source(file: &KernelFile) -> String {
-    format!("{PRELUDE}\n#line 1 \"{}.cu\"\n{}", file.stem, file.source)
+    format!(
+        "{}{PRELUDE}\n#line 1 \"{}.cu\"\n{}",
+        defines(),
+        file.stem,
+        file.source
+    )
 }
 
 /// Whether NVRTC can be loaded (after [`preload_nvrtc`], if a folder was given).

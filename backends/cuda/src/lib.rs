@@ -148,7 +148,14 @@ impl CudaBackend {
                 } else {
                     "fixed (no VMM)"
                 },
-                if args::pdl_enabled() { "on" } else { "off" }
+                match (
+                    args::pdl_enabled(),
+                    std::env::var("PAGODA_CUDA_PDL").as_deref()
+                ) {
+                    (false, _) => "off",
+                    (true, Ok("early")) => "early",
+                    (true, _) => "at exit",
+                }
             ),
             weight_dtypes: WEIGHT_DTYPES.to_vec(),
             kv_dtypes: vec![DType::F32, DType::F16, DType::BF16, DType::Q8_0],

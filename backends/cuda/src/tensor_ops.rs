@@ -61,6 +61,19 @@ impl ProjArg {
 /// Blocks below which a tiled launch takes 8-row tiles (two waves of the H200's 132 SMs).
 const MIN_TILED_BLOCKS: usize = 264;
 
+/// Blocks below which a tensor-core launch takes narrower token tiles (one wave).
+const MIN_MMA_BLOCKS: usize = 132;
+
+/// Rows of a `matmul_mma_t*` tile (`MMA_TM`).
+const MMA_ROWS: usize = 64;
+
+/// Whether quantized matmuls of more than 8 tokens take the tensor-core kernels
+/// (`PAGODA_CUDA_MMA=0`: the f32 SIMT tiles, for comparison).
+fn use_mma() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PAGODA_CUDA_MMA").map_or(true, |v| v != "0"))
+}
+
 /// Which `kernels/matmul.cu` kernel a launch takes: (symbol, rows a block, tokens a block,
 /// block threads), for `n` tokens and the projections' row counts `ms`.
 fn matmul_kernel(
@@ -72,7 +85,26 @@ fn matmul_kernel(
         return ("matmul", 4, 8, 128);
     }
     if n <= 8 {
-        return ("matmul_vec", 4, n.max(1), 128);
+        return ("matmul_vec", 8, n.max(1), 256);
+    }
+    if use_mma() {
+        // The widest token tile that still gives a wave of blocks (every width gives the
+        // same bits: each output is its own chain).
+        let row_blocks: usize = ms.map(|m| m.div_ceil(MMA_ROWS)).sum();
+        let mut tn = match n {
+            9..=16 => 16,
+            17..=32 => 32,
+            _ => 64,
+        };
+        while tn > 16 && row_blocks * n.div_ceil(tn) < MIN_MMA_BLOCKS {
+            tn /= 2;
+        }
+        let symbol = match tn {
+            16 => "matmul_mma_t16",
+            32 => "matmul_mma_t32",
+            _ => "matmul_mma_t64",
+        };
+        return (symbol, MMA_ROWS, tn, 128);
     }
     let tn = match n {
         9..=16 => 16,
@@ -196,9 +228,21 @@ impl CudaBackend {
                 self.func(symbol)?,
                 (blocks as u32, n.div_ceil(tokens_per_block) as u32, 1),
                 threads,
-                0,
+                vec_staging_bytes(symbol, n, k),
                 self.stream(),
             )
+    }
+}
+
+/// Dynamic shared memory of a `matmul_vec` launch: room to stage x (n, k) f32 once when it
+/// fits the 48 KiB a launch gets without opting in (else 0: x is read from global memory).
+fn vec_staging_bytes(symbol: &str, n: usize, k: usize) -> u32 {
+    const LIMIT: usize = 48 * 1024 - 64;
+    let bytes = n * k * 4;
+    if symbol == "matmul_vec" && bytes <= LIMIT {
+        bytes as u32
+    } else {
+        0
     }
 }
 
