@@ -9,7 +9,7 @@ for line in open(sys.argv[1]):
         continue
     for r in json.loads(line):
         print(
-            f"{r['model'][-30:]:>30} {r.get('backend', ''):>5} B={r['batch']:<4} "
+            f"{r['model'][-30:]:>30} {r.get('weight_dtype', ''):>5} {r.get('backend', ''):>5} B={r['batch']:<4} "
             f"prefill {r['prefill_tokens_per_s']:>9.0f} t/s  decode {r['decode_tokens_per_s']:>9.0f} t/s  "
             f"step p50 {r['decode_step_ms_p50']:.3f} ms"
         )

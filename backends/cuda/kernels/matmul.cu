@@ -3,7 +3,8 @@
 // is dequantized to memory. Three kinds of kernel, one argument list:
 //
 // matmul_vec, matmul_t16, matmul_t32, matmul_t64, matmul_r8_t16, matmul_r8_t32,
-// matmul_r8_t64, matmul_mma_t16, matmul_mma_t32, matmul_mma_t64, matmul — all
+// matmul_r8_t64, matmul_mma_t16, matmul_mma_t32, matmul_mma_t64, matmul_mma2_64x64,
+// matmul_mma2_64x32, matmul_mma2_64x16, matmul_mma2_16x64, matmul_mma2_16x32, matmul — all
 // (x, norm_w, eps, projs, n, k, accumulate):
 //   x:      (n, k) f32, rows 16-byte aligned (k a multiple of 8; of 32 for quantized w)
 //   norm_w: (k) f32 or 0. When given, x is RMS-normed on the fly
@@ -612,6 +613,243 @@ matmul_mma_t64(const float* x, const float* norm_w, float eps, MmProjs projs, in
                int accumulate) {
     pdl_begin();
     matmul_mma<64>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+// matmul_mma2_<TM>x<TN> (quantized, n > 8; PAGODA_CUDA_MMA=2): the arithmetic of matmul_mma
+// — every output's chain is the same instructions in the same order (per unit: per 16-group
+// tmp = q.x_hi + q.x_lo over two k8 steps, acc += a_g tmp; then acc += b sum(x) when an offset
+// is present), so both kernels and every tile shape give the same bits — with more work
+// per barrier and per shared load: U units (U = 2, 1 for 64 x 64) a step, the 4 warps as
+// WM x WN (2 x 2 for 64 rows: a warp holds 32 rows x TN/2 tokens and reuses each x fragment
+// for two m-tiles; 1 x 4 for 16 rows: the 16-row tiles give small m four times the blocks).
+// Launch: grid (sum of ceil(m_i / TM), ceil(n / TN)), block 128; shared: TM x 32U quants,
+// TN x 32U x hi and lo, scales (at most 39 KB).
+
+template <int TM, int TN, int WM, int U>
+__device__ __forceinline__ void matmul_mma2(const float* x, const float* norm_w, float eps,
+                                            const MmProjs& projs, int n, int k, int accumulate) {
+    constexpr int WN = 4 / WM;
+    constexpr int MT = TM / WM / 16;  // m-tiles of 16 rows a warp
+    constexpr int NTW = TN / WN / 8;  // n-tiles of 8 tokens a warp
+    constexpr int KS = 32 * U;        // k a step
+    constexpr int LD = KS + 4;        // shared row stride: conflict-free fragment loads
+    constexpr int WSLOTS = TM * 2 * U;                            // weight halves a step
+    constexpr int WL = (WSLOTS + MMA_THREADS - 1) / MMA_THREADS;  // ... a thread
+    constexpr int XQ = KS / 4;                                    // float4 of a token a step
+    constexpr int XF = TN * XQ / MMA_THREADS;                     // x float4 a thread
+    __shared__ __align__(16) float s_w[TM][LD];
+    __shared__ float s_a[TM][2 * U];
+    __shared__ float s_b[TM][U];
+    __shared__ __align__(16) u32 s_xh[TN][LD];
+    __shared__ __align__(16) u32 s_xl[TN][LD];
+    __shared__ float s_sx[TN][U];
+    __shared__ float s_scale[TN];
+    int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    int gid = lane >> 2, tig = lane & 3;
+    int wm = warp / WN, wn = warp % WN;
+    const MmProj& p = proj_of_block(projs);
+    int dtype = p.dtype, m = p.m;
+    int r0 = ((int)blockIdx.x - p.first_block) * TM;
+    int t0 = blockIdx.y * TN;
+    int nt = min(TN, n - t0);
+    if (norm_w != 0) token_scales(x, t0, nt, k, eps, s_scale);
+    int ups = quant_block_elems(dtype) / 32;
+    u64 nbr = (u64)(k / quant_block_elems(dtype));
+    int nu = k / 32;
+    int steps = (nu + U - 1) / U;
+    QLayout L = qlayout((const u8*)p.w, dtype, (u64)m * nbr);
+    float acc[MT][NTW][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < NTW; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[mt][j][c] = 0.0f;
+
+    RawHalf wr[WL];
+    float4 xv[XF];
+    auto load_step = [&](int st) {
+#pragma unroll
+        for (int i = 0; i < WL; i++) {
+            int slot = tid + MMA_THREADS * i;
+            int row = slot / (2 * U), uu = (slot % (2 * U)) / 2, hh = slot % 2;
+            int unit = st * U + uu;
+            bool valid = slot < WSLOTS && r0 + row < m && unit < nu;
+            u64 bi = (u64)(r0 + row) * nbr + (u64)(unit / ups);
+            wr[i] = load_half(L, dtype, bi, unit % ups, hh, valid);
+        }
+#pragma unroll
+        for (int f = 0; f < XF; f++) {
+            int idx = tid + MMA_THREADS * f;
+            int ft = idx / XQ, fq = idx % XQ;
+            int e = st * KS + fq * 4;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (ft < nt && e < k) {
+                v = *(const float4*)(x + (u64)(t0 + ft) * k + e);
+                if (norm_w != 0) {
+                    float4 w = *(const float4*)(norm_w + e);
+                    float sc = s_scale[ft];
+                    v.x = v.x * sc * w.x; v.y = v.y * sc * w.y;
+                    v.z = v.z * sc * w.z; v.w = v.w * sc * w.w;
+                }
+            }
+            xv[f] = v;
+        }
+    };
+    load_step(0);
+    for (int st = 0; st < steps; st++) {
+        __syncthreads();  // the previous step's products are done with the tiles
+#pragma unroll
+        for (int i = 0; i < WL; i++) {
+            int slot = tid + MMA_THREADS * i;
+            if (slot < WSLOTS) {
+                int row = slot / (2 * U), uu = (slot % (2 * U)) / 2, hh = slot % 2;
+                int unit = st * U + uu;
+                Half h = decode_half(wr[i], dtype, unit % ups, hh);
+#pragma unroll
+                for (int q = 0; q < 8; q++) {
+                    s_w[row][uu * 32 + h.x0 + q] = h.q[q];
+                    s_w[row][uu * 32 + h.x1 + q] = h.q[8 + q];
+                }
+                s_a[row][uu * 2 + hh] = h.a;
+                if (hh == 0) s_b[row][uu] = h.b;
+            }
+        }
+#pragma unroll
+        for (int f = 0; f < XF; f++) {
+            int idx = tid + MMA_THREADS * f;
+            int ft = idx / XQ, fq = idx % XQ;
+            float v[4] = {xv[f].x, xv[f].y, xv[f].z, xv[f].w};
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                u32 hi = tf32_rna(v[c]);
+                s_xh[ft][fq * 4 + c] = hi;
+                s_xl[ft][fq * 4 + c] = tf32_rna(v[c] - __uint_as_float(hi));
+            }
+            // sum of a token's 32 values of one unit: its 8 lanes, in matmul_mma's order.
+            float sx = ((v[0] + v[1]) + v[2]) + v[3];
+            sx += __shfl_xor_sync(0xFFFFFFFFu, sx, 4);
+            sx += __shfl_xor_sync(0xFFFFFFFFu, sx, 2);
+            sx += __shfl_xor_sync(0xFFFFFFFFu, sx, 1);
+            if (fq % 8 == 0) s_sx[ft][fq / 8] = sx;
+        }
+        __syncthreads();
+        if (st + 1 < steps) load_step(st + 1);  // in flight during the products below
+#pragma unroll
+        for (int uu = 0; uu < U; uu++) {
+            if (st * U + uu >= nu) break;
+#pragma unroll
+            for (int g = 0; g < 2; g++) {
+                float tmp[MT][NTW][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                    for (int j = 0; j < NTW; j++)
+#pragma unroll
+                        for (int c = 0; c < 4; c++) tmp[mt][j][c] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < 2; kk++) {
+                    int kb = uu * 32 + 16 * g + 8 * kk;
+                    u32 a[MT][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        int row = wm * (TM / WM) + mt * 16 + gid;
+                        a[mt][0] = __float_as_uint(s_w[row][kb + tig]);
+                        a[mt][1] = __float_as_uint(s_w[row + 8][kb + tig]);
+                        a[mt][2] = __float_as_uint(s_w[row][kb + tig + 4]);
+                        a[mt][3] = __float_as_uint(s_w[row + 8][kb + tig + 4]);
+                    }
+#pragma unroll
+                    for (int j = 0; j < NTW; j++) {
+                        int tok = wn * (TN / WN) + j * 8 + gid;
+                        u32 h0 = s_xh[tok][kb + tig], h1 = s_xh[tok][kb + tig + 4];
+                        u32 l0 = s_xl[tok][kb + tig], l1 = s_xl[tok][kb + tig + 4];
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            mma_tf32(tmp[mt][j], a[mt], h0, h1);
+                            mma_tf32(tmp[mt][j], a[mt], l0, l1);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    int row = wm * (TM / WM) + mt * 16 + gid;
+                    float a0 = s_a[row][uu * 2 + g], a1 = s_a[row + 8][uu * 2 + g];
+#pragma unroll
+                    for (int j = 0; j < NTW; j++) {
+                        acc[mt][j][0] = fmaf(a0, tmp[mt][j][0], acc[mt][j][0]);
+                        acc[mt][j][1] = fmaf(a0, tmp[mt][j][1], acc[mt][j][1]);
+                        acc[mt][j][2] = fmaf(a1, tmp[mt][j][2], acc[mt][j][2]);
+                        acc[mt][j][3] = fmaf(a1, tmp[mt][j][3], acc[mt][j][3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                int row = wm * (TM / WM) + mt * 16 + gid;
+                float b0 = s_b[row][uu], b1 = s_b[row + 8][uu];
+                if (b0 != 0.0f || b1 != 0.0f) {
+#pragma unroll
+                    for (int j = 0; j < NTW; j++) {
+                        int tk = wn * (TN / WN) + j * 8 + 2 * tig;
+                        float sx0 = s_sx[tk][uu], sx1 = s_sx[tk + 1][uu];
+                        acc[mt][j][0] = fmaf(b0, sx0, acc[mt][j][0]);
+                        acc[mt][j][1] = fmaf(b0, sx1, acc[mt][j][1]);
+                        acc[mt][j][2] = fmaf(b1, sx0, acc[mt][j][2]);
+                        acc[mt][j][3] = fmaf(b1, sx1, acc[mt][j][3]);
+                    }
+                }
+            }
+        }
+    }
+    float* out = (float*)p.out;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < NTW; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int row = r0 + wm * (TM / WM) + mt * 16 + gid + (c >= 2 ? 8 : 0);
+                int t = wn * (TN / WN) + j * 8 + 2 * tig + (c & 1);
+                if (row >= m || t >= nt) continue;
+                float* o = out + (u64)(t0 + t) * p.out_stride + row;
+                *o = accumulate ? *o + acc[mt][j][c] : acc[mt][j][c];
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma2_64x64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+                  int accumulate) {
+    pdl_begin();
+    matmul_mma2<64, 64, 2, 1>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma2_64x32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+                  int accumulate) {
+    pdl_begin();
+    matmul_mma2<64, 32, 2, 2>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma2_64x16(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+                  int accumulate) {
+    pdl_begin();
+    matmul_mma2<64, 16, 2, 2>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma2_16x64(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+                  int accumulate) {
+    pdl_begin();
+    matmul_mma2<16, 64, 1, 2>(x, norm_w, eps, projs, n, k, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+matmul_mma2_16x32(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,
+                  int accumulate) {
+    pdl_begin();
+    matmul_mma2<16, 32, 1, 2>(x, norm_w, eps, projs, n, k, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(MM_WARPS * 32)

@@ -62,6 +62,11 @@ pub const FILES: &[KernelFile] = &[
             "matmul_mma_t16",
             "matmul_mma_t32",
             "matmul_mma_t64",
+            "matmul_mma2_64x64",
+            "matmul_mma2_64x32",
+            "matmul_mma2_64x16",
+            "matmul_mma2_16x64",
+            "matmul_mma2_16x32",
             "matmul"
         ]
     ),

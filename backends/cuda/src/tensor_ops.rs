@@ -67,11 +67,49 @@ const MIN_MMA_BLOCKS: usize = 132;
 /// Rows of a `matmul_mma_t*` tile (`MMA_TM`).
 const MMA_ROWS: usize = 64;
 
-/// Whether quantized matmuls of more than 8 tokens take the tensor-core kernels
-/// (`PAGODA_CUDA_MMA=0`: the f32 SIMT tiles, for comparison).
-fn use_mma() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PAGODA_CUDA_MMA").map_or(true, |v| v != "0"))
+/// Which kernels quantized matmuls of more than 8 tokens take: 1 = `matmul_mma_t*`
+/// (default), 2 = `matmul_mma2_*` (the same bits), 0 = the f32 SIMT tiles
+/// (`PAGODA_CUDA_MMA`, for comparison).
+fn mma_kind() -> u8 {
+    static KIND: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *KIND.get_or_init(|| match std::env::var("PAGODA_CUDA_MMA").as_deref() {
+        Ok("0") => 0,
+        Ok("2") => 2,
+        _ => 1,
+    })
+}
+
+/// The `matmul_mma2_*` tile (symbol, rows, tokens) for `n` tokens over row counts `ms`: the
+/// largest that gives a wave of blocks, else the one giving the most blocks.
+fn mma2_tile(n: usize, ms: impl Iterator<Item = usize> + Clone) -> (&'static str, usize, usize) {
+    const TILES: [(&str, usize, usize); 5] = [
+        ("matmul_mma2_64x64", 64, 64),
+        ("matmul_mma2_64x32", 64, 32),
+        ("matmul_mma2_64x16", 64, 16),
+        ("matmul_mma2_16x64", 16, 64),
+        ("matmul_mma2_16x32", 16, 32),
+    ];
+    let widest = match n {
+        0..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    };
+    let mut best = TILES[2];
+    let mut best_blocks = 0;
+    for t in TILES {
+        // 64-row tiles no wider than the tokens; 16-row tiles at any width.
+        if t.1 == 64 && t.2 > widest {
+            continue;
+        }
+        let blocks = ms.clone().map(|m| m.div_ceil(t.1)).sum::<usize>() * n.div_ceil(t.2);
+        if blocks >= MIN_MMA_BLOCKS {
+            return t;
+        }
+        if blocks > best_blocks {
+            (best, best_blocks) = (t, blocks);
+        }
+    }
+    best
 }
 
 /// Which `kernels/matmul.cu` kernel a launch takes: (symbol, rows a block, tokens a block,
@@ -87,7 +125,11 @@ fn matmul_kernel(
     if n <= 8 {
         return ("matmul_vec", 8, n.max(1), 256);
     }
-    if use_mma() {
+    if mma_kind() == 2 {
+        let (symbol, rows, tokens) = mma2_tile(n, ms);
+        return (symbol, rows, tokens, 128);
+    }
+    if mma_kind() == 1 {
         // The widest token tile that still gives a wave of blocks (every width gives the
         // same bits: each output is its own chain).
         let row_blocks: usize = ms.map(|m| m.div_ceil(MMA_ROWS)).sum();
@@ -465,5 +507,34 @@ impl TensorOps for CudaBackend {
                 0,
                 self.stream(),
             )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mma2_tiles_fill_a_wave_or_give_the_most_blocks() {
+        // 7B gate/up at 64 tokens: 344 blocks of 64 x 64.
+        assert_eq!(
+            mma2_tile(64, [11008, 11008].into_iter()).0,
+            "matmul_mma2_64x64"
+        );
+        // SmolLM2's 576 rows at 64 tokens: 9 blocks of 64 rows, 18 at 32 tokens, 36 of 16
+        // rows x 64, 72 of 16 rows x 32: the most blocks.
+        assert_eq!(mma2_tile(64, [576].into_iter()).0, "matmul_mma2_16x32");
+        // A 512-token prefill of 576 rows: 64 x 64 tiles give 72 blocks, 64 x 32 give 144.
+        assert_eq!(mma2_tile(512, [576].into_iter()).0, "matmul_mma2_64x32");
+        // 9..16 tokens never take 64-row tiles wider than 16.
+        let (sym, rows, tokens) = mma2_tile(12, [3072].into_iter());
+        assert!(rows == 16 || tokens == 16, "{sym}");
+    }
+
+    #[test]
+    fn matmul_vec_stages_x_only_when_it_fits() {
+        assert_eq!(vec_staging_bytes("matmul_vec", 1, 4096), 16384);
+        assert_eq!(vec_staging_bytes("matmul_vec", 8, 1536), 0);
+        assert_eq!(vec_staging_bytes("matmul_t16", 1, 576), 0);
     }
 }
