@@ -148,7 +148,7 @@ impl ViewerApp {
         egui::Panel::top("top_bar").show(ui, |ui| self.top_bar(ui));
         if let Source::Local(l) = &mut self.source {
             egui::Panel::left("chat")
-                .default_size(380.0)
+                .default_size(340.0)
                 .resizable(true)
                 .show(ui, |ui| {
                     let handle = l.engine.as_ref().map(|e| &e.handle);
@@ -199,7 +199,7 @@ impl ViewerApp {
                 }
             }
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                let label = if self.dark { "☀ light" } else { "🌙 dark" };
+                let label = if self.dark { "light theme" } else { "dark theme" };
                 if ui.button(label).clicked() {
                     self.dark = !self.dark;
                 }
@@ -249,20 +249,20 @@ fn replay_controls(ui: &mut egui::Ui, r: &mut Replay, tl: &mut Timeline) {
         .file_name()
         .map_or_else(|| r.path().display().to_string(), |n| n.to_string_lossy().into_owned());
     ui.label(format!("replay {name}"));
-    if ui.button("⏮").on_hover_text("to the start").clicked() {
+    if ui.button("|<").on_hover_text("to the start").clicked() {
         r.seek(0, tl);
     }
-    if ui.button("◀").on_hover_text("one memory event back").clicked() {
+    if ui.button("<").on_hover_text("one memory event back").clicked() {
         r.step_by(-1, tl);
     }
-    let play = if r.playing { "⏸ pause" } else { "▶ play" };
+    let play = if r.playing { "pause" } else { "play" };
     if ui.button(play).clicked() {
         if r.at_end() && !r.playing {
             r.seek(0, tl);
         }
         r.playing = !r.playing;
     }
-    if ui.button("▶|").on_hover_text("one memory event forward").clicked() {
+    if ui.button(">").on_hover_text("one memory event forward").clicked() {
         r.step_by(1, tl);
     }
     egui::ComboBox::from_id_salt("speed")

@@ -29,6 +29,25 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 /// The tags the pool reports, in the order the charts stack them.
 pub const TAGS: [&str; 5] = ["weights", "activations", "kv", "graph", "scratch"];
 
+/// Index of `kv` in [`TAGS`].
+pub const KV: usize = 2;
+
+/// Bytes in use of one tag in `totals`: its live pool blocks, plus the
+/// committed KV arena for `kv` (what the legend and the chart show).
+pub fn tag_bytes(t: &MemoryTotals, tag: &str) -> u64 {
+    let pool = t
+        .pool
+        .by_tag
+        .iter()
+        .find(|x| x.tag == tag)
+        .map_or(0, |x| x.allocated_bytes);
+    if tag == "kv" {
+        pool + t.kv.committed_bytes
+    } else {
+        pool
+    }
+}
+
 /// One point of the memory-over-time chart, from one memory event's totals.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemorySample {
@@ -36,11 +55,13 @@ pub struct MemorySample {
     pub step_id: u64,
     /// Trace time, µs.
     pub t_us: u64,
-    /// Bytes in live pool blocks per tag, in [`TAGS`] order.
+    /// Bytes in use per tag, in [`TAGS`] order: live pool blocks, and for
+    /// `kv` also the KV arena's committed bytes (the arena is not in the pool).
     pub allocated_by_tag: [u64; 5],
-    /// Bytes the pool holds from the device.
+    /// Bytes held from the device: the pool's segments and the KV arena's
+    /// committed bytes.
     pub reserved_bytes: u64,
-    /// Bytes in live pool blocks.
+    /// Bytes in use: live pool blocks and the committed KV arena.
     pub allocated_bytes: u64,
     /// Device total and free (a live reading).
     pub device_total_bytes: u64,
@@ -63,12 +84,15 @@ impl MemorySample {
                 by_tag[i] = tt.allocated_bytes;
             }
         }
+        // The KV arena lives outside the pool (VMM on CUDA, its own
+        // mapping on the CPU); only its page tables are pool blocks.
+        by_tag[KV] += t.kv.committed_bytes;
         MemorySample {
             step_id,
             t_us,
             allocated_by_tag: by_tag,
-            reserved_bytes: t.pool.reserved_bytes,
-            allocated_bytes: t.pool.allocated_bytes,
+            reserved_bytes: t.pool.reserved_bytes + t.kv.committed_bytes,
+            allocated_bytes: t.pool.allocated_bytes + t.kv.committed_bytes,
             device_total_bytes: t.device_total_bytes,
             device_free_bytes: t.device_free_bytes,
             kv_reserved_bytes: t.kv.reserved_bytes,

@@ -77,15 +77,13 @@ impl ChatPanel {
         ui.separator();
         ui.horizontal_wrapped(|ui| {
             for (i, c) in self.chats.iter().enumerate() {
-                let (r, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
                 let col = c.seq.map_or(pal.free(), |s| pal.sequence(s.0));
-                ui.painter().circle_filled(r.center(), 5.0, col);
                 let label = if c.busy() {
-                    format!("{} ●", c.title)
+                    format!("{} (writing)", c.title)
                 } else {
                     c.title.clone()
                 };
-                if ui.selectable_label(i == self.active, label).clicked() {
+                if crate::views::swatch_item(ui, col, &label, Some(i == self.active)).clicked() {
                     self.active = i;
                     *selected_seq = c.seq.map(|s| s.0);
                 }
@@ -133,7 +131,7 @@ impl ChatPanel {
             );
             let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             if chat.busy() {
-                if ui.button("■ Stop").clicked() {
+                if ui.button("Stop").clicked() {
                     chat.stop(handle);
                 }
             } else if ui.button("Send").clicked() || enter {

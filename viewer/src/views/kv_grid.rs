@@ -17,7 +17,7 @@ use pagoda::telemetry::{KvPageSnapshot, MemoryState};
 
 use crate::palette::Palette;
 use crate::units;
-use crate::views::{ViewCtx, heading};
+use crate::views::{ViewCtx, heading, swatch_item};
 
 /// Smallest cell drawn, points.
 pub const MIN_CELL: f32 = 4.0;
@@ -367,28 +367,32 @@ fn sequence_legend(ui: &mut egui::Ui, pages: &[KvPageSnapshot], pal: &Palette, s
             ui.weak("no sequence holds pages");
         }
         for (id, (n, tokens)) in seqs.iter().take(64) {
-            let (r, _) = ui.allocate_exact_size(vec2(12.0, 12.0), Sense::hover());
-            ui.painter().rect_filled(r, 2.0, pal.sequence(*id));
             let on = *selected == Some(*id);
-            if ui
-                .selectable_label(on, format!("seq {id}: {n} pages, {tokens} tok"))
-                .clicked()
-            {
+            let text = format!("seq {id}: {n} pages, {tokens} tok");
+            if swatch_item(ui, pal.sequence(*id), &text, Some(on)).clicked() {
                 *selected = if on { None } else { Some(*id) };
             }
         }
         if seqs.len() > 64 {
             ui.weak(format!("and {} more", seqs.len() - 64));
         }
-        // Keys of the marks.
-        ui.add_space(8.0);
+    });
+    ui.horizontal_wrapped(|ui| {
         mark_key(ui, pal.cached_free(), "cached free");
         mark_key(ui, pal.free(), "free");
+        ui.horizontal(|ui| {
+            let (r, _) = ui.allocate_exact_size(vec2(12.0, 12.0), Sense::hover());
+            ui.painter().rect_filled(r, 0.0, pal.unfilled(pal.sequence(0)));
+            ui.painter().add(Shape::convex_polygon(
+                vec![r.right_top(), r.right_top() + vec2(0.0, 6.0), r.right_top() - vec2(6.0, 0.0)],
+                pal.mark(),
+                Stroke::NONE,
+            ));
+            ui.weak("shared (refcount > 1) · lower part = fill");
+        });
     });
 }
 
 fn mark_key(ui: &mut egui::Ui, c: Color32, text: &str) {
-    let (r, _) = ui.allocate_exact_size(vec2(12.0, 12.0), Sense::hover());
-    ui.painter().rect_filled(r, 0.0, c);
-    ui.weak(text);
+    swatch_item(ui, c, text, None);
 }

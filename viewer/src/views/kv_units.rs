@@ -84,6 +84,6 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, chart_height: f32) {
     painter.add(Shape::line(pts(&|s| s.kv_reserved_bytes), Stroke::new(1.2, pal.reserved_line())));
     painter.add(Shape::line(pts(&|s| s.kv_committed_bytes), Stroke::new(2.0, kv_color)));
     let font = egui::FontId::proportional(10.0);
-    painter.text(rect.left_top() + vec2(4.0, 2.0), egui::Align2::LEFT_TOP, "— reserved", font.clone(), pal.reserved_line());
-    painter.text(rect.left_top() + vec2(80.0, 2.0), egui::Align2::LEFT_TOP, "— committed", font, kv_color);
+    painter.text(rect.left_top() + vec2(4.0, 2.0), egui::Align2::LEFT_TOP, "line: reserved", font.clone(), pal.reserved_line());
+    painter.text(rect.left_top() + vec2(90.0, 2.0), egui::Align2::LEFT_TOP, "line: committed", font, kv_color);
 }

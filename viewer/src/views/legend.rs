@@ -1,7 +1,9 @@
 //! The tag legend: one colour per pool tag with the bytes it holds now, the
-//! same colours as every chart and the pool map.
+//! same colours as every chart and the pool map. KV counts the KV arena's
+//! committed bytes (outside the pool) and its page tables (pool blocks).
 
 use crate::palette::TAG_LEGEND;
+use crate::timeline::tag_bytes;
 use crate::units;
 use crate::views::{ViewCtx, swatch};
 
@@ -10,11 +12,8 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>) {
     let totals = v.timeline.state().map(|s| &s.totals);
     ui.horizontal_wrapped(|ui| {
         for (tag, name) in TAG_LEGEND {
-            let bytes = totals
-                .and_then(|t| t.pool.by_tag.iter().find(|x| x.tag == tag))
-                .map_or(0, |x| x.allocated_bytes);
+            let bytes = totals.map_or(0, |t| tag_bytes(t, tag));
             swatch(ui, v.palette.tag(tag), &format!("{name} {}", units::bytes(bytes)));
-            ui.add_space(6.0);
         }
         let free = totals.map_or(0, |t| t.pool.free_bytes);
         swatch(ui, v.palette.free(), &format!("free in pool {}", units::bytes(free)));

@@ -1,9 +1,11 @@
 //! Device memory over time: the pool's live bytes stacked by tag (weights,
-//! activations, KV, graphs, scratch), the pool's reserved bytes as a line
-//! (reserved − live = free inside the pool), and the memory plan's lines
-//! (its total and the budget) drawn across. When the budget is far above
-//! what is used (the CPU backend budgets against host RAM), the scale
-//! follows the plan and the budget is written at the top instead of drawn.
+//! activations, KV, graphs, scratch; KV includes the KV arena's committed
+//! bytes, which live outside the pool), the bytes held from the device as a
+//! line (pool segments + committed KV arena; held − live = free inside the
+//! pool), and the memory plan's lines drawn across: its parts stacked in
+//! the same order, its total with headroom, the budget. Lines far above
+//! what is used (the CPU backend budgets against host RAM) are written at
+//! the top instead of drawn, so the scale stays readable.
 
 use egui::{Align2, Color32, FontId, Mesh, Pos2, Rect, Sense, Shape, Stroke, pos2, vec2};
 
@@ -18,7 +20,7 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
     let last = hist.back();
     let ctx_line = match last {
         Some(s) => format!(
-            "live {} · reserved {} · free in pool {} · budget {}",
+            "in use {} · held {} · free in pool {} · budget {}",
             units::bytes(s.allocated_bytes),
             units::bytes(s.reserved_bytes),
             units::bytes(s.reserved_bytes.saturating_sub(s.allocated_bytes)),
@@ -43,9 +45,15 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
         .map(|s| s.reserved_bytes.max(s.allocated_bytes))
         .max()
         .unwrap_or(0);
-    // The scale: what is used and what was planned; the budget only when
-    // it is not far above them.
-    let mut ymax = peak.max(plan.total_bytes);
+    // The scale: what is used and what the plan expects to use (its parts
+    // without the headroom); the plan's total and the budget are drawn when
+    // they are not far above that, else written at the top.
+    let planned_use = plan.weights_bytes + plan.workspace_bytes + plan.kv_bytes + plan.graph_bytes;
+    let mut ymax = peak.max(planned_use);
+    let total_on_scale = plan.total_bytes > 0 && plan.total_bytes <= ymax.saturating_mul(2);
+    if total_on_scale {
+        ymax = ymax.max(plan.total_bytes);
+    }
     let budget_on_scale = plan.budget_bytes > 0 && plan.budget_bytes <= ymax.saturating_mul(2);
     if budget_on_scale {
         ymax = ymax.max(plan.budget_bytes);
@@ -125,26 +133,53 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
     };
     painter.add(Shape::line(line, Stroke::new(1.5, pal.reserved_line())));
     // The plan's lines.
+    // Labels closer than a line of text to the one before are left out
+    // (the line is still drawn; the hover shows the numbers).
+    let last_label = std::cell::Cell::new(f32::INFINITY);
     let plan_line = |bytes: u64, color: Color32, label: String| {
         let py = y_of(bytes);
+        let show_label = (last_label.get() - py).abs() >= 13.0;
         painter.add(Shape::dashed_line(
             &[pos2(plot.left(), py), pos2(plot.right(), py)],
             Stroke::new(1.2, color),
             6.0,
             4.0,
         ));
-        painter.text(pos2(plot.right() - 4.0, py - 1.0), Align2::RIGHT_BOTTOM, label, font.clone(), color);
+        if show_label {
+            painter.text(pos2(plot.right() - 4.0, py - 1.0), Align2::RIGHT_BOTTOM, label, font.clone(), color);
+            last_label.set(py);
+        }
     };
-    if plan.total_bytes > 0 {
-        plan_line(plan.total_bytes, pal.plan_line(), format!("plan {}", units::bytes(plan.total_bytes)));
+    // The plan's parts, stacked in the chart's order.
+    let mut level = 0;
+    for (bytes, name) in [
+        (plan.weights_bytes, "weights"),
+        (plan.workspace_bytes, "+ activations"),
+        (plan.kv_bytes, "+ KV"),
+        (plan.graph_bytes, "+ graphs"),
+    ] {
+        if bytes == 0 {
+            continue;
+        }
+        level += bytes;
+        plan_line(level, pal.plan_line(), format!("plan {name} {}", units::bytes(level)));
+    }
+    let mut off = Vec::new();
+    if total_on_scale {
+        plan_line(plan.total_bytes, pal.plan_line(), format!("plan + headroom {}", units::bytes(plan.total_bytes)));
+    } else if plan.total_bytes > 0 {
+        off.push(format!("plan + headroom {}", units::bytes(plan.total_bytes)));
     }
     if budget_on_scale {
         plan_line(plan.budget_bytes, pal.budget_line(), format!("budget {}", units::bytes(plan.budget_bytes)));
     } else if plan.budget_bytes > 0 {
+        off.push(format!("budget {}", units::bytes(plan.budget_bytes)));
+    }
+    if !off.is_empty() {
         painter.text(
             pos2(plot.left() + 4.0, plot.top() + 2.0),
             Align2::LEFT_TOP,
-            format!("budget {} ↑ (off scale)", units::bytes(plan.budget_bytes)),
+            format!("above the scale: {}", off.join(" · ")),
             font.clone(),
             pal.budget_line(),
         );
@@ -163,7 +198,7 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
             for (k, tag) in TAGS.iter().enumerate() {
                 ui.label(format!("{tag}: {}", units::bytes(s.allocated_by_tag[k])));
             }
-            ui.label(format!("pool reserved: {}", units::bytes(s.reserved_bytes)));
+            ui.label(format!("held from the device: {}", units::bytes(s.reserved_bytes)));
             ui.label(format!("fragmentation: {}", units::percent(s.fragmentation)));
         });
     }

@@ -33,8 +33,9 @@ pub struct ViewCtx<'a> {
 }
 
 /// A view's heading: a strong title and a weak line of context.
+/// Wraps within the space given (a long context never widens a column).
 pub fn heading(ui: &mut egui::Ui, title: &str, context: &str) {
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         ui.strong(title);
         if !context.is_empty() {
             ui.weak(context);
@@ -42,12 +43,47 @@ pub fn heading(ui: &mut egui::Ui, title: &str, context: &str) {
     });
 }
 
-/// Draws `text` in a small chip of `color` (legends).
+/// A colour chip and its text as one widget (so a wrapped row never puts
+/// the chip on one line and its text on the next), selectable when
+/// `selected` is given; labelled for screen readers with `text`.
+pub fn swatch_item(
+    ui: &mut egui::Ui,
+    color: egui::Color32,
+    text: &str,
+    selected: Option<bool>,
+) -> egui::Response {
+    let font = egui::TextStyle::Body.resolve(ui.style());
+    let text_color = ui.visuals().text_color();
+    let galley = ui.painter().layout_no_wrap(text.to_string(), font, text_color);
+    let pad = egui::vec2(4.0, 2.0);
+    let size = egui::vec2(12.0 + 6.0 + galley.size().x, galley.size().y.max(12.0)) + pad * 2.0;
+    let sense = if selected.is_some() { egui::Sense::click() } else { egui::Sense::hover() };
+    let (rect, resp) = ui.allocate_exact_size(size, sense);
+    resp.widget_info(|| match selected {
+        Some(on) => egui::WidgetInfo::selected(egui::Role::Button, true, on, text),
+        None => egui::WidgetInfo::labeled(egui::Role::Label, true, text),
+    });
+    if ui.is_rect_visible(rect) {
+        if selected == Some(true) {
+            ui.painter().rect_filled(rect, 3.0, ui.visuals().selection.bg_fill);
+        } else if selected.is_some() && resp.hovered() {
+            ui.painter().rect_filled(rect, 3.0, ui.visuals().widgets.hovered.weak_bg_fill);
+        }
+        let chip = egui::Rect::from_min_size(
+            egui::pos2(rect.left() + pad.x, rect.center().y - 6.0),
+            egui::vec2(12.0, 12.0),
+        );
+        ui.painter().rect_filled(chip, 2.0, color);
+        ui.painter().galley(
+            egui::pos2(chip.right() + 6.0, rect.center().y - galley.size().y / 2.0),
+            galley,
+            text_color,
+        );
+    }
+    resp
+}
+
+/// Draws `text` after a small chip of `color` (legends).
 pub fn swatch(ui: &mut egui::Ui, color: egui::Color32, text: &str) -> egui::Response {
-    ui.horizontal(|ui| {
-        let (r, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
-        ui.painter().rect_filled(r, 2.0, color);
-        ui.label(text)
-    })
-    .inner
+    swatch_item(ui, color, text, None)
 }

@@ -74,6 +74,8 @@ pub fn readout(s: &StepStats) -> Vec<(&'static str, String)> {
 
 /// Draws the view with a strip of `strip_height` points.
 pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, strip_height: f32) {
+    // Taken first: the table must not widen the strip past the column.
+    let width = ui.available_width();
     let Some(last) = v.timeline.last_step() else {
         heading(ui, "Steps", "no step yet");
         return;
@@ -92,7 +94,6 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, strip_height: f32) {
         });
     // Batch size (bars) and step time (line) over the history.
     let hist = v.timeline.step_history();
-    let width = ui.available_width();
     let (rect, resp) = ui.allocate_exact_size(vec2(width, strip_height), Sense::hover());
     let painter = ui.painter_at(rect);
     let pal = v.palette;
@@ -128,14 +129,14 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, strip_height: f32) {
     painter.text(
         rect.left_top() + vec2(4.0, 1.0),
         egui::Align2::LEFT_TOP,
-        format!("▮ batch size (max {max_batch})"),
+        format!("bars: batch size (max {max_batch})"),
         font.clone(),
         bar,
     );
     painter.text(
         rect.right_top() + vec2(-4.0, 1.0),
         egui::Align2::RIGHT_TOP,
-        format!("— step time (max {})", units::micros(max_us as u64)),
+        format!("line: step time (max {})", units::micros(max_us as u64)),
         font,
         pal.reserved_line(),
     );
