@@ -63,7 +63,12 @@ fn the_binary_shows_the_legend_and_the_kv_grid_under_xvfb() {
         .collect();
     assert!(!owners.is_empty(), "the fixture's busiest moment has pages in use");
 
-    let display = format!(":{}", 90 + std::process::id() % 800);
+    // A display no X server holds (its lock file tells).
+    let mut n = 90 + std::process::id() % 800;
+    while Path::new(&format!("/tmp/.X{n}-lock")).exists() {
+        n += 1;
+    }
+    let display = format!(":{n}");
     let _x = Guard(
         Command::new("Xvfb")
             .args([display.as_str(), "-screen", "0", "1280x800x24", "-nolisten", "tcp"])
