@@ -1065,7 +1065,7 @@ impl Scheduler {
         Some(KvPageInfo {
             page,
             owners: holders.iter().map(|&(id, _)| id).collect(),
-            positions: holders.iter().map(|&(_, index)| index as u32).collect(),
+            positions: holders.iter().map(|&(_, index)| index).collect(),
             tokens_used,
             refcount,
             shared: refcount > 1,

@@ -139,7 +139,11 @@ impl ViewerApp {
         let t = Instant::now();
         let ctx = ui.ctx().clone();
         if self.theme_set != Some(self.dark) {
-            ctx.set_theme(if self.dark { egui::Theme::Dark } else { egui::Theme::Light });
+            ctx.set_theme(if self.dark {
+                egui::Theme::Dark
+            } else {
+                egui::Theme::Light
+            });
             self.theme_set = Some(self.dark);
         }
         let dt = ui.input(|i| i.unstable_dt).min(0.25);
@@ -152,8 +156,19 @@ impl ViewerApp {
                 .resizable(true)
                 .show(ui, |ui| {
                     let handle = l.engine.as_ref().map(|e| &e.handle);
-                    let status = if l.engine.is_some() { String::new() } else { l.status.clone() };
-                    l.chat.ui(ui, handle, l.plan.as_ref(), &status, &pal, &mut self.selected_seq);
+                    let status = if l.engine.is_some() {
+                        String::new()
+                    } else {
+                        l.status.clone()
+                    };
+                    l.chat.ui(
+                        ui,
+                        handle,
+                        l.plan.as_ref(),
+                        &status,
+                        &pal,
+                        &mut self.selected_seq,
+                    );
                 });
         }
         egui::CentralPanel::default().show(ui, |ui| {
@@ -199,7 +214,11 @@ impl ViewerApp {
                 }
             }
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                let label = if self.dark { "light theme" } else { "dark theme" };
+                let label = if self.dark {
+                    "light theme"
+                } else {
+                    "dark theme"
+                };
                 if ui.button(label).clicked() {
                     self.dark = !self.dark;
                 }
@@ -244,15 +263,19 @@ fn pump_local(l: &mut Local, tl: &mut Timeline) {
 }
 
 fn replay_controls(ui: &mut egui::Ui, r: &mut Replay, tl: &mut Timeline) {
-    let name = r
-        .path()
-        .file_name()
-        .map_or_else(|| r.path().display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name = r.path().file_name().map_or_else(
+        || r.path().display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     ui.label(format!("replay {name}"));
     if ui.button("|<").on_hover_text("to the start").clicked() {
         r.seek(0, tl);
     }
-    if ui.button("<").on_hover_text("one memory event back").clicked() {
+    if ui
+        .button("<")
+        .on_hover_text("one memory event back")
+        .clicked()
+    {
         r.step_by(-1, tl);
     }
     let play = if r.playing { "pause" } else { "play" };
@@ -262,7 +285,11 @@ fn replay_controls(ui: &mut egui::Ui, r: &mut Replay, tl: &mut Timeline) {
         }
         r.playing = !r.playing;
     }
-    if ui.button(">").on_hover_text("one memory event forward").clicked() {
+    if ui
+        .button(">")
+        .on_hover_text("one memory event forward")
+        .clicked()
+    {
         r.step_by(1, tl);
     }
     egui::ComboBox::from_id_salt("speed")

@@ -3,7 +3,9 @@
 //! the pool map across the bottom. Sized from the space given, so 1280×800
 //! shows everything and larger windows give the views more room.
 
-use crate::views::{ViewCtx, graphs, kv_grid, kv_units, legend, memory_chart, pool_map, step_stats};
+use crate::views::{
+    ViewCtx, graphs, kv_grid, kv_units, legend, memory_chart, pool_map, step_stats,
+};
 
 /// Draws every view into `ui`.
 pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>) {

@@ -98,8 +98,12 @@ fn main() -> Result<()> {
             Attach::start(url, a.api_key.clone(), || {}).context("cannot start the reader")?,
         )
     } else {
-        let backend = BackendChoice::parse(&a.backend)
-            .ok_or_else(|| anyhow!("unknown backend `{}` (expected cpu, cuda or wgpu)", a.backend))?;
+        let backend = BackendChoice::parse(&a.backend).ok_or_else(|| {
+            anyhow!(
+                "unknown backend `{}` (expected cpu, cuda or wgpu)",
+                a.backend
+            )
+        })?;
         if !COMPILED.contains(&backend.name()) {
             bail!(
                 "the {0} backend is not compiled into this binary (rebuild with --features {0})",
@@ -126,10 +130,10 @@ fn main() -> Result<()> {
             max_seqs: a.max_seqs,
             memory_budget,
         };
-        let model = a
-            .model
-            .as_ref()
-            .map_or_else(|| "SmolLM2-135M-Instruct".to_string(), |p| p.display().to_string());
+        let model = a.model.as_ref().map_or_else(
+            || "SmolLM2-135M-Instruct".to_string(),
+            |p| p.display().to_string(),
+        );
         Source::Local(Box::new(Local::new(
             format!("{model} on {}", backend.name()),
             load(opts),
@@ -138,7 +142,10 @@ fn main() -> Result<()> {
     };
     let mut app = ViewerApp::new(source, !a.light);
     if let (Source::Replay(r), Some(step)) = (&mut app.source, a.start_at) {
-        let frame = r.frames().partition_point(|f| f.step_id <= step).saturating_sub(1);
+        let frame = r
+            .frames()
+            .partition_point(|f| f.step_id <= step)
+            .saturating_sub(1);
         r.seek(frame, &mut app.timeline);
     }
     app.exit_after = a.exit_after.map(Duration::from_secs_f64);

@@ -73,7 +73,7 @@ impl Palette {
         // Golden-angle hues; saturation and value alternate a little so that
         // hues that come round again still differ.
         let h = ((id as f64 * 0.618_033_988_75 + 0.11) % 1.0) as f32;
-        let s = if id % 2 == 0 { 0.72 } else { 0.55 };
+        let s = if id.is_multiple_of(2) { 0.72 } else { 0.55 };
         let v = if self.dark { 0.92 } else { 0.80 };
         Hsva::new(h, s, v, 1.0).into()
     }
@@ -117,7 +117,11 @@ impl Palette {
 
     /// The plan's total line.
     pub fn plan_line(&self) -> Color32 {
-        Color32::from_rgb(255, 193, 7)
+        if self.dark {
+            Color32::from_rgb(255, 193, 7)
+        } else {
+            Color32::from_rgb(176, 112, 0)
+        }
     }
 }
 

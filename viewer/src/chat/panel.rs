@@ -111,7 +111,11 @@ impl ChatPanel {
                 for m in &chat.messages {
                     let who = if m.role == "user" { "you" } else { "model" };
                     ui.strong(who);
-                    ui.label(if m.content.is_empty() { "…" } else { m.content.as_str() });
+                    ui.label(if m.content.is_empty() {
+                        "…"
+                    } else {
+                        m.content.as_str()
+                    });
                     ui.add_space(4.0);
                 }
             });
@@ -152,21 +156,24 @@ pub fn plan_ui(ui: &mut egui::Ui, p: &MemoryPlan) {
     ))
     .default_open(true)
     .show(ui, |ui| {
-        egui::Grid::new("plan").num_columns(2).striped(true).show(ui, |ui| {
-            let rows = [
-                ("weights", p.weights_bytes),
-                ("activations", p.workspace_bytes),
-                ("KV cache", p.kv_bytes),
-                ("graphs", p.graph_bytes),
-                ("headroom", p.headroom_bytes),
-                ("total", p.total_bytes),
-            ];
-            for (name, b) in rows {
-                ui.label(name);
-                ui.label(units::bytes(b));
-                ui.end_row();
-            }
-        });
+        egui::Grid::new("plan")
+            .num_columns(2)
+            .striped(true)
+            .show(ui, |ui| {
+                let rows = [
+                    ("weights", p.weights_bytes),
+                    ("activations", p.workspace_bytes),
+                    ("KV cache", p.kv_bytes),
+                    ("graphs", p.graph_bytes),
+                    ("headroom", p.headroom_bytes),
+                    ("total", p.total_bytes),
+                ];
+                for (name, b) in rows {
+                    ui.label(name);
+                    ui.label(units::bytes(b));
+                    ui.end_row();
+                }
+            });
         ui.weak(format!(
             "{} backend · {} pages of {} tokens ({}) · {} sequences × {} context",
             p.backend, p.num_pages, p.page_size, p.kv_dtype, p.max_seqs, p.ctx

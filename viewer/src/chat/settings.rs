@@ -51,25 +51,27 @@ impl ChatSettings {
 
     /// Edits the settings.
     pub fn ui(&mut self, ui: &mut egui::Ui) {
-        egui::Grid::new(ui.scope_id().with("settings")).num_columns(2).show(ui, |ui| {
-            ui.label("max tokens");
-            ui.add(egui::DragValue::new(&mut self.max_tokens).range(1..=4096));
-            ui.end_row();
-            ui.label("temperature");
-            ui.add(egui::Slider::new(&mut self.temperature, 0.0..=2.0));
-            ui.end_row();
-            ui.label("top-p");
-            ui.add(egui::Slider::new(&mut self.top_p, 0.05..=1.0));
-            ui.end_row();
-            ui.label("top-k");
-            ui.add(egui::DragValue::new(&mut self.top_k).range(0..=1000));
-            ui.end_row();
-            ui.label("seed");
-            ui.add(egui::DragValue::new(&mut self.seed));
-            ui.end_row();
-            ui.label("system prompt");
-            ui.text_edit_singleline(&mut self.system);
-            ui.end_row();
-        });
+        egui::Grid::new(ui.scope_id().with("settings"))
+            .num_columns(2)
+            .show(ui, |ui| {
+                ui.label("max tokens");
+                ui.add(egui::DragValue::new(&mut self.max_tokens).range(1..=4096));
+                ui.end_row();
+                ui.label("temperature");
+                ui.add(egui::Slider::new(&mut self.temperature, 0.0..=2.0));
+                ui.end_row();
+                ui.label("top-p");
+                ui.add(egui::Slider::new(&mut self.top_p, 0.05..=1.0));
+                ui.end_row();
+                ui.label("top-k");
+                ui.add(egui::DragValue::new(&mut self.top_k).range(0..=1000));
+                ui.end_row();
+                ui.label("seed");
+                ui.add(egui::DragValue::new(&mut self.seed));
+                ui.end_row();
+                ui.label("system prompt");
+                ui.text_edit_singleline(&mut self.system);
+                ui.end_row();
+            });
     }
 }

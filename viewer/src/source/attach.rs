@@ -153,7 +153,10 @@ fn read_loop(
                     *status.lock().unwrap_or_else(PoisonError::into_inner),
                     AttachStatus::Connected
                 ) {
-                    set(status, AttachStatus::Failed("the server ended the stream".into()));
+                    set(
+                        status,
+                        AttachStatus::Failed("the server ended the stream".into()),
+                    );
                 }
             }
             Err(e) => set(status, AttachStatus::Failed(format!("{url}: {e}"))),
@@ -186,6 +189,9 @@ mod tests {
     fn only_data_lines_are_events() {
         assert!(parse_sse_line(": keep-alive").is_none());
         assert!(parse_sse_line("").is_none());
-        assert!(matches!(parse_sse_line("data: {\"type\":\"nope\"}"), Some(Err(_))));
+        assert!(matches!(
+            parse_sse_line("data: {\"type\":\"nope\"}"),
+            Some(Err(_))
+        ));
     }
 }

@@ -19,10 +19,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 
+use pagoda::EngineHandle;
 use pagoda::engine::{Engine, EngineConfig};
 use pagoda::plan::{Budget, MemoryPlan};
 use pagoda::telemetry::TelemetryEvent;
-use pagoda::EngineHandle;
 use pagoda_backend::Backend;
 
 use crate::error::ViewerError;
@@ -123,7 +123,9 @@ pub fn load(opts: EngineOptions) -> Receiver<LoadEvent> {
             }
         });
     if let Err(e) = spawned {
-        let _ = tx.send(LoadEvent::Failed(format!("cannot start the loader thread: {e}")));
+        let _ = tx.send(LoadEvent::Failed(format!(
+            "cannot start the loader thread: {e}"
+        )));
     }
     rx
 }
@@ -132,17 +134,23 @@ fn load_on_thread(opts: &EngineOptions, tx: &Sender<LoadEvent>) -> Result<(), Vi
     let model = match &opts.model {
         Some(p) => p.clone(),
         None => {
-            let _ = tx.send(LoadEvent::Status("fetching the default model (first use only)".into()));
+            let _ = tx.send(LoadEvent::Status(
+                "fetching the default model (first use only)".into(),
+            ));
             pagoda::fetch::default_model_path().map_err(|e| ViewerError::Fetch(e.to_string()))?
         }
     };
-    let _ = tx.send(LoadEvent::Status(format!("starting the {} backend", opts.backend.name())));
+    let _ = tx.send(LoadEvent::Status(format!(
+        "starting the {} backend",
+        opts.backend.name()
+    )));
     match opts.backend {
         BackendChoice::Cpu => {
-            let b = pagoda_cpu::CpuBackend::new(opts.threads).map_err(|e| ViewerError::Backend {
-                name: "cpu",
-                message: e.to_string(),
-            })?;
+            let b =
+                pagoda_cpu::CpuBackend::new(opts.threads).map_err(|e| ViewerError::Backend {
+                    name: "cpu",
+                    message: e.to_string(),
+                })?;
             build(Arc::new(b), model, opts, tx)
         }
         #[cfg(feature = "cuda")]
@@ -159,7 +167,8 @@ fn load_on_thread(opts: &EngineOptions, tx: &Sender<LoadEvent>) -> Result<(), Vi
                 name: "wgpu",
                 message: e.to_string(),
             };
-            let b = pagoda_wgpu::WgpuBackend::new(&pagoda_wgpu::WgpuOptions::from_env()).map_err(err)?;
+            let b = pagoda_wgpu::WgpuBackend::new(&pagoda_wgpu::WgpuOptions::from_env())
+                .map_err(err)?;
             b.warm_up().map_err(err)?;
             build(Arc::new(b), model, opts, tx)
         }

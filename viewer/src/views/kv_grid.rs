@@ -179,7 +179,9 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, max_height: f32) {
     let origin = rect.min;
     let pal = v.palette;
     let selected = *v.selected_seq;
-    painter.add(Shape::mesh(grid_mesh(state, &layout, origin, &pal, selected)));
+    painter.add(Shape::mesh(grid_mesh(
+        state, &layout, origin, &pal, selected,
+    )));
     if let Some(sel) = selected {
         order_path(&painter, pages, &layout, origin, &pal, sel);
     }
@@ -256,7 +258,10 @@ pub fn grid_mesh(
                 mesh.add_colored_rect(r, pal.cached_free());
                 if r.width() >= 6.0 {
                     let d = r.width() * 0.18;
-                    mesh.add_colored_rect(Rect::from_center_size(r.center(), vec2(d, d) * 2.0), pal.free());
+                    mesh.add_colored_rect(
+                        Rect::from_center_size(r.center(), vec2(d, d) * 2.0),
+                        pal.free(),
+                    );
                 }
             }
             None => mesh.add_colored_rect(r, pal.free()),
@@ -300,7 +305,14 @@ fn summarize(group: &[KvPageSnapshot]) -> (Option<u64>, usize, u64, bool, usize)
 
 /// Joins the selected sequence's pages in token order (block-table index),
 /// and numbers them where cells are large enough.
-fn order_path(painter: &egui::Painter, pages: &[KvPageSnapshot], layout: &GridLayout, origin: Pos2, pal: &Palette, sel: u64) {
+fn order_path(
+    painter: &egui::Painter,
+    pages: &[KvPageSnapshot],
+    layout: &GridLayout,
+    origin: Pos2,
+    pal: &Palette,
+    sel: u64,
+) {
     let mut held: Vec<(u32, usize)> = pages
         .iter()
         .filter_map(|p| {
@@ -312,14 +324,24 @@ fn order_path(painter: &egui::Painter, pages: &[KvPageSnapshot], layout: &GridLa
     held.sort_unstable();
     let pts: Vec<Pos2> = held
         .iter()
-        .map(|&(_, page)| layout.cell_rect(origin, page / layout.pages_per_cell).center())
+        .map(|&(_, page)| {
+            layout
+                .cell_rect(origin, page / layout.pages_per_cell)
+                .center()
+        })
         .collect();
     if pts.len() > 1 {
         painter.add(Shape::line(pts.clone(), Stroke::new(1.5, pal.mark())));
     }
     if layout.cell >= 14.0 && layout.pages_per_cell == 1 {
         for (k, p) in pts.iter().enumerate() {
-            painter.text(*p, Align2::CENTER_CENTER, format!("{k}"), FontId::monospace(8.0), pal.mark());
+            painter.text(
+                *p,
+                Align2::CENTER_CENTER,
+                format!("{k}"),
+                FontId::monospace(8.0),
+                pal.mark(),
+            );
         }
     }
 }
@@ -327,9 +349,17 @@ fn order_path(painter: &egui::Painter, pages: &[KvPageSnapshot], layout: &GridLa
 fn cell_tooltip(ui: &mut egui::Ui, group: &[KvPageSnapshot], page_size: u64) {
     if let [p] = group {
         ui.strong(format!("page {}", p.page));
-        ui.label(format!("piece {} · offset {}", p.piece, units::bytes(p.offset_bytes)));
+        ui.label(format!(
+            "piece {} · offset {}",
+            p.piece,
+            units::bytes(p.offset_bytes)
+        ));
         if p.owners.is_empty() {
-            ui.label(if p.cached { "free, holds a cached prefix" } else { "free" });
+            ui.label(if p.cached {
+                "free, holds a cached prefix"
+            } else {
+                "free"
+            });
         } else {
             for (k, o) in p.owners.iter().enumerate() {
                 match p.positions.get(k) {
@@ -349,7 +379,10 @@ fn cell_tooltip(ui: &mut egui::Ui, group: &[KvPageSnapshot], page_size: u64) {
     } else if let (Some(a), Some(b)) = (group.first(), group.last()) {
         let c = counts(group);
         ui.strong(format!("pages {}–{}", a.page, b.page));
-        ui.label(format!("{} used · {} shared · {} cached free", c.used, c.shared, c.cached_free));
+        ui.label(format!(
+            "{} used · {} shared · {} cached free",
+            c.used, c.shared, c.cached_free
+        ));
         ui.label(format!("tokens: {}", c.tokens));
         let seqs = sequences(group);
         let ids: Vec<String> = seqs.keys().take(8).map(u64::to_string).collect();
@@ -360,7 +393,12 @@ fn cell_tooltip(ui: &mut egui::Ui, group: &[KvPageSnapshot], page_size: u64) {
 }
 
 /// The sequences holding pages, with their colour: click to highlight.
-fn sequence_legend(ui: &mut egui::Ui, pages: &[KvPageSnapshot], pal: &Palette, selected: &mut Option<u64>) {
+fn sequence_legend(
+    ui: &mut egui::Ui,
+    pages: &[KvPageSnapshot],
+    pal: &Palette,
+    selected: &mut Option<u64>,
+) {
     let seqs = sequences(pages);
     ui.horizontal_wrapped(|ui| {
         if seqs.is_empty() {
@@ -382,9 +420,14 @@ fn sequence_legend(ui: &mut egui::Ui, pages: &[KvPageSnapshot], pal: &Palette, s
         mark_key(ui, pal.free(), "free");
         ui.horizontal(|ui| {
             let (r, _) = ui.allocate_exact_size(vec2(12.0, 12.0), Sense::hover());
-            ui.painter().rect_filled(r, 0.0, pal.unfilled(pal.sequence(0)));
+            ui.painter()
+                .rect_filled(r, 0.0, pal.unfilled(pal.sequence(0)));
             ui.painter().add(Shape::convex_polygon(
-                vec![r.right_top(), r.right_top() + vec2(0.0, 6.0), r.right_top() - vec2(6.0, 0.0)],
+                vec![
+                    r.right_top(),
+                    r.right_top() + vec2(0.0, 6.0),
+                    r.right_top() - vec2(6.0, 0.0),
+                ],
                 pal.mark(),
                 Stroke::NONE,
             ));

@@ -11,7 +11,11 @@ use crate::views::{ViewCtx, heading};
 /// Draws the view: the units row and a chart of `chart_height` points.
 pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, chart_height: f32) {
     let Some(state) = v.timeline.state() else {
-        heading(ui, "KV reserved vs committed", "waiting for the first memory event");
+        heading(
+            ui,
+            "KV reserved vs committed",
+            "waiting for the first memory event",
+        );
         return;
     };
     let kv = &state.totals.kv;
@@ -44,14 +48,27 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, chart_height: f32) {
         let w = rect.width() / n as f32;
         // Units commit lowest first, so the committed count fills from the left.
         for u in 0..n {
-            let r = Rect::from_min_size(pos2(rect.left() + u as f32 * w, rect.top()), vec2((w - 1.0).max(0.5), rect.height()));
-            let c = if (u as u64) < kv.committed_units { kv_color } else { pal.free() };
+            let r = Rect::from_min_size(
+                pos2(rect.left() + u as f32 * w, rect.top()),
+                vec2((w - 1.0).max(0.5), rect.height()),
+            );
+            let c = if (u as u64) < kv.committed_units {
+                kv_color
+            } else {
+                pal.free()
+            };
             mesh.add_colored_rect(r, c);
         }
     } else if kv.reserved_bytes > 0 {
         let f = kv.committed_bytes as f32 / kv.reserved_bytes as f32;
         mesh.add_colored_rect(rect, pal.free());
-        mesh.add_colored_rect(Rect::from_min_max(rect.min, pos2(rect.left() + rect.width() * f, rect.bottom())), kv_color);
+        mesh.add_colored_rect(
+            Rect::from_min_max(
+                rect.min,
+                pos2(rect.left() + rect.width() * f, rect.bottom()),
+            ),
+            kv_color,
+        );
     }
     painter.add(Shape::mesh(mesh));
     resp.on_hover_text(format!(
@@ -64,11 +81,22 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, chart_height: f32) {
     let hist = v.timeline.memory_history();
     let (rect, _) = ui.allocate_exact_size(vec2(width, chart_height), Sense::hover());
     let painter = ui.painter_at(rect);
-    painter.rect_stroke(rect, 0.0, Stroke::new(1.0, pal.grid()), egui::StrokeKind::Inside);
+    painter.rect_stroke(
+        rect,
+        0.0,
+        Stroke::new(1.0, pal.grid()),
+        egui::StrokeKind::Inside,
+    );
     if hist.len() < 2 {
         return;
     }
-    let ymax = hist.iter().map(|s| s.kv_reserved_bytes.max(s.kv_committed_bytes)).max().unwrap_or(1).max(1) as f32 * 1.1;
+    let ymax = hist
+        .iter()
+        .map(|s| s.kv_reserved_bytes.max(s.kv_committed_bytes))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f32
+        * 1.1;
     let t0 = hist.front().map_or(0, |s| s.t_us);
     let t1 = hist.back().map_or(1, |s| s.t_us).max(t0 + 1);
     let x = |t: u64| rect.left() + (t - t0) as f32 / (t1 - t0) as f32 * rect.width();
@@ -81,9 +109,27 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, chart_height: f32) {
             .map(|(_, s)| pos2(x(s.t_us), y(f(s))))
             .collect()
     };
-    painter.add(Shape::line(pts(&|s| s.kv_reserved_bytes), Stroke::new(1.2, pal.reserved_line())));
-    painter.add(Shape::line(pts(&|s| s.kv_committed_bytes), Stroke::new(2.0, kv_color)));
+    painter.add(Shape::line(
+        pts(&|s| s.kv_reserved_bytes),
+        Stroke::new(1.2, pal.reserved_line()),
+    ));
+    painter.add(Shape::line(
+        pts(&|s| s.kv_committed_bytes),
+        Stroke::new(2.0, kv_color),
+    ));
     let font = egui::FontId::proportional(10.0);
-    painter.text(rect.left_top() + vec2(4.0, 2.0), egui::Align2::LEFT_TOP, "line: reserved", font.clone(), pal.reserved_line());
-    painter.text(rect.left_top() + vec2(90.0, 2.0), egui::Align2::LEFT_TOP, "line: committed", font, kv_color);
+    painter.text(
+        rect.left_top() + vec2(4.0, 2.0),
+        egui::Align2::LEFT_TOP,
+        "line: reserved",
+        font.clone(),
+        pal.reserved_line(),
+    );
+    painter.text(
+        rect.left_top() + vec2(90.0, 2.0),
+        egui::Align2::LEFT_TOP,
+        "line: committed",
+        font,
+        kv_color,
+    );
 }

@@ -13,9 +13,17 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>) {
     ui.horizontal_wrapped(|ui| {
         for (tag, name) in TAG_LEGEND {
             let bytes = totals.map_or(0, |t| tag_bytes(t, tag));
-            swatch(ui, v.palette.tag(tag), &format!("{name} {}", units::bytes(bytes)));
+            swatch(
+                ui,
+                v.palette.tag(tag),
+                &format!("{name} {}", units::bytes(bytes)),
+            );
         }
         let free = totals.map_or(0, |t| t.pool.free_bytes);
-        swatch(ui, v.palette.free(), &format!("free in pool {}", units::bytes(free)));
+        swatch(
+            ui,
+            v.palette.free(),
+            &format!("free in pool {}", units::bytes(free)),
+        );
     });
 }

@@ -16,7 +16,11 @@ use crate::views::{ViewCtx, heading};
 /// Draws the chart in `height` points.
 pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
     let hist = v.timeline.memory_history();
-    let plan = v.timeline.state().map(|s| s.plan.clone()).unwrap_or_default();
+    let plan = v
+        .timeline
+        .state()
+        .map(|s| s.plan.clone())
+        .unwrap_or_default();
     let last = hist.back();
     let ctx_line = match last {
         Some(s) => format!(
@@ -36,7 +40,12 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
     let text = ui.visuals().text_color();
     let font = FontId::proportional(11.0);
     let plot = Rect::from_min_max(rect.min + vec2(58.0, 8.0), rect.max - vec2(8.0, 18.0));
-    painter.rect_stroke(plot, 0.0, Stroke::new(1.0, pal.grid()), egui::StrokeKind::Inside);
+    painter.rect_stroke(
+        plot,
+        0.0,
+        Stroke::new(1.0, pal.grid()),
+        egui::StrokeKind::Inside,
+    );
     if hist.is_empty() {
         return;
     }
@@ -70,7 +79,13 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
     while (y as f64) < ymax {
         let py = y_of(y);
         painter.hline(plot.x_range(), py, Stroke::new(0.5, pal.grid()));
-        painter.text(pos2(plot.left() - 4.0, py), Align2::RIGHT_CENTER, units::bytes(y), font.clone(), text);
+        painter.text(
+            pos2(plot.left() - 4.0, py),
+            Align2::RIGHT_CENTER,
+            units::bytes(y),
+            font.clone(),
+            text,
+        );
         y += step;
     }
     painter.text(
@@ -97,13 +112,16 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
         .map(|(_, s)| s)
         .collect();
     let mut mesh = Mesh::default();
-    for tag_i in 0..TAGS.len() {
-        let color = pal.tag(TAGS[tag_i]);
+    for (tag_i, tag) in TAGS.iter().enumerate() {
+        let color = pal.tag(tag);
         let bottom = |s: &MemorySample| s.allocated_by_tag[..tag_i].iter().sum::<u64>();
         let top = |s: &MemorySample| s.allocated_by_tag[..=tag_i].iter().sum::<u64>();
         if pts.len() == 1 {
             let s = pts[0];
-            let r = Rect::from_min_max(pos2(plot.left(), y_of(top(s))), pos2(plot.right(), y_of(bottom(s))));
+            let r = Rect::from_min_max(
+                pos2(plot.left(), y_of(top(s))),
+                pos2(plot.right(), y_of(bottom(s))),
+            );
             mesh.add_colored_rect(r, color);
             continue;
         }
@@ -127,9 +145,14 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
     painter.add(Shape::mesh(mesh));
     // Pool reserved (live + free inside the pool).
     let line: Vec<Pos2> = if pts.len() == 1 {
-        vec![pos2(plot.left(), y_of(pts[0].reserved_bytes)), pos2(plot.right(), y_of(pts[0].reserved_bytes))]
+        vec![
+            pos2(plot.left(), y_of(pts[0].reserved_bytes)),
+            pos2(plot.right(), y_of(pts[0].reserved_bytes)),
+        ]
     } else {
-        pts.iter().map(|s| pos2(x_of(s.t_us), y_of(s.reserved_bytes))).collect()
+        pts.iter()
+            .map(|s| pos2(x_of(s.t_us), y_of(s.reserved_bytes)))
+            .collect()
     };
     painter.add(Shape::line(line, Stroke::new(1.5, pal.reserved_line())));
     // The plan's lines.
@@ -146,7 +169,13 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
             4.0,
         ));
         if show_label {
-            painter.text(pos2(plot.right() - 4.0, py - 1.0), Align2::RIGHT_BOTTOM, label, font.clone(), color);
+            painter.text(
+                pos2(plot.right() - 4.0, py - 1.0),
+                Align2::RIGHT_BOTTOM,
+                label,
+                font.clone(),
+                color,
+            );
             last_label.set(py);
         }
     };
@@ -162,16 +191,31 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
             continue;
         }
         level += bytes;
-        plan_line(level, pal.plan_line(), format!("plan {name} {}", units::bytes(level)));
+        plan_line(
+            level,
+            pal.plan_line(),
+            format!("plan {name} {}", units::bytes(level)),
+        );
     }
     let mut off = Vec::new();
     if total_on_scale {
-        plan_line(plan.total_bytes, pal.plan_line(), format!("plan + headroom {}", units::bytes(plan.total_bytes)));
+        plan_line(
+            plan.total_bytes,
+            pal.plan_line(),
+            format!("plan + headroom {}", units::bytes(plan.total_bytes)),
+        );
     } else if plan.total_bytes > 0 {
-        off.push(format!("plan + headroom {}", units::bytes(plan.total_bytes)));
+        off.push(format!(
+            "plan + headroom {}",
+            units::bytes(plan.total_bytes)
+        ));
     }
     if budget_on_scale {
-        plan_line(plan.budget_bytes, pal.budget_line(), format!("budget {}", units::bytes(plan.budget_bytes)));
+        plan_line(
+            plan.budget_bytes,
+            pal.budget_line(),
+            format!("budget {}", units::bytes(plan.budget_bytes)),
+        );
     } else if plan.budget_bytes > 0 {
         off.push(format!("budget {}", units::bytes(plan.budget_bytes)));
     }
@@ -194,12 +238,22 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, height: f32) {
         painter.vline(x_of(s.t_us), plot.y_range(), Stroke::new(1.0, pal.mark()));
         let s = s.clone();
         resp.on_hover_ui_at_pointer(|ui| {
-            ui.strong(format!("step {} · {:.2} s", s.step_id, (s.t_us - t0) as f64 / 1e6));
+            ui.strong(format!(
+                "step {} · {:.2} s",
+                s.step_id,
+                (s.t_us - t0) as f64 / 1e6
+            ));
             for (k, tag) in TAGS.iter().enumerate() {
                 ui.label(format!("{tag}: {}", units::bytes(s.allocated_by_tag[k])));
             }
-            ui.label(format!("held from the device: {}", units::bytes(s.reserved_bytes)));
-            ui.label(format!("fragmentation: {}", units::percent(s.fragmentation)));
+            ui.label(format!(
+                "held from the device: {}",
+                units::bytes(s.reserved_bytes)
+            ));
+            ui.label(format!(
+                "fragmentation: {}",
+                units::percent(s.fragmentation)
+            ));
         });
     }
 }

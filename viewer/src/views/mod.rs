@@ -54,10 +54,16 @@ pub fn swatch_item(
 ) -> egui::Response {
     let font = egui::TextStyle::Body.resolve(ui.style());
     let text_color = ui.visuals().text_color();
-    let galley = ui.painter().layout_no_wrap(text.to_string(), font, text_color);
+    let galley = ui
+        .painter()
+        .layout_no_wrap(text.to_string(), font, text_color);
     let pad = egui::vec2(4.0, 2.0);
     let size = egui::vec2(12.0 + 6.0 + galley.size().x, galley.size().y.max(12.0)) + pad * 2.0;
-    let sense = if selected.is_some() { egui::Sense::click() } else { egui::Sense::hover() };
+    let sense = if selected.is_some() {
+        egui::Sense::click()
+    } else {
+        egui::Sense::hover()
+    };
     let (rect, resp) = ui.allocate_exact_size(size, sense);
     resp.widget_info(|| match selected {
         Some(on) => egui::WidgetInfo::selected(egui::Role::Button, true, on, text),
@@ -65,9 +71,11 @@ pub fn swatch_item(
     });
     if ui.is_rect_visible(rect) {
         if selected == Some(true) {
-            ui.painter().rect_filled(rect, 3.0, ui.visuals().selection.bg_fill);
+            ui.painter()
+                .rect_filled(rect, 3.0, ui.visuals().selection.bg_fill);
         } else if selected.is_some() && resp.hovered() {
-            ui.painter().rect_filled(rect, 3.0, ui.visuals().widgets.hovered.weak_bg_fill);
+            ui.painter()
+                .rect_filled(rect, 3.0, ui.visuals().widgets.hovered.weak_bg_fill);
         }
         let chip = egui::Rect::from_min_size(
             egui::pos2(rect.left() + pad.x, rect.center().y - 6.0),

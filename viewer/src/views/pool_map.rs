@@ -53,7 +53,12 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, max_height: f32) {
         });
 }
 
-fn segment_row(ui: &mut egui::Ui, seg: &SegmentSnapshot, step_now: u64, pal: &crate::palette::Palette) {
+fn segment_row(
+    ui: &mut egui::Ui,
+    seg: &SegmentSnapshot,
+    step_now: u64,
+    pal: &crate::palette::Palette,
+) {
     let width = ui.available_width();
     let (rect, resp) = ui.allocate_exact_size(vec2(width, BAR_HEIGHT + 2.0), Sense::hover());
     if !ui.is_rect_visible(rect) {
@@ -81,7 +86,12 @@ fn segment_row(ui: &mut egui::Ui, seg: &SegmentSnapshot, step_now: u64, pal: &cr
     mesh.add_colored_rect(bar, pal.free());
     paint_blocks(&mut mesh, bar, seg, pal);
     painter.add(egui::Shape::mesh(mesh));
-    painter.rect_stroke(bar, 0.0, Stroke::new(1.0, pal.grid()), egui::StrokeKind::Outside);
+    painter.rect_stroke(
+        bar,
+        0.0,
+        Stroke::new(1.0, pal.grid()),
+        egui::StrokeKind::Outside,
+    );
     if let Some(pos) = resp.hover_pos()
         && bar.contains(pos)
         && seg.bytes > 0
@@ -116,7 +126,11 @@ pub fn block_tooltip(ui: &mut egui::Ui, seg: u32, b: &BlockSnapshot, step_now: u
         ui.strong(&b.label);
     }
     ui.label(format!("tag: {}", b.tag));
-    ui.label(format!("segment {seg} · offset {} ({})", b.offset, units::bytes(b.offset)));
+    ui.label(format!(
+        "segment {seg} · offset {} ({})",
+        b.offset,
+        units::bytes(b.offset)
+    ));
     ui.label(format!("size: {}", units::bytes(b.bytes)));
     if b.tag != "free" {
         ui.label(format!("asked for: {}", units::bytes(b.requested_bytes)));
@@ -139,16 +153,28 @@ fn x_range(bar: Rect, seg: &SegmentSnapshot, b: &BlockSnapshot) -> (f32, f32) {
 /// Paints the live blocks of `seg` into `bar` (free is the background).
 /// Runs of blocks inside one pixel column become one column of the tag
 /// with most bytes there (free counts as a tag).
-pub fn paint_blocks(mesh: &mut Mesh, bar: Rect, seg: &SegmentSnapshot, pal: &crate::palette::Palette) {
+pub fn paint_blocks(
+    mesh: &mut Mesh,
+    bar: Rect,
+    seg: &SegmentSnapshot,
+    pal: &crate::palette::Palette,
+) {
     let scale = bar.width() as f64 / seg.bytes.max(1) as f64;
     // Bytes per tag (TAGS order, then free) in the pixel column being merged.
     let mut column: Option<(i64, [u64; 6])> = None;
     let flush = |mesh: &mut Mesh, col: i64, acc: &[u64; 6]| {
-        let (k, _) = acc.iter().enumerate().max_by_key(|(_, b)| **b).unwrap_or((5, &0));
+        let (k, _) = acc
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, b)| **b)
+            .unwrap_or((5, &0));
         if k < 5 {
             let x = bar.left() + col as f32;
             mesh.add_colored_rect(
-                Rect::from_min_max(pos2(x, bar.top()), pos2((x + 1.0).min(bar.right()), bar.bottom())),
+                Rect::from_min_max(
+                    pos2(x, bar.top()),
+                    pos2((x + 1.0).min(bar.right()), bar.bottom()),
+                ),
                 pal.tag(TAGS[k]),
             );
         }

@@ -68,7 +68,10 @@ pub fn readout(s: &StepStats) -> Vec<(&'static str, String)> {
                 s.total_prefix_cache_hit_tokens, s.total_prefix_cache_queried_tokens
             ),
         ),
-        ("free KV pages", format!("{} of {}", s.free_pages, s.num_pages)),
+        (
+            "free KV pages",
+            format!("{} of {}", s.free_pages, s.num_pages),
+        ),
     ]
 }
 
@@ -97,7 +100,12 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, strip_height: f32) {
     let (rect, resp) = ui.allocate_exact_size(vec2(width, strip_height), Sense::hover());
     let painter = ui.painter_at(rect);
     let pal = v.palette;
-    painter.rect_stroke(rect, 0.0, Stroke::new(1.0, pal.grid()), egui::StrokeKind::Inside);
+    painter.rect_stroke(
+        rect,
+        0.0,
+        Stroke::new(1.0, pal.grid()),
+        egui::StrokeKind::Inside,
+    );
     let n = hist.len().min(rect.width() as usize / 2).max(1);
     let shown: Vec<&StepStats> = hist.iter().skip(hist.len().saturating_sub(n)).collect();
     let max_batch = shown.iter().map(|s| s.batch_size).max().unwrap_or(1).max(1) as f32;
@@ -109,7 +117,10 @@ pub fn show(ui: &mut egui::Ui, v: &mut ViewCtx<'_>, strip_height: f32) {
         let h = s.batch_size as f32 / max_batch * (rect.height() - 12.0);
         let x = rect.left() + i as f32 * w;
         mesh.add_colored_rect(
-            egui::Rect::from_min_max(pos2(x, rect.bottom() - h), pos2(x + (w - 1.0).max(1.0), rect.bottom())),
+            egui::Rect::from_min_max(
+                pos2(x, rect.bottom() - h),
+                pos2(x + (w - 1.0).max(1.0), rect.bottom()),
+            ),
             bar,
         );
     }

@@ -34,7 +34,11 @@ fn an_attached_stream_rebuilds_the_servers_state() {
             request.push_str(&line);
         }
         assert!(request.starts_with("GET /v1/telemetry "), "{request}");
-        write!(s, "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
         for (i, line) in body.lines().enumerate() {
             if i % 40 == 0 {
                 write!(s, ": keep-alive\n\n").unwrap();
@@ -52,7 +56,11 @@ fn an_attached_stream_rebuilds_the_servers_state() {
         for ev in a.drain() {
             tl.push(&ev);
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "status {:?}", a.status());
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "status {:?}",
+            a.status()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     server.join().unwrap();

@@ -35,13 +35,21 @@ fn big_state() -> MemoryState {
                     // Sizes from 4 KiB to 1 MiB, every fifth block free.
                     let bytes = 4096u64 << ((b * 7 + s as usize) % 9);
                     let free = b % 5 == 4;
-                    let tag = if free { "free" } else { TAGS[(b + s as usize) % 5] };
+                    let tag = if free {
+                        "free"
+                    } else {
+                        TAGS[(b + s as usize) % 5]
+                    };
                     let blk = BlockSnapshot {
                         offset: off,
                         bytes,
                         requested_bytes: if free { 0 } else { bytes },
                         tag: tag.into(),
-                        label: if free { String::new() } else { format!("blk.{s}.{b}") },
+                        label: if free {
+                            String::new()
+                        } else {
+                            format!("blk.{s}.{b}")
+                        },
                         alloc_step: b as u64,
                         alloc_us: b as u64 * 10,
                     };
@@ -68,7 +76,13 @@ fn big_state() -> MemoryState {
                 page: p,
                 piece: p / 50_000,
                 offset_bytes: u64::from(p % 50_000) * 4096,
-                refcount: if !used { 0 } else if p % 97 == 0 { 2 } else { 1 },
+                refcount: if !used {
+                    0
+                } else if p % 97 == 0 {
+                    2
+                } else {
+                    1
+                },
                 owners: if used { vec![seq] } else { vec![] },
                 positions: if used { vec![p % 500] } else { vec![] },
                 tokens_used: if used { 1 + p % 16 } else { 0 },
@@ -112,7 +126,11 @@ fn big_state() -> MemoryState {
             committed_units: 280,
             pages_per_unit: 250,
         },
-        graphs: GraphTotals { count: 9, bytes: 2 << 30, batch_sizes: vec![1, 2, 4, 8, 16, 32, 64, 128, 256] },
+        graphs: GraphTotals {
+            count: 9,
+            bytes: 2 << 30,
+            batch_sizes: vec![1, 2, 4, 8, 16, 32, 64, 128, 256],
+        },
         host_swap_bytes: 0,
     };
     MemoryState {
@@ -168,15 +186,25 @@ fn a_frame_of_100k_pages_and_5k_blocks_takes_under_16_ms() {
     let mut times = Vec::new();
     for i in 0..36 {
         let input = egui::RawInput {
-            screen_rect: Some(egui::Rect::from_min_size(egui::Pos2::ZERO, egui::vec2(1280.0, 800.0))),
+            screen_rect: Some(egui::Rect::from_min_size(
+                egui::Pos2::ZERO,
+                egui::vec2(1280.0, 800.0),
+            )),
             // The pointer over the KV grid: hover work is part of the frame.
-            events: vec![egui::Event::PointerMoved(egui::pos2(200.0 + i as f32, 420.0))],
+            events: vec![egui::Event::PointerMoved(egui::pos2(
+                200.0 + i as f32,
+                420.0,
+            ))],
             ..Default::default()
         };
         let t = Instant::now();
         let out = ctx.run_ui(input, |ui| {
             egui::CentralPanel::default().show(ui, |ui| {
-                let mut v = ViewCtx { timeline: &tl, palette: Palette::new(true), selected_seq: &mut sel };
+                let mut v = ViewCtx {
+                    timeline: &tl,
+                    palette: Palette::new(true),
+                    selected_seq: &mut sel,
+                };
                 pagoda_viewer::dashboard::show(ui, &mut v);
             });
         });
@@ -194,5 +222,8 @@ fn a_frame_of_100k_pages_and_5k_blocks_takes_under_16_ms() {
         "frame time ({PAGES} KV pages, {BLOCKS} pool blocks, 1280x800): median {median:.2} ms, worst {worst:.2} ms over {} frames",
         times.len()
     );
-    assert!(median < BUDGET_MS, "median frame {median:.2} ms >= {BUDGET_MS} ms");
+    assert!(
+        median < BUDGET_MS,
+        "median frame {median:.2} ms >= {BUDGET_MS} ms"
+    );
 }

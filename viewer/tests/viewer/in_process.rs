@@ -24,7 +24,10 @@ fn three_chats_at_once_fill_the_kv_grid_and_the_batch() {
     });
     let mut planned = false;
     let engine = loop {
-        match rx.recv_timeout(Duration::from_secs(300)).expect("the loader answers") {
+        match rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the loader answers")
+        {
             LoadEvent::Status(_) => {}
             LoadEvent::Planned(p) => {
                 assert!(p.weights_bytes > 0 && p.kv_bytes > 0);
@@ -37,7 +40,11 @@ fn three_chats_at_once_fill_the_kv_grid_and_the_batch() {
     assert!(planned, "the plan comes before the engine");
     let mut chat = ChatPanel::default();
     chat.defaults.max_tokens = 24;
-    for p in ["Why is the sky blue?", "Name three rivers.", "Say a short poem."] {
+    for p in [
+        "Why is the sky blue?",
+        "Name three rivers.",
+        "Say a short poem.",
+    ] {
         chat.start(&engine.handle, p);
     }
     let mut tl = Timeline::default();
@@ -56,14 +63,22 @@ fn three_chats_at_once_fill_the_kv_grid_and_the_batch() {
             let owners = pagoda_viewer::views::kv_grid::sequences(&st.kv_pages).len();
             max_owners = max_owners.max(owners);
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "the chats did not finish");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the chats did not finish"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(max_batch, 3, "the three chats ran in one batch");
     assert_eq!(max_owners, 3, "the KV grid showed three sequences");
     for c in &chat.chats {
         let reply = &c.messages.last().unwrap().content;
-        assert!(c.reply_tokens > 0 && !reply.is_empty(), "{}: {:?}", c.title, c.status);
+        assert!(
+            c.reply_tokens > 0 && !reply.is_empty(),
+            "{}: {:?}",
+            c.title,
+            c.status
+        );
         assert!(c.seq.is_some());
     }
     assert!(!tl.is_stale(), "no telemetry event was lost");

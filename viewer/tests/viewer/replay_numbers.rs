@@ -63,7 +63,10 @@ fn expected(path: &std::path::Path) -> Vec<Expected> {
                     segs.insert(u(s, "id"), s.clone());
                 }
                 let n = u(&ev["totals"]["kv"], "num_pages") as usize;
-                pages.resize(n, serde_json::json!({"refcount": 0, "cached": false, "tokens_used": 0}));
+                pages.resize(
+                    n,
+                    serde_json::json!({"refcount": 0, "cached": false, "tokens_used": 0}),
+                );
                 for p in ev["kv_pages"].as_array().unwrap() {
                     pages[u(p, "page") as usize] = p.clone();
                 }
@@ -81,7 +84,11 @@ fn expected(path: &std::path::Path) -> Vec<Expected> {
             .count();
         let tokens: u64 = used.iter().map(|p| u(p, "tokens_used")).sum();
         let ps = u(&totals["kv"], "page_size");
-        let fill = if used.is_empty() { 0.0 } else { tokens as f64 / (used.len() as f64 * ps as f64) };
+        let fill = if used.is_empty() {
+            0.0
+        } else {
+            tokens as f64 / (used.len() as f64 * ps as f64)
+        };
         let mut kv = format!(
             "{} of {} pages used ({:.1} %) · {ps} tokens/page · fill {:.1} % · shared {shared} · cached free {cached_free}",
             used.len(),
@@ -107,7 +114,10 @@ fn expected(path: &std::path::Path) -> Vec<Expected> {
             units::bytes(tag("kv") + u(&totals["kv"], "committed_bytes"))
         ));
         // The pool map's heading starts with the counts.
-        let blocks: usize = segs.values().map(|s| s["blocks"].as_array().unwrap().len()).sum();
+        let blocks: usize = segs
+            .values()
+            .map(|s| s["blocks"].as_array().unwrap().len())
+            .sum();
         texts.push(format!(
             "{} segments · {blocks} blocks · reserved {} · free {}",
             segs.len(),
@@ -123,7 +133,10 @@ fn expected(path: &std::path::Path) -> Vec<Expected> {
                 u(s, "num_prefill_tokens"),
                 u(s, "num_decode_tokens")
             ));
-            texts.push(format!("{:.1}", u(s, "num_tokens") as f64 * 1e6 / u(s, "step_us") as f64));
+            texts.push(format!(
+                "{:.1}",
+                u(s, "num_tokens") as f64 * 1e6 / u(s, "step_us") as f64
+            ));
             texts.push(format!(
                 "{} running · {} waiting · {} swapped",
                 u(s, "num_running"),
@@ -131,9 +144,15 @@ fn expected(path: &std::path::Path) -> Vec<Expected> {
                 u(s, "num_swapped")
             ));
             texts.push(format!("{} of {}", u(s, "free_pages"), u(s, "num_pages")));
-            let (hit, q) = (u(s, "total_prefix_cache_hit_tokens"), u(s, "total_prefix_cache_queried_tokens"));
+            let (hit, q) = (
+                u(s, "total_prefix_cache_hit_tokens"),
+                u(s, "total_prefix_cache_queried_tokens"),
+            );
             if q > 0 {
-                texts.push(format!("{:.1} % ({hit} of {q} tokens)", hit as f64 * 100.0 / q as f64));
+                texts.push(format!(
+                    "{:.1} % ({hit} of {q} tokens)",
+                    hit as f64 * 100.0 / q as f64
+                ));
             }
         }
         out.push(Expected { step_id, texts });
@@ -144,7 +163,11 @@ fn expected(path: &std::path::Path) -> Vec<Expected> {
 fn assert_shown(h: &Harness<'_, (Replay, Timeline)>, e: &Expected, how: &str) {
     for t in &e.texts {
         let found = h.query_all_by_label_contains(t).next().is_some();
-        assert!(found, "{how}: at step {} the screen does not show {t:?}", e.step_id);
+        assert!(
+            found,
+            "{how}: at step {} the screen does not show {t:?}",
+            e.step_id
+        );
     }
 }
 
@@ -157,13 +180,22 @@ fn the_numbers_shown_are_the_traces_at_every_event() {
         r.playing = false;
         let mut tl = Timeline::default();
         r.seek(0, &mut tl);
-        assert_eq!(want.len(), r.frames().len(), "{}: memory events", stem(&path));
+        assert_eq!(
+            want.len(),
+            r.frames().len(),
+            "{}: memory events",
+            stem(&path)
+        );
         let mut h = Harness::builder()
             .with_size(egui::vec2(1280.0, 1600.0))
             .build_ui_state(
                 |ui, (_, tl): &mut (Replay, Timeline)| {
                     let mut sel = None;
-                    let mut v = ViewCtx { timeline: tl, palette: Palette::new(true), selected_seq: &mut sel };
+                    let mut v = ViewCtx {
+                        timeline: tl,
+                        palette: Palette::new(true),
+                        selected_seq: &mut sel,
+                    };
                     pagoda_viewer::dashboard::show(ui, &mut v);
                 },
                 (r, tl),

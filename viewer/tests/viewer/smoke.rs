@@ -40,7 +40,10 @@ fn need(tool: &str) {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "{tool} is not installed (.ci/run installs xvfb and imagemagick)");
+    assert!(
+        ok,
+        "{tool} is not installed (.ci/run installs xvfb and imagemagick)"
+    );
 }
 
 #[test]
@@ -61,7 +64,10 @@ fn the_binary_shows_the_legend_and_the_kv_grid_under_xvfb() {
         .iter()
         .flat_map(|p| p.owners.iter().copied())
         .collect();
-    assert!(!owners.is_empty(), "the fixture's busiest moment has pages in use");
+    assert!(
+        !owners.is_empty(),
+        "the fixture's busiest moment has pages in use"
+    );
 
     // A display no X server holds (its lock file tells).
     let mut n = 90 + std::process::id() % 800;
@@ -71,7 +77,14 @@ fn the_binary_shows_the_legend_and_the_kv_grid_under_xvfb() {
     let display = format!(":{n}");
     let _x = Guard(
         Command::new("Xvfb")
-            .args([display.as_str(), "-screen", "0", "1280x800x24", "-nolisten", "tcp"])
+            .args([
+                display.as_str(),
+                "-screen",
+                "0",
+                "1280x800x24",
+                "-nolisten",
+                "tcp",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -81,7 +94,13 @@ fn the_binary_shows_the_legend_and_the_kv_grid_under_xvfb() {
     let runtime = tempfile_dir();
     let mut viewer = Guard(
         Command::new(BIN)
-            .args(["--replay", trace.to_str().unwrap(), "--paused", "--exit-after", "60"])
+            .args([
+                "--replay",
+                trace.to_str().unwrap(),
+                "--paused",
+                "--exit-after",
+                "60",
+            ])
             .args(["--start-at", &peak.step_id.to_string()])
             .env("DISPLAY", &display)
             .env("XDG_RUNTIME_DIR", &runtime)
@@ -102,7 +121,13 @@ fn the_binary_shows_the_legend_and_the_kv_grid_under_xvfb() {
             panic!("the viewer exited early ({st})");
         }
         let ok = Command::new("import")
-            .args(["-display", &display, "-window", "root", shot.to_str().unwrap()])
+            .args([
+                "-display",
+                &display,
+                "-window",
+                "root",
+                shot.to_str().unwrap(),
+            ])
             .status()
             .is_ok_and(|s| s.success());
         missing = vec!["a screenshot".into()];
@@ -162,7 +187,10 @@ fn a_broken_trace_is_a_clear_error_and_a_non_zero_exit() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: exit status {}", out.status);
-        assert!(err.contains(says), "{name}: stderr {err:?} does not say {says:?}");
+        assert!(
+            err.contains(says),
+            "{name}: stderr {err:?} does not say {says:?}"
+        );
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
     // A truncated line in the middle of a real trace.
@@ -170,7 +198,13 @@ fn a_broken_trace_is_a_clear_error_and_a_non_zero_exit() {
     let cut = &real[..real.len() / 2];
     let p = dir.join("cut.jsonl");
     std::fs::write(&p, cut).unwrap();
-    let out = Command::new(BIN).args(["--replay", p.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--replay", p.to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("line"), "cut trace: {err}");
+    assert!(
+        !out.status.success() && err.contains("line"),
+        "cut trace: {err}"
+    );
 }

@@ -13,7 +13,9 @@ use pagoda_viewer::dashboard;
 use pagoda_viewer::palette::Palette;
 use pagoda_viewer::source::replay::Replay;
 use pagoda_viewer::timeline::Timeline;
-use pagoda_viewer::views::{ViewCtx, graphs, kv_grid, kv_units, memory_chart, pool_map, step_stats};
+use pagoda_viewer::views::{
+    ViewCtx, graphs, kv_grid, kv_units, memory_chart, pool_map, step_stats,
+};
 
 use crate::common::{MACHINE, peak_frame, stem, traces};
 
@@ -24,12 +26,20 @@ type View = fn(&mut egui::Ui, &mut ViewCtx<'_>);
 
 const VIEWS: [(&str, f32, f32, View); 7] = [
     ("dashboard", 1280.0, 800.0, |ui, v| dashboard::show(ui, v)),
-    ("memory_chart", 640.0, 280.0, |ui, v| memory_chart::show(ui, v, 240.0)),
-    ("step_stats", 480.0, 320.0, |ui, v| step_stats::show(ui, v, 60.0)),
+    ("memory_chart", 640.0, 280.0, |ui, v| {
+        memory_chart::show(ui, v, 240.0)
+    }),
+    ("step_stats", 480.0, 320.0, |ui, v| {
+        step_stats::show(ui, v, 60.0)
+    }),
     ("kv_grid", 640.0, 300.0, |ui, v| kv_grid::show(ui, v, 220.0)),
-    ("kv_units", 480.0, 160.0, |ui, v| kv_units::show(ui, v, 100.0)),
+    ("kv_units", 480.0, 160.0, |ui, v| {
+        kv_units::show(ui, v, 100.0)
+    }),
     ("graphs", 480.0, 90.0, |ui, v| graphs::show(ui, v)),
-    ("pool_map", 1000.0, 360.0, |ui, v| pool_map::show(ui, v, 320.0)),
+    ("pool_map", 1000.0, 360.0, |ui, v| {
+        pool_map::show(ui, v, 320.0)
+    }),
 ];
 
 fn render(
@@ -42,7 +52,11 @@ fn render(
     let mut sel = selected;
     let mut h = Harness::builder()
         .with_size(egui::vec2(size.0, size.1))
-        .with_theme(if dark { egui::Theme::Dark } else { egui::Theme::Light })
+        .with_theme(if dark {
+            egui::Theme::Dark
+        } else {
+            egui::Theme::Light
+        })
         .wgpu()
         .build_ui(move |ui| {
             let mut v = ViewCtx {
@@ -59,7 +73,9 @@ fn render(
 #[test]
 fn every_view_of_every_trace_matches_its_snapshot() {
     let _g = MACHINE.read().unwrap_or_else(|e| e.into_inner());
-    let opts = SnapshotOptions::new().threshold(0.6).max_failed_pixels(MAX_FAILED_PIXELS);
+    let opts = SnapshotOptions::new()
+        .threshold(0.6)
+        .max_failed_pixels(MAX_FAILED_PIXELS);
     let mut failures = Vec::new();
     for path in traces() {
         let name = stem(&path);
@@ -85,5 +101,9 @@ fn every_view_of_every_trace_matches_its_snapshot() {
         let mut h = render(&tl, true, first_owner, (640.0, 300.0), VIEWS[3].3);
         check(format!("{name}_kv_grid_selected"), &mut h);
     }
-    assert!(failures.is_empty(), "snapshots differ:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "snapshots differ:\n{}",
+        failures.join("\n")
+    );
 }
