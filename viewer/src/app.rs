@@ -292,7 +292,7 @@ fn replay_controls(ui: &mut egui::Ui, r: &mut Replay, tl: &mut Timeline) {
     {
         r.step_by(1, tl);
     }
-    egui::ComboBox::from_id_salt("speed")
+    egui::ComboBox::new("speed", "speed")
         .selected_text(format!("{}×", r.speed))
         .width(60.0)
         .show_ui(ui, |ui| {
@@ -304,8 +304,9 @@ fn replay_controls(ui: &mut egui::Ui, r: &mut Replay, tl: &mut Timeline) {
     let mut at = r.current();
     let slider = egui::Slider::new(&mut at, 0..=n.saturating_sub(1))
         .show_value(false)
-        .trailing_fill(true);
-    if ui.add_sized([260.0, 18.0], slider).changed() {
+        .trailing_fill(true)
+        .text("position");
+    if ui.add_sized([300.0, 18.0], slider).changed() {
         r.playing = false;
         r.seek(at, tl);
     }

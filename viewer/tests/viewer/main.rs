@@ -6,6 +6,7 @@ mod attach;
 mod common;
 mod frame_time;
 mod in_process;
+mod replay_controls;
 mod replay_numbers;
 mod smoke;
 mod snapshots;
