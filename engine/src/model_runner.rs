@@ -524,6 +524,13 @@ impl<B: Backend> ModelRunner<B> {
         self.graphs.len()
     }
 
+    /// The padded decode batch sizes that have a captured graph, ascending.
+    pub fn graph_batch_sizes(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.graphs.keys().map(|&n| n as u32).collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The padded decode batch sizes.
     pub fn decode_buckets(&self) -> &[usize] {
         &self.decode_buckets

@@ -291,6 +291,9 @@ pub struct KvPageInfo {
     pub page: PageId,
     /// Running sequences whose block table holds it, by arrival.
     pub owners: Vec<SeqId>,
+    /// Its index in each owner's block table (parallel to `owners`): the
+    /// order in which a sequence's pages hold its tokens.
+    pub positions: Vec<u32>,
     /// Tokens of the page whose K/V is written (cached free pages count as full).
     pub tokens_used: usize,
     /// Refcount.
@@ -1062,6 +1065,7 @@ impl Scheduler {
         Some(KvPageInfo {
             page,
             owners: holders.iter().map(|&(id, _)| id).collect(),
+            positions: holders.iter().map(|&(_, index)| index).collect(),
             tokens_used,
             refcount,
             shared: refcount > 1,
@@ -1087,6 +1091,7 @@ impl Scheduler {
             .map(|s| KvPageInfo {
                 page: s.page,
                 owners: Vec::new(),
+                positions: Vec::new(),
                 tokens_used: if s.hash.is_some() { ps } else { 0 },
                 refcount: s.refcount,
                 shared: s.refcount > 1,
@@ -1100,6 +1105,7 @@ impl Scheduler {
             for (i, page) in seq.block_table.iter().enumerate() {
                 if let Some(info) = map.get_mut(page.index()) {
                     info.owners.push(*id);
+                    info.positions.push(i as u32);
                     let used = seq.num_computed_tokens.saturating_sub(i * ps).min(ps);
                     info.tokens_used = info.tokens_used.max(used);
                 }

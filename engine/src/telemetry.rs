@@ -106,6 +106,23 @@ pub struct StepStats {
     pub free_pages: usize,
     /// All KV pages.
     pub num_pages: usize,
+    /// Prompt tokens looked up in the prefix cache so far (hit rate =
+    /// `total_prefix_cache_hit_tokens / total_prefix_cache_queried_tokens`).
+    #[serde(default)]
+    pub total_prefix_cache_queried_tokens: u64,
+    /// Preemptions that swapped the sequence to host memory so far (also in
+    /// `total_preemptions`).
+    #[serde(default)]
+    pub total_swap_preemptions: u64,
+    /// KV pages copied device -> host so far.
+    #[serde(default)]
+    pub total_swap_out_pages: u64,
+    /// KV pages copied host -> device so far.
+    #[serde(default)]
+    pub total_swap_in_pages: u64,
+    /// Requests swapped out to host memory after the step.
+    #[serde(default)]
+    pub num_swapped: usize,
 }
 
 impl StepStats {
@@ -134,6 +151,11 @@ impl StepStats {
             num_running: s.num_running(),
             free_pages: s.block_manager().num_free_pages(),
             num_pages: s.block_manager().num_pages(),
+            total_prefix_cache_queried_tokens: st.num_prefix_cache_queried_tokens,
+            total_swap_preemptions: st.num_swap_preemptions,
+            total_swap_out_pages: st.num_swap_out_pages,
+            total_swap_in_pages: st.num_swap_in_pages,
+            num_swapped: s.num_swapped(),
         }
     }
 }
@@ -282,6 +304,7 @@ pub(crate) fn totals_with<B: Backend>(
     dev: pagoda_backend::DeviceMemory,
 ) -> MemoryTotals {
     let kv = runner.kv_cache();
+    let ks = kv.stats();
     let bm = s.block_manager();
     MemoryTotals {
         device_total_bytes: dev.total_bytes,
@@ -293,17 +316,22 @@ pub(crate) fn totals_with<B: Backend>(
             page_size: bm.page_size() as u64,
             page_bytes: kv.layout.page_bytes_all_layers() as u64,
             num_pieces: kv.geometry.num_pieces as u64,
-            reserved_bytes: kv.reserved_bytes(),
-            committed_bytes: kv.committed_bytes(),
+            reserved_bytes: ks.reserved_bytes,
+            committed_bytes: ks.committed_bytes,
+            num_units: ks.num_units as u64,
+            committed_units: ks.committed_units as u64,
+            pages_per_unit: kv.geometry.pages_per_unit as u64,
         },
         graphs: match runner.backend().graphs() {
             Some(g) => GraphTotals {
                 count: g.num_graphs() as u64,
                 bytes: g.memory_bytes(),
+                batch_sizes: runner.graph_batch_sizes(),
             },
             None => GraphTotals {
                 count: pool.live_blocks_by_tag[MemoryTag::Graph.index()] as u64,
                 bytes: pool.requested(MemoryTag::Graph),
+                batch_sizes: Vec::new(),
             },
         },
         host_swap_bytes: s.host_bytes_in_use(),
@@ -318,6 +346,7 @@ fn page_snapshot<B: Backend>(runner: &ModelRunner<B>, p: &KvPageInfo) -> KvPageS
         offset_bytes,
         refcount: p.refcount,
         owners: p.owners.iter().map(|o| o.0).collect(),
+        positions: p.positions.clone(),
         tokens_used: p.tokens_used as u32,
         shared: p.shared,
         cached: p.cached,

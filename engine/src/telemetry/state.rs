@@ -108,6 +108,16 @@ pub struct KvTotals {
     /// KV bytes backed by memory (VMM mapped); equal to `reserved_bytes`
     /// while the arenas are plain pool blocks.
     pub committed_bytes: u64,
+    /// Commit units the reservation is cut into (VMM chunks on CUDA); 0 in
+    /// traces recorded before the field existed.
+    #[serde(default)]
+    pub num_units: u64,
+    /// Units committed now.
+    #[serde(default)]
+    pub committed_units: u64,
+    /// Consecutive pages per unit.
+    #[serde(default)]
+    pub pages_per_unit: u64,
 }
 
 /// Captured graphs (CUDA graphs; none on the CPU).
@@ -117,6 +127,10 @@ pub struct GraphTotals {
     pub count: u64,
     /// Their bytes (requested).
     pub bytes: u64,
+    /// The padded decode batch sizes captured, ascending (empty without
+    /// graphs, and in traces recorded before the field existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batch_sizes: Vec<u32>,
 }
 
 /// The numbers sent with every memory event.
@@ -252,6 +266,10 @@ pub struct KvPageSnapshot {
     pub refcount: u32,
     /// Their ids, by arrival.
     pub owners: Vec<u64>,
+    /// The page's index in each owner's block table, parallel to `owners`
+    /// (left out when no one holds it, and absent in older traces).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub positions: Vec<u32>,
     /// Tokens written (`page_size` for a cached page).
     pub tokens_used: u32,
     /// Held by more than one sequence.
@@ -357,6 +375,7 @@ impl MemoryState {
                 offset_bytes: 0,
                 refcount: 0,
                 owners: Vec::new(),
+                positions: Vec::new(),
                 tokens_used: 0,
                 shared: false,
                 cached: false,

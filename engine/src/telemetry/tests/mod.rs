@@ -31,6 +31,11 @@ fn stats(step: u64) -> StepStats {
         num_running: 1,
         free_pages: 1,
         num_pages: 2,
+        total_prefix_cache_queried_tokens: 0,
+        total_swap_preemptions: 0,
+        total_swap_out_pages: 0,
+        total_swap_in_pages: 0,
+        num_swapped: 0,
     }
 }
 
@@ -47,6 +52,9 @@ fn empty_totals(free_pages: u64) -> MemoryTotals {
             num_pieces: 1,
             reserved_bytes: 0,
             committed_bytes: 0,
+            num_units: 0,
+            committed_units: 0,
+            pages_per_unit: 0,
         },
         graphs: GraphTotals::default(),
         host_swap_bytes: 0,
