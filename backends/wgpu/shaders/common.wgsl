@@ -17,6 +17,11 @@ const DT_BF16: u32 = 2u;
 const DT_Q8_0: u32 = 3u;
 const DT_Q4_0: u32 = 4u;
 const DT_Q4_1: u32 = 5u;
+const DT_Q5_0: u32 = 6u;
+const DT_Q5_1: u32 = 7u;
+const DT_Q4_K: u32 = 8u;
+const DT_Q5_K: u32 = 9u;
+const DT_Q6_K: u32 = 10u;
 
 fn off(i: u32) -> u32 { return P[i]; }
 fn pu(j: u32) -> u32 { return P[80u + j]; }

@@ -51,13 +51,18 @@ pub const MAX_TOP_K: usize = 256;
 pub const KV_GRANULE: u64 = 4096;
 
 /// The weight types the shaders compute with.
-pub const WEIGHT_DTYPES: [DType; 6] = [
+pub const WEIGHT_DTYPES: [DType; 11] = [
     DType::F32,
     DType::F16,
     DType::BF16,
     DType::Q8_0,
     DType::Q4_0,
     DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
 ];
 
 /// State shared by the backend and its allocator.
@@ -101,6 +106,11 @@ pub(crate) fn dtype_code(op: &'static str, dtype: DType) -> Result<u32> {
         DType::Q8_0 => 3,
         DType::Q4_0 => 4,
         DType::Q4_1 => 5,
+        DType::Q5_0 => 6,
+        DType::Q5_1 => 7,
+        DType::Q4_K => 8,
+        DType::Q5_K => 9,
+        DType::Q6_K => 10,
         _ => {
             return Err(BackendError::Unsupported {
                 op,
