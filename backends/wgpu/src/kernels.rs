@@ -3,6 +3,9 @@
 //! - Sources: `shaders/*.wgsl` embedded with `include_str!`; each pipeline's module is
 //!   `common.wgsl`, then `weights.wgsl` (matmul, embedding) or the generated KV piece
 //!   bindings and `kv.wgsl` (kv_cache, paged_attention), then the shader itself.
+//! - Variants: each module is specialised for the device's [`ShaderFeatures`] (`//#if f16`,
+//!   `//#if subgroup`, `//#else`, `//#endif` blocks, [`specialise`]; `enable f16;` first when
+//!   f16 is on), once per device, so the fallback text has no f16 type and no subgroup op.
 //! - Pipelines: cached by (shader, entry point, constants: KV pieces bound, the attention's
 //!   `override HEAD_DIM`), layouts derived from the shader.
 //! - Arguments: each `BufRef` is bound as a window of its buffer starting at the largest
@@ -33,8 +36,15 @@ const MAX_GROUPS: u32 = 65535;
 /// The shaders (the stems of `kernels/*.cu` and the CPU backend's files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Shader {
-    /// matmul.wgsl with this many tokens a workgroup (`override TOK`: 8 or 32).
+    /// matmul.wgsl's lane-per-row `matmul` with this many tokens a workgroup
+    /// (`override TOK`: 8 or 32).
     Matmul(u32),
+    /// matmul.wgsl's coalesced `matmul_co` (64 invocations a row) with this many tokens a
+    /// workgroup.
+    MatmulCo(u32),
+    /// matmul_f16.wgsl (`matmul_co` for f16 weights bound as `array<vec2<f16>>`; only with
+    /// the f16 feature) with this many tokens a workgroup.
+    MatmulF16(u32),
     /// embedding.wgsl.
     Embedding,
     /// rms_norm.wgsl.
@@ -57,11 +67,12 @@ const WEIGHTS: &str = include_str!("../shaders/weights.wgsl");
 const KV: &str = include_str!("../shaders/kv.wgsl");
 
 /// Every `.wgsl` file (name, text), for validation.
-pub const SHADER_FILES: [(&str, &str); 11] = [
+pub const SHADER_FILES: [(&str, &str); 12] = [
     ("common.wgsl", COMMON),
     ("weights.wgsl", WEIGHTS),
     ("kv.wgsl", KV),
     ("matmul.wgsl", include_str!("../shaders/matmul.wgsl")),
+    ("matmul_f16.wgsl", include_str!("../shaders/matmul_f16.wgsl")),
     ("embedding.wgsl", include_str!("../shaders/embedding.wgsl")),
     ("rms_norm.wgsl", include_str!("../shaders/rms_norm.wgsl")),
     (
@@ -138,11 +149,86 @@ pub fn kv_prelude(pieces: u32, atomic: bool) -> String {
     s
 }
 
-/// The whole WGSL module of a shader.
-pub fn module_source(shader: Shader) -> String {
+/// The shader features a module is specialised for (the device's, after masking).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ShaderFeatures {
+    /// `SHADER_F16`: halves are read as `f16` (`enable f16;`); arithmetic stays f32.
+    pub f16: bool,
+    /// `SUBGROUP`: reductions use `subgroupAdd` (matmul_co, rms_norm).
+    pub subgroup: bool,
+}
+
+impl ShaderFeatures {
+    /// Every combination (for validation).
+    pub const ALL: [ShaderFeatures; 4] = [
+        ShaderFeatures {
+            f16: false,
+            subgroup: false,
+        },
+        ShaderFeatures {
+            f16: true,
+            subgroup: false,
+        },
+        ShaderFeatures {
+            f16: false,
+            subgroup: true,
+        },
+        ShaderFeatures {
+            f16: true,
+            subgroup: true,
+        },
+    ];
+
+    /// Whether `name` (`f16`, `subgroup`) is on; unknown names are off.
+    pub fn has(&self, name: &str) -> bool {
+        match name {
+            "f16" => self.f16,
+            "subgroup" => self.subgroup,
+            _ => false,
+        }
+    }
+}
+
+/// `text` with its `//#if NAME` … [`//#else` …] `//#endif` blocks (not nested) resolved for
+/// `f`; dropped lines become empty lines, so line numbers in errors stay the file's.
+pub fn specialise(text: &str, f: ShaderFeatures) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut keep, mut cond) = (true, true);
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("//#if ") {
+            cond = f.has(name.trim());
+            keep = cond;
+        } else if t == "//#else" {
+            keep = !cond;
+        } else if t == "//#endif" {
+            keep = true;
+        } else if keep {
+            out += line;
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The whole WGSL module of a shader, specialised for `f`.
+pub fn module_source(shader: Shader, f: ShaderFeatures) -> String {
+    let text = module_text(shader);
+    let body = specialise(&text, f);
+    if f.f16 {
+        format!("enable f16;\n{body}")
+    } else {
+        body
+    }
+}
+
+fn module_text(shader: Shader) -> String {
     let kv = |p: u32, atomic: bool| format!("{}\n{}", kv_prelude(p, atomic), KV);
     match shader {
-        Shader::Matmul(_) => format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl")),
+        Shader::Matmul(_) | Shader::MatmulCo(_) => {
+            format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl"))
+        }
+        Shader::MatmulF16(_) => format!("{COMMON}\n{}", file("matmul_f16.wgsl")),
         Shader::Embedding => format!("{COMMON}\n{WEIGHTS}\n{}", file("embedding.wgsl")),
         Shader::RmsNorm => format!("{COMMON}\n{}", file("rms_norm.wgsl")),
         Shader::Elementwise => format!("{COMMON}\n{}", file("elementwise.wgsl")),
@@ -160,9 +246,11 @@ pub fn module_source(shader: Shader) -> String {
 }
 
 /// Every (shader, entry point) the backend dispatches, for validation and warm-up.
-pub const ENTRY_POINTS: [(Shader, &str); 14] = [
+pub const ENTRY_POINTS: [(Shader, &str); 16] = [
     (Shader::Matmul(8), "matmul"),
     (Shader::Matmul(32), "matmul"),
+    (Shader::MatmulCo(8), "matmul_co"),
+    (Shader::MatmulCo(32), "matmul_co"),
     (Shader::Embedding, "embedding"),
     (Shader::RmsNorm, "rms_norm"),
     (Shader::Elementwise, "silu_mul"),
@@ -175,6 +263,12 @@ pub const ENTRY_POINTS: [(Shader, &str); 14] = [
     (Shader::KvCache(1), "write_kv"),
     (Shader::KvCache(1), "copy_pages"),
     (Shader::PagedAttention(1, 64), "paged_attention"),
+];
+
+/// The (shader, entry point)s that need the f16 feature (compiled only where it is on).
+pub const F16_ENTRY_POINTS: [(Shader, &str); 2] = [
+    (Shader::MatmulF16(8), "matmul_f16"),
+    (Shader::MatmulF16(32), "matmul_f16"),
 ];
 
 /// Pipeline cache and the pending encoder.
@@ -220,12 +314,14 @@ impl Shared {
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(entry),
-            source: wgpu::ShaderSource::Wgsl(module_source(shader).into()),
+            source: wgpu::ShaderSource::Wgsl(module_source(shader, self.gpu.shader_features()).into()),
         });
         // Override constants: (shader, entry point, constants) is the cache key.
         let constants: Vec<(&str, f64)> = match shader {
             Shader::PagedAttention(_, hd) => vec![("HEAD_DIM", hd as f64)],
-            Shader::Matmul(tok) => vec![("TOK", tok as f64)],
+            Shader::Matmul(tok) | Shader::MatmulCo(tok) | Shader::MatmulF16(tok) => {
+                vec![("TOK", tok as f64)]
+            }
             _ => Vec::new(),
         };
         let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -410,6 +506,22 @@ mod tests {
         assert_eq!(grid(1), (1, 1));
         assert_eq!(grid(65535), (65535, 1));
         assert_eq!(grid(65536), (65535, 2));
+    }
+
+    #[test]
+    fn specialise_keeps_the_matching_branch() {
+        let text = "a\n//#if subgroup\nb\n//#else\nc\n//#endif\n//#if f16\nd\n//#endif\ne\n";
+        let on = ShaderFeatures {
+            f16: true,
+            subgroup: true,
+        };
+        assert_eq!(specialise(text, on), "a\n\nb\n\n\n\n\nd\n\ne\n");
+        let off = ShaderFeatures::default();
+        assert_eq!(specialise(text, off), "a\n\n\n\nc\n\n\n\n\ne\n");
+        assert!(module_source(Shader::MatmulF16(8), on).starts_with("enable f16;\n"));
+        let fallback = module_source(Shader::MatmulCo(8), off);
+        assert!(!fallback.contains("@builtin(subgroup") && !fallback.starts_with("enable"));
+        assert!(module_source(Shader::MatmulCo(8), on).contains("subgroupAdd(acc[t])"));
     }
 
     #[test]

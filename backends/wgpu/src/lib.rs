@@ -10,10 +10,12 @@
 //!   range, decommit only books it; `can_grow_kv` is false ([`kv_arena`]).
 //! - Recording: all work goes into one command encoder, submitted when the host needs a
 //!   result or waits.
-//! - Arithmetic is f32 everywhere (f16 and bf16 are storage types, read with
-//!   `unpack2x16float` or bit shifts), reductions in workgroup memory in a fixed order, so
-//!   the adapter's `SHADER_F16` / `SUBGROUP` features (detected and reported, maskable with
-//!   `PAGODA_WGPU_MASK`) change nothing in the results.
+//! - Arithmetic is f32 everywhere (f16 and bf16 are storage types). With `SHADER_F16` the
+//!   coalesced matmul reads f16 weights as `array<vec2<f16>>` (same values, same sums); with `SUBGROUP` the matmul_co and rms_norm reductions
+//!   use `subgroupAdd` (fallback: workgroup memory), each in a fixed order for a device. The
+//!   features are detected, reported (`BackendInfo::device`: features and paths) and
+//!   maskable with `PAGODA_WGPU_MASK`; the matmul shader is chosen by adapter type
+//!   (`PAGODA_WGPU_MATMUL=rows|coalesced` overrides).
 #![deny(missing_docs)]
 
 pub mod device;
@@ -33,8 +35,8 @@ use pagoda_backend::{
     RawAllocator, Result, weight_layout,
 };
 
-pub use device::{MASK_ENV, WgpuOptions, adapter_infos};
-pub use kernels::{ENTRY_POINTS, SHADER_FILES, Shader, module_source};
+pub use device::{MASK_ENV, MATMUL_ENV, MatmulPath, WgpuOptions, adapter_infos};
+pub use kernels::{ENTRY_POINTS, F16_ENTRY_POINTS, SHADER_FILES, Shader, ShaderFeatures, module_source, specialise};
 
 use crate::device::Gpu;
 use crate::kernels::Kernels;
@@ -132,7 +134,7 @@ impl WgpuBackend {
         let info = BackendInfo {
             name: "wgpu".into(),
             device: format!(
-                "{} ({:?}, {:?}; features: {})",
+                "{} ({:?}, {:?}; features: {}; paths: {})",
                 a.name,
                 a.backend,
                 a.device_type,
@@ -140,7 +142,8 @@ impl WgpuBackend {
                     "none".into()
                 } else {
                     features.join(", ")
-                }
+                },
+                gpu.paths()
             ),
             weight_dtypes: WEIGHT_DTYPES.to_vec(),
             kv_dtypes: vec![DType::F32, DType::F16, DType::BF16, DType::Q8_0],
@@ -179,6 +182,16 @@ impl WgpuBackend {
         self.shared.gpu.feature_names()
     }
 
+    /// The shader paths in use (matmul entry point and reductions, how halves are read).
+    pub fn paths(&self) -> String {
+        self.shared.gpu.paths()
+    }
+
+    /// The matmul shader in use.
+    pub fn matmul_path(&self) -> MatmulPath {
+        self.shared.gpu.matmul
+    }
+
     /// Storage buffers one shader may bind.
     pub(crate) fn max_storage_buffers(&self) -> u32 {
         self.shared.gpu.limits.max_storage_buffers_per_shader_stage
@@ -199,6 +212,11 @@ impl WgpuBackend {
     pub fn warm_up(&self) -> Result<()> {
         for (shader, entry) in ENTRY_POINTS {
             self.shared.pipeline_for(shader, entry)?;
+        }
+        if self.shared.gpu.shader_f16 {
+            for (shader, entry) in kernels::F16_ENTRY_POINTS {
+                self.shared.pipeline_for(shader, entry)?;
+            }
         }
         Ok(())
     }
