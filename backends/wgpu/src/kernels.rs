@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use pagoda_backend::{BackendError, BufRef, Result};
-use wgpu::util::DeviceExt;
 
 use crate::Shared;
 
@@ -271,11 +270,29 @@ pub const F16_ENTRY_POINTS: [(Shader, &str); 2] = [
     (Shader::MatmulF16(32), "matmul_f16"),
 ];
 
-/// Pipeline cache and the pending encoder.
+/// Bytes of the ring buffer (dispatch parameters and small uploads of one submission).
+pub(crate) const RING_BYTES: u64 = 4 << 20;
+
+/// One reusable device buffer for the host data of a submission: dispatch parameters (bound
+/// at storage-offset-aligned windows) and small uploads (copied from it in order with the
+/// ops). Regions are bump-allocated and written with `queue.write_buffer`, which lands at
+/// the start of the next submission; the bump pointer returns to 0 at every submission (the
+/// queue orders a later write after the work already submitted, so it never reaches it).
+#[derive(Default)]
+pub(crate) struct Ring {
+    buf: Option<wgpu::Buffer>,
+    used: u64,
+}
+
+/// Pipeline cache, the pending encoder, the ring and the readback buffer.
 #[derive(Default)]
 pub(crate) struct Kernels {
     pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
+    /// Lock order: `ring` before `pending`.
     pub(crate) pending: Mutex<Option<wgpu::CommandEncoder>>,
+    pub(crate) ring: Mutex<Ring>,
+    /// The reusable MAP_READ buffer of downloads (grown to powers of two).
+    pub(crate) readback: Mutex<Option<wgpu::Buffer>>,
     /// A 4-byte buffer bound for zero-byte arguments.
     dummy: Mutex<Option<wgpu::Buffer>>,
 }
@@ -359,8 +376,17 @@ impl Shared {
         f(enc)
     }
 
-    /// Submits the pending encoder (if any).
+    /// Submits the pending encoder (if any); the ring's regions are free again.
     pub(crate) fn submit(&self) {
+        let mut ring = self
+            .kernels
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.submit_with(&mut ring);
+    }
+
+    fn submit_with(&self, ring: &mut Ring) {
         let enc = self
             .kernels
             .pending
@@ -369,7 +395,48 @@ impl Shared {
             .take();
         if let Some(enc) = enc {
             self.gpu.queue.submit([enc.finish()]);
+        } else if ring.used > 0 {
+            self.gpu.queue.submit([]);
         }
+        ring.used = 0;
+    }
+
+    /// `data` (whole words, at most [`RING_BYTES`]) written into a region of the ring aligned
+    /// to `align`, then `f(ring buffer, region offset, pending encoder)` recorded in the same
+    /// submission. A full ring submits the pending work first.
+    pub(crate) fn with_ring<T>(
+        &self,
+        data: &[u8],
+        align: u64,
+        f: impl FnOnce(&wgpu::Buffer, u64, &mut wgpu::CommandEncoder) -> T,
+    ) -> T {
+        let mut ring = self
+            .kernels
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let len = (data.len() as u64).next_multiple_of(4);
+        let mut at = ring.used.next_multiple_of(align);
+        if at + len > RING_BYTES {
+            self.submit_with(&mut ring);
+            at = 0;
+        }
+        let buf = ring
+            .buf
+            .get_or_insert_with(|| {
+                self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("ring"),
+                    size: RING_BYTES,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .clone();
+        self.gpu.queue.write_buffer(&buf, at, data);
+        ring.used = at + len;
+        self.record(|enc| f(&buf, at, enc))
     }
 
     /// Submits and waits for all work, then frees the scratch buffers it used.
@@ -451,40 +518,46 @@ impl Shared {
         }
         let mut words = header.to_vec();
         words.extend_from_slice(params);
-        let pbuf = self
-            .gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: bytemuck::cast_slice(&words),
-                usage: wgpu::BufferUsages::STORAGE,
-            });
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: pbuf.as_entire_binding(),
-        }];
-        for (binding, buf, offset, size) in &windows {
-            entries.push(wgpu::BindGroupEntry {
-                binding: *binding,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: buf,
-                    offset: *offset,
-                    size: wgpu::BufferSize::new(*size),
-                }),
+        let pbytes = (words.len() * 4) as u64;
+        if pbytes > max_bind || pbytes > RING_BYTES {
+            return Err(BackendError::InvalidArgument {
+                op,
+                detail: format!("{} parameter words", words.len()),
             });
         }
         let dev = &self.gpu.device;
-        let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
-        let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(entry),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(device_err(op, format!("binding {entry}'s arguments: {e}")));
-        }
+        let layout = pipeline.get_bind_group_layout(0);
         let (gx, gy) = grid(groups);
-        self.record(|enc| {
+        // Parameters in the ring, bound as a window; the bind group and the pass are made
+        // while the ring is held, so the region belongs to this submission.
+        self.with_ring(bytemuck::cast_slice(&words), align, |ring, at, enc| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: ring,
+                    offset: at,
+                    size: wgpu::BufferSize::new(pbytes),
+                }),
+            }];
+            for (binding, buf, offset, size) in &windows {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: *binding,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: buf,
+                        offset: *offset,
+                        size: wgpu::BufferSize::new(*size),
+                    }),
+                });
+            }
+            let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+            let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(entry),
+                layout: &layout,
+                entries: &entries,
+            });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(device_err(op, format!("binding {entry}'s arguments: {e}")));
+            }
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(entry),
                 timestamp_writes: None,
@@ -492,8 +565,8 @@ impl Shared {
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(gx, gy, 1);
-        });
-        Ok(())
+            Ok(())
+        })
     }
 }
 
