@@ -1,9 +1,10 @@
 //! Parity of every op of the backend contract between the CPU backend and the wgpu backend
-//! (`pagoda_tests::parity`), on the adapter as it is and with `SHADER_F16` and `SUBGROUP`
-//! masked off. Every shader path is covered: the adapter as it is with the coalesced matmul
-//! (subgroupAdd, f16 weights as f16), masked with the adapter's own matmul (lane per row on
-//! lavapipe), and the coalesced matmul's workgroup-memory fallback on matmul. CI runs them on Mesa's lavapipe (Vulkan on the CPU; `.ci/run` installs it);
-//! without a Vulkan/Metal/DX12 adapter they fail, they do not skip.
+//! (`pagoda_tests::parity`). Every shader path is covered: the adapter as it is with the
+//! coalesced matmul (subgroupAdd, f16 weights as f16), `SHADER_F16` and `SUBGROUP` masked
+//! with the adapter's own matmul (lane per row on lavapipe), and the coalesced matmul's
+//! workgroup-memory fallback on matmul alone. CI runs them on Mesa's lavapipe (Vulkan on the
+//! CPU; `.ci/run` installs it); without a Vulkan/Metal/DX12 adapter they fail, they do not
+//! skip.
 
 use std::sync::Arc;
 

@@ -71,7 +71,10 @@ pub const SHADER_FILES: [(&str, &str); 12] = [
     ("weights.wgsl", WEIGHTS),
     ("kv.wgsl", KV),
     ("matmul.wgsl", include_str!("../shaders/matmul.wgsl")),
-    ("matmul_f16.wgsl", include_str!("../shaders/matmul_f16.wgsl")),
+    (
+        "matmul_f16.wgsl",
+        include_str!("../shaders/matmul_f16.wgsl"),
+    ),
     ("embedding.wgsl", include_str!("../shaders/embedding.wgsl")),
     ("rms_norm.wgsl", include_str!("../shaders/rms_norm.wgsl")),
     (
@@ -331,7 +334,9 @@ impl Shared {
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(entry),
-            source: wgpu::ShaderSource::Wgsl(module_source(shader, self.gpu.shader_features()).into()),
+            source: wgpu::ShaderSource::Wgsl(
+                module_source(shader, self.gpu.shader_features()).into(),
+            ),
         });
         // Override constants: (shader, entry point, constants) is the cache key.
         let constants: Vec<(&str, f64)> = match shader {

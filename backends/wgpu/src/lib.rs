@@ -36,7 +36,9 @@ use pagoda_backend::{
 };
 
 pub use device::{MASK_ENV, MATMUL_ENV, MatmulPath, WgpuOptions, adapter_infos};
-pub use kernels::{ENTRY_POINTS, F16_ENTRY_POINTS, SHADER_FILES, Shader, ShaderFeatures, module_source, specialise};
+pub use kernels::{
+    ENTRY_POINTS, F16_ENTRY_POINTS, SHADER_FILES, Shader, ShaderFeatures, module_source, specialise,
+};
 
 use crate::device::Gpu;
 use crate::kernels::Kernels;

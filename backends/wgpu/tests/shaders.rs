@@ -1,7 +1,9 @@
 //! Every shader module the backend builds parses and validates with naga (no GPU needed),
 //! and every `.wgsl` file starts with its header.
 
-use pagoda_wgpu::{ENTRY_POINTS, F16_ENTRY_POINTS, SHADER_FILES, Shader, ShaderFeatures, module_source};
+use pagoda_wgpu::{
+    ENTRY_POINTS, F16_ENTRY_POINTS, SHADER_FILES, Shader, ShaderFeatures, module_source,
+};
 
 /// Every variant: the fallback is validated without the f16 / subgroup capabilities, so it
 /// cannot use them.
