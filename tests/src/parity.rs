@@ -366,6 +366,12 @@ type OpCheck<A, B> = fn(&Arc<A>, &Arc<B>, &mut ChaCha8Rng);
 /// RNG stream; reports every failing op (not only the first) and panics
 /// when any failed.
 pub fn check_all_ops<A: Backend, B: Backend>(cpu: &Arc<A>, other: &Arc<B>) {
+    check_ops(cpu, other, None)
+}
+
+/// [`check_all_ops`] for the ops named in `only` (all when `None`; `PAGODA_PARITY_OPS`, a
+/// comma-separated list, narrows either further: a development aid, CI sets none).
+pub fn check_ops<A: Backend, B: Backend>(cpu: &Arc<A>, other: &Arc<B>, only: Option<&[&str]>) {
     let checks: [(&str, OpCheck<A, B>); 14] = [
         ("embedding", check_embedding),
         ("matmul", check_matmul),
@@ -388,8 +394,16 @@ pub fn check_all_ops<A: Backend, B: Backend>(cpu: &Arc<A>, other: &Arc<B>) {
         cpu.info().device,
         other.info().device
     );
+    let env = std::env::var("PAGODA_PARITY_OPS").ok();
     let mut failed = Vec::new();
     for (i, (name, check)) in checks.into_iter().enumerate() {
+        if only.is_some_and(|o| !o.contains(&name))
+            || env
+                .as_ref()
+                .is_some_and(|e| !e.split(',').any(|o| o.trim() == name))
+        {
+            continue;
+        }
         eprintln!("{name} (seed {seed} + {i})");
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(i as u64));
         if catch_unwind(AssertUnwindSafe(|| check(cpu, other, &mut rng))).is_err() {

@@ -8,9 +8,12 @@ use pagoda_tests::reference;
 use pagoda_wgpu::{WgpuBackend, WgpuOptions};
 
 fn wgpu(masked: bool) -> Arc<WgpuBackend> {
+    // `PAGODA_WGPU_MATMUL=coalesced` runs the fixtures on the coalesced matmul (CI: the
+    // adapter's own, lane per row on lavapipe).
     let opts = WgpuOptions {
         mask_shader_f16: masked,
         mask_subgroup: masked,
+        matmul: WgpuOptions::from_env().matmul,
         ..WgpuOptions::default()
     };
     Arc::new(WgpuBackend::new(&opts).expect(

@@ -7,7 +7,11 @@
 // P layout: P[i] for i < 80 = word offset of binding i + 1 inside its window; P[80 + j] =
 //   the op's j-th parameter (u32, or f32 bits: pf(j)).
 // Workgroups: dispatches larger than 65535 groups are 2D (x, y); `wg_index` linearises them.
-// Dtype codes: DT_* below (the CUDA kernels' codes).
+// Dtype codes: DT_* below (the CUDA kernels' codes; 6 .. 10 are new here).
+// Variants: lines between `//#if f16` / `//#if subgroup`, `//#else` and `//#endif` are kept
+//   or dropped per the device's features when a module is built (src/kernels.rs
+//   `specialise`; `enable f16;` goes first when f16 is on): the subgroup path reduces with
+//   subgroupAdd (never assuming a subgroup size: subgroup_id / num_subgroups builtins).
 
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 
@@ -17,6 +21,11 @@ const DT_BF16: u32 = 2u;
 const DT_Q8_0: u32 = 3u;
 const DT_Q4_0: u32 = 4u;
 const DT_Q4_1: u32 = 5u;
+const DT_Q5_0: u32 = 6u;
+const DT_Q5_1: u32 = 7u;
+const DT_Q4_K: u32 = 8u;
+const DT_Q5_K: u32 = 9u;
+const DT_Q6_K: u32 = 10u;
 
 fn off(i: u32) -> u32 { return P[i]; }
 fn pu(j: u32) -> u32 { return P[80u + j]; }
@@ -24,10 +33,12 @@ fn pf(j: u32) -> f32 { return bitcast<f32>(P[80u + j]); }
 
 fn wg_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }
 
-// Low / high 16 bits of a word as f16 -> f32 (exact).
-fn half_lo(w: u32) -> f32 { return unpack2x16float(w).x; }
-fn half_hi(w: u32) -> f32 { return unpack2x16float(w).y; }
-fn half_at(w: u32, hi: bool) -> f32 { return select(unpack2x16float(w).x, unpack2x16float(w).y, hi); }
+// Low / high 16 bits of a word as f16 -> f32 (exact). (naga 30 types `bitcast<vec2<f16>>`
+// of a u32 as a scalar, so f16 loads bind f16 arrays instead: matmul_f16.wgsl.)
+fn half2(w: u32) -> vec2<f32> { return unpack2x16float(w); }
+fn half_lo(w: u32) -> f32 { return half2(w).x; }
+fn half_hi(w: u32) -> f32 { return half2(w).y; }
+fn half_at(w: u32, hi: bool) -> f32 { let h = half2(w); return select(h.x, h.y, hi); }
 // bfloat16 bits (in the low 16 bits of b) -> f32 (exact).
 fn bf16_to_f32(b: u32) -> f32 { return bitcast<f32>((b & 0xFFFFu) << 16u); }
 

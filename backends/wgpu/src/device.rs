@@ -13,7 +13,51 @@ pub struct WgpuOptions {
     pub mask_shader_f16: bool,
     /// Leave `SUBGROUP` off even when the adapter has it (tests the fallback).
     pub mask_subgroup: bool,
+    /// The matmul shader; `None`: by adapter type ([`MatmulPath::for_adapter`]).
+    pub matmul: Option<MatmulPath>,
 }
+
+/// Which matmul entry point of `shaders/matmul.wgsl` the backend dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// `matmul`: one invocation per output row (lavapipe's fastest: no barrier).
+    Rows,
+    /// `matmul_co`: 64 invocations per row reading consecutive words, a subgroup (or
+    /// workgroup-memory) reduction (real GPUs).
+    Coalesced,
+}
+
+impl MatmulPath {
+    /// Rows on a CPU adapter (lavapipe), coalesced on every other.
+    pub fn for_adapter(device_type: wgpu::DeviceType) -> MatmulPath {
+        if device_type == wgpu::DeviceType::Cpu {
+            MatmulPath::Rows
+        } else {
+            MatmulPath::Coalesced
+        }
+    }
+
+    /// `rows` / `coalesced`.
+    pub fn from_name(name: &str) -> Option<MatmulPath> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "rows" => Some(MatmulPath::Rows),
+            "coalesced" => Some(MatmulPath::Coalesced),
+            _ => None,
+        }
+    }
+
+    /// The name `pagoda devices` / `plan` / `compare` report.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPath::Rows => "rows",
+            MatmulPath::Coalesced => "coalesced",
+        }
+    }
+}
+
+/// The environment variable choosing the matmul shader (`rows` or `coalesced`; unset: by
+/// adapter type).
+pub const MATMUL_ENV: &str = "PAGODA_WGPU_MATMUL";
 
 /// The environment variable that masks features: a comma-separated list of `shader-f16`
 /// and `subgroup` (the CI runs the tests once without and once with both masked).
@@ -30,6 +74,9 @@ impl WgpuOptions {
             adapter: None,
             mask_shader_f16: has("shader-f16"),
             mask_subgroup: has("subgroup"),
+            matmul: std::env::var(MATMUL_ENV)
+                .ok()
+                .and_then(|v| MatmulPath::from_name(&v)),
         }
     }
 }
@@ -48,6 +95,8 @@ pub struct Gpu {
     pub shader_f16: bool,
     /// `SUBGROUP` is enabled.
     pub subgroup: bool,
+    /// The matmul shader in use.
+    pub matmul: MatmulPath,
 }
 
 fn no_device(detail: String) -> BackendError {
@@ -130,6 +179,9 @@ pub fn open(opts: &WgpuOptions) -> Result<Gpu> {
         ..Default::default()
     }))
     .map_err(|e| no_device(format!("{}: cannot open the device: {e}", info.name)))?;
+    let matmul = opts
+        .matmul
+        .unwrap_or_else(|| MatmulPath::for_adapter(info.device_type));
     Ok(Gpu {
         adapter_info: info,
         device,
@@ -137,10 +189,19 @@ pub fn open(opts: &WgpuOptions) -> Result<Gpu> {
         limits,
         shader_f16,
         subgroup,
+        matmul,
     })
 }
 
 impl Gpu {
+    /// The features the shaders are specialised for.
+    pub fn shader_features(&self) -> crate::kernels::ShaderFeatures {
+        crate::kernels::ShaderFeatures {
+            f16: self.shader_f16,
+            subgroup: self.subgroup,
+        }
+    }
+
     /// The shader features in use, as `pagoda plan` / `devices` / `compare` report them.
     pub fn feature_names(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
@@ -151,5 +212,27 @@ impl Gpu {
             v.push("subgroup");
         }
         v
+    }
+
+    /// The shader paths in use, as reported beside the features: the matmul entry point and
+    /// its reduction, the rms_norm reduction, how halves are read.
+    pub fn paths(&self) -> String {
+        let red = if self.subgroup {
+            "subgroupAdd"
+        } else {
+            "workgroup memory"
+        };
+        let matmul = match self.matmul {
+            MatmulPath::Rows => "matmul rows (lane per row)".to_string(),
+            MatmulPath::Coalesced => format!(
+                "matmul coalesced ({red}; f16 weights {})",
+                if self.shader_f16 {
+                    "as f16"
+                } else {
+                    "by unpack2x16float"
+                }
+            ),
+        };
+        format!("{matmul}, rms_norm {red}, f32 arithmetic")
     }
 }

@@ -3,6 +3,9 @@
 //! - Sources: `shaders/*.wgsl` embedded with `include_str!`; each pipeline's module is
 //!   `common.wgsl`, then `weights.wgsl` (matmul, embedding) or the generated KV piece
 //!   bindings and `kv.wgsl` (kv_cache, paged_attention), then the shader itself.
+//! - Variants: each module is specialised for the device's [`ShaderFeatures`] (`//#if f16`,
+//!   `//#if subgroup`, `//#else`, `//#endif` blocks, [`specialise`]; `enable f16;` first when
+//!   f16 is on), once per device, so the fallback text has no f16 type and no subgroup op.
 //! - Pipelines: cached by (shader, entry point, constants: KV pieces bound, the attention's
 //!   `override HEAD_DIM`), layouts derived from the shader.
 //! - Arguments: each `BufRef` is bound as a window of its buffer starting at the largest
@@ -15,7 +18,6 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use pagoda_backend::{BackendError, BufRef, Result};
-use wgpu::util::DeviceExt;
 
 use crate::Shared;
 
@@ -33,8 +35,15 @@ const MAX_GROUPS: u32 = 65535;
 /// The shaders (the stems of `kernels/*.cu` and the CPU backend's files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Shader {
-    /// matmul.wgsl with this many tokens a workgroup (`override TOK`: 8 or 32).
+    /// matmul.wgsl's lane-per-row `matmul` with this many tokens a workgroup
+    /// (`override TOK`: 8 or 32).
     Matmul(u32),
+    /// matmul.wgsl's coalesced `matmul_co` (64 invocations a row) with this many tokens a
+    /// workgroup.
+    MatmulCo(u32),
+    /// matmul_f16.wgsl (`matmul_co` for f16 weights bound as `array<vec2<f16>>`; only with
+    /// the f16 feature) with this many tokens a workgroup.
+    MatmulF16(u32),
     /// embedding.wgsl.
     Embedding,
     /// rms_norm.wgsl.
@@ -57,11 +66,15 @@ const WEIGHTS: &str = include_str!("../shaders/weights.wgsl");
 const KV: &str = include_str!("../shaders/kv.wgsl");
 
 /// Every `.wgsl` file (name, text), for validation.
-pub const SHADER_FILES: [(&str, &str); 11] = [
+pub const SHADER_FILES: [(&str, &str); 12] = [
     ("common.wgsl", COMMON),
     ("weights.wgsl", WEIGHTS),
     ("kv.wgsl", KV),
     ("matmul.wgsl", include_str!("../shaders/matmul.wgsl")),
+    (
+        "matmul_f16.wgsl",
+        include_str!("../shaders/matmul_f16.wgsl"),
+    ),
     ("embedding.wgsl", include_str!("../shaders/embedding.wgsl")),
     ("rms_norm.wgsl", include_str!("../shaders/rms_norm.wgsl")),
     (
@@ -138,11 +151,86 @@ pub fn kv_prelude(pieces: u32, atomic: bool) -> String {
     s
 }
 
-/// The whole WGSL module of a shader.
-pub fn module_source(shader: Shader) -> String {
+/// The shader features a module is specialised for (the device's, after masking).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ShaderFeatures {
+    /// `SHADER_F16`: halves are read as `f16` (`enable f16;`); arithmetic stays f32.
+    pub f16: bool,
+    /// `SUBGROUP`: reductions use `subgroupAdd` (matmul_co, rms_norm).
+    pub subgroup: bool,
+}
+
+impl ShaderFeatures {
+    /// Every combination (for validation).
+    pub const ALL: [ShaderFeatures; 4] = [
+        ShaderFeatures {
+            f16: false,
+            subgroup: false,
+        },
+        ShaderFeatures {
+            f16: true,
+            subgroup: false,
+        },
+        ShaderFeatures {
+            f16: false,
+            subgroup: true,
+        },
+        ShaderFeatures {
+            f16: true,
+            subgroup: true,
+        },
+    ];
+
+    /// Whether `name` (`f16`, `subgroup`) is on; unknown names are off.
+    pub fn has(&self, name: &str) -> bool {
+        match name {
+            "f16" => self.f16,
+            "subgroup" => self.subgroup,
+            _ => false,
+        }
+    }
+}
+
+/// `text` with its `//#if NAME` … [`//#else` …] `//#endif` blocks (not nested) resolved for
+/// `f`; dropped lines become empty lines, so line numbers in errors stay the file's.
+pub fn specialise(text: &str, f: ShaderFeatures) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut keep, mut cond) = (true, true);
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("//#if ") {
+            cond = f.has(name.trim());
+            keep = cond;
+        } else if t == "//#else" {
+            keep = !cond;
+        } else if t == "//#endif" {
+            keep = true;
+        } else if keep {
+            out += line;
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The whole WGSL module of a shader, specialised for `f`.
+pub fn module_source(shader: Shader, f: ShaderFeatures) -> String {
+    let text = module_text(shader);
+    let body = specialise(&text, f);
+    if f.f16 {
+        format!("enable f16;\n{body}")
+    } else {
+        body
+    }
+}
+
+fn module_text(shader: Shader) -> String {
     let kv = |p: u32, atomic: bool| format!("{}\n{}", kv_prelude(p, atomic), KV);
     match shader {
-        Shader::Matmul(_) => format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl")),
+        Shader::Matmul(_) | Shader::MatmulCo(_) => {
+            format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl"))
+        }
+        Shader::MatmulF16(_) => format!("{COMMON}\n{}", file("matmul_f16.wgsl")),
         Shader::Embedding => format!("{COMMON}\n{WEIGHTS}\n{}", file("embedding.wgsl")),
         Shader::RmsNorm => format!("{COMMON}\n{}", file("rms_norm.wgsl")),
         Shader::Elementwise => format!("{COMMON}\n{}", file("elementwise.wgsl")),
@@ -160,9 +248,11 @@ pub fn module_source(shader: Shader) -> String {
 }
 
 /// Every (shader, entry point) the backend dispatches, for validation and warm-up.
-pub const ENTRY_POINTS: [(Shader, &str); 14] = [
+pub const ENTRY_POINTS: [(Shader, &str); 16] = [
     (Shader::Matmul(8), "matmul"),
     (Shader::Matmul(32), "matmul"),
+    (Shader::MatmulCo(8), "matmul_co"),
+    (Shader::MatmulCo(32), "matmul_co"),
     (Shader::Embedding, "embedding"),
     (Shader::RmsNorm, "rms_norm"),
     (Shader::Elementwise, "silu_mul"),
@@ -177,11 +267,35 @@ pub const ENTRY_POINTS: [(Shader, &str); 14] = [
     (Shader::PagedAttention(1, 64), "paged_attention"),
 ];
 
-/// Pipeline cache and the pending encoder.
+/// The (shader, entry point)s that need the f16 feature (compiled only where it is on).
+pub const F16_ENTRY_POINTS: [(Shader, &str); 2] = [
+    (Shader::MatmulF16(8), "matmul_f16"),
+    (Shader::MatmulF16(32), "matmul_f16"),
+];
+
+/// Bytes of the ring buffer (dispatch parameters and small uploads of one submission).
+pub(crate) const RING_BYTES: u64 = 4 << 20;
+
+/// One reusable device buffer for the host data of a submission: dispatch parameters (bound
+/// at storage-offset-aligned windows) and small uploads (copied from it in order with the
+/// ops). Regions are bump-allocated and written with `queue.write_buffer`, which lands at
+/// the start of the next submission; the bump pointer returns to 0 at every submission (the
+/// queue orders a later write after the work already submitted, so it never reaches it).
+#[derive(Default)]
+pub(crate) struct Ring {
+    buf: Option<wgpu::Buffer>,
+    used: u64,
+}
+
+/// Pipeline cache, the pending encoder, the ring and the readback buffer.
 #[derive(Default)]
 pub(crate) struct Kernels {
     pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
+    /// Lock order: `ring` before `pending`.
     pub(crate) pending: Mutex<Option<wgpu::CommandEncoder>>,
+    pub(crate) ring: Mutex<Ring>,
+    /// The reusable MAP_READ buffer of downloads (grown to powers of two).
+    pub(crate) readback: Mutex<Option<wgpu::Buffer>>,
     /// A 4-byte buffer bound for zero-byte arguments.
     dummy: Mutex<Option<wgpu::Buffer>>,
 }
@@ -220,12 +334,16 @@ impl Shared {
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(entry),
-            source: wgpu::ShaderSource::Wgsl(module_source(shader).into()),
+            source: wgpu::ShaderSource::Wgsl(
+                module_source(shader, self.gpu.shader_features()).into(),
+            ),
         });
         // Override constants: (shader, entry point, constants) is the cache key.
         let constants: Vec<(&str, f64)> = match shader {
             Shader::PagedAttention(_, hd) => vec![("HEAD_DIM", hd as f64)],
-            Shader::Matmul(tok) => vec![("TOK", tok as f64)],
+            Shader::Matmul(tok) | Shader::MatmulCo(tok) | Shader::MatmulF16(tok) => {
+                vec![("TOK", tok as f64)]
+            }
             _ => Vec::new(),
         };
         let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -263,8 +381,17 @@ impl Shared {
         f(enc)
     }
 
-    /// Submits the pending encoder (if any).
+    /// Submits the pending encoder (if any); the ring's regions are free again.
     pub(crate) fn submit(&self) {
+        let mut ring = self
+            .kernels
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.submit_with(&mut ring);
+    }
+
+    fn submit_with(&self, ring: &mut Ring) {
         let enc = self
             .kernels
             .pending
@@ -273,7 +400,48 @@ impl Shared {
             .take();
         if let Some(enc) = enc {
             self.gpu.queue.submit([enc.finish()]);
+        } else if ring.used > 0 {
+            self.gpu.queue.submit([]);
         }
+        ring.used = 0;
+    }
+
+    /// `data` (whole words, at most [`RING_BYTES`]) written into a region of the ring aligned
+    /// to `align`, then `f(ring buffer, region offset, pending encoder)` recorded in the same
+    /// submission. A full ring submits the pending work first.
+    pub(crate) fn with_ring<T>(
+        &self,
+        data: &[u8],
+        align: u64,
+        f: impl FnOnce(&wgpu::Buffer, u64, &mut wgpu::CommandEncoder) -> T,
+    ) -> T {
+        let mut ring = self
+            .kernels
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let len = (data.len() as u64).next_multiple_of(4);
+        let mut at = ring.used.next_multiple_of(align);
+        if at + len > RING_BYTES {
+            self.submit_with(&mut ring);
+            at = 0;
+        }
+        let buf = ring
+            .buf
+            .get_or_insert_with(|| {
+                self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("ring"),
+                    size: RING_BYTES,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .clone();
+        self.gpu.queue.write_buffer(&buf, at, data);
+        ring.used = at + len;
+        self.record(|enc| f(&buf, at, enc))
     }
 
     /// Submits and waits for all work, then frees the scratch buffers it used.
@@ -355,40 +523,46 @@ impl Shared {
         }
         let mut words = header.to_vec();
         words.extend_from_slice(params);
-        let pbuf = self
-            .gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: bytemuck::cast_slice(&words),
-                usage: wgpu::BufferUsages::STORAGE,
-            });
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: pbuf.as_entire_binding(),
-        }];
-        for (binding, buf, offset, size) in &windows {
-            entries.push(wgpu::BindGroupEntry {
-                binding: *binding,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: buf,
-                    offset: *offset,
-                    size: wgpu::BufferSize::new(*size),
-                }),
+        let pbytes = (words.len() * 4) as u64;
+        if pbytes > max_bind || pbytes > RING_BYTES {
+            return Err(BackendError::InvalidArgument {
+                op,
+                detail: format!("{} parameter words", words.len()),
             });
         }
         let dev = &self.gpu.device;
-        let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
-        let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(entry),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(device_err(op, format!("binding {entry}'s arguments: {e}")));
-        }
+        let layout = pipeline.get_bind_group_layout(0);
         let (gx, gy) = grid(groups);
-        self.record(|enc| {
+        // Parameters in the ring, bound as a window; the bind group and the pass are made
+        // while the ring is held, so the region belongs to this submission.
+        self.with_ring(bytemuck::cast_slice(&words), align, |ring, at, enc| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: ring,
+                    offset: at,
+                    size: wgpu::BufferSize::new(pbytes),
+                }),
+            }];
+            for (binding, buf, offset, size) in &windows {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: *binding,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: buf,
+                        offset: *offset,
+                        size: wgpu::BufferSize::new(*size),
+                    }),
+                });
+            }
+            let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+            let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(entry),
+                layout: &layout,
+                entries: &entries,
+            });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(device_err(op, format!("binding {entry}'s arguments: {e}")));
+            }
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(entry),
                 timestamp_writes: None,
@@ -396,8 +570,8 @@ impl Shared {
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(gx, gy, 1);
-        });
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -410,6 +584,22 @@ mod tests {
         assert_eq!(grid(1), (1, 1));
         assert_eq!(grid(65535), (65535, 1));
         assert_eq!(grid(65536), (65535, 2));
+    }
+
+    #[test]
+    fn specialise_keeps_the_matching_branch() {
+        let text = "a\n//#if subgroup\nb\n//#else\nc\n//#endif\n//#if f16\nd\n//#endif\ne\n";
+        let on = ShaderFeatures {
+            f16: true,
+            subgroup: true,
+        };
+        assert_eq!(specialise(text, on), "a\n\nb\n\n\n\n\nd\n\ne\n");
+        let off = ShaderFeatures::default();
+        assert_eq!(specialise(text, off), "a\n\n\n\nc\n\n\n\n\ne\n");
+        assert!(module_source(Shader::MatmulF16(8), on).starts_with("enable f16;\n"));
+        let fallback = module_source(Shader::MatmulCo(8), off);
+        assert!(!fallback.contains("@builtin(subgroup") && !fallback.starts_with("enable"));
+        assert!(module_source(Shader::MatmulCo(8), on).contains("subgroupAdd(acc[t])"));
     }
 
     #[test]

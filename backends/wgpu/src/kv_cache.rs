@@ -49,6 +49,12 @@ pub(crate) fn kv_args(
 /// (page_size, kv_heads, head_dim, row_bytes, page_bytes, dtype) as kernel parameters.
 pub(crate) fn kv_params(op: &'static str, cache: &KvLayerRef<'_>) -> Result<[u32; 6]> {
     let l = &cache.layout;
+    if !matches!(l.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0) {
+        return Err(BackendError::Unsupported {
+            op,
+            dtype: l.dtype.to_string(),
+        });
+    }
     Ok([
         u32_of(op, l.page_size)?,
         u32_of(op, l.num_kv_heads)?,

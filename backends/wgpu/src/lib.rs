@@ -10,10 +10,12 @@
 //!   range, decommit only books it; `can_grow_kv` is false ([`kv_arena`]).
 //! - Recording: all work goes into one command encoder, submitted when the host needs a
 //!   result or waits.
-//! - Arithmetic is f32 everywhere (f16 and bf16 are storage types, read with
-//!   `unpack2x16float` or bit shifts), reductions in workgroup memory in a fixed order, so
-//!   the adapter's `SHADER_F16` / `SUBGROUP` features (detected and reported, maskable with
-//!   `PAGODA_WGPU_MASK`) change nothing in the results.
+//! - Arithmetic is f32 everywhere (f16 and bf16 are storage types). With `SHADER_F16` the
+//!   coalesced matmul reads f16 weights as `array<vec2<f16>>` (same values, same sums); with `SUBGROUP` the matmul_co and rms_norm reductions
+//!   use `subgroupAdd` (fallback: workgroup memory), each in a fixed order for a device. The
+//!   features are detected, reported (`BackendInfo::device`: features and paths) and
+//!   maskable with `PAGODA_WGPU_MASK`; the matmul shader is chosen by adapter type
+//!   (`PAGODA_WGPU_MATMUL=rows|coalesced` overrides).
 #![deny(missing_docs)]
 
 pub mod device;
@@ -33,8 +35,10 @@ use pagoda_backend::{
     RawAllocator, Result, weight_layout,
 };
 
-pub use device::{MASK_ENV, WgpuOptions, adapter_infos};
-pub use kernels::{ENTRY_POINTS, SHADER_FILES, Shader, module_source};
+pub use device::{MASK_ENV, MATMUL_ENV, MatmulPath, WgpuOptions, adapter_infos};
+pub use kernels::{
+    ENTRY_POINTS, F16_ENTRY_POINTS, SHADER_FILES, Shader, ShaderFeatures, module_source, specialise,
+};
 
 use crate::device::Gpu;
 use crate::kernels::Kernels;
@@ -51,13 +55,18 @@ pub const MAX_TOP_K: usize = 256;
 pub const KV_GRANULE: u64 = 4096;
 
 /// The weight types the shaders compute with.
-pub const WEIGHT_DTYPES: [DType; 6] = [
+pub const WEIGHT_DTYPES: [DType; 11] = [
     DType::F32,
     DType::F16,
     DType::BF16,
     DType::Q8_0,
     DType::Q4_0,
     DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
 ];
 
 /// State shared by the backend and its allocator.
@@ -101,6 +110,11 @@ pub(crate) fn dtype_code(op: &'static str, dtype: DType) -> Result<u32> {
         DType::Q8_0 => 3,
         DType::Q4_0 => 4,
         DType::Q4_1 => 5,
+        DType::Q5_0 => 6,
+        DType::Q5_1 => 7,
+        DType::Q4_K => 8,
+        DType::Q5_K => 9,
+        DType::Q6_K => 10,
         _ => {
             return Err(BackendError::Unsupported {
                 op,
@@ -122,7 +136,7 @@ impl WgpuBackend {
         let info = BackendInfo {
             name: "wgpu".into(),
             device: format!(
-                "{} ({:?}, {:?}; features: {})",
+                "{} ({:?}, {:?}; features: {}; paths: {})",
                 a.name,
                 a.backend,
                 a.device_type,
@@ -130,7 +144,8 @@ impl WgpuBackend {
                     "none".into()
                 } else {
                     features.join(", ")
-                }
+                },
+                gpu.paths()
             ),
             weight_dtypes: WEIGHT_DTYPES.to_vec(),
             kv_dtypes: vec![DType::F32, DType::F16, DType::BF16, DType::Q8_0],
@@ -169,6 +184,16 @@ impl WgpuBackend {
         self.shared.gpu.feature_names()
     }
 
+    /// The shader paths in use (matmul entry point and reductions, how halves are read).
+    pub fn paths(&self) -> String {
+        self.shared.gpu.paths()
+    }
+
+    /// The matmul shader in use.
+    pub fn matmul_path(&self) -> MatmulPath {
+        self.shared.gpu.matmul
+    }
+
     /// Storage buffers one shader may bind.
     pub(crate) fn max_storage_buffers(&self) -> u32 {
         self.shared.gpu.limits.max_storage_buffers_per_shader_stage
@@ -189,6 +214,11 @@ impl WgpuBackend {
     pub fn warm_up(&self) -> Result<()> {
         for (shader, entry) in ENTRY_POINTS {
             self.shared.pipeline_for(shader, entry)?;
+        }
+        if self.shared.gpu.shader_f16 {
+            for (shader, entry) in kernels::F16_ENTRY_POINTS {
+                self.shared.pipeline_for(shader, entry)?;
+            }
         }
         Ok(())
     }

@@ -15,6 +15,9 @@ use pagoda_backend::{
 
 use crate::device::Gpu;
 
+/// Largest download kept in the reusable readback buffer.
+const READBACK_KEEP: u64 = 64 << 20;
+
 /// Spacing of synthetic base addresses (larger than any buffer).
 const ADDR_SHIFT: u32 = 40;
 
@@ -192,6 +195,14 @@ impl crate::Shared {
         }
         let at = (r.offset - start) as usize;
         words[at..at + src.len()].copy_from_slice(src);
+        if words.len() as u64 <= crate::kernels::RING_BYTES / 4 {
+            // Small uploads (the step's ids, positions, tables): through the ring, no buffer
+            // made per call.
+            self.with_ring(&words, 4, |ring, at, enc| {
+                enc.copy_buffer_to_buffer(ring, at, &r.buffer, start, words.len() as u64)
+            });
+            return Ok(());
+        }
         let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("upload staging"),
             size: words.len() as u64,
@@ -214,18 +225,35 @@ impl crate::Shared {
     }
 
     /// Device bytes `[start, start + out.len())` of `buffer` (word-aligned), after all
-    /// recorded work.
+    /// recorded work, through the reusable readback buffer (held for the whole read; grown
+    /// to a power of two; spans above [`READBACK_KEEP`] get a buffer of their own).
     fn read_span(&self, buffer: &wgpu::Buffer, start: u64, out: &mut [u8]) -> Result<()> {
         let len = out.len() as u64;
-        let readback = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: len,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let mut kept = self
+            .kernels
+            .readback
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let make = |size: u64| {
+            self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let readback = match kept.as_ref() {
+            _ if len > READBACK_KEEP => make(len),
+            Some(b) if b.size() >= len => b.clone(),
+            _ => {
+                let b = make(len.next_power_of_two().max(64 << 10));
+                *kept = Some(b.clone());
+                b
+            }
+        };
         self.record(|enc| enc.copy_buffer_to_buffer(buffer, start, &readback, 0, len));
         self.submit();
-        let slice = readback.slice(..);
+        let slice = readback.slice(..len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |res| {
             let _ = tx.send(res);

@@ -7,7 +7,7 @@ use pagoda_backend::{
 };
 
 use crate::kernels::Shader;
-use crate::{WgpuBackend, dtype_code};
+use crate::{MatmulPath, WgpuBackend, dtype_code};
 
 /// `r` holds at least `bytes` bytes.
 pub(crate) fn need(op: &'static str, what: &str, r: BufRef, bytes: u64) -> Result<()> {
@@ -172,13 +172,20 @@ impl TensorOps for WgpuBackend {
         ];
         // Prefill-sized batches take 32 tokens a workgroup (same per-output order).
         let tok = if d.n >= 32 { 32 } else { 8 };
+        let (shader, entry, row_groups) = match self.matmul_path() {
+            MatmulPath::Rows => (Shader::Matmul(tok), "matmul", d.m.div_ceil(64)),
+            MatmulPath::Coalesced if w_dtype == DType::F16 && self.shared.gpu.shader_f16 => {
+                (Shader::MatmulF16(tok), "matmul_f16", d.m)
+            }
+            MatmulPath::Coalesced => (Shader::MatmulCo(tok), "matmul_co", d.m),
+        };
         self.shared.dispatch(
             op,
-            Shader::Matmul(tok),
-            "matmul",
+            shader,
+            entry,
             &[(1, x), (2, w), (3, out)],
             &params,
-            u32_of(op, d.m.div_ceil(64) * d.n.div_ceil(tok as usize))?,
+            u32_of(op, row_groups * d.n.div_ceil(tok as usize))?,
         )
     }
 
