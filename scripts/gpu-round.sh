@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One short round on the lent H200 with few calls (device time is scarce): run from the repo
+# root there after gpu-pack.sh's folders are carried. Usage: scripts/gpu-round.sh DIR nomodel|model
+#   nomodel: tensor-core A/B (PAGODA_CUDA_MMA=1 vs 2: matmul parity, bench), K-quant 7B bench
+#   model:   model-level CUDA tests with MMA=2, the viewer's CUDA trace, wgpu on NVIDIA Vulkan
+# (tests, parity, bench). Logs and JSON under $OUT.
+set -uo pipefail
+DIR=${1:?dir}; PHASE=${2:?phase}
+REPO=$PWD
+mkdir -p /work && { [ -e /work/main ] || ln -s "$REPO" /work/main; }
+export PAGODA_CACHE=$DIR/cache RUST_BACKTRACE=1 XDG_RUNTIME_DIR=/tmp
+P=$DIR/pagoda
+table() { python3 "$REPO/scripts/bench-table.py" "$1"; }
+case $PHASE in
+nomodel)
+  PAGODA_CUDA_MMA=2 PAGODA_PARITY_OPS=matmul,rms_norm_matmul timeout 60 "$DIR/tests/cuda_parity" --ignored --test-threads 1 --nocapture > "$OUT/parity-mma2.log" 2>&1
+  echo "parity mma2 rc=$? $(grep -E '^test result' "$OUT/parity-mma2.log")"
+  grep -E "FAILED|panicked|above" "$OUT/parity-mma2.log" | head -5
+  for mma in 1 2; do
+    PAGODA_CUDA_MMA=$mma timeout 25 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --batch 32 --prompt-len 128 --gen-len 64 --reps 1 --json > "$OUT/mma$mma.json" 2>/dev/null
+    PAGODA_CUDA_MMA=$mma timeout 40 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 64 --prompt-len 128 --gen-len 32 --reps 1 --json >> "$OUT/mma$mma.json" 2>/dev/null
+    echo "== PAGODA_CUDA_MMA=$mma"; table "$OUT/mma$mma.json"
+  done
+  for t in q5_k q5_1; do
+    timeout 30 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype "$t" --batch 1 --prompt-len 512 --gen-len 64 --reps 1 --json
+    timeout 35 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype "$t" --batch 64 --prompt-len 128 --gen-len 32 --reps 1 --json
+  done > "$OUT/kquant.jsonl" 2>/dev/null
+  table "$OUT/kquant.jsonl" ;;
+model)
+  for f in "$REPO"/.gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
+    [ -f "$icd" ] && { export VK_DRIVER_FILES=$icd; break; }
+  done
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  if [ "${MMA2_OK:-1}" = 1 ]; then
+    for t in cuda_reference; do
+      PAGODA_CUDA_MMA=2 timeout 40 "$DIR/tests/$t" --ignored --test-threads 1 > "$OUT/mma2-$t.log" 2>&1
+      echo "$t (MMA=2) rc=$? $(grep -E '^test result' "$OUT/mma2-$t.log")"
+      grep -E "^test .*FAILED|panicked" "$OUT/mma2-$t.log" | head -4
+    done
+  fi
+  PAGODA="$P" timeout 40 bash "$REPO/scripts/record-trace.sh" --backend cuda "$OUT/cuda.jsonl" 2>&1 | tail -2
+  timeout 20 "$P" devices 2>&1 | grep -iE -A3 "wgpu" | head -8
+  for t in wgpu_parity wgpu_reference; do
+    # As the adapter is (the masked twins are CI's, on lavapipe).
+    timeout 90 "$DIR/wgpu/tests/$t" --test-threads 1 --nocapture --skip masked > "$OUT/$t.log" 2>&1
+    echo "$t rc=$? $(grep -E '^test result' "$OUT/$t.log")"
+    grep -E "^test .*FAILED|panicked at|vs " "$OUT/$t.log" | head -6
+  done
+  timeout 60 "$P" bench --backend wgpu --kv-dtype f16 --batch 1,64 --prompt-len 128 --gen-len 32 --reps 1 --json > "$OUT/wgpu-bench.json" 2>"$OUT/wgpu-bench.log"
+  table "$OUT/wgpu-bench.json"; tail -2 "$OUT/wgpu-bench.log" ;;
+esac
