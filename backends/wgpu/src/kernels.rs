@@ -492,7 +492,7 @@ impl Shared {
         }
         let pipeline = self.pipeline_for(shader, entry)?;
         let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
-        let max_bind = self.gpu.limits.max_storage_buffer_binding_size as u64;
+        let max_bind = self.gpu.limits.max_storage_buffer_binding_size;
         let mut header = [0u32; HEADER_WORDS];
         // (binding, buffer, window offset, window size)
         let mut windows: Vec<(u32, wgpu::Buffer, u64, u64)> = Vec::with_capacity(args.len());

@@ -28,8 +28,8 @@ pub(crate) fn kv_args(
         });
     }
     let row = l.row_bytes();
-    let word_rows = l.dtype == DType::Q8_0 || row % 4 == 0;
-    if row == 0 || !word_rows || l.head_dim % 2 != 0 {
+    let word_rows = l.dtype == DType::Q8_0 || row.is_multiple_of(4);
+    if row == 0 || !word_rows || !l.head_dim.is_multiple_of(2) {
         return Err(BackendError::Unsupported {
             op,
             dtype: format!(

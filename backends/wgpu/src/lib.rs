@@ -277,10 +277,10 @@ impl Backend for WgpuBackend {
     }
 
     fn memory(&self) -> Result<DeviceMemory> {
-        if self.info.host_memory {
-            if let Some(m) = host_memory() {
-                return Ok(m);
-            }
+        if self.info.host_memory
+            && let Some(m) = host_memory()
+        {
+            return Ok(m);
         }
         // wgpu reports no memory size: take it from the environment, else the largest
         // buffer the adapter allows (a lower bound of its memory).

@@ -27,7 +27,10 @@ impl AttentionOps for WgpuBackend {
             return Ok(());
         }
         let l = cache.layout;
-        if l.head_dim > MAX_HEAD_DIM || l.num_kv_heads == 0 || d.num_heads % l.num_kv_heads != 0 {
+        if l.head_dim > MAX_HEAD_DIM
+            || l.num_kv_heads == 0
+            || !d.num_heads.is_multiple_of(l.num_kv_heads)
+        {
             return Err(BackendError::InvalidArgument {
                 op: OP,
                 detail: format!(

@@ -31,7 +31,7 @@ pub(crate) fn u32_of(op: &'static str, v: usize) -> Result<u32> {
 /// The RoPE frequency table as kernel parameters: per pair, base^(−2i/rope_dim) in f64
 /// split into three f32, the first two of 8 significant bits (`rope.wgsl`).
 pub(crate) fn rope_params(dims: &RopeDims) -> Result<Vec<u32>> {
-    if dims.rope_dim > dims.head_dim || dims.rope_dim % 2 != 0 {
+    if dims.rope_dim > dims.head_dim || !dims.rope_dim.is_multiple_of(2) {
         return Err(BackendError::InvalidArgument {
             op: "rope",
             detail: format!("rope_dim {} of head_dim {}", dims.rope_dim, dims.head_dim),
