@@ -25,6 +25,8 @@ if [ ! -s device-carry-a/model.part00 ] || [ ! -s device-carry-b/model.part01 ];
 fi
 tar czf device-carry-c/bins.tgz -C "$stage" pagoda tests
 tar czf device-carry-b/wgpu.tgz -C "$stage/wgpu" tests
+# device-carry-d: binaries and wgpu tests without the model, for gpu-round.sh's single call.
+mkdir -p device-carry-d && cp device-carry-c/bins.tgz device-carry-b/wgpu.tgz device-carry-d/
 
 rm -rf "$stage"
 ls -la device-carry-a device-carry-b device-carry-c

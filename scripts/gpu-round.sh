@@ -3,7 +3,11 @@
 # root there after gpu-pack.sh's folders are carried. Usage: scripts/gpu-round.sh DIR nomodel|model
 #   nomodel: tensor-core A/B (PAGODA_CUDA_MMA=1 vs 2: matmul parity, bench), K-quant 7B bench
 #   model:   model-level CUDA tests with MMA=2, the viewer's CUDA trace, wgpu on NVIDIA Vulkan
-# (tests, parity, bench). Logs and JSON under $OUT.
+#            (tests, parity, bench)
+#   single:  one call without the model (carry device-carry-d = bins.tgz + wgpu.tgz, and .gl):
+#            wgpu devices / bench / parity on NVIDIA Vulkan beside CUDA, the viewer's CUDA trace
+#            on dummy weights of the default model's shapes, the 7B Q5_K / Q5_1 bench, MMA=2.
+# Logs and JSON under $OUT.
 set -uo pipefail
 DIR=${1:?dir}; PHASE=${2:?phase}
 REPO=$PWD
@@ -11,7 +15,36 @@ mkdir -p /work && { [ -e /work/main ] || ln -s "$REPO" /work/main; }
 export PAGODA_CACHE=$DIR/cache RUST_BACKTRACE=1 XDG_RUNTIME_DIR=/tmp
 P=$DIR/pagoda
 table() { python3 "$REPO/scripts/bench-table.py" "$1"; }
+vulkan() {
+  for f in "$REPO"/.gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
+    [ -f "$icd" ] && { export VK_DRIVER_FILES=$icd; break; }
+  done
+}
 case $PHASE in
+single)
+  mkdir -p "$DIR/wgpu" "$DIR/cache"
+  tar xzf device-carry-d/bins.tgz -C "$DIR" && tar xzf device-carry-d/wgpu.tgz -C "$DIR/wgpu"
+  vulkan
+  B="--kv-dtype f16 --dummy-weights smollm2-135m --batch 1,64 --prompt-len 128 --gen-len 32 --reps 1 --json"
+  timeout 15 "$P" devices > "$OUT/devices.txt" 2>&1; grep -iA3 wgpu "$OUT/devices.txt" | head -6
+  timeout 40 "$P" bench --backend wgpu $B > "$OUT/wgpu-bench.json" 2> "$OUT/wgpu-bench.log"
+  table "$OUT/wgpu-bench.json"; tail -1 "$OUT/wgpu-bench.log"
+  timeout 25 "$P" bench --backend cuda $B > "$OUT/cuda-bench.json" 2>/dev/null; table "$OUT/cuda-bench.json"
+  timeout 30 "$P" generate --backend cuda --dummy-weights smollm2-135m --prompts viewer/tests/traces/prompts.txt \
+    --parallel 4 --ctx 512 --max-tokens 72 --max-batched-tokens 40 --greedy --seed 7 --trace "$OUT/cuda.jsonl" \
+    > /dev/null 2> "$OUT/trace.log"; tail -1 "$OUT/trace.log"
+  timeout 75 "$DIR/wgpu/tests/wgpu_parity" --test-threads 1 --skip masked > "$OUT/wgpu_parity.log" 2>&1
+  echo "wgpu_parity rc=$? $(grep -E '^test result' "$OUT/wgpu_parity.log")"
+  for t in q5_k q5_1; do
+    timeout 20 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype "$t" --batch 1,64 --prompt-len 128 --gen-len 16 --reps 1 --json
+  done > "$OUT/kq.json" 2>/dev/null; table "$OUT/kq.json"
+  PAGODA_CUDA_MMA=2 PAGODA_PARITY_OPS=matmul,rms_norm_matmul timeout 40 "$DIR/tests/cuda_parity" --ignored --test-threads 1 --nocapture > "$OUT/mma2.log" 2>&1
+  echo "mma2 parity rc=$?"
+  for mma in 1 2; do
+    PAGODA_CUDA_MMA=$mma timeout 15 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --batch 32,64 --prompt-len 128 --gen-len 32 --reps 1 --json > "$OUT/m$mma.json" 2>/dev/null
+    table "$OUT/m$mma.json"
+  done ;;
 nomodel)
   PAGODA_CUDA_MMA=2 PAGODA_PARITY_OPS=matmul,rms_norm_matmul timeout 60 "$DIR/tests/cuda_parity" --ignored --test-threads 1 --nocapture > "$OUT/parity-mma2.log" 2>&1
   echo "parity mma2 rc=$? $(grep -E '^test result' "$OUT/parity-mma2.log")"
@@ -27,10 +60,7 @@ nomodel)
   done > "$OUT/kquant.jsonl" 2>/dev/null
   table "$OUT/kquant.jsonl" ;;
 model)
-  for f in "$REPO"/.gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
-    [ -f "$icd" ] && { export VK_DRIVER_FILES=$icd; break; }
-  done
+  vulkan
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   if [ "${MMA2_OK:-1}" = 1 ]; then
     for t in cuda_reference; do
