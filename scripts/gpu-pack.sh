@@ -20,7 +20,9 @@ cp target/release/pagoda "$stage/pagoda"
 strip "$stage/pagoda" "$stage"/tests/*
 model=${PAGODA_CACHE:-$HOME/.cache/pagoda}/models/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p device-carry-a device-carry-b device-carry-c
-if [ ! -s device-carry-a/model.part00 ] || [ ! -s device-carry-b/model.part01 ]; then
+if [ ! -f "$model" ]; then
+  echo "no model at $model: device-carry-a/b left without it (gpu-round.sh single needs none)" >&2
+elif [ ! -s device-carry-a/model.part00 ] || [ ! -s device-carry-b/model.part01 ]; then
   ( cd "$stage" && split -n 2 -d "$model" model.part && mv model.part00 "$OLDPWD/device-carry-a/" && mv model.part01 "$OLDPWD/device-carry-b/" )
 fi
 tar czf device-carry-c/bins.tgz -C "$stage" pagoda tests

@@ -20,6 +20,7 @@ vulkan() {
   for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
     [ -f "$icd" ] && { export VK_DRIVER_FILES=$icd; break; }
   done
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 }
 case $PHASE in
 single)
@@ -45,6 +46,37 @@ single)
     PAGODA_CUDA_MMA=$mma timeout 15 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --batch 32,64 --prompt-len 128 --gen-len 32 --reps 1 --json > "$OUT/m$mma.json" 2>/dev/null
     table "$OUT/m$mma.json"
   done ;;
+ab)
+  # Model-free A/B of kernel variants (carry device-carry-d): parity of every op on the
+  # defaults with PAGODA_CUDA_MMA=2, GEMV variants (PAGODA_CUDA_MV), per-kernel profiles, the
+  # viewer's CUDA trace with KV growth. Few files come back: all logs go in one tarball.
+  mkdir -p "$DIR/cache" "$OUT/ab"; A=$OUT/ab
+  tar xzf device-carry-d/bins.tgz -C "$DIR"
+  PAGODA_CUDA_MMA=2 timeout 240 "$DIR/tests/cuda_parity" --ignored --test-threads 1 --nocapture > "$A/parity-mma2.log" 2>&1
+  echo "parity (MV default, MMA=2) rc=$? $(grep -E '^test result' "$A/parity-mma2.log")"
+  grep -E "FAILED|panicked|above" "$A/parity-mma2.log" | head -5
+  for mv in 0 auto r1 r2; do
+    PAGODA_CUDA_MV=$mv timeout 40 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 1 --prompt-len 128 --gen-len 64 --reps 1 --json > "$A/mv-$mv.json" 2>/dev/null
+    PAGODA_CUDA_MV=$mv timeout 40 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_k --batch 1,4 --prompt-len 128 --gen-len 32 --reps 1 --json >> "$A/mv-$mv.json" 2>/dev/null
+    PAGODA_CUDA_MV=$mv timeout 30 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --batch 1,8 --prompt-len 128 --gen-len 128 --reps 1 --json >> "$A/mv-$mv.json" 2>/dev/null
+    echo "== PAGODA_CUDA_MV=$mv"; table "$A/mv-$mv.json"
+  done
+  for mma in 1 2; do
+    PAGODA_CUDA_MMA=$mma timeout 60 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 64 --prompt-len 128 --gen-len 32 --reps 1 --json > "$A/mma-$mma.json" 2>/dev/null
+    PAGODA_CUDA_MMA=$mma timeout 30 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --batch 1,128 --prompt-len 512 --gen-len 16 --reps 1 --json >> "$A/mma-$mma.json" 2>/dev/null
+    echo "== PAGODA_CUDA_MMA=$mma"; table "$A/mma-$mma.json"
+  done
+  M="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
+  timeout 120 ncu --clock-control none --cache-control none --metrics "$M" --csv --print-units base --log-file "$A/ncu-smol-b1.csv" \
+    "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --reps 1 --warmup 0 --batch 1 --prompt-len 128 --gen-len 8 > "$A/ncu-smol-b1.out" 2>&1
+  echo "== ncu smol b1 rc=$?"; python3 "$REPO/scripts/ncu-summary.py" "$A/ncu-smol-b1.csv" 16
+  timeout 120 ncu --clock-control none --cache-control none --metrics "$M,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active" --kernel-name regex:matmul_vec --launch-skip 200 --launch-count 8 --csv --print-units base --log-file "$A/ncu-7b-vec.csv" \
+    "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --reps 1 --warmup 0 --batch 1 --prompt-len 16 --gen-len 4 > "$A/ncu-7b-vec.out" 2>&1
+  echo "== ncu 7b vec rc=$?"; python3 "$REPO/scripts/ncu-summary.py" "$A/ncu-7b-vec.csv" 8
+  timeout 30 "$P" generate --backend cuda --dummy-weights smollm2-135m --prompts viewer/tests/traces/prompts.txt \
+    --parallel 6 --ctx 512 --max-tokens 300 --max-batched-tokens 40 --greedy --seed 7 --trace "$OUT/cuda.jsonl" \
+    > /dev/null 2> "$A/trace.log"; tail -1 "$A/trace.log"
+  tar czf "$OUT/ab.tgz" -C "$OUT" ab ;;
 nomodel)
   PAGODA_CUDA_MMA=2 PAGODA_PARITY_OPS=matmul,rms_norm_matmul timeout 60 "$DIR/tests/cuda_parity" --ignored --test-threads 1 --nocapture > "$OUT/parity-mma2.log" 2>&1
   echo "parity mma2 rc=$? $(grep -E '^test result' "$OUT/parity-mma2.log")"

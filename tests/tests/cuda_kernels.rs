@@ -96,12 +96,34 @@ fn kernel_files_have_headers_and_the_readme_lists_every_symbol() {
             );
             assert!(
                 full_source(file).contains(&format!("void {sym}("))
-                    || full_source(file).contains(&format!("\n{sym}(")),
+                    || full_source(file).contains(&format!("\n{sym}("))
+                    || macro_kernel(file.source, sym).is_some(),
                 "{sym} not defined in {}",
                 file.stem
             );
         }
     }
+}
+
+/// The definition of a kernel written as a macro invocation `MACRO(sym, ...)` on a line of
+/// its own: the text of `#define MACRO(` up to the macro's last (unescaped) line.
+fn macro_kernel<'a>(src: &'a str, sym: &str) -> Option<&'a str> {
+    let call = src
+        .lines()
+        .find(|l| l.contains(&format!("({sym}, ")) && !l.trim_start().starts_with("//"))?;
+    let name = call.split('(').next()?.trim();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    let at = src.find(&format!("#define {name}("))?;
+    let mut end = at;
+    for line in src[at..].split_inclusive('\n') {
+        end += line.len();
+        if !line.trim_end().ends_with('\\') {
+            break;
+        }
+    }
+    Some(&src[at..end])
 }
 
 /// The text of the function whose definition starts at `at` (its first `{` to the matching
@@ -133,8 +155,9 @@ fn every_kernel_waits_for_the_previous_one() {
     let waits = |body: &str| body.contains("pdl_begin()") || body.contains("pdl_wait()");
     for file in FILES {
         let src = file.source;
-        // Helpers that wait: `name(` of every function (template or not) whose body waits.
-        let mut helpers = Vec::new();
+        // Helpers that wait: `name(` / `name<` of every function (template or not) whose
+        // body waits or calls a helper that does (to a fixed point).
+        let mut fns = Vec::new();
         for (at, _) in src.match_indices("__device__ __forceinline__") {
             let sig_end = at + src[at..].find('{').unwrap();
             let sig = &src[at..sig_end];
@@ -145,17 +168,35 @@ fn every_kernel_waits_for_the_previous_one() {
             else {
                 continue;
             };
-            if body_at(src, at).is_some_and(waits) {
-                helpers.push(format!("{name}<"));
-                helpers.push(format!("{name}("));
+            if let Some(body) = body_at(src, at) {
+                fns.push((name, body));
+            }
+        }
+        let mut helpers: Vec<String> = Vec::new();
+        loop {
+            let before = helpers.len();
+            for &(name, body) in &fns {
+                let calls = |h: &String| body.contains(h.as_str());
+                if !helpers.contains(&format!("{name}("))
+                    && (waits(body) || helpers.iter().any(calls))
+                {
+                    helpers.push(format!("{name}<"));
+                    helpers.push(format!("{name}("));
+                }
+            }
+            if helpers.len() == before {
+                break;
             }
         }
         for sym in file.symbols {
             let at = src
                 .find(&format!("void {sym}("))
-                .or_else(|| src.find(&format!("\n{sym}(")))
-                .unwrap_or_else(|| panic!("{sym} not defined in {}", file.stem));
-            let body = body_at(src, at).unwrap_or_else(|| panic!("{sym}: unbalanced braces"));
+                .or_else(|| src.find(&format!("\n{sym}(")));
+            let body = match at {
+                Some(at) => body_at(src, at).unwrap_or_else(|| panic!("{sym}: unbalanced braces")),
+                None => macro_kernel(src, sym)
+                    .unwrap_or_else(|| panic!("{sym} not defined in {}", file.stem)),
+            };
             assert!(
                 waits(body) || helpers.iter().any(|h| body.contains(h.as_str())),
                 "kernels/{}.cu: {sym} never calls pdl_begin()/pdl_wait()",

@@ -1,7 +1,15 @@
 // matmul.cu — out (n, m) = x (n, k) . w (m, k)^T (reference: backends/cpu/src/matmul.rs,
 // and rms_norm_matmul.rs for the fused form). Weights are decoded in registers; nothing
-// is dequantized to memory. Three kinds of kernel, one argument list:
+// is dequantized to memory. Four kinds of kernel, one argument list:
 //
+// matmul_vec_q8_0_n1_r1, matmul_vec_q8_0_n1_r2, matmul_vec_q8_0_n8_r1,
+// matmul_vec_q4_0_n1_r1, matmul_vec_q4_0_n1_r2, matmul_vec_q4_0_n8_r1,
+// matmul_vec_q4_1_n1_r1, matmul_vec_q4_1_n1_r2, matmul_vec_q4_1_n8_r1,
+// matmul_vec_q5_0_n1_r1, matmul_vec_q5_0_n1_r2, matmul_vec_q5_0_n8_r1,
+// matmul_vec_q5_1_n1_r1, matmul_vec_q5_1_n1_r2, matmul_vec_q5_1_n8_r1,
+// matmul_vec_q4_k_n1_r1, matmul_vec_q4_k_n1_r2, matmul_vec_q4_k_n8_r1,
+// matmul_vec_q5_k_n1_r1, matmul_vec_q5_k_n1_r2, matmul_vec_q5_k_n8_r1,
+// matmul_vec_q6_k_n1_r1, matmul_vec_q6_k_n1_r2, matmul_vec_q6_k_n8_r1,
 // matmul_vec, matmul_t16, matmul_t32, matmul_t64, matmul_r8_t16, matmul_r8_t32,
 // matmul_r8_t64, matmul_mma_t16, matmul_mma_t32, matmul_mma_t64, matmul_mma2_64x64,
 // matmul_mma2_64x32, matmul_mma2_64x16, matmul_mma2_16x64, matmul_mma2_16x32, matmul — all
@@ -27,6 +35,11 @@
 //   first four even before waiting for the previous kernel and the norm scales), sums q * x per token with the scale applied once per
 //   half (and the offset times sum(x) for Q4_1, Q5_1 and the K4 mins); a warp sum ends
 //   each dot.
+//
+// matmul_vec_<type>_n<NT>_r<R> (quantized, one weight type a launch, n <= NT = 1 or 8):
+//   matmul_vec's products and bits, persistent (grid <= what the device holds at once;
+//   first_block counts virtual blocks of 8R rows), R = 1 or 2 rows a warp. See "persistent
+//   GEMV" below.
 //
 // matmul_t<TN> / matmul_r8_t<TN> (quantized, n > 8; TN = 16, 32, 64 tokens; TM = 32 rows a
 //   block, or 8 for the r8 kernels, which give small m more blocks). Launch: grid (sum of
@@ -64,13 +77,18 @@ struct MmProjs {
     int count;
 };
 
-// The projection owning this block (by blockIdx.x).
-__device__ __forceinline__ const MmProj& proj_of_block(const MmProjs& projs) {
+// The projection owning block b (first_block counts blocks of that launch's kind).
+__device__ __forceinline__ const MmProj& proj_of(const MmProjs& projs, int b) {
     int pi = 0;
 #pragma unroll
     for (int i = 1; i < MM_MAX_PROJS; i++)
-        if (i < projs.count && (int)blockIdx.x >= projs.p[i].first_block) pi = i;
+        if (i < projs.count && b >= projs.p[i].first_block) pi = i;
     return projs.p[pi];
+}
+
+// The projection owning this block (by blockIdx.x).
+__device__ __forceinline__ const MmProj& proj_of_block(const MmProjs& projs) {
+    return proj_of(projs, (int)blockIdx.x);
 }
 
 // s_scale[t] = 1 / sqrt(mean(x[t0 + t]^2) + eps) for t < nt, a warp a token (the same
@@ -265,6 +283,184 @@ matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n,
     }
 #undef MV_CASE
 }
+
+// ---------------------------------------------------------------- persistent GEMV
+// matmul_vec_<dtype>_n<NT>_r<R> (quantized, n <= NT: decode; NT = 1 or 8, R = 1 or 2 rows a
+//   warp; dtype one of q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k q6_k, every projection of the launch
+//   in it): matmul_vec's products with the same bits, one kernel per weight type and token
+//   count so each gets only the registers it needs, and persistent. Launch: grid (g, 1),
+//   g <= the virtual blocks (sum of ceil(m_i / (8 R)); first_block_i counts virtual blocks),
+//   block 256 = 8 warps; shared and dynamic shared memory as matmul_vec. Block b takes virtual
+//   blocks b, b + g, ...: the norm scales and the staged x are formed once a block, not once
+//   per 8 rows. Warp w of virtual block v owns rows (v - first_block) * 8R + wR .. + R of its
+//   projection; lane l takes the halves l, l + 32, ... of each row, MV_INFLIGHT at a time, in
+//   matmul_vec's order (each output is the same chain of roundings), the 16 x values of a
+//   half read once for the R rows. The first virtual block's weight loads are issued before
+//   waiting for the previous kernel.
+
+// Norm scales and x staging of matmul_vec (every thread of the block calls it once).
+// Returns whether x was staged in s_x.
+__device__ __forceinline__ bool vec_prologue(const float* x, const float* norm_w, float eps,
+                                             int nt, int k, float* s_scale, float* s_x) {
+    pdl_begin();
+    if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
+    if ((u64)dynamic_smem_bytes() < (u64)nt * k * 4) return false;
+    int k4 = k / 4;
+    for (int i = threadIdx.x; i < nt * k4; i += blockDim.x) {
+        int t = i / k4, e = (i % k4) * 4;
+        float4 a = *(const float4*)(x + (u64)t * k + e);
+        if (norm_w != 0) {
+            // load_x8's arithmetic, value by value.
+            const float4 w = *(const float4*)(norm_w + e);
+            float sc = s_scale[t];
+            a.x = a.x * sc * w.x; a.y = a.y * sc * w.y;
+            a.z = a.z * sc * w.z; a.w = a.w * sc * w.w;
+        }
+        *(float4*)(s_x + (u64)t * k + e) = a;
+    }
+    __syncthreads();
+    return true;
+}
+
+template <int DT, int NT, int R>
+__device__ __forceinline__ void vec_rows(const float* x, const float* norm_w, float eps,
+                                         const MmProj& p, int vb, int n, int k, int accumulate,
+                                         bool first, float* s_scale, float* s_x) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int m = p.m;
+    int j0 = (vb - p.first_block) * MV_WARPS * R + warp * R;
+    int nt = min(NT, n);
+    const int ups = quant_block_elems(DT) / 32;
+    u64 nbr = (u64)(k / quant_block_elems(DT));
+    u64 nh = (u64)(k / 32) * 2;
+    QLayout L = qlayout((const u8*)p.w, DT, (u64)m * nbr);
+    u64 hb = lane;
+    RawHalf r[R][MV_INFLIGHT];
+    HalfPos ps[MV_INFLIGHT];  // of row j0 (block bi + q * nbr for row j0 + q)
+#pragma unroll
+    for (int i = 0; i < MV_INFLIGHT; i++) {
+        ps[i] = half_pos((u64)j0 * nbr, hb + 32 * i, ups);
+#pragma unroll
+        for (int q = 0; q < R; q++)
+            r[q][i] = load_half(L, DT, ps[i].bi + (u64)q * nbr, ps[i].j, ps[i].hh,
+                                j0 + q < m && hb + 32 * i < nh);
+    }
+    bool staged = first ? vec_prologue(x, norm_w, eps, nt, k, s_scale, s_x)
+                        : (u64)dynamic_smem_bytes() >= (u64)nt * k * 4;
+    const float* xs = staged ? s_x : x;
+    const float* nw = staged ? 0 : norm_w;
+    if (j0 >= m) return;
+    float acc[R][NT];
+#pragma unroll
+    for (int q = 0; q < R; q++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[q][t] = 0.0f;
+    for (;;) {
+#pragma unroll
+        for (int i = 0; i < MV_INFLIGHT; i++) {
+            if (hb + 32 * i >= nh) continue;
+            int e0 = (int)((hb + 32 * i) / 2) * 32;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t >= nt) break;
+                const float* xr = xs + (u64)t * k;
+                float sc = nw != 0 ? s_scale[t] : 1.0f;
+                Half h0 = decode_half(r[0][i], DT, ps[i].j, ps[i].hh);
+                float va[8], vb8[8];
+                load_x8(xr, nw, sc, e0 + h0.x0, va);
+                load_x8(xr, nw, sc, e0 + h0.x1, vb8);
+                float sx = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) sx += va[e];
+#pragma unroll
+                for (int e = 0; e < 8; e++) sx += vb8[e];
+#pragma unroll
+                for (int q = 0; q < R; q++) {
+                    Half h = q == 0 ? h0 : decode_half(r[q][i], DT, ps[i].j, ps[i].hh);
+                    float sq = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) sq = fmaf(h.q[e], va[e], sq);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) sq = fmaf(h.q[8 + e], vb8[e], sq);
+                    acc[q][t] = fmaf(h.a, sq, acc[q][t]);
+                    if (h.b != 0.0f) acc[q][t] = fmaf(h.b, sx, acc[q][t]);
+                }
+            }
+        }
+        hb += 32 * MV_INFLIGHT;
+        if (hb >= nh) break;
+#pragma unroll
+        for (int i = 0; i < MV_INFLIGHT; i++) {
+            ps[i] = half_pos((u64)j0 * nbr, hb + 32 * i, ups);
+#pragma unroll
+            for (int q = 0; q < R; q++)
+                r[q][i] = load_half(L, DT, ps[i].bi + (u64)q * nbr, ps[i].j, ps[i].hh,
+                                    j0 + q < m && hb + 32 * i < nh);
+        }
+    }
+    float* out = (float*)p.out;
+#pragma unroll
+    for (int q = 0; q < R; q++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float s = warp_sum(acc[q][t]);
+            if (lane == 0 && t < nt && j0 + q < m) {
+                float* o = out + (u64)t * p.out_stride + j0 + q;
+                *o = accumulate ? *o + s : s;
+            }
+        }
+}
+
+template <int DT, int NT, int R>
+__device__ __forceinline__ void vec_persistent(const float* x, const float* norm_w, float eps,
+                                               const MmProjs& projs, int n, int k,
+                                               int accumulate, float* s_scale, float* s_x) {
+    const int per = MV_WARPS * R;
+    int total = 0;
+#pragma unroll
+    for (int i = 0; i < MM_MAX_PROJS; i++)
+        if (i < projs.count) total = projs.p[i].first_block + (projs.p[i].m + per - 1) / per;
+    bool first = true;
+    for (int vb = (int)blockIdx.x; vb < total; vb += (int)gridDim.x) {
+        vec_rows<DT, NT, R>(x, norm_w, eps, proj_of(projs, vb), vb, n, k, accumulate, first,
+                            s_scale, s_x);
+        first = false;
+    }
+}
+
+#define VEC_KERNEL(NAME, DT, NT, R)                                                          \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)                             \
+    NAME(const float* x, const float* norm_w, float eps, MmProjs projs, int n, int k,        \
+         int accumulate) {                                                                   \
+        __shared__ float s_scale[MV_TOKENS];                                                 \
+        extern __shared__ __align__(16) float s_x[];                                         \
+        vec_persistent<DT, NT, R>(x, norm_w, eps, projs, n, k, accumulate, s_scale, s_x);    \
+    }
+VEC_KERNEL(matmul_vec_q8_0_n1_r1, DT_Q8_0, 1, 1)
+VEC_KERNEL(matmul_vec_q8_0_n1_r2, DT_Q8_0, 1, 2)
+VEC_KERNEL(matmul_vec_q8_0_n8_r1, DT_Q8_0, 8, 1)
+VEC_KERNEL(matmul_vec_q4_0_n1_r1, DT_Q4_0, 1, 1)
+VEC_KERNEL(matmul_vec_q4_0_n1_r2, DT_Q4_0, 1, 2)
+VEC_KERNEL(matmul_vec_q4_0_n8_r1, DT_Q4_0, 8, 1)
+VEC_KERNEL(matmul_vec_q4_1_n1_r1, DT_Q4_1, 1, 1)
+VEC_KERNEL(matmul_vec_q4_1_n1_r2, DT_Q4_1, 1, 2)
+VEC_KERNEL(matmul_vec_q4_1_n8_r1, DT_Q4_1, 8, 1)
+VEC_KERNEL(matmul_vec_q5_0_n1_r1, DT_Q5_0, 1, 1)
+VEC_KERNEL(matmul_vec_q5_0_n1_r2, DT_Q5_0, 1, 2)
+VEC_KERNEL(matmul_vec_q5_0_n8_r1, DT_Q5_0, 8, 1)
+VEC_KERNEL(matmul_vec_q5_1_n1_r1, DT_Q5_1, 1, 1)
+VEC_KERNEL(matmul_vec_q5_1_n1_r2, DT_Q5_1, 1, 2)
+VEC_KERNEL(matmul_vec_q5_1_n8_r1, DT_Q5_1, 8, 1)
+VEC_KERNEL(matmul_vec_q4_k_n1_r1, DT_Q4_K, 1, 1)
+VEC_KERNEL(matmul_vec_q4_k_n1_r2, DT_Q4_K, 1, 2)
+VEC_KERNEL(matmul_vec_q4_k_n8_r1, DT_Q4_K, 8, 1)
+VEC_KERNEL(matmul_vec_q5_k_n1_r1, DT_Q5_K, 1, 1)
+VEC_KERNEL(matmul_vec_q5_k_n1_r2, DT_Q5_K, 1, 2)
+VEC_KERNEL(matmul_vec_q5_k_n8_r1, DT_Q5_K, 8, 1)
+VEC_KERNEL(matmul_vec_q6_k_n1_r1, DT_Q6_K, 1, 1)
+VEC_KERNEL(matmul_vec_q6_k_n1_r2, DT_Q6_K, 1, 2)
+VEC_KERNEL(matmul_vec_q6_k_n8_r1, DT_Q6_K, 8, 1)
+#undef VEC_KERNEL
 
 template <int TM, int TN>
 __device__ __forceinline__ void matmul_tiled(const float* x, const float* norm_w, float eps,

@@ -53,6 +53,30 @@ pub const FILES: &[KernelFile] = &[
         "matmul",
         [
             "matmul_vec",
+            "matmul_vec_q8_0_n1_r1",
+            "matmul_vec_q8_0_n1_r2",
+            "matmul_vec_q8_0_n8_r1",
+            "matmul_vec_q4_0_n1_r1",
+            "matmul_vec_q4_0_n1_r2",
+            "matmul_vec_q4_0_n8_r1",
+            "matmul_vec_q4_1_n1_r1",
+            "matmul_vec_q4_1_n1_r2",
+            "matmul_vec_q4_1_n8_r1",
+            "matmul_vec_q5_0_n1_r1",
+            "matmul_vec_q5_0_n1_r2",
+            "matmul_vec_q5_0_n8_r1",
+            "matmul_vec_q5_1_n1_r1",
+            "matmul_vec_q5_1_n1_r2",
+            "matmul_vec_q5_1_n8_r1",
+            "matmul_vec_q4_k_n1_r1",
+            "matmul_vec_q4_k_n1_r2",
+            "matmul_vec_q4_k_n8_r1",
+            "matmul_vec_q5_k_n1_r1",
+            "matmul_vec_q5_k_n1_r2",
+            "matmul_vec_q5_k_n8_r1",
+            "matmul_vec_q6_k_n1_r1",
+            "matmul_vec_q6_k_n1_r2",
+            "matmul_vec_q6_k_n8_r1",
             "matmul_t16",
             "matmul_t32",
             "matmul_t64",
@@ -323,6 +347,8 @@ pub fn cached_cubin(file: &KernelFile, arch: &str) -> Result<(Vec<u8>, bool)> {
 pub(crate) struct Kernels {
     modules: Vec<cu::CUmodule>,
     functions: HashMap<&'static str, cu::CUfunction>,
+    /// Blocks of a kernel resident on one SM, by (kernel, block threads, dynamic shared bytes).
+    occupancy: std::sync::Mutex<HashMap<(&'static str, u32, u32), u32>>,
     /// Seconds spent compiling (0 when every file came from the cache).
     pub(crate) compile_seconds: f64,
 }
@@ -339,6 +365,7 @@ impl Kernels {
         let mut k = Kernels {
             modules: Vec::new(),
             functions: HashMap::new(),
+            occupancy: std::sync::Mutex::new(HashMap::new()),
             compile_seconds: 0.0,
         };
         for file in FILES {
@@ -373,6 +400,41 @@ impl Kernels {
                 op: "kernel",
                 detail: format!("no kernel named {name}"),
             })
+    }
+}
+
+impl Kernels {
+    /// Blocks of `threads` threads and `smem` dynamic shared bytes of kernel `name` that one
+    /// SM holds at once (the driver's occupancy calculator; at least 1), cached.
+    pub(crate) fn resident_blocks(
+        &self,
+        name: &'static str,
+        threads: u32,
+        smem: u32,
+    ) -> Result<u32> {
+        let key = (name, threads, smem);
+        let mut cache = self
+            .occupancy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(&b) = cache.get(&key) {
+            return Ok(b);
+        }
+        let f = self.get(name)?;
+        let mut blocks: c_int = 0;
+        // SAFETY: f is a loaded function of this context; blocks is a valid out pointer.
+        let r = unsafe {
+            cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut blocks,
+                f,
+                threads as c_int,
+                smem as usize,
+            )
+        };
+        check("cuOccupancyMaxActiveBlocksPerMultiprocessor", r)?;
+        let b = (blocks.max(1)) as u32;
+        cache.insert(key, b);
+        Ok(b)
     }
 }
 

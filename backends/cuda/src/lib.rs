@@ -77,6 +77,8 @@ pub struct CudaBackend {
     /// Held from a scratch upload until the kernel that reads it is enqueued
     /// (several threads may enqueue at once).
     scratch_lock: std::sync::Mutex<()>,
+    /// Streaming multiprocessors of the device (persistent kernels' grids).
+    sm_count: u32,
     info: BackendInfo,
 }
 
@@ -115,6 +117,9 @@ impl CudaBackend {
         dev.bind()?;
         let arch = format!("sm_{}{}", dev.capability.0, dev.capability.1);
         let kernels = Kernels::load(&arch)?;
+        let sm_count = dev
+            .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            .max(1) as u32;
         let registry = Arc::new(Registry::default());
         let allocator = Arc::new(DeviceAllocator::new(dev.clone(), registry.clone()));
         let arena = KvArena::new(dev.clone(), registry.clone())?;
@@ -178,6 +183,7 @@ impl CudaBackend {
             pinned: Arc::new(PinnedRanges::default()),
             scratch,
             scratch_lock: std::sync::Mutex::new(()),
+            sm_count,
             info,
         })
     }
@@ -233,6 +239,16 @@ impl CudaBackend {
 
     pub(crate) fn func(&self, name: &'static str) -> Result<cu::CUfunction> {
         self.kernels.get(name)
+    }
+
+    /// Streaming multiprocessors of the device.
+    pub(crate) fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The most blocks of kernel `name` the whole device holds at once (a persistent grid).
+    pub(crate) fn device_blocks(&self, name: &'static str, threads: u32, smem: u32) -> Result<u32> {
+        Ok(self.sm_count * self.kernels.resident_blocks(name, threads, smem)?)
     }
 
     /// The device address of `b` after checking it holds `need` bytes inside

@@ -17,9 +17,26 @@ const CHUNK_KEYS: usize = 128;
 const PREFILL_TILE: usize = 8;
 
 /// Whether a launch takes the prefill tiles: sequences average two query tokens or more,
-/// head_dim <= 128 and K/V rows of at most 512 bytes. Both kernels give the same bits.
-fn uses_prefill_tiles(tokens: usize, seqs: usize, head_dim: usize, row_bytes: usize) -> bool {
-    tokens >= 2 * seqs.max(1) && head_dim <= 128 && row_bytes <= 512
+/// head_dim <= 128, K/V rows of at most 512 bytes, and the tiles give every SM 8 blocks or
+/// more (one long sequence alone walks its keys faster a query a block: pp512 on the H200,
+/// notes/gpu-runs.md). `PAGODA_CUDA_PREFILL_TILES=0|1` decides instead of the block count.
+/// Both kernels give the same bits.
+fn uses_prefill_tiles(
+    tokens: usize,
+    seqs: usize,
+    heads: usize,
+    head_dim: usize,
+    row_bytes: usize,
+    sms: usize,
+) -> bool {
+    if !(tokens >= 2 * seqs.max(1) && head_dim <= 128 && row_bytes <= 512) {
+        return false;
+    }
+    match std::env::var("PAGODA_CUDA_PREFILL_TILES").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => tokens.div_ceil(PREFILL_TILE) * heads >= 8 * sms,
+    }
 }
 
 /// Grid z of a launch: 1 when tokens x heads fill the device (or the partials would not
@@ -100,7 +117,14 @@ impl AttentionOps for CudaBackend {
                 .arg(d.scale)
         };
         let row_bytes = l.dtype.row_bytes(l.head_dim).unwrap_or(usize::MAX);
-        if uses_prefill_tiles(d.num_tokens, d.num_seqs, l.head_dim, row_bytes) {
+        if uses_prefill_tiles(
+            d.num_tokens,
+            d.num_seqs,
+            d.num_heads,
+            l.head_dim,
+            row_bytes,
+            self.sm_count() as usize,
+        ) {
             return shared().launch(
                 OP,
                 self.func("paged_attention_prefill")?,
@@ -145,6 +169,18 @@ impl AttentionOps for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefill_tiles_for_many_query_tiles_only() {
+        // pp512: one sequence of 512 tokens, 9 heads: 576 tile blocks < 8 x 132.
+        assert!(!uses_prefill_tiles(512, 1, 9, 64, 128, 132));
+        // 16 prompts of 128 tokens: 2,304 tile blocks.
+        assert!(uses_prefill_tiles(2048, 16, 9, 64, 128, 132));
+        // decode (one token a sequence), wide heads, wide rows: never.
+        assert!(!uses_prefill_tiles(64, 64, 9, 64, 128, 132));
+        assert!(!uses_prefill_tiles(4096, 2, 32, 256, 512, 132));
+        assert!(!uses_prefill_tiles(4096, 2, 32, 128, 1024, 132));
+    }
 
     #[test]
     fn splits_only_for_short_batches_and_fit_the_partials() {

@@ -67,16 +67,125 @@ const MIN_MMA_BLOCKS: usize = 132;
 /// Rows of a `matmul_mma_t*` tile (`MMA_TM`).
 const MMA_ROWS: usize = 64;
 
-/// Which kernels quantized matmuls of more than 8 tokens take: 1 = `matmul_mma_t*`
-/// (default), 2 = `matmul_mma2_*` (the same bits), 0 = the f32 SIMT tiles
-/// (`PAGODA_CUDA_MMA`, for comparison).
-fn mma_kind() -> u8 {
-    static KIND: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *KIND.get_or_init(|| match std::env::var("PAGODA_CUDA_MMA").as_deref() {
-        Ok("0") => 0,
-        Ok("2") => 2,
-        _ => 1,
+/// Tokens up to which a quantized matmul takes `matmul_mma2_*` by default (decode-sized
+/// steps; prefill chunks above it take `matmul_mma_t*`: measured both ways on the H200,
+/// notes/gpu-runs.md run 14).
+const MMA2_MAX_TOKENS: usize = 128;
+
+/// Which kernels quantized matmuls of `n` > 8 tokens take: 1 = `matmul_mma_t*`,
+/// 2 = `matmul_mma2_*` (the same bits), 0 = the f32 SIMT tiles. `PAGODA_CUDA_MMA=0|1|2`
+/// forces one (for comparison); by default 2 up to [`MMA2_MAX_TOKENS`], 1 above.
+fn mma_kind(n: usize) -> u8 {
+    static KIND: std::sync::OnceLock<Option<u8>> = std::sync::OnceLock::new();
+    let forced = *KIND.get_or_init(|| match std::env::var("PAGODA_CUDA_MMA").as_deref() {
+        Ok("0") => Some(0),
+        Ok("1") => Some(1),
+        Ok("2") => Some(2),
+        _ => None,
+    });
+    forced.unwrap_or(if n <= MMA2_MAX_TOKENS { 2 } else { 1 })
+}
+
+/// Which GEMV quantized matmuls of at most 8 tokens take (`PAGODA_CUDA_MV`): the persistent
+/// per-type `matmul_vec_<type>_n<NT>_r<R>` with R picked per launch (default), with R
+/// forced (`r1`, `r2`; R = 2 exists for one token), or `matmul_vec`, one kernel for every
+/// type (`0`, for comparison). All give the same bits.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum VecKind {
+    Auto,
+    R1,
+    R2,
+    Single,
+}
+
+fn vec_kind() -> VecKind {
+    static KIND: std::sync::OnceLock<VecKind> = std::sync::OnceLock::new();
+    *KIND.get_or_init(|| match std::env::var("PAGODA_CUDA_MV").as_deref() {
+        Ok("0") => VecKind::Single,
+        Ok("r1") => VecKind::R1,
+        Ok("r2") => VecKind::R2,
+        _ => VecKind::Auto,
     })
+}
+
+/// The persistent GEMV for `dtype` (quantized), `n` <= 8 tokens and `r` rows a warp (2 only
+/// for one token; otherwise 1).
+fn vec_symbol(dtype: DType, n: usize, r: usize) -> Option<&'static str> {
+    const SYMBOLS: [[&str; 3]; 8] = [
+        [
+            "matmul_vec_q8_0_n1_r1",
+            "matmul_vec_q8_0_n1_r2",
+            "matmul_vec_q8_0_n8_r1",
+        ],
+        [
+            "matmul_vec_q4_0_n1_r1",
+            "matmul_vec_q4_0_n1_r2",
+            "matmul_vec_q4_0_n8_r1",
+        ],
+        [
+            "matmul_vec_q4_1_n1_r1",
+            "matmul_vec_q4_1_n1_r2",
+            "matmul_vec_q4_1_n8_r1",
+        ],
+        [
+            "matmul_vec_q5_0_n1_r1",
+            "matmul_vec_q5_0_n1_r2",
+            "matmul_vec_q5_0_n8_r1",
+        ],
+        [
+            "matmul_vec_q5_1_n1_r1",
+            "matmul_vec_q5_1_n1_r2",
+            "matmul_vec_q5_1_n8_r1",
+        ],
+        [
+            "matmul_vec_q4_k_n1_r1",
+            "matmul_vec_q4_k_n1_r2",
+            "matmul_vec_q4_k_n8_r1",
+        ],
+        [
+            "matmul_vec_q5_k_n1_r1",
+            "matmul_vec_q5_k_n1_r2",
+            "matmul_vec_q5_k_n8_r1",
+        ],
+        [
+            "matmul_vec_q6_k_n1_r1",
+            "matmul_vec_q6_k_n1_r2",
+            "matmul_vec_q6_k_n8_r1",
+        ],
+    ];
+    let row = match dtype {
+        DType::Q8_0 => 0,
+        DType::Q4_0 => 1,
+        DType::Q4_1 => 2,
+        DType::Q5_0 => 3,
+        DType::Q5_1 => 4,
+        DType::Q4_K => 5,
+        DType::Q5_K => 6,
+        DType::Q6_K => 7,
+        _ => return None,
+    };
+    Some(match (n <= 1, r) {
+        (true, 1) => SYMBOLS[row][0],
+        (true, _) => SYMBOLS[row][1],
+        (false, _) => SYMBOLS[row][2],
+    })
+}
+
+/// Tokens up to which quantized matmuls take a GEMV (`matmul_vec*`), above them the tiles:
+/// 8, or `PAGODA_CUDA_VEC_MAX` (1 ..= 8, for comparison).
+fn vec_max_tokens() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("PAGODA_CUDA_VEC_MAX")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(8, |v| v.clamp(1, 8))
+    })
+}
+
+/// Whether a matmul of `n` tokens over quantized weights takes the persistent GEMV.
+fn persistent_vec(quantized: bool, n: usize) -> bool {
+    quantized && n <= vec_max_tokens() && vec_kind() != VecKind::Single
 }
 
 /// The `matmul_mma2_*` tile (symbol, rows, tokens) for `n` tokens over row counts `ms`: the
@@ -122,14 +231,14 @@ fn matmul_kernel(
     if !quantized {
         return ("matmul", 4, 8, 128);
     }
-    if n <= 8 {
+    if n <= vec_max_tokens() {
         return ("matmul_vec", 8, n.max(1), 256);
     }
-    if mma_kind() == 2 {
+    if mma_kind(n) == 2 {
         let (symbol, rows, tokens) = mma2_tile(n, ms);
         return (symbol, rows, tokens, 128);
     }
-    if mma_kind() == 1 {
+    if mma_kind(n) == 1 {
         // The widest token tile that still gives a wave of blocks (every width gives the
         // same bits: each output is its own chain).
         let row_blocks: usize = ms.map(|m| m.div_ceil(MMA_ROWS)).sum();
@@ -190,9 +299,28 @@ impl CudaBackend {
                     len += 1;
                 }
             }
-            if len > 0 {
-                let list: [ProjArg; 4] = group.map(|p| p.unwrap_or(ProjArg::NONE));
+            if len == 0 {
+                continue;
+            }
+            let list: [ProjArg; 4] = group.map(|p| p.unwrap_or(ProjArg::NONE));
+            if !persistent_vec(quantized, n) {
                 self.launch_matmul_group(x, norm, &list[..len], n, k, accumulate, quantized)?;
+                continue;
+            }
+            // The persistent GEMV is one kernel per weight type: a launch per type present
+            // (in order of first appearance).
+            let list = &list[..len];
+            for (i, p) in list.iter().enumerate() {
+                if list[..i].iter().any(|q| q.dtype == p.dtype) {
+                    continue;
+                }
+                let mut same = [ProjArg::NONE; 4];
+                let mut count = 0;
+                for q in list.iter().filter(|q| q.dtype == p.dtype) {
+                    same[count] = *q;
+                    count += 1;
+                }
+                self.launch_matmul_group(x, norm, &same[..count], n, k, accumulate, quantized)?;
             }
         }
         Ok(())
@@ -223,8 +351,38 @@ impl CudaBackend {
                 ),
             });
         }
-        let (symbol, rows_per_block, tokens_per_block, threads) =
-            matmul_kernel(quantized, n, projs.iter().map(|p| p.m));
+        let smem = vec_staging_bytes(n, k);
+        let (symbol, rows_per_block, tokens_per_block, threads) = if persistent_vec(quantized, n) {
+            let dtype = projs[0].dtype;
+            let missing = || BackendError::Unsupported {
+                op: OP,
+                dtype: dtype.to_string(),
+            };
+            // Two rows a warp once the 16-row virtual blocks give every SM one (7B, H200:
+            // 209 t/s with R = 2 only where they fill every resident block, 235 with
+            // R = 2 everywhere; notes/gpu-runs.md run 14).
+            let r = match vec_kind() {
+                VecKind::R2 if n <= 1 => 2,
+                VecKind::Auto if n <= 1 => {
+                    let vbs: usize = projs.iter().map(|p| p.m.div_ceil(16)).sum();
+                    if vbs >= self.sm_count() as usize {
+                        2
+                    } else {
+                        1
+                    }
+                }
+                _ => 1,
+            };
+            (
+                vec_symbol(dtype, n, r).ok_or_else(missing)?,
+                8 * r,
+                n.max(1),
+                256,
+            )
+        } else {
+            matmul_kernel(quantized, n, projs.iter().map(|p| p.m))
+        };
+        let vec = symbol.starts_with("matmul_vec");
         let xp = self.ptr(x, (n * k) as u64 * 4, 16, OP)?;
         let (np, eps) = match norm {
             Some((w, eps)) => (self.ptr(w, k as u64 * 4, 16, OP)?, eps),
@@ -257,6 +415,12 @@ impl CudaBackend {
             all.count += 1;
             blocks += p.m.div_ceil(rows_per_block);
         }
+        // A persistent launch: no more blocks than the device holds at once.
+        let grid_x = if vec && symbol != "matmul_vec" {
+            blocks.min(self.device_blocks(symbol, threads, smem)? as usize)
+        } else {
+            blocks
+        };
         Args::new()
             .arg(xp)
             .arg(np)
@@ -268,24 +432,20 @@ impl CudaBackend {
             .launch(
                 OP,
                 self.func(symbol)?,
-                (blocks as u32, n.div_ceil(tokens_per_block) as u32, 1),
+                (grid_x as u32, n.div_ceil(tokens_per_block) as u32, 1),
                 threads,
-                vec_staging_bytes(symbol, n, k),
+                if vec { smem } else { 0 },
                 self.stream(),
             )
     }
 }
 
-/// Dynamic shared memory of a `matmul_vec` launch: room to stage x (n, k) f32 once when it
+/// Dynamic shared memory of a `matmul_vec*` launch: room to stage x (n, k) f32 once when it
 /// fits the 48 KiB a launch gets without opting in (else 0: x is read from global memory).
-fn vec_staging_bytes(symbol: &str, n: usize, k: usize) -> u32 {
+fn vec_staging_bytes(n: usize, k: usize) -> u32 {
     const LIMIT: usize = 48 * 1024 - 64;
     let bytes = n * k * 4;
-    if symbol == "matmul_vec" && bytes <= LIMIT {
-        bytes as u32
-    } else {
-        0
-    }
+    if bytes <= LIMIT { bytes as u32 } else { 0 }
 }
 
 impl TensorOps for CudaBackend {
@@ -533,8 +693,24 @@ mod tests {
 
     #[test]
     fn matmul_vec_stages_x_only_when_it_fits() {
-        assert_eq!(vec_staging_bytes("matmul_vec", 1, 4096), 16384);
-        assert_eq!(vec_staging_bytes("matmul_vec", 8, 1536), 0);
-        assert_eq!(vec_staging_bytes("matmul_t16", 1, 576), 0);
+        assert_eq!(vec_staging_bytes(1, 4096), 16384);
+        assert_eq!(vec_staging_bytes(8, 1536), 0);
+    }
+
+    #[test]
+    fn every_quantized_type_has_its_persistent_gemv() {
+        let defined: Vec<&str> = crate::kernels::FILES
+            .iter()
+            .flat_map(|f| f.symbols.iter().copied())
+            .collect();
+        for dtype in DType::WEIGHT_TYPES.iter().filter(|d| d.is_quantized()) {
+            for (n, r) in [(1, 1), (1, 2), (2, 1), (8, 1), (8, 2)] {
+                let sym = vec_symbol(*dtype, n, r).unwrap_or_else(|| panic!("{dtype}"));
+                assert!(defined.contains(&sym), "{sym} is not a kernel of FILES");
+                assert!(sym.contains(if n == 1 { "_n1_" } else { "_n8_" }), "{sym}");
+            }
+        }
+        assert_eq!(vec_symbol(DType::F16, 1, 1), None);
+        assert_eq!(vec_symbol(DType::Q4_K, 1, 2), Some("matmul_vec_q4_k_n1_r2"));
     }
 }
