@@ -7,7 +7,7 @@
 //!   `//#if subgroup`, `//#else`, `//#endif` blocks, [`specialise`]; `enable f16;` first when
 //!   f16 is on), once per device, so the fallback text has no f16 type and no subgroup op.
 //! - Pipelines: cached by (shader, entry point, constants: KV pieces bound, the attention's
-//!   `override HEAD_DIM`), layouts derived from the shader.
+//!   `override HEAD_DIM`, `GROUP` and `KV_DT`), layouts derived from the shader.
 //! - Arguments: each `BufRef` is bound as a window of its buffer starting at the largest
 //!   offset-aligned byte at or below it; the word offset of the data inside the window goes
 //!   into the parameter buffer (`common.wgsl`).
@@ -56,9 +56,10 @@ pub enum Shader {
     Sampling,
     /// kv_cache.wgsl with this many KV pieces bound.
     KvCache(u32),
-    /// paged_attention.wgsl with (KV pieces bound, head_dim): head_dim is the shader's
-    /// `override HEAD_DIM`, so its loops have constant trip counts.
-    PagedAttention(u32, u32),
+    /// paged_attention.wgsl with (KV pieces bound, head_dim, query heads per KV head, KV
+    /// dtype code): the shader's `override HEAD_DIM`, `GROUP` and `KV_DT`, so its loops have
+    /// constant trip counts and its row decoder's dtype switch folds.
+    PagedAttention(u32, u32, u32, u32),
 }
 
 const COMMON: &str = include_str!("../shaders/common.wgsl");
@@ -237,7 +238,7 @@ fn module_text(shader: Shader) -> String {
         Shader::Rope => format!("{COMMON}\n{}", file("rope.wgsl")),
         Shader::Sampling => format!("{COMMON}\n{}", file("sampling.wgsl")),
         Shader::KvCache(p) => format!("{COMMON}\n{}\n{}", kv(p, true), file("kv_cache.wgsl")),
-        Shader::PagedAttention(p, _) => {
+        Shader::PagedAttention(p, ..) => {
             format!(
                 "{COMMON}\n{}\n{}",
                 kv(p, false),
@@ -264,7 +265,7 @@ pub const ENTRY_POINTS: [(Shader, &str); 16] = [
     (Shader::Sampling, "top_k_rows"),
     (Shader::KvCache(1), "write_kv"),
     (Shader::KvCache(1), "copy_pages"),
-    (Shader::PagedAttention(1, 64), "paged_attention"),
+    (Shader::PagedAttention(1, 64, 3, 0), "paged_attention"),
 ];
 
 /// The (shader, entry point)s that need the f16 feature (compiled only where it is on).
@@ -340,7 +341,11 @@ impl Shared {
         });
         // Override constants: (shader, entry point, constants) is the cache key.
         let constants: Vec<(&str, f64)> = match shader {
-            Shader::PagedAttention(_, hd) => vec![("HEAD_DIM", hd as f64)],
+            Shader::PagedAttention(_, hd, group, dt) => vec![
+                ("HEAD_DIM", hd as f64),
+                ("GROUP", group as f64),
+                ("KV_DT", dt as f64),
+            ],
             Shader::Matmul(tok) | Shader::MatmulCo(tok) | Shader::MatmulF16(tok) => {
                 vec![("TOK", tok as f64)]
             }
