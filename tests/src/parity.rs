@@ -406,9 +406,11 @@ pub fn check_ops<A: Backend, B: Backend>(cpu: &Arc<A>, other: &Arc<B>, only: Opt
         }
         eprintln!("{name} (seed {seed} + {i})");
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(i as u64));
+        let t0 = std::time::Instant::now();
         if catch_unwind(AssertUnwindSafe(|| check(cpu, other, &mut rng))).is_err() {
             failed.push(name);
         }
+        eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
     }
     assert!(
         failed.is_empty(),
@@ -1201,35 +1203,58 @@ impl AttnCase {
 }
 
 fn run_attention<X: Backend>(b: &Arc<X>, c: &AttnCase) -> Vec<f32> {
+    run_attentions(b, &[c]).pop().expect("one output")
+}
+
+/// Every launch of `cases` on one device: the stored K/V (the same in every case: the first
+/// case's, checked) written once, then each case's launch recorded on its own poisoned output,
+/// and the outputs read back after the last launch.
+fn run_attentions<X: Backend>(b: &Arc<X>, cases: &[&AttnCase]) -> Vec<Vec<f32>> {
+    let first = cases[0];
+    for c in cases {
+        assert!(
+            c.layout == first.layout
+                && c.heads == first.heads
+                && c.kv.slots == first.kv.slots
+                && c.kv.k == first.kv.k
+                && c.kv.v == first.kv.v,
+            "launches of one device share the stored K/V"
+        );
+    }
     let mut d = Dev::new(b);
-    let kv = d.kv(c.layout);
+    let kv = d.kv(first.layout);
     // The stored tokens in several write_kv calls of at most 256 tokens
     // (as prefill chunks would, and under a 1 MiB binding).
-    let row = c.layout.num_kv_heads * c.layout.head_dim;
-    for t0 in (0..c.kv.slots.len()).step_by(256) {
-        let t1 = (t0 + 256).min(c.kv.slots.len());
-        let kb = d.f32s(&c.kv.k[t0 * row..t1 * row]);
-        let vb = d.f32s(&c.kv.v[t0 * row..t1 * row]);
-        let sb = d.u32s(&c.kv.slots[t0..t1]);
+    let row = first.layout.num_kv_heads * first.layout.head_dim;
+    let stored = &first.kv;
+    for t0 in (0..stored.slots.len()).step_by(256) {
+        let t1 = (t0 + 256).min(stored.slots.len());
+        let kb = d.f32s(&stored.k[t0 * row..t1 * row]);
+        let vb = d.f32s(&stored.v[t0 * row..t1 * row]);
+        let sb = d.u32s(&stored.slots[t0..t1]);
         d.b.write_kv(kv.layer(), kb, vb, sb, t1 - t0)
             .expect("write_kv");
     }
-    let q = d.f32s(&c.q);
-    let pos = d.u32s(&c.positions);
-    let bt = d.u32s(&c.block_tables);
-    let cl = d.u32s(&c.context_lens);
-    let qsl = d.u32s(&c.query_start_locs);
-    let out = d.poisoned(c.q.len());
-    let dims = AttentionDims {
-        num_tokens: c.positions.len(),
-        num_seqs: c.context_lens.len(),
-        num_heads: c.heads,
-        max_blocks_per_seq: c.max_blocks,
-        scale: 1.0 / (c.layout.head_dim as f32).sqrt(),
-    };
-    d.b.paged_attention(q, kv.layer(), pos, bt, cl, qsl, out, dims)
-        .expect("paged_attention");
-    d.read_f32(out)
+    let mut outs = Vec::new();
+    for c in cases {
+        let q = d.f32s(&c.q);
+        let pos = d.u32s(&c.positions);
+        let bt = d.u32s(&c.block_tables);
+        let cl = d.u32s(&c.context_lens);
+        let qsl = d.u32s(&c.query_start_locs);
+        let out = d.poisoned(c.q.len());
+        let dims = AttentionDims {
+            num_tokens: c.positions.len(),
+            num_seqs: c.context_lens.len(),
+            num_heads: c.heads,
+            max_blocks_per_seq: c.max_blocks,
+            scale: 1.0 / (c.layout.head_dim as f32).sqrt(),
+        };
+        d.b.paged_attention(q, kv.layer(), pos, bt, cl, qsl, out, dims)
+            .expect("paged_attention");
+        outs.push(out);
+    }
+    outs.into_iter().map(|o| d.read_f32(o)).collect()
 }
 
 fn check_paged_attention<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &mut ChaCha8Rng) {
@@ -1250,38 +1275,50 @@ fn check_paged_attention<A: Backend, B: Backend>(a: &Arc<A>, b: &Arc<B>, rng: &m
         for (h, kvh, hd) in heads {
             for (name, seqs, padded) in [("prefill", prefill, 0), ("decode", decode, 2)] {
                 let c = AttnCase::new(rng, (h, kvh, hd, dtype), seqs, padded);
+                // The step, then every token of a sequence alone (a one-token launch) and,
+                // for decode, a batch of copies of it big enough to fill the device (the
+                // other path): all on the same stored K/V, on one device.
+                let singles = single_tokens(&c);
+                let copies = 200usize.div_ceil(h);
+                let many: Vec<AttnCase> = if name == "decode" {
+                    singles.iter().map(|(_, s)| replicated(s, copies)).collect()
+                } else {
+                    Vec::new()
+                };
+                let mut launches = vec![&c];
+                launches.extend(singles.iter().map(|(_, s)| s));
+                launches.extend(&many);
                 let ra = run_attention(a, &c);
-                let rb = run_attention(b, &c);
+                let outs = run_attentions(b, &launches);
+                assert_eq!(outs.len(), 1 + singles.len() + many.len());
+                let (rb, ones) = (&outs[0], &outs[1..1 + singles.len()]);
                 // Both backends attend over the same stored (rounded) K/V,
                 // so the float bound holds for every KV dtype.
                 assert_nmse(
                     &format!("paged_attention {name} kv={dtype} heads={h}/{kvh} head_dim={hd}"),
                     &ra,
-                    &rb,
+                    rb,
                     FLOAT_NMSE,
                 );
                 // Metric: each token's output row; bound: bit-identical alone (a one-token
                 // launch) and in the step (a backend may split keys for short launches or
                 // share K/V loads between the queries of a prefill).
                 let n = h * hd;
-                for (t, alone) in single_tokens(&c) {
-                    let one = run_attention(b, &alone);
+                for ((t, _), one) in singles.iter().zip(ones) {
                     assert_eq!(
-                        one,
-                        rb[t * n..(t + 1) * n].to_vec(),
+                        one[..],
+                        rb[t * n..(t + 1) * n],
                         "{name} token {t} alone vs in the step, kv={dtype} heads={h}/{kvh} head_dim={hd}"
                     );
-                    if name == "decode" {
-                        // A batch of copies big enough to fill the device takes the other path.
-                        let copies = 200usize.div_ceil(h);
-                        let many = run_attention(b, &replicated(&alone, copies));
-                        for r in 0..copies {
-                            assert_eq!(
-                                &many[r * n..(r + 1) * n],
-                                &one[..],
-                                "decode token {t} alone vs {copies} copies, kv={dtype} heads={h}/{kvh} head_dim={hd}"
-                            );
-                        }
+                }
+                let batches = &outs[1 + singles.len()..];
+                for (((t, _), one), many) in singles.iter().zip(ones).zip(batches) {
+                    for r in 0..copies {
+                        assert_eq!(
+                            &many[r * n..(r + 1) * n],
+                            &one[..],
+                            "decode token {t} alone vs {copies} copies, kv={dtype} heads={h}/{kvh} head_dim={hd}"
+                        );
                     }
                 }
             }

@@ -5,7 +5,8 @@
 //   layout); 3 OUT: array<f32> (n, out_stride), columns 0 .. m written.
 // Params: 0 n, 1 k, 2 m, 3 out_stride, 4 accumulate (0/1), 5 dtype, 6 blocks in the piece.
 // Constants: override TOK, tokens a workgroup takes (8, or 32 for prefill-sized n: each
-//   weight block is then decoded once per 32 tokens).
+//   weight block is then decoded once per 32 tokens); override DT, the weight dtype code
+//   (the host sets it to param 5), so the decoder's dtype switch folds at pipeline creation.
 // Two entry points, chosen by the host per adapter (src/lib.rs `MatmulPath`):
 // - `matmul` (lane per row, CPU adapters: lavapipe runs barriers and private arrays badly).
 //   Workgroups: one per (64 rows, group of TOK tokens), rows fastest: ceil(m / 64) ·
@@ -27,6 +28,7 @@
 @group(0) @binding(3) var<storage, read_write> OUT: array<f32>;
 
 override TOK: u32 = 8u;
+override DT: u32 = 0u;
 const MAX_TOK: u32 = 32u;
 const WG: u32 = 64u;
 
@@ -34,7 +36,7 @@ const WG: u32 = 64u;
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let n = pu(0u); let k = pu(1u); let m = pu(2u); let out_stride = pu(3u);
-    let accumulate = pu(4u) != 0u; let dt = pu(5u); let nblocks = pu(6u);
+    let accumulate = pu(4u) != 0u; let dt = DT; let nblocks = pu(6u);
     let g = wg_index(wid, nwg);
     let row_groups = (m + WG - 1u) / WG;
     let j = (g % row_groups) * WG + lid;
@@ -85,7 +87,7 @@ fn matmul_co(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 //#endif
              @builtin(local_invocation_index) lid: u32) {
     let n = pu(0u); let k = pu(1u); let m = pu(2u); let out_stride = pu(3u);
-    let accumulate = pu(4u) != 0u; let dt = pu(5u); let nblocks = pu(6u);
+    let accumulate = pu(4u) != 0u; let dt = DT; let nblocks = pu(6u);
     let g = wg_index(wid, nwg);
     let j = g % m;
     let t0 = (g / m) * TOK;

@@ -7,7 +7,8 @@
 //!   `//#if subgroup`, `//#else`, `//#endif` blocks, [`specialise`]; `enable f16;` first when
 //!   f16 is on), once per device, so the fallback text has no f16 type and no subgroup op.
 //! - Pipelines: cached by (shader, entry point, constants: KV pieces bound, the attention's
-//!   `override HEAD_DIM`), layouts derived from the shader.
+//!   `override HEAD_DIM`, `GROUP` and `KV_DT`, the matmul's `TOK` and `DT`), layouts
+//!   derived from the shader.
 //! - Arguments: each `BufRef` is bound as a window of its buffer starting at the largest
 //!   offset-aligned byte at or below it; the word offset of the data inside the window goes
 //!   into the parameter buffer (`common.wgsl`).
@@ -35,12 +36,12 @@ const MAX_GROUPS: u32 = 65535;
 /// The shaders (the stems of `kernels/*.cu` and the CPU backend's files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Shader {
-    /// matmul.wgsl's lane-per-row `matmul` with this many tokens a workgroup
-    /// (`override TOK`: 8 or 32).
-    Matmul(u32),
-    /// matmul.wgsl's coalesced `matmul_co` (64 invocations a row) with this many tokens a
-    /// workgroup.
-    MatmulCo(u32),
+    /// matmul.wgsl's lane-per-row `matmul` with (tokens a workgroup, weight dtype code):
+    /// `override TOK` (8 or 32) and `override DT`, so the block decoder's dtype switch folds.
+    Matmul(u32, u32),
+    /// matmul.wgsl's coalesced `matmul_co` (64 invocations a row) with (tokens a workgroup,
+    /// weight dtype code).
+    MatmulCo(u32, u32),
     /// matmul_f16.wgsl (`matmul_co` for f16 weights bound as `array<vec2<f16>>`; only with
     /// the f16 feature) with this many tokens a workgroup.
     MatmulF16(u32),
@@ -56,9 +57,10 @@ pub enum Shader {
     Sampling,
     /// kv_cache.wgsl with this many KV pieces bound.
     KvCache(u32),
-    /// paged_attention.wgsl with (KV pieces bound, head_dim): head_dim is the shader's
-    /// `override HEAD_DIM`, so its loops have constant trip counts.
-    PagedAttention(u32, u32),
+    /// paged_attention.wgsl with (KV pieces bound, head_dim, query heads per KV head, KV
+    /// dtype code): the shader's `override HEAD_DIM`, `GROUP` and `KV_DT`, so its loops have
+    /// constant trip counts and its row decoder's dtype switch folds.
+    PagedAttention(u32, u32, u32, u32),
 }
 
 const COMMON: &str = include_str!("../shaders/common.wgsl");
@@ -227,7 +229,7 @@ pub fn module_source(shader: Shader, f: ShaderFeatures) -> String {
 fn module_text(shader: Shader) -> String {
     let kv = |p: u32, atomic: bool| format!("{}\n{}", kv_prelude(p, atomic), KV);
     match shader {
-        Shader::Matmul(_) | Shader::MatmulCo(_) => {
+        Shader::Matmul(..) | Shader::MatmulCo(..) => {
             format!("{COMMON}\n{WEIGHTS}\n{}", file("matmul.wgsl"))
         }
         Shader::MatmulF16(_) => format!("{COMMON}\n{}", file("matmul_f16.wgsl")),
@@ -237,7 +239,7 @@ fn module_text(shader: Shader) -> String {
         Shader::Rope => format!("{COMMON}\n{}", file("rope.wgsl")),
         Shader::Sampling => format!("{COMMON}\n{}", file("sampling.wgsl")),
         Shader::KvCache(p) => format!("{COMMON}\n{}\n{}", kv(p, true), file("kv_cache.wgsl")),
-        Shader::PagedAttention(p, _) => {
+        Shader::PagedAttention(p, ..) => {
             format!(
                 "{COMMON}\n{}\n{}",
                 kv(p, false),
@@ -249,10 +251,10 @@ fn module_text(shader: Shader) -> String {
 
 /// Every (shader, entry point) the backend dispatches, for validation and warm-up.
 pub const ENTRY_POINTS: [(Shader, &str); 16] = [
-    (Shader::Matmul(8), "matmul"),
-    (Shader::Matmul(32), "matmul"),
-    (Shader::MatmulCo(8), "matmul_co"),
-    (Shader::MatmulCo(32), "matmul_co"),
+    (Shader::Matmul(8, 4), "matmul"),
+    (Shader::Matmul(32, 10), "matmul"),
+    (Shader::MatmulCo(8, 5), "matmul_co"),
+    (Shader::MatmulCo(32, 0), "matmul_co"),
     (Shader::Embedding, "embedding"),
     (Shader::RmsNorm, "rms_norm"),
     (Shader::Elementwise, "silu_mul"),
@@ -264,7 +266,7 @@ pub const ENTRY_POINTS: [(Shader, &str); 16] = [
     (Shader::Sampling, "top_k_rows"),
     (Shader::KvCache(1), "write_kv"),
     (Shader::KvCache(1), "copy_pages"),
-    (Shader::PagedAttention(1, 64), "paged_attention"),
+    (Shader::PagedAttention(1, 64, 3, 0), "paged_attention"),
 ];
 
 /// The (shader, entry point)s that need the f16 feature (compiled only where it is on).
@@ -340,10 +342,15 @@ impl Shared {
         });
         // Override constants: (shader, entry point, constants) is the cache key.
         let constants: Vec<(&str, f64)> = match shader {
-            Shader::PagedAttention(_, hd) => vec![("HEAD_DIM", hd as f64)],
-            Shader::Matmul(tok) | Shader::MatmulCo(tok) | Shader::MatmulF16(tok) => {
-                vec![("TOK", tok as f64)]
+            Shader::PagedAttention(_, hd, group, dt) => vec![
+                ("HEAD_DIM", hd as f64),
+                ("GROUP", group as f64),
+                ("KV_DT", dt as f64),
+            ],
+            Shader::Matmul(tok, dt) | Shader::MatmulCo(tok, dt) => {
+                vec![("TOK", tok as f64), ("DT", dt as f64)]
             }
+            Shader::MatmulF16(tok) => vec![("TOK", tok as f64)],
             _ => Vec::new(),
         };
         let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -597,9 +604,9 @@ mod tests {
         let off = ShaderFeatures::default();
         assert_eq!(specialise(text, off), "a\n\n\n\nc\n\n\n\n\ne\n");
         assert!(module_source(Shader::MatmulF16(8), on).starts_with("enable f16;\n"));
-        let fallback = module_source(Shader::MatmulCo(8), off);
+        let fallback = module_source(Shader::MatmulCo(8, 4), off);
         assert!(!fallback.contains("@builtin(subgroup") && !fallback.starts_with("enable"));
-        assert!(module_source(Shader::MatmulCo(8), on).contains("subgroupAdd(acc[t])"));
+        assert!(module_source(Shader::MatmulCo(8, 4), on).contains("subgroupAdd(acc[t])"));
     }
 
     #[test]

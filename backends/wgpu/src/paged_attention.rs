@@ -7,8 +7,10 @@ use crate::kernels::Shader;
 use crate::kv_cache::{kv_args, kv_params};
 use crate::tensor_ops::{need, u32_of};
 
-/// Largest head_dim the shader holds (its per-invocation output row).
+/// Largest head_dim the shader holds (`q_s`, two output elements an invocation).
 const MAX_HEAD_DIM: usize = 128;
+/// Most query heads per KV head (the shader's per-invocation state; the CPU's limit too).
+const MAX_GROUP: usize = 8;
 
 impl AttentionOps for WgpuBackend {
     fn paged_attention(
@@ -30,11 +32,13 @@ impl AttentionOps for WgpuBackend {
         if l.head_dim > MAX_HEAD_DIM
             || l.num_kv_heads == 0
             || !d.num_heads.is_multiple_of(l.num_kv_heads)
+            || d.num_heads / l.num_kv_heads > MAX_GROUP
         {
             return Err(BackendError::InvalidArgument {
                 op: OP,
                 detail: format!(
-                    "head_dim {} (at most {MAX_HEAD_DIM}), {} heads over {} KV heads",
+                    "head_dim {} (at most {MAX_HEAD_DIM}), {} heads over {} KV heads \
+                     (at most {MAX_GROUP} a KV head)",
                     l.head_dim, d.num_heads, l.num_kv_heads
                 ),
             });
@@ -78,14 +82,18 @@ impl AttentionOps for WgpuBackend {
             u32_of(OP, d.max_blocks_per_seq)?,
             d.scale.to_bits(),
         ];
-        params.extend(kv_params(OP, &cache)?);
+        let kv = kv_params(OP, &cache)?;
+        // The dtype code (kv_params' last word) is also the pipeline's KV_DT.
+        let dtype = kv[5];
+        params.extend(kv);
+        let group = u32_of(OP, d.num_heads / l.num_kv_heads)?;
         self.shared.dispatch(
             OP,
-            Shader::PagedAttention(pieces, u32_of(OP, l.head_dim)?),
+            Shader::PagedAttention(pieces, u32_of(OP, l.head_dim)?, group, dtype),
             "paged_attention",
             &args,
             &params,
-            u32_of(OP, d.num_tokens * d.num_heads)?,
+            u32_of(OP, d.num_tokens * l.num_kv_heads)?,
         )
     }
 }

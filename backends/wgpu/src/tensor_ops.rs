@@ -173,11 +173,12 @@ impl TensorOps for WgpuBackend {
         // Prefill-sized batches take 32 tokens a workgroup (same per-output order).
         let tok = if d.n >= 32 { 32 } else { 8 };
         let (shader, entry, row_groups) = match self.matmul_path() {
-            MatmulPath::Rows => (Shader::Matmul(tok), "matmul", d.m.div_ceil(64)),
+            // The weight dtype code (params[5]) is also the pipeline's DT.
+            MatmulPath::Rows => (Shader::Matmul(tok, dt), "matmul", d.m.div_ceil(64)),
             MatmulPath::Coalesced if w_dtype == DType::F16 && self.shared.gpu.shader_f16 => {
                 (Shader::MatmulF16(tok), "matmul_f16", d.m)
             }
-            MatmulPath::Coalesced => (Shader::MatmulCo(tok), "matmul_co", d.m),
+            MatmulPath::Coalesced => (Shader::MatmulCo(tok, dt), "matmul_co", d.m),
         };
         self.shared.dispatch(
             op,

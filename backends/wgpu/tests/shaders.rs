@@ -49,7 +49,7 @@ fn every_module_parses_and_validates_with_naga() {
     for p in [2, 7, pagoda_backend::MAX_KV_PIECES as u32] {
         validate(Shader::KvCache(p), "write_kv");
         validate(Shader::KvCache(p), "copy_pages");
-        validate(Shader::PagedAttention(p, 128), "paged_attention");
+        validate(Shader::PagedAttention(p, 128, 8, 3), "paged_attention");
     }
 }
 
