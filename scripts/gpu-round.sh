@@ -46,6 +46,58 @@ single)
     PAGODA_CUDA_MMA=$mma timeout 15 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --batch 32,64 --prompt-len 128 --gen-len 32 --reps 1 --json > "$OUT/m$mma.json" 2>/dev/null
     table "$OUT/m$mma.json"
   done ;;
+wgpu-last)
+  # Model-free (carry device-carry-d and .gl): wgpu parity on NVIDIA Vulkan as the adapter is,
+  # wgpu beside CUDA on dummy SmolLM2 weights, cuda_parity on the same binaries.
+  mkdir -p "$DIR/wgpu" "$DIR/cache" "$OUT/w"; W=$OUT/w
+  tar xzf device-carry-d/bins.tgz -C "$DIR" && tar xzf device-carry-d/wgpu.tgz -C "$DIR/wgpu"
+  vulkan
+  timeout 150 "$DIR/wgpu/tests/wgpu_parity" --test-threads 1 --nocapture --skip masked > "$W/wgpu_parity.log" 2>&1
+  echo "wgpu_parity rc=$? $(grep -E '^test result' "$W/wgpu_parity.log")"; grep -E "panicked at|FAILED" "$W/wgpu_parity.log" | head -4
+  B="--kv-dtype f16 --dummy-weights smollm2-135m --batch 1,64 --prompt-len 128 --gen-len 32 --reps 1 --json"
+  timeout 60 "$P" bench --backend wgpu $B > "$W/wgpu-bench.json" 2> "$W/wgpu-bench.log"; table "$W/wgpu-bench.json"
+  timeout 30 "$P" bench --backend cuda $B > "$W/cuda-bench.json" 2>/dev/null; table "$W/cuda-bench.json"
+  timeout 150 "$DIR/tests/cuda_parity" --ignored --test-threads 1 > "$W/cuda_parity.log" 2>&1
+  echo "cuda_parity rc=$? $(grep -E '^test result' "$W/cuda_parity.log")"
+  tar czf "$OUT/w.tgz" -C "$OUT" w ;;
+stage-a|stage-b)
+  # The model travels in two halves (the carry limit): stage-a with device-carry-a, stage-b
+  # with device-carry-b (+ .gl), then `final` with device-carry-c, each right after the last.
+  mkdir -p "$DIR"; cp device-carry-*/model.part* device-carry-*/wgpu.tgz "$DIR"/ 2>/dev/null; ls "$DIR" ;;
+final)
+  # Model-level CUDA suite, issue 11's table, wgpu on NVIDIA Vulkan (as the adapter is).
+  mkdir -p "$DIR/cache/models" "$DIR/wgpu" "$OUT/final"; F=$OUT/final
+  tar xzf device-carry-c/bins.tgz -C "$DIR" && tar xzf "$DIR/wgpu.tgz" -C "$DIR/wgpu"
+  cat "$DIR"/model.part00 "$DIR"/model.part01 > "$DIR/cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+  sha256sum "$DIR/cache/models/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -c1-16
+  skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }  # SKIP="names" leaves those out
+  for t in cuda_parity cuda_reference cuda_engine cuda_memory cuda_arena; do
+    skip "$t" && continue
+    timeout 200 "$DIR/tests/$t" --ignored --test-threads 1 > "$F/$t.log" 2>&1
+    echo "$t rc=$? $(grep -E '^test result' "$F/$t.log" | tail -1)"
+    grep -E "^test .*FAILED|panicked at" "$F/$t.log" | head -4
+  done
+  {
+    timeout 100 "$P" bench --backend cuda --kv-dtype f16 --batch 1 --prompt-len 512 --gen-len 128 --reps 3 --json
+    timeout 120 "$P" bench --backend cuda --kv-dtype f16 --batch 8,32,64,128 --prompt-len 128 --gen-len 128 --reps 1 --json
+    skip 7b || timeout 100 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 1 --prompt-len 512 --gen-len 128 --reps 1 --json
+    skip 7b || timeout 100 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights llama2-7b --dummy-dtype q4_0 --batch 64 --prompt-len 128 --gen-len 64 --reps 1 --json
+  } > "$F/bench.jsonl" 2> "$F/bench.log"
+  table "$F/bench.jsonl"
+  PAGODA_CUDA_VEC_MAX=4 timeout 30 "$P" bench --backend cuda --kv-dtype f16 --batch 8 --prompt-len 128 --gen-len 64 --reps 1 --json > "$F/vecmax4.json" 2>/dev/null
+  PAGODA_CUDA_PREFILL_TILES=1 timeout 30 "$P" bench --backend cuda --kv-dtype f16 --batch 1 --prompt-len 512 --gen-len 8 --reps 1 --json > "$F/tiles1.json" 2>/dev/null
+  echo "== A/B: VEC_MAX=4 (B=8), PREFILL_TILES=1 (pp512)"; table "$F/vecmax4.json"; table "$F/tiles1.json"
+  vulkan
+  timeout 15 "$P" devices > "$F/devices.txt" 2>&1; grep -iA4 wgpu "$F/devices.txt" | head -8
+  for t in wgpu_parity wgpu_reference; do
+    skip "$t" && continue
+    timeout 110 "$DIR/wgpu/tests/$t" --test-threads 1 --skip masked > "$F/$t.log" 2>&1
+    echo "$t rc=$? $(grep -E '^test result' "$F/$t.log")"
+    grep -E "^test .*(ok|FAILED)|panicked at" "$F/$t.log" | head -12
+  done
+  timeout 60 "$P" bench --backend wgpu --kv-dtype f16 --batch 1,64 --prompt-len 128 --gen-len 32 --reps 1 --json > "$F/wgpu-bench.json" 2>"$F/wgpu-bench.log"
+  table "$F/wgpu-bench.json"; grep -i "device\|adapter" "$F/wgpu-bench.log" | head -2
+  tar czf "$OUT/final.tgz" -C "$OUT" final ;;
 ab)
   # Model-free A/B of kernel variants (carry device-carry-d): parity of every op on the
   # defaults with PAGODA_CUDA_MMA=2, GEMV variants (PAGODA_CUDA_MV), per-kernel profiles, the
