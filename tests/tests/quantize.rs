@@ -75,10 +75,10 @@ fn rows_match_llama_cpp(pick: impl Fn(&str, &str) -> bool, ours: &PathBuf) {
 }
 
 /// Perplexity of ppl_text.txt at context 512 of a model file.
-fn perplexity(path: &PathBuf) -> f64 {
+fn perplexity(path: &std::path::Path) -> f64 {
     let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
     let mut engine = pagoda::Engine::builder()
-        .model(path.clone())
+        .model(path)
         .backend(cpu_backend())
         .config(perplexity_config(512))
         .build()

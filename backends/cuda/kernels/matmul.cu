@@ -322,6 +322,22 @@ __device__ __forceinline__ bool vec_prologue(const float* x, const float* norm_w
     return true;
 }
 
+// Issues the loads of halves hb, hb + 32, ... (MV_INFLIGHT of them) of rows j0 .. j0 + R
+// (zeros past m or the row's end); ps gets their positions in row j0.
+template <int DT, int R>
+__device__ __forceinline__ void vec_load_round(const QLayout& L, int j0, int m, u64 nbr, u64 nh,
+                                               int ups, u64 hb, RawHalf r[R][MV_INFLIGHT],
+                                               HalfPos ps[MV_INFLIGHT]) {
+#pragma unroll
+    for (int i = 0; i < MV_INFLIGHT; i++) {
+        ps[i] = half_pos((u64)j0 * nbr, hb + 32 * i, ups);
+#pragma unroll
+        for (int q = 0; q < R; q++)
+            r[q][i] = load_half(L, DT, ps[i].bi + (u64)q * nbr, ps[i].j, ps[i].hh,
+                                j0 + q < m && hb + 32 * i < nh);
+    }
+}
+
 template <int DT, int NT, int R>
 __device__ __forceinline__ void vec_rows(const float* x, const float* norm_w, float eps,
                                          const MmProj& p, int vb, int n, int k, int accumulate,
@@ -337,14 +353,7 @@ __device__ __forceinline__ void vec_rows(const float* x, const float* norm_w, fl
     u64 hb = lane;
     RawHalf r[R][MV_INFLIGHT];
     HalfPos ps[MV_INFLIGHT];  // of row j0 (block bi + q * nbr for row j0 + q)
-#pragma unroll
-    for (int i = 0; i < MV_INFLIGHT; i++) {
-        ps[i] = half_pos((u64)j0 * nbr, hb + 32 * i, ups);
-#pragma unroll
-        for (int q = 0; q < R; q++)
-            r[q][i] = load_half(L, DT, ps[i].bi + (u64)q * nbr, ps[i].j, ps[i].hh,
-                                j0 + q < m && hb + 32 * i < nh);
-    }
+    vec_load_round<DT, R>(L, j0, m, nbr, nh, ups, hb, r, ps);
     bool staged = first ? vec_prologue(x, norm_w, eps, nt, k, s_scale, s_x)
                         : (u64)dynamic_smem_bytes() >= (u64)nt * k * 4;
     const float* xs = staged ? s_x : x;
@@ -389,14 +398,7 @@ __device__ __forceinline__ void vec_rows(const float* x, const float* norm_w, fl
         }
         hb += 32 * MV_INFLIGHT;
         if (hb >= nh) break;
-#pragma unroll
-        for (int i = 0; i < MV_INFLIGHT; i++) {
-            ps[i] = half_pos((u64)j0 * nbr, hb + 32 * i, ups);
-#pragma unroll
-            for (int q = 0; q < R; q++)
-                r[q][i] = load_half(L, DT, ps[i].bi + (u64)q * nbr, ps[i].j, ps[i].hh,
-                                    j0 + q < m && hb + 32 * i < nh);
-        }
+        vec_load_round<DT, R>(L, j0, m, nbr, nh, ups, hb, r, ps);
     }
     float* out = (float*)p.out;
 #pragma unroll

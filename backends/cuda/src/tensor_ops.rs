@@ -109,66 +109,25 @@ fn vec_kind() -> VecKind {
 }
 
 /// The persistent GEMV for `dtype` (quantized), `n` <= 8 tokens and `r` rows a warp (2 only
-/// for one token; otherwise 1).
+/// for one token; otherwise 1): `matmul_vec_<type>_n<1|8>_r<R>` of `kernels::FILES`.
 fn vec_symbol(dtype: DType, n: usize, r: usize) -> Option<&'static str> {
-    const SYMBOLS: [[&str; 3]; 8] = [
-        [
-            "matmul_vec_q8_0_n1_r1",
-            "matmul_vec_q8_0_n1_r2",
-            "matmul_vec_q8_0_n8_r1",
-        ],
-        [
-            "matmul_vec_q4_0_n1_r1",
-            "matmul_vec_q4_0_n1_r2",
-            "matmul_vec_q4_0_n8_r1",
-        ],
-        [
-            "matmul_vec_q4_1_n1_r1",
-            "matmul_vec_q4_1_n1_r2",
-            "matmul_vec_q4_1_n8_r1",
-        ],
-        [
-            "matmul_vec_q5_0_n1_r1",
-            "matmul_vec_q5_0_n1_r2",
-            "matmul_vec_q5_0_n8_r1",
-        ],
-        [
-            "matmul_vec_q5_1_n1_r1",
-            "matmul_vec_q5_1_n1_r2",
-            "matmul_vec_q5_1_n8_r1",
-        ],
-        [
-            "matmul_vec_q4_k_n1_r1",
-            "matmul_vec_q4_k_n1_r2",
-            "matmul_vec_q4_k_n8_r1",
-        ],
-        [
-            "matmul_vec_q5_k_n1_r1",
-            "matmul_vec_q5_k_n1_r2",
-            "matmul_vec_q5_k_n8_r1",
-        ],
-        [
-            "matmul_vec_q6_k_n1_r1",
-            "matmul_vec_q6_k_n1_r2",
-            "matmul_vec_q6_k_n8_r1",
-        ],
-    ];
-    let row = match dtype {
-        DType::Q8_0 => 0,
-        DType::Q4_0 => 1,
-        DType::Q4_1 => 2,
-        DType::Q5_0 => 3,
-        DType::Q5_1 => 4,
-        DType::Q4_K => 5,
-        DType::Q5_K => 6,
-        DType::Q6_K => 7,
+    let t = match dtype {
+        DType::Q8_0 => "q8_0",
+        DType::Q4_0 => "q4_0",
+        DType::Q4_1 => "q4_1",
+        DType::Q5_0 => "q5_0",
+        DType::Q5_1 => "q5_1",
+        DType::Q4_K => "q4_k",
+        DType::Q5_K => "q5_k",
+        DType::Q6_K => "q6_k",
         _ => return None,
     };
-    Some(match (n <= 1, r) {
-        (true, 1) => SYMBOLS[row][0],
-        (true, _) => SYMBOLS[row][1],
-        (false, _) => SYMBOLS[row][2],
-    })
+    let (nt, r) = if n <= 1 { (1, r.clamp(1, 2)) } else { (8, 1) };
+    let name = format!("matmul_vec_{t}_n{nt}_r{r}");
+    crate::kernels::FILES
+        .iter()
+        .flat_map(|f| f.symbols.iter().copied())
+        .find(|s| *s == name)
 }
 
 /// Tokens up to which quantized matmuls take a GEMV (`matmul_vec*`), above them the tiles:
