@@ -184,6 +184,30 @@ __device__ __forceinline__ u32 dynamic_smem_bytes() {
     return r;
 }
 
+// Norm scales and x staging of matmul_vec (every thread of the block calls it once).
+// Returns whether x was staged in s_x.
+__device__ __forceinline__ bool vec_prologue(const float* x, const float* norm_w, float eps,
+                                             int nt, int k, float* s_scale, float* s_x) {
+    pdl_begin();
+    if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
+    if ((u64)dynamic_smem_bytes() < (u64)nt * k * 4) return false;
+    int k4 = k / 4;
+    for (int i = threadIdx.x; i < nt * k4; i += blockDim.x) {
+        int t = i / k4, e = (i % k4) * 4;
+        float4 a = *(const float4*)(x + (u64)t * k + e);
+        if (norm_w != 0) {
+            // load_x8's arithmetic, value by value.
+            const float4 w = *(const float4*)(norm_w + e);
+            float sc = s_scale[t];
+            a.x = a.x * sc * w.x; a.y = a.y * sc * w.y;
+            a.z = a.z * sc * w.z; a.w = a.w * sc * w.w;
+        }
+        *(float4*)(s_x + (u64)t * k + e) = a;
+    }
+    __syncthreads();
+    return true;
+}
+
 // The body of matmul_vec for one weight type DT (a compile-time constant, so the decoders
 // fold to that type's code and registers).
 template <int DT>
@@ -209,32 +233,11 @@ __device__ __forceinline__ void matmul_vec_body(const float* x, const float* nor
         ps[i] = half_pos(row0, hb + 32 * i, ups);
         r[i] = load_half(L, DT, ps[i].bi, ps[i].j, ps[i].hh, j < m && hb + 32 * i < nh);
     }
-    pdl_begin();
-    if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
     // x (normed when fused) staged once in shared memory when the launch gave room for it:
     // the same values load_x8 forms, so the bits do not change.
-    const float* xs = x;
-    const float* nw = norm_w;
-    if ((u64)dynamic_smem_bytes() >= (u64)nt * k * 4) {
-        int k4 = k / 4;
-        for (int i = threadIdx.x; i < nt * k4; i += blockDim.x) {
-            int t = i / k4, e = (i % k4) * 4;
-            float v[8];
-            // load_x8's arithmetic on 4 of the 8 values (the other 4 unused).
-            const float4 a = *(const float4*)(x + (u64)t * k + e);
-            v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-            if (norm_w != 0) {
-                const float4 w = *(const float4*)(norm_w + e);
-                float sc = s_scale[t];
-                v[0] = v[0] * sc * w.x; v[1] = v[1] * sc * w.y;
-                v[2] = v[2] * sc * w.z; v[3] = v[3] * sc * w.w;
-            }
-            *(float4*)(s_x + (u64)t * k + e) = make_float4(v[0], v[1], v[2], v[3]);
-        }
-        __syncthreads();
-        xs = s_x;
-        nw = 0;
-    }
+    bool staged = vec_prologue(x, norm_w, eps, nt, k, s_scale, s_x);
+    const float* xs = staged ? s_x : x;
+    const float* nw = staged ? 0 : norm_w;
     if (j >= m) return;
     float acc[MV_TOKENS];
 #pragma unroll
@@ -297,30 +300,6 @@ matmul_vec(const float* x, const float* norm_w, float eps, MmProjs projs, int n,
 //   matmul_vec's order (each output is the same chain of roundings), the 16 x values of a
 //   half read once for the R rows. The first virtual block's weight loads are issued before
 //   waiting for the previous kernel.
-
-// Norm scales and x staging of matmul_vec (every thread of the block calls it once).
-// Returns whether x was staged in s_x.
-__device__ __forceinline__ bool vec_prologue(const float* x, const float* norm_w, float eps,
-                                             int nt, int k, float* s_scale, float* s_x) {
-    pdl_begin();
-    if (norm_w != 0) token_scales(x, 0, nt, k, eps, s_scale);
-    if ((u64)dynamic_smem_bytes() < (u64)nt * k * 4) return false;
-    int k4 = k / 4;
-    for (int i = threadIdx.x; i < nt * k4; i += blockDim.x) {
-        int t = i / k4, e = (i % k4) * 4;
-        float4 a = *(const float4*)(x + (u64)t * k + e);
-        if (norm_w != 0) {
-            // load_x8's arithmetic, value by value.
-            const float4 w = *(const float4*)(norm_w + e);
-            float sc = s_scale[t];
-            a.x = a.x * sc * w.x; a.y = a.y * sc * w.y;
-            a.z = a.z * sc * w.z; a.w = a.w * sc * w.w;
-        }
-        *(float4*)(s_x + (u64)t * k + e) = a;
-    }
-    __syncthreads();
-    return true;
-}
 
 // Issues the loads of halves hb, hb + 32, ... (MV_INFLIGHT of them) of rows j0 .. j0 + R
 // (zeros past m or the row's end); ps gets their positions in row j0.

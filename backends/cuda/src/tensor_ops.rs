@@ -109,25 +109,33 @@ fn vec_kind() -> VecKind {
 }
 
 /// The persistent GEMV for `dtype` (quantized), `n` <= 8 tokens and `r` rows a warp (2 only
-/// for one token; otherwise 1): `matmul_vec_<type>_n<1|8>_r<R>` of `kernels::FILES`.
+/// for one token; otherwise 1): `matmul_vec_<type>_n<1|8>_r<R>` of `kernels::FILES`, looked
+/// up in a table built once (no formatting per launch).
 fn vec_symbol(dtype: DType, n: usize, r: usize) -> Option<&'static str> {
-    let t = match dtype {
-        DType::Q8_0 => "q8_0",
-        DType::Q4_0 => "q4_0",
-        DType::Q4_1 => "q4_1",
-        DType::Q5_0 => "q5_0",
-        DType::Q5_1 => "q5_1",
-        DType::Q4_K => "q4_k",
-        DType::Q5_K => "q5_k",
-        DType::Q6_K => "q6_k",
-        _ => return None,
-    };
+    type Entry = (DType, usize, usize, &'static str);
+    static TABLE: std::sync::OnceLock<Vec<Entry>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let symbols = || {
+            crate::kernels::FILES
+                .iter()
+                .flat_map(|f| f.symbols.iter().copied())
+        };
+        let mut t = Vec::new();
+        for d in DType::WEIGHT_TYPES.into_iter().filter(|d| d.is_quantized()) {
+            for (nt, r) in [(1, 1), (1, 2), (8, 1)] {
+                let name = format!("matmul_vec_{}_n{nt}_r{r}", d.name());
+                if let Some(sym) = symbols().find(|s| *s == name) {
+                    t.push((d, nt, r, sym));
+                }
+            }
+        }
+        t
+    });
     let (nt, r) = if n <= 1 { (1, r.clamp(1, 2)) } else { (8, 1) };
-    let name = format!("matmul_vec_{t}_n{nt}_r{r}");
-    crate::kernels::FILES
+    table
         .iter()
-        .flat_map(|f| f.symbols.iter().copied())
-        .find(|s| *s == name)
+        .find(|e| e.0 == dtype && e.1 == nt && e.2 == r)
+        .map(|e| e.3)
 }
 
 /// Tokens up to which quantized matmuls take a GEMV (`matmul_vec*`), above them the tiles:
