@@ -60,6 +60,14 @@ wgpu-last)
   timeout 150 "$DIR/tests/cuda_parity" --ignored --test-threads 1 > "$W/cuda_parity.log" 2>&1
   echo "cuda_parity rc=$? $(grep -E '^test result' "$W/cuda_parity.log")"
   tar czf "$OUT/w.tgz" -C "$OUT" w ;;
+parity)
+  # cuda_parity on the defaults and with the one-kernel GEMV (PAGODA_CUDA_MV=0), no model.
+  mkdir -p "$DIR/cache"; tar xzf device-carry-d/bins.tgz -C "$DIR"
+  timeout 150 "$DIR/tests/cuda_parity" --ignored --test-threads 1 > "$OUT/parity.log" 2>&1
+  echo "cuda_parity rc=$? $(grep -E '^test result' "$OUT/parity.log")"
+  PAGODA_CUDA_MV=0 PAGODA_PARITY_OPS=matmul,rms_norm_matmul timeout 100 "$DIR/tests/cuda_parity" --ignored --test-threads 1 > "$OUT/parity-mv0.log" 2>&1
+  echo "cuda_parity MV=0 rc=$? $(grep -E '^test result' "$OUT/parity-mv0.log")"
+  timeout 30 "$P" bench --backend cuda --kv-dtype f16 --dummy-weights smollm2-135m --batch 1 --prompt-len 128 --gen-len 64 --reps 1 --json > "$OUT/b1.json" 2>/dev/null; table "$OUT/b1.json" ;;
 stage-a|stage-b)
   # The model travels in two halves (the carry limit): stage-a with device-carry-a, stage-b
   # with device-carry-b (+ .gl), then `final` with device-carry-c, each right after the last.
